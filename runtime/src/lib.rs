@@ -1,0 +1,3 @@
+//! imagegen engine (in progress): noise schedulers.
+
+pub mod schedulers;

@@ -1,0 +1,4 @@
+fn main() {
+    eprintln!("imagegen: no commands yet");
+    std::process::exit(2);
+}

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs what imagegen needs to build and test, into caches outside the clone:
+# a Python venv with PyTorch 2.11.0 (whose libtorch tch 0.24 links against) and the
+# reference libraries the parity tests compare with. Idempotent: a second run is quick.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+. "$here/env.sh"
+
+requirements="$here/requirements.txt"
+stamp="$IMAGEGEN_VENV/.imagegen-requirements"
+if [ -x "$IMAGEGEN_VENV/bin/python" ] && [ -f "$stamp" ] && cmp -s "$requirements" "$stamp"; then
+    echo "setup: venv up to date at $IMAGEGEN_VENV" >&2
+else
+    echo "setup: creating venv at $IMAGEGEN_VENV (PyTorch is a large download)" >&2
+    mkdir -p "$(dirname "$IMAGEGEN_VENV")"
+    python3 -m venv "$IMAGEGEN_VENV"
+    "$IMAGEGEN_VENV/bin/pip" install --quiet --upgrade pip
+    "$IMAGEGEN_VENV/bin/pip" install --quiet -r "$requirements"
+    cp "$requirements" "$stamp"
+fi
+
+if ! command -v cargo >/dev/null; then
+    echo "setup: cargo not found: install Rust (https://rustup.rs) first" >&2
+    exit 1
+fi
