@@ -1,0 +1,203 @@
+//! A loaded Stable Diffusion model: tokenizer, text encoder, UNet, VAE and the scheduler
+//! config, on one device in one dtype.
+
+use std::path::{Path, PathBuf};
+
+use tch::{nn::VarStore, Device, Kind};
+
+use crate::error::{Error, Result};
+use crate::models::clip::{ClipTextConfig, ClipTextModel};
+use crate::models::unet::{UNet2DConditionModel, UNetConfig};
+use crate::models::vae::{legacy_name, AutoencoderKL, VaeConfig};
+use crate::schedulers::{SchedulerConfig, SchedulerKind};
+use crate::tokenizer::ClipTokenizer;
+use crate::weights::{load_var_store, weight_files};
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// A local diffusers folder or a hub id (`owner/name[@revision]`).
+    pub model: String,
+    pub device: Device,
+    pub dtype: Kind,
+}
+
+impl LoadOptions {
+    pub fn new(model: impl Into<String>) -> Self {
+        LoadOptions {
+            model: model.into(),
+            device: Device::Cpu,
+            dtype: Kind::Float,
+        }
+    }
+}
+
+/// A component with the VarStore that owns its weights (kept for LoRA and training).
+pub struct Loaded<M> {
+    pub model: M,
+    pub vars: VarStore,
+}
+
+fn no_alias(_: &str) -> Option<String> {
+    None
+}
+
+/// transformers 5 saves `CLIPTextModel` without the `text_model.` prefix that the
+/// checkpoints on the hub (and our module paths) have: accept both.
+fn clip_alias(name: &str) -> Option<String> {
+    name.strip_prefix("text_model.").map(String::from)
+}
+
+/// Weight files of a component: the fp16 variant first when computing in half precision,
+/// the full-precision files first otherwise; either is accepted when it is all there is.
+fn component_weights(dir: &Path, stem: &str, dtype: Kind) -> Result<Vec<PathBuf>> {
+    let order: [Option<&str>; 2] = if matches!(dtype, Kind::Half | Kind::BFloat16) {
+        [Some("fp16"), None]
+    } else {
+        [None, Some("fp16")]
+    };
+    let mut first_err = None;
+    for variant in order {
+        match weight_files(dir, stem, variant) {
+            Ok(files) => return Ok(files),
+            Err(e @ Error::PickleRefused { .. }) => return Err(e),
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    Err(first_err.expect("two attempts were made"))
+}
+
+fn new_var_store(device: Device, dtype: Kind) -> VarStore {
+    let mut vars = VarStore::new(device);
+    vars.set_kind(dtype);
+    vars
+}
+
+fn finish(mut vars: VarStore) -> VarStore {
+    vars.freeze();
+    vars
+}
+
+pub fn load_text_encoder(dir: &Path, device: Device, dtype: Kind) -> Result<Loaded<ClipTextModel>> {
+    let config = ClipTextConfig::from_file(&dir.join("config.json"))?;
+    let vars = new_var_store(device, dtype);
+    let model = ClipTextModel::new(vars.root(), &config);
+    load_var_store(&vars, &component_weights(dir, "model", dtype)?, clip_alias)?;
+    Ok(Loaded {
+        model,
+        vars: finish(vars),
+    })
+}
+
+pub fn load_unet(dir: &Path, device: Device, dtype: Kind) -> Result<Loaded<UNet2DConditionModel>> {
+    let config_path = dir.join("config.json");
+    let config = UNetConfig::from_file(&config_path)?;
+    let vars = new_var_store(device, dtype);
+    let model = UNet2DConditionModel::new(vars.root(), config, &config_path)?;
+    load_var_store(
+        &vars,
+        &component_weights(dir, "diffusion_pytorch_model", dtype)?,
+        no_alias,
+    )?;
+    Ok(Loaded {
+        model,
+        vars: finish(vars),
+    })
+}
+
+pub fn load_vae(dir: &Path, device: Device, dtype: Kind) -> Result<Loaded<AutoencoderKL>> {
+    let config = VaeConfig::from_file(&dir.join("config.json"))?;
+    let vars = new_var_store(device, dtype);
+    let model = AutoencoderKL::new(vars.root(), config);
+    load_var_store(
+        &vars,
+        &component_weights(dir, "diffusion_pytorch_model", dtype)?,
+        legacy_name,
+    )?;
+    Ok(Loaded {
+        model,
+        vars: finish(vars),
+    })
+}
+
+/// A text-to-image model ready to run.
+pub struct StableDiffusion {
+    /// What the user named (folder or hub id), recorded in image metadata.
+    pub name: String,
+    pub dir: PathBuf,
+    pub tokenizer: ClipTokenizer,
+    pub text_encoder: Loaded<ClipTextModel>,
+    pub unet: Loaded<UNet2DConditionModel>,
+    pub vae: Loaded<AutoencoderKL>,
+    /// The VAE runs in float32 when the config asks for it in half precision
+    /// (`force_upcast`, as diffusers does: SD's VAE overflows in fp16).
+    pub vae_dtype: Kind,
+    pub scheduler_config: SchedulerConfig,
+    pub default_scheduler: SchedulerKind,
+    pub device: Device,
+    pub dtype: Kind,
+}
+
+impl StableDiffusion {
+    pub fn load(options: &LoadOptions) -> Result<Self> {
+        let half = matches!(options.dtype, Kind::Half | Kind::BFloat16);
+        let dir = crate::source::resolve(&options.model, half.then_some("fp16"))?;
+        Self::load_dir(&dir, &options.model, options.device, options.dtype)
+    }
+
+    pub fn load_dir(dir: &Path, name: &str, device: Device, dtype: Kind) -> Result<Self> {
+        let scheduler_path = dir.join("scheduler").join("scheduler_config.json");
+        let scheduler_config = SchedulerConfig::from_file(&scheduler_path)?;
+        let default_scheduler = SchedulerKind::from_class_name(&scheduler_config).unwrap_or_else(|| {
+            tracing::warn!(path = %scheduler_path.display(), "unknown scheduler class; using pndm");
+            SchedulerKind::Pndm
+        });
+        let text_config = ClipTextConfig::from_file(&dir.join("text_encoder").join("config.json"))?;
+        let tokenizer = ClipTokenizer::from_dir(
+            &dir.join("tokenizer"),
+            text_config.max_position_embeddings as usize,
+        )?;
+        let text_encoder = load_text_encoder(&dir.join("text_encoder"), device, dtype)?;
+        let unet = load_unet(&dir.join("unet"), device, dtype)?;
+        let vae_config = VaeConfig::from_file(&dir.join("vae").join("config.json"))?;
+        let vae_dtype = if dtype == Kind::Half && vae_config.force_upcast {
+            Kind::Float
+        } else {
+            dtype
+        };
+        let vae = load_vae(&dir.join("vae"), device, vae_dtype)?;
+        let unet_context = match &unet.model.config.cross_attention_dim {
+            crate::models::unet::PerBlock::One(d) => *d,
+            crate::models::unet::PerBlock::Each(v) => v.first().copied().unwrap_or_default(),
+        };
+        if unet_context != text_config.hidden_size {
+            return Err(Error::Unsupported {
+                path: dir.to_path_buf(),
+                message: format!(
+                    "the UNet attends to {unet_context}-wide text but the text encoder gives {}",
+                    text_config.hidden_size
+                ),
+            });
+        }
+        Ok(StableDiffusion {
+            name: name.to_string(),
+            dir: dir.to_path_buf(),
+            tokenizer,
+            text_encoder,
+            unet,
+            vae,
+            vae_dtype,
+            scheduler_config,
+            default_scheduler,
+            device,
+            dtype,
+        })
+    }
+
+    /// The size the model was trained at (diffusers' default height/width).
+    pub fn native_size(&self) -> i64 {
+        self.unet.model.config_sample_size() * self.vae.model.config.scale_factor()
+    }
+}

@@ -1,0 +1,216 @@
+//! The CLIP text encoder (transformers' `CLIPTextModel`): token and position embeddings,
+//! a stack of pre-norm transformer layers with a causal mask, a final layer norm.
+//! VarStore paths equal the state-dict keys (`text_model.encoder.layers.0.self_attn.q_proj.weight`).
+
+use std::path::Path;
+
+use serde::Deserialize;
+use tch::{nn, nn::Module, Tensor};
+
+use super::attention::sdpa;
+use super::layers::{embedding, layer_norm, linear};
+use crate::error::{read_json, Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    QuickGelu,
+    Gelu,
+}
+
+/// `text_encoder/config.json`, with transformers' defaults for absent keys.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClipTextConfig {
+    #[serde(default = "defaults::vocab_size")]
+    pub vocab_size: i64,
+    #[serde(default = "defaults::hidden_size")]
+    pub hidden_size: i64,
+    #[serde(default = "defaults::intermediate_size")]
+    pub intermediate_size: i64,
+    #[serde(default = "defaults::num_hidden_layers")]
+    pub num_hidden_layers: i64,
+    #[serde(default = "defaults::num_attention_heads")]
+    pub num_attention_heads: i64,
+    #[serde(default = "defaults::max_position_embeddings")]
+    pub max_position_embeddings: i64,
+    #[serde(default = "defaults::hidden_act")]
+    pub hidden_act: Activation,
+    #[serde(default = "defaults::layer_norm_eps")]
+    pub layer_norm_eps: f64,
+}
+
+mod defaults {
+    use super::Activation;
+    pub fn vocab_size() -> i64 {
+        49408
+    }
+    pub fn hidden_size() -> i64 {
+        512
+    }
+    pub fn intermediate_size() -> i64 {
+        2048
+    }
+    pub fn num_hidden_layers() -> i64 {
+        12
+    }
+    pub fn num_attention_heads() -> i64 {
+        8
+    }
+    pub fn max_position_embeddings() -> i64 {
+        77
+    }
+    pub fn hidden_act() -> Activation {
+        Activation::QuickGelu
+    }
+    pub fn layer_norm_eps() -> f64 {
+        1e-5
+    }
+}
+
+impl ClipTextConfig {
+    /// SD 1.x: OpenAI CLIP ViT-L/14's text tower.
+    pub fn vit_l14() -> Self {
+        ClipTextConfig {
+            vocab_size: 49408,
+            hidden_size: 768,
+            intermediate_size: 3072,
+            num_hidden_layers: 12,
+            num_attention_heads: 12,
+            max_position_embeddings: 77,
+            hidden_act: Activation::QuickGelu,
+            layer_norm_eps: 1e-5,
+        }
+    }
+
+    /// SD 2.x: OpenCLIP ViT-H/14's text tower (23 layers as diffusers ships it).
+    pub fn open_clip_vit_h14() -> Self {
+        ClipTextConfig {
+            vocab_size: 49408,
+            hidden_size: 1024,
+            intermediate_size: 4096,
+            num_hidden_layers: 23,
+            num_attention_heads: 16,
+            max_position_embeddings: 77,
+            hidden_act: Activation::Gelu,
+            layer_norm_eps: 1e-5,
+        }
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let config: Self = read_json(path)?;
+        if config.hidden_size % config.num_attention_heads != 0 {
+            return Err(Error::Unsupported {
+                path: path.to_path_buf(),
+                message: "hidden_size is not a multiple of num_attention_heads".into(),
+            });
+        }
+        Ok(config)
+    }
+}
+
+#[derive(Debug)]
+struct EncoderLayer {
+    layer_norm1: nn::LayerNorm,
+    q_proj: nn::Linear,
+    k_proj: nn::Linear,
+    v_proj: nn::Linear,
+    out_proj: nn::Linear,
+    layer_norm2: nn::LayerNorm,
+    fc1: nn::Linear,
+    fc2: nn::Linear,
+    heads: i64,
+    activation: Activation,
+}
+
+impl EncoderLayer {
+    fn new(p: nn::Path, c: &ClipTextConfig) -> Self {
+        let d = c.hidden_size;
+        let attn = &p / "self_attn";
+        let mlp = &p / "mlp";
+        EncoderLayer {
+            layer_norm1: layer_norm(&p / "layer_norm1", d, c.layer_norm_eps),
+            q_proj: linear(&attn / "q_proj", d, d, true),
+            k_proj: linear(&attn / "k_proj", d, d, true),
+            v_proj: linear(&attn / "v_proj", d, d, true),
+            out_proj: linear(&attn / "out_proj", d, d, true),
+            layer_norm2: layer_norm(&p / "layer_norm2", d, c.layer_norm_eps),
+            fc1: linear(&mlp / "fc1", d, c.intermediate_size, true),
+            fc2: linear(&mlp / "fc2", c.intermediate_size, d, true),
+            heads: c.num_attention_heads,
+            activation: c.hidden_act,
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        let h = self.layer_norm1.forward(x);
+        let attended = sdpa(
+            &self.q_proj.forward(&h),
+            &self.k_proj.forward(&h),
+            &self.v_proj.forward(&h),
+            self.heads,
+            true,
+        );
+        let x = x + self.out_proj.forward(&attended);
+        let h = self.fc1.forward(&self.layer_norm2.forward(&x));
+        let h = match self.activation {
+            Activation::QuickGelu => &h * (&h * 1.702).sigmoid(),
+            Activation::Gelu => h.gelu("none"),
+        };
+        x + self.fc2.forward(&h)
+    }
+}
+
+/// `CLIPTextModel` up to `last_hidden_state` (the pooled output is not used by Stable Diffusion).
+#[derive(Debug)]
+pub struct ClipTextModel {
+    token_embedding: nn::Embedding,
+    position_embedding: nn::Embedding,
+    layers: Vec<EncoderLayer>,
+    final_layer_norm: nn::LayerNorm,
+    max_positions: i64,
+}
+
+impl ClipTextModel {
+    /// `p` is the VarStore root: paths start with `text_model.`.
+    pub fn new(p: nn::Path, c: &ClipTextConfig) -> Self {
+        let p = &p / "text_model";
+        let emb = &p / "embeddings";
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| EncoderLayer::new(&p / "encoder" / "layers" / i, c))
+            .collect();
+        ClipTextModel {
+            token_embedding: embedding(&emb / "token_embedding", c.vocab_size, c.hidden_size),
+            position_embedding: embedding(
+                &emb / "position_embedding",
+                c.max_position_embeddings,
+                c.hidden_size,
+            ),
+            layers,
+            final_layer_norm: layer_norm(&p / "final_layer_norm", c.hidden_size, c.layer_norm_eps),
+            max_positions: c.max_position_embeddings,
+        }
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Hidden states for `input_ids` (`[batch, tokens]`, int64). `clip_skip` = 0 gives
+    /// `last_hidden_state`; `clip_skip` = n stops n layers early and applies the final layer
+    /// norm there, which is what diffusers' pipelines do with `clip_skip=n`.
+    pub fn forward(&self, input_ids: &Tensor, clip_skip: usize) -> Tensor {
+        let tokens = input_ids.size()[1];
+        assert!(
+            tokens <= self.max_positions,
+            "more tokens than position embeddings"
+        );
+        let positions = Tensor::arange(tokens, (tch::Kind::Int64, input_ids.device())).unsqueeze(0);
+        let mut x =
+            self.token_embedding.forward(input_ids) + self.position_embedding.forward(&positions);
+        let used = self.layers.len().saturating_sub(clip_skip);
+        for layer in &self.layers[..used] {
+            x = layer.forward(&x);
+        }
+        self.final_layer_norm.forward(&x)
+    }
+}

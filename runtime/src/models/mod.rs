@@ -1,0 +1,10 @@
+//! The networks of Stable Diffusion, one file per part. VarStore paths equal diffusers'
+//! (and transformers') state-dict keys, so weights load without a renaming layer.
+
+pub mod attention;
+pub mod clip;
+pub mod layers;
+pub mod resnet;
+pub mod transformer;
+pub mod unet;
+pub mod vae;

@@ -1,0 +1,620 @@
+//! diffusers' `UNet2DConditionModel` for the Stable Diffusion 1.x/2.x family, built from
+//! `unet/config.json`: a time embedding, down blocks that keep skip connections, a
+//! cross-attention mid block, and up blocks that consume the skips in reverse.
+
+use std::path::Path;
+
+use serde::Deserialize;
+use tch::{nn, nn::Module, Kind, Tensor};
+
+use super::layers::{conv2d, group_norm, linear};
+use super::resnet::{Downsample, ResnetBlock, Upsample};
+use super::transformer::{Transformer2D, Transformer2DConfig};
+use crate::error::{read_json, Error, Result};
+
+/// A config value that diffusers allows either once for all blocks or per block.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PerBlock<T> {
+    One(T),
+    Each(Vec<T>),
+}
+
+impl<T: Clone> PerBlock<T> {
+    fn expand(&self, blocks: usize, key: &str, path: &Path) -> Result<Vec<T>> {
+        match self {
+            PerBlock::One(v) => Ok(vec![v.clone(); blocks]),
+            PerBlock::Each(v) if v.len() == blocks => Ok(v.clone()),
+            PerBlock::Each(v) => Err(Error::Unsupported {
+                path: path.to_path_buf(),
+                message: format!("`{key}` has {} entries for {blocks} blocks", v.len()),
+            }),
+        }
+    }
+}
+
+/// `unet/config.json`. Keys that select architectures beyond SD 1.x/2.x are read so that
+/// they can be refused with a clear message instead of silently ignored.
+#[derive(Debug, Clone, Deserialize)]
+pub struct UNetConfig {
+    #[serde(default = "d::four")]
+    pub in_channels: i64,
+    #[serde(default = "d::four")]
+    pub out_channels: i64,
+    #[serde(default = "d::block_out_channels")]
+    pub block_out_channels: Vec<i64>,
+    #[serde(default = "d::down_block_types")]
+    pub down_block_types: Vec<String>,
+    #[serde(default = "d::up_block_types")]
+    pub up_block_types: Vec<String>,
+    #[serde(default)]
+    pub mid_block_type: Option<String>,
+    #[serde(default = "d::layers_per_block")]
+    pub layers_per_block: PerBlock<i64>,
+    #[serde(default = "d::cross_attention_dim")]
+    pub cross_attention_dim: PerBlock<i64>,
+    #[serde(default = "d::attention_head_dim")]
+    pub attention_head_dim: PerBlock<i64>,
+    #[serde(default)]
+    pub num_attention_heads: Option<PerBlock<i64>>,
+    #[serde(default = "d::one")]
+    pub transformer_layers_per_block: PerBlock<i64>,
+    #[serde(default)]
+    pub use_linear_projection: bool,
+    #[serde(default)]
+    pub upcast_attention: bool,
+    #[serde(default = "d::norm_num_groups")]
+    pub norm_num_groups: i64,
+    #[serde(default = "d::norm_eps")]
+    pub norm_eps: f64,
+    #[serde(default = "d::yes")]
+    pub flip_sin_to_cos: bool,
+    #[serde(default)]
+    pub freq_shift: f64,
+    #[serde(default = "d::downsample_padding")]
+    pub downsample_padding: i64,
+    #[serde(default)]
+    pub center_input_sample: bool,
+    #[serde(default = "d::silu")]
+    pub act_fn: String,
+    #[serde(default)]
+    pub only_cross_attention: PerBlockFlag,
+    #[serde(default)]
+    pub dual_cross_attention: bool,
+    #[serde(default)]
+    pub class_embed_type: Option<String>,
+    #[serde(default)]
+    pub addition_embed_type: Option<String>,
+    #[serde(default)]
+    pub num_class_embeds: Option<i64>,
+    #[serde(default)]
+    pub time_cond_proj_dim: Option<i64>,
+    #[serde(default)]
+    pub encoder_hid_dim: Option<i64>,
+    #[serde(default = "d::default_shift")]
+    pub resnet_time_scale_shift: String,
+    #[serde(default = "d::positional")]
+    pub time_embedding_type: String,
+    #[serde(default)]
+    pub time_embedding_dim: Option<i64>,
+    #[serde(default = "d::three")]
+    pub conv_in_kernel: i64,
+    #[serde(default = "d::three")]
+    pub conv_out_kernel: i64,
+    #[serde(default = "d::one_f")]
+    pub mid_block_scale_factor: f64,
+    /// Latent side the model was trained at (64 for SD 1.5's 512 pixels).
+    #[serde(default)]
+    pub sample_size: Option<PerBlock<i64>>,
+}
+
+/// `only_cross_attention` is a bool or a per-block list; any true value is unsupported.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(untagged)]
+pub enum PerBlockFlag {
+    #[default]
+    Off,
+    One(bool),
+    Each(Vec<bool>),
+}
+
+mod d {
+    use super::PerBlock;
+    pub fn four() -> i64 {
+        4
+    }
+    pub fn three() -> i64 {
+        3
+    }
+    pub fn one() -> PerBlock<i64> {
+        PerBlock::One(1)
+    }
+    pub fn one_f() -> f64 {
+        1.0
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn block_out_channels() -> Vec<i64> {
+        vec![320, 640, 1280, 1280]
+    }
+    pub fn down_block_types() -> Vec<String> {
+        [
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "DownBlock2D",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+    pub fn up_block_types() -> Vec<String> {
+        [
+            "UpBlock2D",
+            "CrossAttnUpBlock2D",
+            "CrossAttnUpBlock2D",
+            "CrossAttnUpBlock2D",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+    pub fn layers_per_block() -> PerBlock<i64> {
+        PerBlock::One(2)
+    }
+    pub fn cross_attention_dim() -> PerBlock<i64> {
+        PerBlock::One(1280)
+    }
+    pub fn attention_head_dim() -> PerBlock<i64> {
+        PerBlock::One(8)
+    }
+    pub fn norm_num_groups() -> i64 {
+        32
+    }
+    pub fn norm_eps() -> f64 {
+        1e-5
+    }
+    pub fn downsample_padding() -> i64 {
+        1
+    }
+    pub fn silu() -> String {
+        "silu".into()
+    }
+    pub fn default_shift() -> String {
+        "default".into()
+    }
+    pub fn positional() -> String {
+        "positional".into()
+    }
+}
+
+/// The config with per-block values expanded and everything checked.
+#[derive(Debug, Clone)]
+struct Resolved {
+    blocks: usize,
+    cross_attn_down: Vec<bool>,
+    cross_attn_up: Vec<bool>,
+    layers: Vec<i64>,
+    heads: Vec<i64>,
+    transformer_layers: Vec<i64>,
+    cross_attention_dim: i64,
+}
+
+impl UNetConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let config: Self = read_json(path)?;
+        config.resolve(path)?;
+        Ok(config)
+    }
+
+    fn resolve(&self, path: &Path) -> Result<Resolved> {
+        let unsupported = |message: String| Error::Unsupported {
+            path: path.to_path_buf(),
+            message,
+        };
+        let refuse_some = |key: &str, set: bool| -> Result<()> {
+            if set {
+                Err(unsupported(format!(
+                    "`{key}` is not supported by this UNet (SD 1.x/2.x)"
+                )))
+            } else {
+                Ok(())
+            }
+        };
+        refuse_some("class_embed_type", self.class_embed_type.is_some())?;
+        refuse_some("addition_embed_type", self.addition_embed_type.is_some())?;
+        refuse_some("num_class_embeds", self.num_class_embeds.is_some())?;
+        refuse_some("time_cond_proj_dim", self.time_cond_proj_dim.is_some())?;
+        refuse_some("encoder_hid_dim", self.encoder_hid_dim.is_some())?;
+        refuse_some("time_embedding_dim", self.time_embedding_dim.is_some())?;
+        refuse_some("dual_cross_attention", self.dual_cross_attention)?;
+        let only_cross = match &self.only_cross_attention {
+            PerBlockFlag::Off => false,
+            PerBlockFlag::One(b) => *b,
+            PerBlockFlag::Each(v) => v.iter().any(|b| *b),
+        };
+        refuse_some("only_cross_attention", only_cross)?;
+        for (key, value, expected) in [
+            ("act_fn", &self.act_fn, "silu"),
+            (
+                "resnet_time_scale_shift",
+                &self.resnet_time_scale_shift,
+                "default",
+            ),
+            (
+                "time_embedding_type",
+                &self.time_embedding_type,
+                "positional",
+            ),
+        ] {
+            if value != expected {
+                return Err(unsupported(format!(
+                    "`{key}` = {value:?} (only {expected:?} is supported)"
+                )));
+            }
+        }
+        if let Some(mid) = &self.mid_block_type {
+            if mid != "UNetMidBlock2DCrossAttn" {
+                return Err(unsupported(format!("mid_block_type {mid:?}")));
+            }
+        }
+        if self.mid_block_scale_factor != 1.0 {
+            return Err(unsupported("mid_block_scale_factor other than 1".into()));
+        }
+        if self.conv_in_kernel % 2 == 0 || self.conv_out_kernel % 2 == 0 {
+            return Err(unsupported("even conv_in/conv_out kernels".into()));
+        }
+        let blocks = self.block_out_channels.len();
+        if blocks == 0
+            || self.down_block_types.len() != blocks
+            || self.up_block_types.len() != blocks
+        {
+            return Err(unsupported(
+                "block_out_channels, down_block_types and up_block_types must have the same, non-zero length".into(),
+            ));
+        }
+        let cross_attn_down = self
+            .down_block_types
+            .iter()
+            .map(|t| match t.as_str() {
+                "CrossAttnDownBlock2D" => Ok(true),
+                "DownBlock2D" => Ok(false),
+                other => Err(unsupported(format!("down block type {other:?}"))),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let cross_attn_up = self
+            .up_block_types
+            .iter()
+            .map(|t| match t.as_str() {
+                "CrossAttnUpBlock2D" => Ok(true),
+                "UpBlock2D" => Ok(false),
+                other => Err(unsupported(format!("up block type {other:?}"))),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let cross_dims = self
+            .cross_attention_dim
+            .expand(blocks, "cross_attention_dim", path)?;
+        if cross_dims.iter().any(|d| *d != cross_dims[0]) {
+            return Err(unsupported("per-block cross_attention_dim".into()));
+        }
+        // diffusers' naming quirk: without `num_attention_heads`, `attention_head_dim`
+        // holds the number of heads.
+        let heads = match &self.num_attention_heads {
+            Some(h) => h.expand(blocks, "num_attention_heads", path)?,
+            None => self
+                .attention_head_dim
+                .expand(blocks, "attention_head_dim", path)?,
+        };
+        for (ch, h) in self.block_out_channels.iter().zip(&heads) {
+            if *h <= 0 || ch % h != 0 {
+                return Err(unsupported(format!(
+                    "{ch} channels do not split into {h} heads"
+                )));
+            }
+            if ch % self.norm_num_groups != 0 {
+                return Err(unsupported(format!(
+                    "{ch} channels do not split into {} groups",
+                    self.norm_num_groups
+                )));
+            }
+        }
+        Ok(Resolved {
+            blocks,
+            cross_attn_down,
+            cross_attn_up,
+            layers: self
+                .layers_per_block
+                .expand(blocks, "layers_per_block", path)?,
+            heads,
+            transformer_layers: self.transformer_layers_per_block.expand(
+                blocks,
+                "transformer_layers_per_block",
+                path,
+            )?,
+            cross_attention_dim: cross_dims[0],
+        })
+    }
+
+    /// Stable Diffusion 1.5's UNet.
+    pub fn v1_5() -> Self {
+        serde_json::from_str("{}").expect("all keys have defaults")
+    }
+
+    /// Stable Diffusion 2.x's UNet (768-v): linear projections, per-block heads.
+    pub fn v2_1() -> Self {
+        serde_json::from_value(serde_json::json!({
+            "attention_head_dim": [5, 10, 20, 20],
+            "cross_attention_dim": 1024,
+            "use_linear_projection": true,
+            "upcast_attention": true,
+        }))
+        .expect("valid SD 2.1 config")
+    }
+}
+
+/// One resnet (and, in cross-attention blocks, one transformer) of a down or up block.
+#[derive(Debug)]
+struct Layer {
+    resnet: ResnetBlock,
+    attention: Option<Transformer2D>,
+}
+
+impl Layer {
+    fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor) -> Tensor {
+        let x = self.resnet.forward(x, Some(temb));
+        match &self.attention {
+            Some(attention) => attention.forward(&x, context),
+            None => x,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct DownBlock {
+    layers: Vec<Layer>,
+    downsampler: Option<Downsample>,
+}
+
+#[derive(Debug)]
+struct UpBlock {
+    layers: Vec<Layer>,
+    upsampler: Option<Upsample>,
+}
+
+#[derive(Debug)]
+struct MidBlock {
+    resnet_in: ResnetBlock,
+    attention: Transformer2D,
+    resnet_out: ResnetBlock,
+}
+
+#[derive(Debug)]
+pub struct UNet2DConditionModel {
+    pub config: UNetConfig,
+    conv_in: nn::Conv2D,
+    time_linear_1: nn::Linear,
+    time_linear_2: nn::Linear,
+    down_blocks: Vec<DownBlock>,
+    mid_block: MidBlock,
+    up_blocks: Vec<UpBlock>,
+    conv_norm_out: nn::GroupNorm,
+    conv_out: nn::Conv2D,
+}
+
+impl UNet2DConditionModel {
+    /// The trained latent size (the first value when the config gives height and width).
+    pub fn config_sample_size(&self) -> i64 {
+        match &self.config.sample_size {
+            Some(PerBlock::One(s)) => *s,
+            Some(PerBlock::Each(v)) => v.first().copied().unwrap_or(64),
+            None => 64,
+        }
+    }
+
+    /// `p` is the VarStore root; `path` names the config in errors.
+    pub fn new(p: nn::Path, config: UNetConfig, path: &Path) -> Result<Self> {
+        let r = config.resolve(path)?;
+        let c = &config;
+        let ch = &c.block_out_channels;
+        let time_dim = ch[0] * 4;
+        let groups = c.norm_num_groups;
+        let eps = c.norm_eps;
+        let transformer = |p: nn::Path, channels: i64, block: usize| {
+            Transformer2D::new(
+                p,
+                &Transformer2DConfig {
+                    channels,
+                    heads: r.heads[block],
+                    context_dim: r.cross_attention_dim,
+                    layers: r.transformer_layers[block],
+                    groups,
+                    use_linear_projection: c.use_linear_projection,
+                },
+            )
+        };
+
+        let mut down_blocks = Vec::with_capacity(r.blocks);
+        let mut out_ch = ch[0];
+        for (i, &block_ch) in ch.iter().enumerate() {
+            let p = &p / "down_blocks" / i;
+            let in_ch = out_ch;
+            out_ch = block_ch;
+            let layers = (0..r.layers[i])
+                .map(|j| Layer {
+                    resnet: ResnetBlock::new(
+                        &p / "resnets" / j,
+                        if j == 0 { in_ch } else { out_ch },
+                        out_ch,
+                        Some(time_dim),
+                        groups,
+                        eps,
+                    ),
+                    attention: r.cross_attn_down[i]
+                        .then(|| transformer(&p / "attentions" / j, out_ch, i)),
+                })
+                .collect();
+            let is_final = i + 1 == r.blocks;
+            down_blocks.push(DownBlock {
+                layers,
+                downsampler: (!is_final).then(|| {
+                    Downsample::new(&p / "downsamplers" / 0, out_ch, c.downsample_padding)
+                }),
+            });
+        }
+
+        let last = r.blocks - 1;
+        let mid = &p / "mid_block";
+        let mid_block = MidBlock {
+            resnet_in: ResnetBlock::new(
+                &mid / "resnets" / 0,
+                ch[last],
+                ch[last],
+                Some(time_dim),
+                groups,
+                eps,
+            ),
+            attention: transformer(&mid / "attentions" / 0, ch[last], last),
+            resnet_out: ResnetBlock::new(
+                &mid / "resnets" / 1,
+                ch[last],
+                ch[last],
+                Some(time_dim),
+                groups,
+                eps,
+            ),
+        };
+
+        let rev_ch: Vec<i64> = ch.iter().rev().copied().collect();
+        let rev_layers: Vec<i64> = r.layers.iter().rev().copied().collect();
+        let mut up_blocks = Vec::with_capacity(r.blocks);
+        let mut out_ch = rev_ch[0];
+        for i in 0..r.blocks {
+            let p = &p / "up_blocks" / i;
+            let prev_out = out_ch;
+            out_ch = rev_ch[i];
+            let in_ch = rev_ch[(i + 1).min(r.blocks - 1)];
+            let count = rev_layers[i] + 1;
+            // The heads of up block i mirror those of down block (blocks - 1 - i).
+            let mirrored = r.blocks - 1 - i;
+            let layers = (0..count)
+                .map(|j| {
+                    let skip_ch = if j == count - 1 { in_ch } else { out_ch };
+                    let resnet_in = if j == 0 { prev_out } else { out_ch };
+                    Layer {
+                        resnet: ResnetBlock::new(
+                            &p / "resnets" / j,
+                            resnet_in + skip_ch,
+                            out_ch,
+                            Some(time_dim),
+                            groups,
+                            eps,
+                        ),
+                        attention: r.cross_attn_up[i]
+                            .then(|| transformer(&p / "attentions" / j, out_ch, mirrored)),
+                    }
+                })
+                .collect();
+            let is_final = i + 1 == r.blocks;
+            up_blocks.push(UpBlock {
+                layers,
+                upsampler: (!is_final).then(|| Upsample::new(&p / "upsamplers" / 0, out_ch)),
+            });
+        }
+
+        let pad_in = (c.conv_in_kernel - 1) / 2;
+        let pad_out = (c.conv_out_kernel - 1) / 2;
+        Ok(UNet2DConditionModel {
+            conv_in: conv2d(
+                &p / "conv_in",
+                c.in_channels,
+                ch[0],
+                c.conv_in_kernel,
+                1,
+                pad_in,
+            ),
+            time_linear_1: linear(&p / "time_embedding" / "linear_1", ch[0], time_dim, true),
+            time_linear_2: linear(&p / "time_embedding" / "linear_2", time_dim, time_dim, true),
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out: group_norm(&p / "conv_norm_out", groups, ch[0], eps),
+            conv_out: conv2d(
+                &p / "conv_out",
+                ch[0],
+                c.out_channels,
+                c.conv_out_kernel,
+                1,
+                pad_out,
+            ),
+            config,
+        })
+    }
+
+    /// Sinusoidal embedding of the timesteps (diffusers' `get_timestep_embedding`).
+    fn timestep_embedding(&self, timesteps: &Tensor) -> Tensor {
+        let dim = self.config.block_out_channels[0];
+        let half = dim / 2;
+        let device = timesteps.device();
+        let exponent = Tensor::arange(half, (Kind::Float, device)) * (-(10000f64.ln()))
+            / (half as f64 - self.config.freq_shift);
+        let args = timesteps.to_kind(Kind::Float).unsqueeze(1) * exponent.exp().unsqueeze(0);
+        let (sin, cos) = (args.sin(), args.cos());
+        if self.config.flip_sin_to_cos {
+            Tensor::cat(&[cos, sin], -1)
+        } else {
+            Tensor::cat(&[sin, cos], -1)
+        }
+    }
+
+    /// Predicts the noise (or v) in `sample` (`[batch, in_channels, h, w]`) at `timestep`,
+    /// conditioned on `context` (`[batch, tokens, cross_attention_dim]`).
+    pub fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor) -> Tensor {
+        let batch = sample.size()[0];
+        let timesteps = Tensor::full([batch], timestep, (Kind::Float, sample.device()));
+        let temb = self.timestep_embedding(&timesteps).to_kind(sample.kind());
+        let temb = self
+            .time_linear_2
+            .forward(&self.time_linear_1.forward(&temb).silu());
+
+        let sample = if self.config.center_input_sample {
+            sample * 2.0 - 1.0
+        } else {
+            sample.shallow_clone()
+        };
+        let mut x = self.conv_in.forward(&sample);
+        let mut skips = vec![x.shallow_clone()];
+        for block in &self.down_blocks {
+            for layer in &block.layers {
+                x = layer.forward(&x, &temb, context);
+                skips.push(x.shallow_clone());
+            }
+            if let Some(down) = &block.downsampler {
+                x = down.forward(&x);
+                skips.push(x.shallow_clone());
+            }
+        }
+
+        let m = &self.mid_block;
+        x = m.resnet_in.forward(&x, Some(&temb));
+        x = m.attention.forward(&x, context);
+        x = m.resnet_out.forward(&x, Some(&temb));
+
+        for block in &self.up_blocks {
+            for layer in &block.layers {
+                let skip = skips.pop().expect("one skip per up-block layer");
+                x = layer.forward(&Tensor::cat(&[&x, &skip], 1), &temb, context);
+            }
+            if let Some(up) = &block.upsampler {
+                // Upsample to the next skip's size, so that latents whose sides are not
+                // multiples of 2^(blocks-1) still line up (diffusers' `upsample_size`).
+                let size = skips.last().map(|s| {
+                    let s = s.size();
+                    [s[2], s[3]]
+                });
+                x = up.forward(&x, size);
+            }
+        }
+
+        self.conv_out
+            .forward(&self.conv_norm_out.forward(&x).silu())
+    }
+}

@@ -1,0 +1,176 @@
+//! Where a model comes from: a local diffusers folder, or a hub id (`owner/name`, optionally
+//! `owner/name@revision`) fetched with `hf-hub` into its cache. Only configs, tokenizer files
+//! and safetensors weights are downloaded.
+
+use std::path::{Path, PathBuf};
+
+use hf_hub::api::sync::ApiBuilder;
+use hf_hub::{Repo, RepoType};
+
+use crate::error::{Error, Result};
+
+/// The components a text-to-image pipeline reads, by folder.
+pub const COMPONENTS: [&str; 3] = ["text_encoder", "unet", "vae"];
+
+/// A hub id as the hub writes them: two names of letters, digits, `-`, `_`, `.`.
+fn parse_hub_id(spec: &str) -> Option<(&str, Option<&str>)> {
+    let (id, revision) = match spec.split_once('@') {
+        Some((id, rev)) if !rev.is_empty() => (id, Some(rev)),
+        Some(_) => return None,
+        None => (spec, None),
+    };
+    let valid_part = |s: &str| {
+        !s.is_empty()
+            && !s.starts_with(['.', '-'])
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    };
+    let (owner, name) = id.split_once('/')?;
+    (valid_part(owner) && valid_part(name)).then_some((id, revision))
+}
+
+/// Resolves `spec` to a local folder in diffusers' layout, downloading it if it is a hub id.
+/// `prefer_variant` (e.g. "fp16") downloads those weight files where the repo has them.
+pub fn resolve(spec: &str, prefer_variant: Option<&str>) -> Result<PathBuf> {
+    let path = Path::new(spec);
+    if path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    let looks_local = spec.starts_with(['.', '/', '~']) || path.exists();
+    match parse_hub_id(spec) {
+        Some((id, revision)) if !looks_local => download(id, revision, prefer_variant),
+        _ => Err(Error::ModelNotFound(spec.to_string())),
+    }
+}
+
+fn wanted(file: &str, prefer_variant: Option<&str>, all: &[String]) -> bool {
+    let Some((folder, name)) = file.split_once('/') else {
+        return file == "model_index.json";
+    };
+    if name.contains('/') {
+        return false;
+    }
+    match folder {
+        "scheduler" => name == "scheduler_config.json",
+        "tokenizer" => matches!(
+            name,
+            "vocab.json" | "merges.txt" | "tokenizer_config.json" | "special_tokens_map.json"
+        ),
+        f if COMPONENTS.contains(&f) => {
+            if name == "config.json" {
+                return true;
+            }
+            if !(name.ends_with(".safetensors")
+                || name.ends_with(".safetensors.index.json")
+                || name.contains(".safetensors.index."))
+            {
+                return false;
+            }
+            let is_variant =
+                |v: &str| name.contains(&format!(".{v}.")) || name.ends_with(&format!(".{v}.json"));
+            match prefer_variant {
+                // Take the variant's files where the folder has any, the plain ones otherwise.
+                Some(v) => {
+                    let folder_has_variant = all.iter().any(|f| {
+                        f.starts_with(&format!("{folder}/"))
+                            && f.contains(&format!(".{v}."))
+                            && f.contains(".safetensors")
+                    });
+                    if folder_has_variant {
+                        is_variant(v)
+                    } else {
+                        !name.contains(".fp16.") && !name.contains(".bf16.")
+                    }
+                }
+                None => !name.contains(".fp16.") && !name.contains(".bf16."),
+            }
+        }
+        _ => false,
+    }
+}
+
+fn download(id: &str, revision: Option<&str>, prefer_variant: Option<&str>) -> Result<PathBuf> {
+    let err = |message: String| Error::Download {
+        repo: id.to_string(),
+        message,
+    };
+    let api = ApiBuilder::from_env()
+        .with_progress(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .build()
+        .map_err(|e| err(e.to_string()))?;
+    let repo = match revision {
+        Some(rev) => Repo::with_revision(id.to_string(), RepoType::Model, rev.to_string()),
+        None => Repo::new(id.to_string(), RepoType::Model),
+    };
+    let repo = api.repo(repo);
+    let info = repo.info().map_err(|e| err(e.to_string()))?;
+    let all: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
+    if !all.iter().any(|f| f == "model_index.json") {
+        return Err(err(
+            "the repository has no model_index.json: not a diffusers pipeline".into(),
+        ));
+    }
+    let mut root = None;
+    for file in all.iter().filter(|f| wanted(f, prefer_variant, &all)) {
+        tracing::info!(repo = id, file = %file, "fetching");
+        let local = repo.get(file).map_err(|e| err(format!("{file}: {e}")))?;
+        if file == "model_index.json" {
+            root = local.parent().map(Path::to_path_buf);
+        }
+    }
+    root.ok_or_else(|| err("model_index.json could not be fetched".into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hub_ids_are_recognised() {
+        assert_eq!(
+            parse_hub_id("runwayml/stable-diffusion-v1-5"),
+            Some(("runwayml/stable-diffusion-v1-5", None))
+        );
+        assert_eq!(parse_hub_id("a/b@main"), Some(("a/b", Some("main"))));
+        assert_eq!(parse_hub_id("a/b/c"), None);
+        assert_eq!(parse_hub_id("noslash"), None);
+        assert_eq!(parse_hub_id("a/b@"), None);
+        assert_eq!(parse_hub_id("../x"), None);
+    }
+
+    #[test]
+    fn missing_local_path_is_not_sent_to_the_hub() {
+        let err = resolve("./no/such/model", None).unwrap_err();
+        assert!(matches!(err, Error::ModelNotFound(_)), "{err}");
+    }
+
+    #[test]
+    fn download_selection_prefers_the_variant_per_folder() {
+        let all: Vec<String> = [
+            "model_index.json",
+            "unet/config.json",
+            "unet/diffusion_pytorch_model.safetensors",
+            "unet/diffusion_pytorch_model.fp16.safetensors",
+            "unet/diffusion_pytorch_model.bin",
+            "vae/diffusion_pytorch_model.safetensors",
+            "text_encoder/model.safetensors",
+            "tokenizer/vocab.json",
+            "safety_checker/model.safetensors",
+            "v1-5-pruned.ckpt",
+        ]
+        .map(String::from)
+        .to_vec();
+        let fp16: Vec<&String> = all
+            .iter()
+            .filter(|f| wanted(f, Some("fp16"), &all))
+            .collect();
+        assert!(fp16.contains(&&"unet/diffusion_pytorch_model.fp16.safetensors".to_string()));
+        assert!(!fp16.contains(&&"unet/diffusion_pytorch_model.safetensors".to_string()));
+        assert!(fp16.contains(&&"vae/diffusion_pytorch_model.safetensors".to_string()));
+        let f32: Vec<&String> = all.iter().filter(|f| wanted(f, None, &all)).collect();
+        assert!(f32.contains(&&"unet/diffusion_pytorch_model.safetensors".to_string()));
+        assert!(!f32
+            .iter()
+            .any(|f| f.ends_with(".bin") || f.ends_with(".ckpt") || f.starts_with("safety")));
+    }
+}
