@@ -1,13 +1,18 @@
-//! imagegen engine (in progress): models, loading and schedulers.
+//! imagegen's engine: Stable Diffusion on libtorch (through `tch`), as a library that the
+//! CLI, the HTTP service, the trainer and the benchmarks all call.
 
 pub mod engine;
 pub mod error;
 pub mod models;
 pub mod noise;
+pub mod output;
 pub mod schedulers;
 pub mod source;
+pub mod text_to_image;
 pub mod tokenizer;
 pub mod weights;
 
 pub use engine::{LoadOptions, StableDiffusion};
 pub use error::{Error, Result};
+pub use imagegen_crds::GenerationParams;
+pub use text_to_image::{GeneratedImage, Progress};

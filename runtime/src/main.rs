@@ -1,4 +1,224 @@
-fn main() {
-    eprintln!("imagegen: no commands yet");
-    std::process::exit(2);
+//! The `imagegen` command line.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+
+use clap::{Parser, Subcommand};
+use imagegen_runtime::output::write_png;
+use imagegen_runtime::{GenerationParams, LoadOptions, StableDiffusion};
+use tch::{Device, Kind};
+
+#[derive(Parser)]
+#[command(name = "imagegen", version, about = "Self-hosted Stable Diffusion")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate images from a prompt and write them as PNG files.
+    Generate(GenerateArgs),
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// A local diffusers folder or a hub id (owner/name[@revision]).
+    #[arg(long)]
+    model: String,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    /// Pixels, a multiple of 8 [default: the model's native size, 512 for SD 1.5].
+    #[arg(long)]
+    width: Option<u32>,
+    /// Pixels, a multiple of 8 [default: the model's native size, 512 for SD 1.5].
+    #[arg(long)]
+    height: Option<u32>,
+    #[arg(long, default_value_t = 25)]
+    steps: u32,
+    /// Classifier-free guidance scale (1 or less: no guidance).
+    #[arg(long, default_value_t = 7.5)]
+    guidance: f64,
+    /// Seed of the first image; image i uses seed + i [default: random].
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long, default_value_t = 1)]
+    count: u32,
+    /// ddim, pndm, euler, euler-a, dpmpp-2m or dpmpp-2m-karras [default: the model's].
+    #[arg(long)]
+    scheduler: Option<String>,
+    /// Skip this many final text-encoder layers.
+    #[arg(long)]
+    clip_skip: Option<u32>,
+    /// cpu, cuda or cuda:N [default: cuda when available].
+    #[arg(long)]
+    device: Option<String>,
+    /// f32, f16 or bf16 [default: f16 on cuda, f32 on cpu].
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Output PNG; with --count N > 1, PATH-0.png ... PATH-(N-1).png.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn parse_device(text: Option<&str>) -> Result<Device, String> {
+    match text {
+        None => Ok(Device::cuda_if_available()),
+        Some("cpu") => Ok(Device::Cpu),
+        Some("cuda") => Ok(Device::Cuda(0)),
+        Some(other) => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(index)) => Ok(Device::Cuda(index)),
+            _ => Err(format!(
+                "invalid --device `{other}` (expected cpu, cuda or cuda:N)"
+            )),
+        },
+    }
+}
+
+fn parse_dtype(text: Option<&str>, device: Device) -> Result<Kind, String> {
+    match text {
+        None if device.is_cuda() => Ok(Kind::Half),
+        None => Ok(Kind::Float),
+        Some("f32" | "fp32" | "float32") => Ok(Kind::Float),
+        Some("f16" | "fp16" | "float16") => Ok(Kind::Half),
+        Some("bf16" | "bfloat16") => Ok(Kind::BFloat16),
+        Some(other) => Err(format!(
+            "invalid --dtype `{other}` (expected f32, f16 or bf16)"
+        )),
+    }
+}
+
+/// `out.png` for one image; `out-0.png`, `out-1.png`, ... for several.
+fn output_paths(out: &Path, count: usize) -> Vec<PathBuf> {
+    if count == 1 {
+        return vec![out.to_path_buf()];
+    }
+    let stem = out.with_extension("");
+    (0..count)
+        .map(|i| PathBuf::from(format!("{}-{i}.png", stem.display())))
+        .collect()
+}
+
+fn generate(args: GenerateArgs) -> Result<(), String> {
+    let device = parse_device(args.device.as_deref())?;
+    if let Device::Cuda(index) = device {
+        if !tch::Cuda::is_available() || index >= tch::Cuda::device_count() as usize {
+            return Err(format!(
+                "--device cuda:{index} is not available on this machine"
+            ));
+        }
+    }
+    let dtype = parse_dtype(args.dtype.as_deref(), device)?;
+    let mut options = LoadOptions::new(&args.model);
+    options.device = device;
+    options.dtype = dtype;
+    let params = GenerationParams {
+        prompt: args.prompt,
+        negative_prompt: args.negative_prompt,
+        width: args.width,
+        height: args.height,
+        steps: Some(args.steps),
+        guidance_scale: Some(args.guidance),
+        scheduler: args.scheduler,
+        seed: args.seed,
+        count: Some(args.count),
+        clip_skip: args.clip_skip,
+    };
+    let started = std::time::Instant::now();
+    let model = StableDiffusion::load(&options).map_err(|e| e.to_string())?;
+    let loaded = started.elapsed();
+    let cancel = AtomicBool::new(false);
+    let mut report =
+        |p: imagegen_runtime::Progress| tracing::info!(step = p.step, total = p.total, "denoising");
+    let images = model
+        .text_to_image(&params, &mut report, &cancel)
+        .map_err(|e| e.to_string())?;
+    tracing::info!(
+        load_seconds = loaded.as_secs_f64(),
+        generate_seconds = (started.elapsed() - loaded).as_secs_f64(),
+        "done"
+    );
+    for (image, path) in images.iter().zip(output_paths(&args.out, images.len())) {
+        write_png(&path, &image.image, &image.metadata).map_err(|e| e.to_string())?;
+        println!("{}", path.display());
+    }
+    Ok(())
+}
+
+/// clap's message without its usage block, folded onto one line.
+fn one_line_usage_error(rendered: &str) -> String {
+    let message = rendered.split("Usage:").next().unwrap_or(rendered);
+    let message = message.trim().trim_start_matches("error:").trim();
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("imagegen: error: {}", one_line_usage_error(&e.to_string()));
+            return ExitCode::from(2);
+        }
+    };
+    let result = match cli.command {
+        Command::Generate(args) => generate(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            // One line, whatever the error carried.
+            eprintln!("imagegen: error: {}", message.replace('\n', " "));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn several_outputs_are_numbered() {
+        assert_eq!(
+            output_paths(Path::new("out/a.png"), 1),
+            vec![PathBuf::from("out/a.png")]
+        );
+        assert_eq!(
+            output_paths(Path::new("out/a.png"), 2),
+            vec![PathBuf::from("out/a-0.png"), PathBuf::from("out/a-1.png")]
+        );
+    }
+
+    #[test]
+    fn usage_errors_fold_to_one_line() {
+        let rendered = "error: the following required arguments were not provided:\n  --prompt <PROMPT>\n\nUsage: imagegen generate --prompt <PROMPT>\n\nFor more information, try '--help'.\n";
+        assert_eq!(
+            one_line_usage_error(rendered),
+            "the following required arguments were not provided: --prompt <PROMPT>"
+        );
+    }
+
+    #[test]
+    fn device_and_dtype_flags() {
+        assert_eq!(parse_device(Some("cpu")), Ok(Device::Cpu));
+        assert_eq!(parse_device(Some("cuda:1")), Ok(Device::Cuda(1)));
+        assert!(parse_device(Some("tpu")).is_err());
+        assert_eq!(parse_dtype(None, Device::Cpu), Ok(Kind::Float));
+        assert_eq!(parse_dtype(None, Device::Cuda(0)), Ok(Kind::Half));
+        assert!(parse_dtype(Some("f8"), Device::Cpu).is_err());
+    }
 }
