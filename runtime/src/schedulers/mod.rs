@@ -151,10 +151,16 @@ pub enum SchedulerError {
 pub trait Scheduler: Send {
     /// The timesteps of the denoising loop in order, as the UNet receives them.
     fn timesteps(&self) -> &[f64];
-    /// What the pipeline multiplies the initial noise by (diffusers' `init_noise_sigma`).
-    fn init_noise_sigma(&self) -> f64;
-    /// diffusers' `scale_model_input` for loop index `step`.
-    fn scale_model_input(&self, sample: &Tensor, step: usize) -> Tensor;
+    /// What the pipeline multiplies the initial noise by (diffusers' `init_noise_sigma`):
+    /// 1 unless the scheduler works in sigma space.
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+    /// diffusers' `scale_model_input` for loop index `step`: the identity unless the
+    /// scheduler works in sigma space.
+    fn scale_model_input(&self, sample: &Tensor, _step: usize) -> Tensor {
+        sample.shallow_clone()
+    }
     /// One denoising step for loop index `step`, returning the previous (less noisy) sample in
     /// the sample's dtype and device. `noise` is a standard-normal tensor of the sample's shape,
     /// `Some` exactly when [`Scheduler::needs_noise`]. Stateful schedulers (PNDM, DPM-Solver)
