@@ -36,6 +36,85 @@ pub struct GenerationParams {
     /// Skip this many final text-encoder layers ("clip skip"). Default 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clip_skip: Option<u32>,
+    /// What to do; default: TextToImage without an input image, ImageToImage with one,
+    /// Inpaint with a mask.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<Mode>,
+    /// A style preset's id (`imagegen styles` lists them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub style: Option<String>,
+    /// How image-to-image uses the input image. Default: sdedit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strategy: Option<Strategy>,
+    /// sdedit and inpainting: how much of the input to repaint, 0 (nothing) to 1 (all).
+    /// Default 0.75 for sdedit, 1.0 for inpainting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strength: Option<f64>,
+    /// instruct: how closely to follow the input image. Default 1.5.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_guidance_scale: Option<f64>,
+    /// canny: the ControlNet's conditioning scale. Default 1.0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_scale: Option<f64>,
+    /// canny: hysteresis thresholds of the edge detector (0-255). Default 100 and 200.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canny_low: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canny_high: Option<f32>,
+    /// Inpainting: Gaussian blur of the mask edge, in pixels. Default 4.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_blur: Option<u32>,
+    /// Inpainting: grow the mask by this many pixels before blurring. Default 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_grow: Option<u32>,
+    /// Inpainting: generate only a crop around the mask at full resolution and paste it back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub only_masked: Option<bool>,
+    /// Inpainting with only_masked: context kept around the mask, in pixels. Default 32.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub only_masked_padding: Option<u32>,
+    /// Outpainting: pixels added on each side of the input image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outpaint: Option<Outpaint>,
+}
+
+/// The kind of generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum Mode {
+    TextToImage,
+    ImageToImage,
+    /// Repaint the masked area (mask: white = repaint, black = keep).
+    Inpaint,
+    /// Extend the canvas (see `outpaint`) and fill the new area.
+    Outpaint,
+    /// Inpaint the masked area with the background: the prompt describes what should be
+    /// there instead (default "background").
+    RemoveObject,
+}
+
+/// How image-to-image uses its input image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    /// Noise the input to `strength` and denoise it (SDEdit; diffusers' img2img).
+    Sdedit,
+    /// Follow an edit instruction (InstructPix2Pix; needs an 8-channel UNet).
+    Instruct,
+    /// Keep the input's canny edges with a ControlNet.
+    Canny,
+}
+
+/// Pixels to add on each side when outpainting.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct Outpaint {
+    #[serde(default)]
+    pub left: u32,
+    #[serde(default)]
+    pub right: u32,
+    #[serde(default)]
+    pub top: u32,
+    #[serde(default)]
+    pub bottom: u32,
 }
 
 #[cfg(test)]
@@ -57,6 +136,24 @@ mod tests {
         let err =
             serde_json::from_str::<GenerationParams>(r#"{"prompt":"x","stepz":3}"#).unwrap_err();
         assert!(err.to_string().contains("stepz"), "{err}");
+    }
+
+    #[test]
+    fn modes_and_strategies_serialize_as_the_api_spells_them() {
+        let json = r#"{"prompt":"x","mode":"Inpaint","strategy":"canny","outpaint":{"left":64}}"#;
+        let params: GenerationParams = serde_json::from_str(json).unwrap();
+        assert_eq!(params.mode, Some(Mode::Inpaint));
+        assert_eq!(params.strategy, Some(Strategy::Canny));
+        assert_eq!(
+            params.outpaint,
+            Some(Outpaint {
+                left: 64,
+                ..Default::default()
+            })
+        );
+        assert!(
+            serde_json::from_str::<GenerationParams>(r#"{"prompt":"x","mode":"inpaint"}"#).is_err()
+        );
     }
 
     #[test]

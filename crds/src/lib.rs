@@ -3,4 +3,4 @@
 
 pub mod generation;
 
-pub use generation::GenerationParams;
+pub use generation::{GenerationParams, Mode, Outpaint, Strategy};

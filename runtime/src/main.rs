@@ -126,6 +126,7 @@ fn generate(args: GenerateArgs) -> Result<(), String> {
         seed: args.seed,
         count: Some(args.count),
         clip_skip: args.clip_skip,
+        ..Default::default()
     };
     let started = std::time::Instant::now();
     let model = StableDiffusion::load(&options).map_err(|e| e.to_string())?;

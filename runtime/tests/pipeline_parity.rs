@@ -72,6 +72,7 @@ fn run_case(name: &str) {
         seed: Some(case.seed),
         count: Some(case.count),
         clip_skip: case.clip_skip,
+        ..Default::default()
     };
     let mut steps_seen = 0;
     let images = model
