@@ -136,6 +136,14 @@ impl Scheduler for Ddim {
     fn needs_noise(&self) -> bool {
         false
     }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step: usize) -> Tensor {
+        let alpha_bar = self
+            .schedule
+            .alpha_bar(self.timesteps[step])
+            .expect("timesteps are validated against the schedule");
+        super::add_noise_alpha_bar(original, noise, alpha_bar)
+    }
 }
 
 /// The integer timesteps of DDIM and PNDM, in descending order:

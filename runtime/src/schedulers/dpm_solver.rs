@@ -281,6 +281,10 @@ impl Scheduler for DpmSolverPp2m {
     fn needs_noise(&self) -> bool {
         false
     }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step: usize) -> Tensor {
+        super::add_noise_vp_sigma(original, noise, self.sigmas[step])
+    }
 }
 
 /// How many of the noisiest training timesteps have `lambda = log(alpha / sigma)` below

@@ -158,6 +158,10 @@ impl Scheduler for Euler {
     fn needs_noise(&self) -> bool {
         false
     }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step: usize) -> Tensor {
+        super::add_noise_sigma(original, noise, self.sigmas[step])
+    }
 }
 
 /// The training schedule of the Euler schedulers, whose zero-terminal-SNR rescaling keeps the

@@ -114,4 +114,8 @@ impl Scheduler for EulerAncestral {
     fn needs_noise(&self) -> bool {
         true
     }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step: usize) -> Tensor {
+        super::add_noise_sigma(original, noise, self.sigmas[step])
+    }
 }

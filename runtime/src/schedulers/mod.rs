@@ -174,6 +174,42 @@ pub trait Scheduler: Send {
     ) -> Tensor;
     /// Whether every step consumes a standard-normal draw (diffusers calls `randn_tensor` in it).
     fn needs_noise(&self) -> bool;
+    /// diffusers' `add_noise`: `original` noised to the level of loop index `step` with
+    /// `noise`. Image-to-image noises its start latents at its first step (diffusers'
+    /// `set_begin_index`); inpainting with a regular model re-noises the kept area to the
+    /// level of the next step after each step. Computed in `original`'s dtype, as diffusers
+    /// casts its schedule to it.
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step: usize) -> Tensor;
+}
+
+/// A schedule constant as the 0-d tensor diffusers would index out of its table, already
+/// cast to the sample's dtype and device.
+fn schedule_scalar(value: f32, like: &Tensor) -> Tensor {
+    Tensor::from(value)
+        .to_kind(like.kind())
+        .to_device(like.device())
+}
+
+/// The DDPM forward process at `alpha_bar`: `sqrt(ᾱ)·x + sqrt(1 − ᾱ)·ε`.
+pub(crate) fn add_noise_alpha_bar(original: &Tensor, noise: &Tensor, alpha_bar: f32) -> Tensor {
+    let alpha_bar = schedule_scalar(alpha_bar, original);
+    let signal = alpha_bar.sqrt();
+    let noise_scale = (alpha_bar.neg() + 1.0).sqrt();
+    signal * original + noise_scale * noise
+}
+
+/// Noise in sigma space (Euler): `x + ε·σ`.
+pub(crate) fn add_noise_sigma(original: &Tensor, noise: &Tensor, sigma: f32) -> Tensor {
+    original + noise * schedule_scalar(sigma, original)
+}
+
+/// Noise in sigma space for DPM-Solver, which works on the variance-preserving sample:
+/// `α_t·x + σ_t·ε` with `α_t = 1/sqrt(σ² + 1)`, `σ_t = σ·α_t`.
+pub(crate) fn add_noise_vp_sigma(original: &Tensor, noise: &Tensor, sigma: f32) -> Tensor {
+    let sigma = schedule_scalar(sigma, original);
+    let alpha_t = (sigma.square() + 1.0).sqrt().reciprocal();
+    let sigma_t = &sigma * &alpha_t;
+    alpha_t * original + sigma_t * noise
 }
 
 /// Builds the scheduler `kind` for `num_inference_steps` from a model's scheduler config: what

@@ -27,6 +27,8 @@ pub struct Pndm {
     step_ratio: i64,
     /// How many steps have been taken (diffusers' `counter`).
     counter: usize,
+    /// The loop index of the first step taken (non-zero in image-to-image).
+    first_step: Option<usize>,
     /// The recent noise predictions (diffusers' `ets`), oldest first.
     ets: Vec<Tensor>,
     /// PRK: the weighted sum of the current step's evaluations so far.
@@ -125,13 +127,14 @@ impl Pndm {
             prk_steps: prk.len(),
             step_ratio: (num_train_timesteps / n) as i64,
             counter: 0,
+            first_step: None,
             ets: Vec::new(),
             cur_model_output: None,
             cur_sample: None,
         };
         // Every ᾱ lookup the loop will make must exist (diffusers fails with an IndexError).
         for counter in 0..pndm.timesteps.len() {
-            let (t, prev_t) = pndm.timestep_pair(counter);
+            let (t, prev_t) = pndm.timestep_pair(counter, counter);
             if pndm.schedule.alpha_bar(t).is_none() {
                 return Err(timestep_out_of_range(NAME, t, num_train_timesteps));
             }
@@ -146,9 +149,10 @@ impl Pndm {
         counter < self.prk_steps
     }
 
-    /// The timestep step `counter` goes from and the one it goes to.
-    fn timestep_pair(&self, counter: usize) -> (i64, i64) {
-        let t = self.timesteps[counter];
+    /// The timestep the `counter`-th step taken (at loop index `step`) goes from and the one
+    /// it goes to.
+    fn timestep_pair(&self, counter: usize, step: usize) -> (i64, i64) {
+        let t = self.timesteps[step];
         if self.is_prk(counter) {
             // Each RK step starts from its first timestep; its first two evaluations go half
             // way (to the midpoint where the next evaluation happens), the last two all the way.
@@ -257,8 +261,20 @@ impl Scheduler for Pndm {
         sample: &Tensor,
         _noise: Option<&Tensor>,
     ) -> Tensor {
-        assert_eq!(step, self.counter, "PNDM steps must be taken in order");
-        let (t, prev_t) = self.timestep_pair(self.counter);
+        // Image-to-image starts at a later loop index; the multistep history still starts
+        // empty there (diffusers' counter counts steps taken, the timestep comes from the
+        // loop). Runge-Kutta warm-up steps are defined from the start only.
+        let first_step = *self.first_step.get_or_insert(step);
+        assert_eq!(
+            step,
+            first_step + self.counter,
+            "PNDM steps must be taken in order"
+        );
+        assert!(
+            first_step == 0 || self.prk_steps == 0,
+            "PNDM with Runge-Kutta warm-up steps cannot start at a later step"
+        );
+        let (t, prev_t) = self.timestep_pair(self.counter, step);
         let (model_output, from_sample) = if self.is_prk(self.counter) {
             self.step_prk(model_output, sample)
         } else {
@@ -271,5 +287,13 @@ impl Scheduler for Pndm {
 
     fn needs_noise(&self) -> bool {
         false
+    }
+
+    fn add_noise(&self, original: &Tensor, noise: &Tensor, step: usize) -> Tensor {
+        let alpha_bar = self
+            .schedule
+            .alpha_bar(self.timesteps[step])
+            .expect("timesteps are validated against the schedule");
+        super::add_noise_alpha_bar(original, noise, alpha_bar)
     }
 }
