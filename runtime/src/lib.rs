@@ -3,6 +3,7 @@
 
 pub mod engine;
 pub mod error;
+pub mod input;
 pub mod models;
 pub mod noise;
 pub mod output;
