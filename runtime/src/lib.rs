@@ -9,6 +9,7 @@ pub mod noise;
 pub mod output;
 pub mod schedulers;
 pub mod source;
+pub mod styles;
 pub mod text_to_image;
 pub mod tokenizer;
 pub mod weights;
