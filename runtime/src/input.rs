@@ -11,7 +11,7 @@
 //!
 //! - When a request gives no width and height, the input's own size rounded *down* to a
 //!   multiple of 8 ([`default_size`], as diffusers' `get_default_height_width`) with a plain
-//!   resize, which for such a size only trims the last few rows and columns' worth of scale.
+//!   resize: at most 7 pixels of squeeze on a side, never a crop.
 //! - With an explicit size, [`FitRule`] says what happens when the aspect ratios differ:
 //!   [`FitRule::Resize`] stretches (diffusers' default), [`FitRule::Crop`] scales to cover
 //!   and crops the centre, [`FitRule::Fill`] scales to fit inside and fills the rest by
@@ -178,6 +178,15 @@ pub fn fit_to_multiple(
             ));
         }
     }
+    // A guard against absurd sizes from a caller, not the model's limit (the pipelines
+    // check theirs): nothing here allocates more than the largest accepted input.
+    let max_pixels = ImageLimits::default().max_pixels;
+    if u64::from(width) * u64::from(height) > max_pixels {
+        return Err(Error::invalid(
+            "width",
+            format!("{width}×{height} is more than {max_pixels} pixels"),
+        ));
+    }
     let (iw, ih) = image.dimensions();
     if iw == 0 || ih == 0 {
         return Err(Error::invalid("image", format!("the image is {iw}×{ih}")));
@@ -193,40 +202,52 @@ pub fn fit_to_multiple(
     // scaled size and the offset agree with it to the pixel.
     let ratio = f64::from(width) / f64::from(height);
     let src_ratio = f64::from(iw) / f64::from(ih);
-    let scaled_w = |w: u32| (u64::from(iw) * u64::from(w) / u64::from(ih)) as u32;
-    let scaled_h = |h: u32| (u64::from(ih) * u64::from(h) / u64::from(iw)) as u32;
+    // In u64: a 1-pixel-high panorama scaled to cover 512 rows would overflow u32.
+    let scaled_w = |h: u32| u64::from(iw) * u64::from(h) / u64::from(ih);
+    let scaled_h = |w: u32| u64::from(ih) * u64::from(w) / u64::from(iw);
     match rule {
         FitRule::Resize => Ok(resize(width, height)),
         FitRule::Crop => {
             let src_w = if ratio > src_ratio {
-                width
+                u64::from(width)
             } else {
                 scaled_w(height)
             };
             let src_h = if ratio <= src_ratio {
-                height
+                u64::from(height)
             } else {
                 scaled_h(width)
             };
+            // Covering an extreme aspect ratio would mean scaling to an enormous image.
+            if src_w.saturating_mul(src_h) > 4 * max_pixels {
+                return Err(Error::invalid(
+                    "image",
+                    format!("a {iw}×{ih} image is too elongated to crop to {width}×{height}"),
+                ));
+            }
             // Covering means src_w >= width and src_h >= height: the crop lies inside.
-            let resized = resize(src_w.max(width), src_h.max(height));
+            let resized = resize((src_w as u32).max(width), (src_h as u32).max(height));
             let x = resized.width() / 2 - width / 2;
             let y = resized.height() / 2 - height / 2;
             Ok(resized.crop_imm(x, y, width, height))
         }
         FitRule::Fill => {
             let src_w = if ratio < src_ratio {
-                width
+                u64::from(width)
             } else {
                 scaled_w(height)
             };
             let src_h = if ratio >= src_ratio {
-                height
+                u64::from(height)
             } else {
                 scaled_h(width)
             };
-            // An extreme aspect ratio can round a side to 0; keep one row or column.
-            let resized = resize(src_w.clamp(1, width), src_h.clamp(1, height));
+            // Fitting inside keeps both sides within the target; an extreme aspect ratio can
+            // round one to 0, so keep at least one row or column.
+            let resized = resize(
+                src_w.clamp(1, u64::from(width)) as u32,
+                src_h.clamp(1, u64::from(height)) as u32,
+            );
             let (rw, rh) = resized.dimensions();
             let x0 = width / 2 - rw / 2;
             let y0 = height / 2 - rh / 2;
@@ -425,7 +446,7 @@ mod tests {
         assert!(err.contains("more than") && err.contains("bytes"), "{err}");
         // Garbage over the limit gets the same answer: the bytes are not even looked at.
         let err = decode_image(
-            &vec![0u8; 100],
+            &[0u8; 100],
             &ImageLimits {
                 max_bytes: 10,
                 max_pixels: 10,
@@ -541,6 +562,15 @@ mod tests {
             .to_string();
         assert!(err.contains("width") && err.contains("60"), "{err}");
         assert!(fit_to_multiple(&image, 64, 0, FitRule::Crop).is_err());
+        assert!(fit_to_multiple(&image, 8192, 8192, FitRule::Resize).is_err());
+        // A 4000×1 strip cropped to 512×512 would first be scaled to 2048000×512.
+        let strip = DynamicImage::new_rgb8(4000, 1);
+        let err = fit_to_multiple(&strip, 512, 512, FitRule::Crop)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("too elongated"), "{err}");
+        let filled = fit_to_multiple(&strip, 512, 512, FitRule::Fill).unwrap();
+        assert_eq!(filled.dimensions(), (512, 512));
         // The same size is returned untouched.
         let same = DynamicImage::ImageRgb8(test_image(64, 32));
         assert_eq!(
