@@ -4,6 +4,7 @@
 pub mod engine;
 pub mod error;
 pub mod input;
+pub mod mask;
 pub mod models;
 pub mod noise;
 pub mod output;
