@@ -3,11 +3,14 @@
 
 pub mod engine;
 pub mod error;
+pub mod input;
+pub mod mask;
 pub mod models;
 pub mod noise;
 pub mod output;
 pub mod schedulers;
 pub mod source;
+pub mod styles;
 pub mod text_to_image;
 pub mod tokenizer;
 pub mod weights;
