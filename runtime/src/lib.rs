@@ -3,6 +3,7 @@
 
 pub mod engine;
 pub mod error;
+pub mod generate;
 pub mod input;
 pub mod mask;
 pub mod models;
@@ -17,5 +18,6 @@ pub mod weights;
 
 pub use engine::{LoadOptions, StableDiffusion};
 pub use error::{Error, Result};
+pub use generate::Inputs;
 pub use imagegen_crds::GenerationParams;
 pub use text_to_image::{GeneratedImage, Progress};

@@ -6,7 +6,8 @@ use std::sync::atomic::AtomicBool;
 
 use clap::{Parser, Subcommand};
 use imagegen_runtime::output::write_png;
-use imagegen_runtime::{GenerationParams, LoadOptions, StableDiffusion};
+use imagegen_runtime::styles::StyleBook;
+use imagegen_runtime::{GenerationParams, Inputs, LoadOptions, StableDiffusion};
 use tch::{Device, Kind};
 
 #[derive(Parser)]
@@ -19,7 +20,19 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Generate images from a prompt and write them as PNG files.
-    Generate(GenerateArgs),
+    Generate(Box<GenerateArgs>),
+    /// List the style presets.
+    Styles(StylesArgs),
+}
+
+#[derive(clap::Args)]
+struct StylesArgs {
+    /// A deployment's own presets (same format as the built-in file), added to ours.
+    #[arg(long, env = "IMAGEGEN_STYLES")]
+    styles_file: Option<PathBuf>,
+    /// Print the presets as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -53,6 +66,12 @@ struct GenerateArgs {
     /// Skip this many final text-encoder layers.
     #[arg(long)]
     clip_skip: Option<u32>,
+    /// A style preset (`imagegen styles` lists them).
+    #[arg(long)]
+    style: Option<String>,
+    /// A deployment's own presets (same format as the built-in file), added to ours.
+    #[arg(long, env = "IMAGEGEN_STYLES")]
+    styles_file: Option<PathBuf>,
     /// cpu, cuda or cuda:N [default: cuda when available].
     #[arg(long)]
     device: Option<String>,
@@ -126,8 +145,10 @@ fn generate(args: GenerateArgs) -> Result<(), String> {
         seed: args.seed,
         count: Some(args.count),
         clip_skip: args.clip_skip,
+        style: args.style,
         ..Default::default()
     };
+    let styles = style_book(args.styles_file.as_deref())?;
     let started = std::time::Instant::now();
     let model = StableDiffusion::load(&options).map_err(|e| e.to_string())?;
     let loaded = started.elapsed();
@@ -135,7 +156,7 @@ fn generate(args: GenerateArgs) -> Result<(), String> {
     let mut report =
         |p: imagegen_runtime::Progress| tracing::info!(step = p.step, total = p.total, "denoising");
     let images = model
-        .text_to_image(&params, &mut report, &cancel)
+        .generate(&params, &Inputs::default(), &styles, &mut report, &cancel)
         .map_err(|e| e.to_string())?;
     tracing::info!(
         load_seconds = loaded.as_secs_f64(),
@@ -145,6 +166,34 @@ fn generate(args: GenerateArgs) -> Result<(), String> {
     for (image, path) in images.iter().zip(output_paths(&args.out, images.len())) {
         write_png(&path, &image.image, &image.metadata).map_err(|e| e.to_string())?;
         println!("{}", path.display());
+    }
+    Ok(())
+}
+
+fn style_book(file: Option<&Path>) -> Result<StyleBook, String> {
+    match file {
+        Some(path) => StyleBook::with_file(path).map_err(|e| e.to_string()),
+        None => Ok(StyleBook::builtin()),
+    }
+}
+
+fn list_styles(args: StylesArgs) -> Result<(), String> {
+    let book = style_book(args.styles_file.as_deref())?;
+    if args.json {
+        let json = serde_json::to_string_pretty(book.list()).map_err(|e| e.to_string())?;
+        println!("{json}");
+        return Ok(());
+    }
+    let width = book.list().iter().map(|s| s.id.len()).max().unwrap_or(0);
+    for style in book.list() {
+        let post = style
+            .postprocess
+            .map(|p| format!(" [{}]", p.as_str()))
+            .unwrap_or_default();
+        println!(
+            "{:width$}  {}{post}: {}",
+            style.id, style.name, style.prompt
+        );
     }
     Ok(())
 }
@@ -176,7 +225,8 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Generate(args) => generate(args),
+        Command::Generate(args) => generate(*args),
+        Command::Styles(args) => list_styles(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

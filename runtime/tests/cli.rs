@@ -250,3 +250,85 @@ fn walk(dir: &std::path::Path) -> Vec<PathBuf> {
     }
     files
 }
+
+#[test]
+fn styles_lists_the_presets() {
+    let (code, stdout, stderr) = run(&["styles"]);
+    assert_eq!(code, 0, "{stderr}");
+    for id in [
+        "black-and-white",
+        "portrait",
+        "anime",
+        "pixel-art",
+        "sticker",
+        "neon",
+    ] {
+        assert!(
+            stdout.lines().any(|l| l.starts_with(id)),
+            "{id} missing from:\n{stdout}"
+        );
+    }
+    assert!(stdout.lines().count() >= 16);
+    let (code, stdout, _) = run(&["styles", "--json"]);
+    assert_eq!(code, 0);
+    let styles: Vec<serde_json::Value> = serde_json::from_str(&stdout).unwrap();
+    assert!(styles
+        .iter()
+        .all(|s| s["prompt"].as_str().unwrap().contains("{prompt}")));
+}
+
+#[test]
+fn black_and_white_style_is_gray_and_records_the_applied_prompt() {
+    let model = fixtures_dir().join("tiny-sd1");
+    let dir = scratch("style");
+    let out = dir.join("bw.png");
+    let (code, _, stderr) = run(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a cat",
+        "--style",
+        "black-and-white",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "2",
+        "--seed",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let bytes = std::fs::read(&out).unwrap();
+    let img = image::load_from_memory(&bytes).unwrap().to_rgb8();
+    assert!(
+        img.pixels().all(|p| p[0] == p[1] && p[1] == p[2]),
+        "not grayscale"
+    );
+    let metadata = imagegen_runtime::output::read_metadata(&bytes).unwrap();
+    let prompt = metadata["prompt"].as_str().unwrap();
+    assert!(
+        prompt.contains("a cat") && prompt != "a cat",
+        "applied prompt recorded: {prompt}"
+    );
+
+    let (code, _, stderr) = run(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a cat",
+        "--style",
+        "baroque-ish",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("neon") && stderr.lines().count() == 1,
+        "{stderr}"
+    );
+}
