@@ -2,6 +2,7 @@
 //! CLI, the HTTP service, the trainer and the benchmarks all call.
 
 pub mod canny;
+pub mod controlnet_pipeline;
 pub mod engine;
 pub mod error;
 pub mod models;
