@@ -7,6 +7,7 @@ use tch::{nn::VarStore, Device, Kind};
 
 use crate::error::{Error, Result};
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
+use crate::models::controlnet::{ControlNetConfig, ControlNetModel};
 use crate::models::unet::{UNet2DConditionModel, UNetConfig};
 use crate::models::vae::{legacy_name, AutoencoderKL, VaeConfig};
 use crate::schedulers::{SchedulerConfig, SchedulerKind};
@@ -96,6 +97,23 @@ pub fn load_unet(dir: &Path, device: Device, dtype: Kind) -> Result<Loaded<UNet2
     let config = UNetConfig::from_file(&config_path)?;
     let vars = new_var_store(device, dtype);
     let model = UNet2DConditionModel::new(vars.root(), config, &config_path)?;
+    load_var_store(
+        &vars,
+        &component_weights(dir, "diffusion_pytorch_model", dtype)?,
+        no_alias,
+    )?;
+    Ok(Loaded {
+        model,
+        vars: finish(vars),
+    })
+}
+
+/// A ControlNet folder (`config.json` and `diffusion_pytorch_model[.fp16].safetensors`).
+pub fn load_controlnet(dir: &Path, device: Device, dtype: Kind) -> Result<Loaded<ControlNetModel>> {
+    let config_path = dir.join("config.json");
+    let config = ControlNetConfig::from_file(&config_path)?;
+    let vars = new_var_store(device, dtype);
+    let model = ControlNetModel::new(vars.root(), config, &config_path)?;
     load_var_store(
         &vars,
         &component_weights(dir, "diffusion_pytorch_model", dtype)?,

@@ -155,12 +155,27 @@ impl StableDiffusion {
         cancel: &AtomicBool,
     ) -> Result<Vec<GeneratedImage>> {
         let request = Resolved::new(params, self)?;
-        catch_torch(|| tch::no_grad(|| self.run(&request, progress, cancel)))
+        let unet = &self.unet.model;
+        catch_torch(|| {
+            tch::no_grad(|| {
+                self.denoise(
+                    &request,
+                    &|input, t, context| unet.forward(input, t, context),
+                    progress,
+                    cancel,
+                )
+            })
+        })
     }
 
-    fn run(
+    /// The text-to-image loop with the noise prediction supplied by the caller:
+    /// `predict(model_input, timestep, context)` gets the scaled latents (doubled for
+    /// classifier-free guidance, unconditional half first) and returns the UNet's output
+    /// for them. Encodes the prompts, draws the seeded noise, denoises, decodes.
+    pub(crate) fn denoise(
         &self,
         r: &Resolved,
+        predict: &dyn Fn(&Tensor, f64, &Tensor) -> Tensor,
         progress: &mut dyn FnMut(Progress),
         cancel: &AtomicBool,
     ) -> Result<Vec<GeneratedImage>> {
@@ -218,7 +233,7 @@ impl StableDiffusion {
                 latents.shallow_clone()
             };
             let model_input = scheduler.scale_model_input(&model_input, i);
-            let prediction = self.unet.model.forward(&model_input, t, &context);
+            let prediction = predict(&model_input, t, &context);
             let prediction = if r.guided() {
                 let halves = prediction.chunk(2, 0);
                 &halves[0] + (&halves[1] - &halves[0]) * r.guidance

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use serde::Deserialize;
-use tch::{nn, nn::Module, Kind, Tensor};
+use tch::{nn, nn::Module, Device, Kind, Tensor};
 
 use super::layers::{conv2d, group_norm, linear};
 use super::resnet::{Downsample, ResnetBlock, Upsample};
@@ -187,26 +187,29 @@ mod d {
     }
 }
 
-/// The config with per-block values expanded and everything checked.
+/// The down half of the config (what the UNet and a ControlNet share) with per-block
+/// values expanded and everything checked.
 #[derive(Debug, Clone)]
-struct Resolved {
-    blocks: usize,
-    cross_attn_down: Vec<bool>,
-    cross_attn_up: Vec<bool>,
-    layers: Vec<i64>,
-    heads: Vec<i64>,
-    transformer_layers: Vec<i64>,
-    cross_attention_dim: i64,
+pub(crate) struct Resolved {
+    pub(crate) blocks: usize,
+    pub(crate) cross_attn_down: Vec<bool>,
+    pub(crate) layers: Vec<i64>,
+    pub(crate) heads: Vec<i64>,
+    pub(crate) transformer_layers: Vec<i64>,
+    pub(crate) cross_attention_dim: i64,
 }
 
 impl UNetConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let config: Self = read_json(path)?;
         config.resolve(path)?;
+        config.resolve_up_blocks(path)?;
         Ok(config)
     }
 
-    fn resolve(&self, path: &Path) -> Result<Resolved> {
+    /// Checks and expands everything but the up blocks: the time embedding, the down
+    /// blocks and the mid block.
+    pub(crate) fn resolve(&self, path: &Path) -> Result<Resolved> {
         let unsupported = |message: String| Error::Unsupported {
             path: path.to_path_buf(),
             message,
@@ -264,12 +267,10 @@ impl UNetConfig {
             return Err(unsupported("even conv_in/conv_out kernels".into()));
         }
         let blocks = self.block_out_channels.len();
-        if blocks == 0
-            || self.down_block_types.len() != blocks
-            || self.up_block_types.len() != blocks
-        {
+        if blocks == 0 || self.down_block_types.len() != blocks {
             return Err(unsupported(
-                "block_out_channels, down_block_types and up_block_types must have the same, non-zero length".into(),
+                "block_out_channels and down_block_types must have the same, non-zero length"
+                    .into(),
             ));
         }
         let cross_attn_down = self
@@ -279,15 +280,6 @@ impl UNetConfig {
                 "CrossAttnDownBlock2D" => Ok(true),
                 "DownBlock2D" => Ok(false),
                 other => Err(unsupported(format!("down block type {other:?}"))),
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let cross_attn_up = self
-            .up_block_types
-            .iter()
-            .map(|t| match t.as_str() {
-                "CrossAttnUpBlock2D" => Ok(true),
-                "UpBlock2D" => Ok(false),
-                other => Err(unsupported(format!("up block type {other:?}"))),
             })
             .collect::<Result<Vec<_>>>()?;
         let cross_dims = self
@@ -320,7 +312,6 @@ impl UNetConfig {
         Ok(Resolved {
             blocks,
             cross_attn_down,
-            cross_attn_up,
             layers: self
                 .layers_per_block
                 .expand(blocks, "layers_per_block", path)?,
@@ -332,6 +323,36 @@ impl UNetConfig {
             )?,
             cross_attention_dim: cross_dims[0],
         })
+    }
+
+    /// Whether each up block has cross-attention.
+    fn resolve_up_blocks(&self, path: &Path) -> Result<Vec<bool>> {
+        let unsupported = |message: String| Error::Unsupported {
+            path: path.to_path_buf(),
+            message,
+        };
+        if self.up_block_types.len() != self.block_out_channels.len() {
+            return Err(unsupported(
+                "up_block_types and block_out_channels must have the same length".into(),
+            ));
+        }
+        self.up_block_types
+            .iter()
+            .map(|t| match t.as_str() {
+                "CrossAttnUpBlock2D" => Ok(true),
+                "UpBlock2D" => Ok(false),
+                other => Err(unsupported(format!("up block type {other:?}"))),
+            })
+            .collect()
+    }
+
+    /// The width of the text the model attends to (checked to be one value for all
+    /// blocks when the config is resolved).
+    pub fn context_dim(&self) -> i64 {
+        match &self.cross_attention_dim {
+            PerBlock::One(d) => *d,
+            PerBlock::Each(v) => v.first().copied().unwrap_or_default(),
+        }
     }
 
     /// Stable Diffusion 1.5's UNet.
@@ -387,14 +408,199 @@ struct MidBlock {
     resnet_out: ResnetBlock,
 }
 
+/// Builds the transformer of a block from the resolved config.
+fn transformer(
+    p: nn::Path,
+    config: &UNetConfig,
+    r: &Resolved,
+    channels: i64,
+    block: usize,
+) -> Transformer2D {
+    Transformer2D::new(
+        p,
+        &Transformer2DConfig {
+            channels,
+            heads: r.heads[block],
+            context_dim: r.cross_attention_dim,
+            layers: r.transformer_layers[block],
+            groups: config.norm_num_groups,
+            use_linear_projection: config.use_linear_projection,
+        },
+    )
+}
+
+/// `time_proj` (sinusoidal, no weights) and `time_embedding` (two linears with SiLU).
+#[derive(Debug)]
+pub(crate) struct TimeEmbedding {
+    linear_1: nn::Linear,
+    linear_2: nn::Linear,
+    channels: i64,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+}
+
+impl TimeEmbedding {
+    /// `p` is the model's root: the weights live under `time_embedding`.
+    pub(crate) fn new(p: &nn::Path, config: &UNetConfig) -> Self {
+        let channels = config.block_out_channels[0];
+        let time_dim = channels * 4;
+        let p = p / "time_embedding";
+        TimeEmbedding {
+            linear_1: linear(&p / "linear_1", channels, time_dim, true),
+            linear_2: linear(&p / "linear_2", time_dim, time_dim, true),
+            channels,
+            flip_sin_to_cos: config.flip_sin_to_cos,
+            freq_shift: config.freq_shift,
+        }
+    }
+
+    /// The width of the embedding (four times the first block's channels).
+    pub(crate) fn dim(&self) -> i64 {
+        self.channels * 4
+    }
+
+    /// The embedding of `timestep` for each of `batch` samples, in `kind` on `device`.
+    /// The sinusoids are computed in float32 (diffusers' `get_timestep_embedding`) and
+    /// cast to the model's dtype before the linears.
+    pub(crate) fn forward(&self, timestep: f64, batch: i64, kind: Kind, device: Device) -> Tensor {
+        let timesteps = Tensor::full([batch], timestep, (Kind::Float, device));
+        let half = self.channels / 2;
+        let exponent = Tensor::arange(half, (Kind::Float, device)) * (-(10000f64.ln()))
+            / (half as f64 - self.freq_shift);
+        let args = timesteps.unsqueeze(1) * exponent.exp().unsqueeze(0);
+        let (sin, cos) = (args.sin(), args.cos());
+        let sinusoids = if self.flip_sin_to_cos {
+            Tensor::cat(&[cos, sin], -1)
+        } else {
+            Tensor::cat(&[sin, cos], -1)
+        };
+        self.linear_2
+            .forward(&self.linear_1.forward(&sinusoids.to_kind(kind)).silu())
+    }
+}
+
+/// The down blocks and the mid block: the half of the UNet that a ControlNet copies.
+#[derive(Debug)]
+pub(crate) struct DownPath {
+    down_blocks: Vec<DownBlock>,
+    mid_block: MidBlock,
+}
+
+impl DownPath {
+    /// `p` is the model's root: the weights live under `down_blocks` and `mid_block`.
+    pub(crate) fn new(p: &nn::Path, config: &UNetConfig, r: &Resolved, time_dim: i64) -> Self {
+        let c = config;
+        let ch = &c.block_out_channels;
+        let (groups, eps) = (c.norm_num_groups, c.norm_eps);
+
+        let mut down_blocks = Vec::with_capacity(r.blocks);
+        let mut out_ch = ch[0];
+        for (i, &block_ch) in ch.iter().enumerate() {
+            let p = p / "down_blocks" / i;
+            let in_ch = out_ch;
+            out_ch = block_ch;
+            let layers = (0..r.layers[i])
+                .map(|j| Layer {
+                    resnet: ResnetBlock::new(
+                        &p / "resnets" / j,
+                        if j == 0 { in_ch } else { out_ch },
+                        out_ch,
+                        Some(time_dim),
+                        groups,
+                        eps,
+                    ),
+                    attention: r.cross_attn_down[i]
+                        .then(|| transformer(&p / "attentions" / j, c, r, out_ch, i)),
+                })
+                .collect();
+            let is_final = i + 1 == r.blocks;
+            down_blocks.push(DownBlock {
+                layers,
+                downsampler: (!is_final).then(|| {
+                    Downsample::new(&p / "downsamplers" / 0, out_ch, c.downsample_padding)
+                }),
+            });
+        }
+
+        let last = r.blocks - 1;
+        let mid = p / "mid_block";
+        let mid_resnet = |j: i64| {
+            ResnetBlock::new(
+                &mid / "resnets" / j,
+                ch[last],
+                ch[last],
+                Some(time_dim),
+                groups,
+                eps,
+            )
+        };
+        let mid_block = MidBlock {
+            resnet_in: mid_resnet(0),
+            attention: transformer(&mid / "attentions" / 0, c, r, ch[last], last),
+            resnet_out: mid_resnet(1),
+        };
+        DownPath {
+            down_blocks,
+            mid_block,
+        }
+    }
+
+    /// Runs the down blocks on `x` (the output of `conv_in`). Returns their output and the
+    /// skip connections in diffusers' order (`down_block_res_samples`): `x` itself, then
+    /// every layer's and every downsampler's output.
+    pub(crate) fn down(
+        &self,
+        x: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+    ) -> (Tensor, Vec<Tensor>) {
+        let mut x = x.shallow_clone();
+        let mut skips = vec![x.shallow_clone()];
+        for block in &self.down_blocks {
+            for layer in &block.layers {
+                x = layer.forward(&x, temb, context);
+                skips.push(x.shallow_clone());
+            }
+            if let Some(down) = &block.downsampler {
+                x = down.forward(&x);
+                skips.push(x.shallow_clone());
+            }
+        }
+        (x, skips)
+    }
+
+    pub(crate) fn mid(&self, x: &Tensor, temb: &Tensor, context: &Tensor) -> Tensor {
+        let m = &self.mid_block;
+        let x = m.resnet_in.forward(x, Some(temb));
+        let x = m.attention.forward(&x, context);
+        m.resnet_out.forward(&x, Some(temb))
+    }
+
+    /// How many skip connections `down` returns.
+    pub(crate) fn skip_count(&self) -> usize {
+        1 + self
+            .down_blocks
+            .iter()
+            .map(|b| b.layers.len() + usize::from(b.downsampler.is_some()))
+            .sum::<usize>()
+    }
+}
+
+/// What a ControlNet adds to the UNet: one residual per skip connection (diffusers'
+/// `down_block_additional_residuals`) and one for the mid block's output
+/// (`mid_block_additional_residual`), already multiplied by the conditioning scale.
+#[derive(Debug)]
+pub struct ControlResiduals {
+    pub down: Vec<Tensor>,
+    pub mid: Tensor,
+}
+
 #[derive(Debug)]
 pub struct UNet2DConditionModel {
     pub config: UNetConfig,
     conv_in: nn::Conv2D,
-    time_linear_1: nn::Linear,
-    time_linear_2: nn::Linear,
-    down_blocks: Vec<DownBlock>,
-    mid_block: MidBlock,
+    time_embedding: TimeEmbedding,
+    down_path: DownPath,
     up_blocks: Vec<UpBlock>,
     conv_norm_out: nn::GroupNorm,
     conv_out: nn::Conv2D,
@@ -413,75 +619,13 @@ impl UNet2DConditionModel {
     /// `p` is the VarStore root; `path` names the config in errors.
     pub fn new(p: nn::Path, config: UNetConfig, path: &Path) -> Result<Self> {
         let r = config.resolve(path)?;
+        let cross_attn_up = config.resolve_up_blocks(path)?;
         let c = &config;
         let ch = &c.block_out_channels;
-        let time_dim = ch[0] * 4;
-        let groups = c.norm_num_groups;
-        let eps = c.norm_eps;
-        let transformer = |p: nn::Path, channels: i64, block: usize| {
-            Transformer2D::new(
-                p,
-                &Transformer2DConfig {
-                    channels,
-                    heads: r.heads[block],
-                    context_dim: r.cross_attention_dim,
-                    layers: r.transformer_layers[block],
-                    groups,
-                    use_linear_projection: c.use_linear_projection,
-                },
-            )
-        };
-
-        let mut down_blocks = Vec::with_capacity(r.blocks);
-        let mut out_ch = ch[0];
-        for (i, &block_ch) in ch.iter().enumerate() {
-            let p = &p / "down_blocks" / i;
-            let in_ch = out_ch;
-            out_ch = block_ch;
-            let layers = (0..r.layers[i])
-                .map(|j| Layer {
-                    resnet: ResnetBlock::new(
-                        &p / "resnets" / j,
-                        if j == 0 { in_ch } else { out_ch },
-                        out_ch,
-                        Some(time_dim),
-                        groups,
-                        eps,
-                    ),
-                    attention: r.cross_attn_down[i]
-                        .then(|| transformer(&p / "attentions" / j, out_ch, i)),
-                })
-                .collect();
-            let is_final = i + 1 == r.blocks;
-            down_blocks.push(DownBlock {
-                layers,
-                downsampler: (!is_final).then(|| {
-                    Downsample::new(&p / "downsamplers" / 0, out_ch, c.downsample_padding)
-                }),
-            });
-        }
-
-        let last = r.blocks - 1;
-        let mid = &p / "mid_block";
-        let mid_block = MidBlock {
-            resnet_in: ResnetBlock::new(
-                &mid / "resnets" / 0,
-                ch[last],
-                ch[last],
-                Some(time_dim),
-                groups,
-                eps,
-            ),
-            attention: transformer(&mid / "attentions" / 0, ch[last], last),
-            resnet_out: ResnetBlock::new(
-                &mid / "resnets" / 1,
-                ch[last],
-                ch[last],
-                Some(time_dim),
-                groups,
-                eps,
-            ),
-        };
+        let time_embedding = TimeEmbedding::new(&p, c);
+        let time_dim = time_embedding.dim();
+        let (groups, eps) = (c.norm_num_groups, c.norm_eps);
+        let down_path = DownPath::new(&p, c, &r, time_dim);
 
         let rev_ch: Vec<i64> = ch.iter().rev().copied().collect();
         let rev_layers: Vec<i64> = r.layers.iter().rev().copied().collect();
@@ -508,8 +652,8 @@ impl UNet2DConditionModel {
                             groups,
                             eps,
                         ),
-                        attention: r.cross_attn_up[i]
-                            .then(|| transformer(&p / "attentions" / j, out_ch, mirrored)),
+                        attention: cross_attn_up[i]
+                            .then(|| transformer(&p / "attentions" / j, c, &r, out_ch, mirrored)),
                     }
                 })
                 .collect();
@@ -531,10 +675,8 @@ impl UNet2DConditionModel {
                 1,
                 pad_in,
             ),
-            time_linear_1: linear(&p / "time_embedding" / "linear_1", ch[0], time_dim, true),
-            time_linear_2: linear(&p / "time_embedding" / "linear_2", time_dim, time_dim, true),
-            down_blocks,
-            mid_block,
+            time_embedding,
+            down_path,
             up_blocks,
             conv_norm_out: group_norm(&p / "conv_norm_out", groups, ch[0], eps),
             conv_out: conv2d(
@@ -549,54 +691,51 @@ impl UNet2DConditionModel {
         })
     }
 
-    /// Sinusoidal embedding of the timesteps (diffusers' `get_timestep_embedding`).
-    fn timestep_embedding(&self, timesteps: &Tensor) -> Tensor {
-        let dim = self.config.block_out_channels[0];
-        let half = dim / 2;
-        let device = timesteps.device();
-        let exponent = Tensor::arange(half, (Kind::Float, device)) * (-(10000f64.ln()))
-            / (half as f64 - self.config.freq_shift);
-        let args = timesteps.to_kind(Kind::Float).unsqueeze(1) * exponent.exp().unsqueeze(0);
-        let (sin, cos) = (args.sin(), args.cos());
-        if self.config.flip_sin_to_cos {
-            Tensor::cat(&[cos, sin], -1)
-        } else {
-            Tensor::cat(&[sin, cos], -1)
-        }
+    /// How many down residuals a ControlNet must provide (one per skip connection).
+    pub fn skip_count(&self) -> usize {
+        self.down_path.skip_count()
     }
 
     /// Predicts the noise (or v) in `sample` (`[batch, in_channels, h, w]`) at `timestep`,
     /// conditioned on `context` (`[batch, tokens, cross_attention_dim]`).
     pub fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor) -> Tensor {
-        let batch = sample.size()[0];
-        let timesteps = Tensor::full([batch], timestep, (Kind::Float, sample.device()));
-        let temb = self.timestep_embedding(&timesteps).to_kind(sample.kind());
-        let temb = self
-            .time_linear_2
-            .forward(&self.time_linear_1.forward(&temb).silu());
+        self.forward_with_control(sample, timestep, context, None)
+    }
 
+    /// [`forward`](Self::forward) with a ControlNet's residuals added as diffusers adds
+    /// them: each down residual to its skip connection once the down blocks have run (the
+    /// down path itself is unchanged), the mid residual to the mid block's output.
+    pub fn forward_with_control(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        context: &Tensor,
+        control: Option<&ControlResiduals>,
+    ) -> Tensor {
+        let temb =
+            self.time_embedding
+                .forward(timestep, sample.size()[0], sample.kind(), sample.device());
         let sample = if self.config.center_input_sample {
             sample * 2.0 - 1.0
         } else {
             sample.shallow_clone()
         };
-        let mut x = self.conv_in.forward(&sample);
-        let mut skips = vec![x.shallow_clone()];
-        for block in &self.down_blocks {
-            for layer in &block.layers {
-                x = layer.forward(&x, &temb, context);
-                skips.push(x.shallow_clone());
-            }
-            if let Some(down) = &block.downsampler {
-                x = down.forward(&x);
-                skips.push(x.shallow_clone());
+        let x = self.conv_in.forward(&sample);
+        let (x, mut skips) = self.down_path.down(&x, &temb, context);
+        if let Some(control) = control {
+            assert_eq!(
+                control.down.len(),
+                skips.len(),
+                "one ControlNet residual per skip connection"
+            );
+            for (skip, residual) in skips.iter_mut().zip(&control.down) {
+                *skip = &*skip + residual;
             }
         }
-
-        let m = &self.mid_block;
-        x = m.resnet_in.forward(&x, Some(&temb));
-        x = m.attention.forward(&x, context);
-        x = m.resnet_out.forward(&x, Some(&temb));
+        let mut x = self.down_path.mid(&x, &temb, context);
+        if let Some(control) = control {
+            x += &control.mid;
+        }
 
         for block in &self.up_blocks {
             for layer in &block.layers {
