@@ -3,6 +3,7 @@
 
 pub mod engine;
 pub mod error;
+pub mod image_processor;
 pub mod models;
 pub mod noise;
 pub mod output;
