@@ -4,6 +4,7 @@
 pub mod engine;
 pub mod error;
 pub mod image_processor;
+pub mod inpaint;
 pub mod models;
 pub mod noise;
 pub mod output;
@@ -16,4 +17,5 @@ pub mod weights;
 pub use engine::{LoadOptions, StableDiffusion};
 pub use error::{Error, Result};
 pub use imagegen_crds::GenerationParams;
+pub use inpaint::InpaintRoute;
 pub use text_to_image::{GeneratedImage, Progress};
