@@ -31,6 +31,26 @@ pub fn draw(seed: u64, shape: &[i64], kind: Kind, steps: usize) -> ImageNoise {
     ImageNoise { initial, per_step }
 }
 
+/// One standard-normal tensor a generation draws from an image's generator.
+#[derive(Debug, Clone)]
+pub struct Draw {
+    pub shape: Vec<i64>,
+    pub kind: Kind,
+}
+
+/// Seeds torch's CPU generator like `torch.Generator("cpu").manual_seed(seed)` and makes
+/// `plan`'s draws in order, on the CPU: for pipelines whose draws are not only latents and
+/// step noise (e.g. a VAE posterior sample before the initial latents).
+pub fn draw_plan(seed: u64, plan: &[Draw]) -> Vec<Tensor> {
+    let _guard = GENERATOR
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    tch::manual_seed(seed as i64);
+    plan.iter()
+        .map(|d| Tensor::randn(d.shape.as_slice(), (d.kind, Device::Cpu)))
+        .collect()
+}
+
 /// Runs `f` with the generator seeded, for draws that are not latents-shaped (e.g. the
 /// VAE's posterior sample).
 pub fn with_seed<T>(seed: u64, f: impl FnOnce() -> T) -> T {

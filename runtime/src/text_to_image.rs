@@ -179,20 +179,7 @@ impl StableDiffusion {
         progress: &mut dyn FnMut(Progress),
         cancel: &AtomicBool,
     ) -> Result<Vec<GeneratedImage>> {
-        let count = r.count as i64;
-        let negative = r.negative_prompt.as_deref().unwrap_or("");
-        let cond = self
-            .encode_text(&[&r.prompt], r.clip_skip)?
-            .repeat([count, 1, 1]);
-        // diffusers orders the guided batch [unconditional..., conditional...], and applies
-        // clip skip to the prompt only: the negative side always uses the last layer.
-        let context = if r.guided() {
-            let uncond = self.encode_text(&[negative], 0)?.repeat([count, 1, 1]);
-            Tensor::cat(&[uncond, cond], 0)
-        } else {
-            cond
-        };
-
+        let context = self.text_context(r)?;
         let mut scheduler = schedulers::build(r.scheduler, &self.scheduler_config, r.steps)?;
         let timesteps = scheduler.timesteps().to_vec();
         let scale = self.vae.model.config.scale_factor();
@@ -233,13 +220,7 @@ impl StableDiffusion {
                 latents.shallow_clone()
             };
             let model_input = scheduler.scale_model_input(&model_input, i);
-            let prediction = predict(&model_input, t, &context);
-            let prediction = if r.guided() {
-                let halves = prediction.chunk(2, 0);
-                &halves[0] + (&halves[1] - &halves[0]) * r.guidance
-            } else {
-                prediction
-            };
+            let prediction = apply_guidance(r, predict(&model_input, t, &context));
             let step_noise = scheduler.needs_noise().then(|| stack(&|n| &n.per_step[i]));
             latents = scheduler.step(&prediction, i, &latents, step_noise.as_ref());
             progress(Progress {
@@ -248,7 +229,42 @@ impl StableDiffusion {
             });
         }
 
-        let pixels = self.decode(&latents);
+        self.finish(r, &latents)
+    }
+
+    /// The UNet's text context for `r.count` images: `[uncond..., cond...]` when guided.
+    pub(crate) fn text_context(&self, r: &Resolved) -> Result<Tensor> {
+        let count = r.count as i64;
+        let negative = r.negative_prompt.as_deref().unwrap_or("");
+        let cond = self
+            .encode_text(&[&r.prompt], r.clip_skip)?
+            .repeat([count, 1, 1]);
+        // diffusers orders the guided batch [unconditional..., conditional...], and applies
+        // clip skip to the prompt only: the negative side always uses the last layer.
+        Ok(if r.guided() {
+            let uncond = self.encode_text(&[negative], 0)?.repeat([count, 1, 1]);
+            Tensor::cat(&[uncond, cond], 0)
+        } else {
+            cond
+        })
+    }
+
+    /// The UNet's prediction for the (scaled, doubled when guided) `model_input` at `t`,
+    /// combined with classifier-free guidance.
+    pub(crate) fn guided_prediction(
+        &self,
+        r: &Resolved,
+        model_input: &Tensor,
+        t: f64,
+        context: &Tensor,
+    ) -> Tensor {
+        apply_guidance(r, self.unet.model.forward(model_input, t, context))
+    }
+
+    /// Decodes the final latents into 8-bit images with their metadata.
+    pub(crate) fn finish(&self, r: &Resolved, latents: &Tensor) -> Result<Vec<GeneratedImage>> {
+        let negative = r.negative_prompt.as_deref().unwrap_or("");
+        let pixels = self.decode(latents);
         (0..r.count)
             .map(|i| {
                 Ok(GeneratedImage {
@@ -278,6 +294,17 @@ impl StableDiffusion {
             .clamp(0.0, 1.0)
             .to_kind(Kind::Float)
             .to_device(Device::Cpu)
+    }
+}
+
+/// Classifier-free guidance on a prediction for the doubled batch (unconditional half
+/// first): `uncond + scale · (cond − uncond)`; unguided predictions pass through.
+pub(crate) fn apply_guidance(r: &Resolved, prediction: Tensor) -> Tensor {
+    if r.guided() {
+        let halves = prediction.chunk(2, 0);
+        &halves[0] + (&halves[1] - &halves[0]) * r.guidance
+    } else {
+        prediction
     }
 }
 
