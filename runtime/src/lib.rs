@@ -6,6 +6,7 @@ pub mod error;
 pub mod models;
 pub mod noise;
 pub mod output;
+pub mod resize;
 pub mod schedulers;
 pub mod source;
 pub mod text_to_image;
