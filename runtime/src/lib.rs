@@ -3,6 +3,7 @@
 
 pub mod engine;
 pub mod error;
+pub mod image_to_image;
 pub mod models;
 pub mod noise;
 pub mod output;
@@ -16,5 +17,5 @@ pub mod weights;
 
 pub use engine::{LoadOptions, StableDiffusion};
 pub use error::{Error, Result};
-pub use imagegen_crds::GenerationParams;
+pub use imagegen_crds::{GenerationParams, Strategy};
 pub use pipeline::{GeneratedImage, Progress};
