@@ -73,7 +73,7 @@ impl StableDiffusion {
         catch_torch(|| {
             tch::no_grad(|| {
                 let image = self.control_condition(control_image, &request, controlnet.kind())?;
-                self.denoise(
+                self.run_with(
                     &request,
                     &|input, t, context| {
                         let residuals = controlnet.forward(input, t, context, &image, scale);

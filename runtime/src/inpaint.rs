@@ -175,7 +175,7 @@ impl StableDiffusion {
                 plan.push(draw(self.vae_dtype));
             }
             plan.extend((0..step_draws).map(|_| draw(self.dtype)));
-            let mut drawn = noise::draw_plan(r.seed.wrapping_add(i as u64), &plan).into_iter();
+            let mut drawn = noise::draw_sequence(r.seed.wrapping_add(i as u64), &plan).into_iter();
             if first && needs_image_latents {
                 image_sample = drawn.next();
             }
@@ -184,6 +184,7 @@ impl StableDiffusion {
                 masked_sample = drawn.next();
             }
             per_image.push(noise::ImageNoise {
+                vae_sample: None,
                 initial,
                 per_step: drawn.collect(),
             });
@@ -236,7 +237,7 @@ impl StableDiffusion {
                 }
                 InpaintRoute::Blend => model_input,
             };
-            let prediction = self.guided_prediction(r, &model_input, t, &context);
+            let prediction = self.guided_unet(r, &model_input, t, &context);
             let step_noise = scheduler.needs_noise().then(|| stack(&|n| &n.per_step[k]));
             latents = scheduler.step(&prediction, i, &latents, step_noise.as_ref());
             if let Some(image_latents) = image_latents
@@ -255,7 +256,7 @@ impl StableDiffusion {
                 total: loop_steps,
             });
         }
-        self.finish(r, &latents)
+        self.finish(r, &latents, |i| r.metadata(self, i))
     }
 
     /// Scaled latents of `pixels` (`[1, 3, h, w]` in [-1, 1]) from the VAE's posterior with

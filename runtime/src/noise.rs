@@ -1,8 +1,8 @@
 //! Seeded noise with diffusers' semantics. diffusers draws from a `torch.Generator("cpu")`
 //! per image; libtorch exposes only the global CPU generator to us, so every draw happens
-//! under one lock: seed, then draw everything that image will need (initial latents, then
-//! one tensor per stochastic step) in the order diffusers draws them. Pre-drawing gives the
-//! same numbers because nothing else touches that image's generator in between.
+//! under one lock: seed, then draw everything that image will need in the order diffusers
+//! draws them (a [`DrawPlan`]). Pre-drawing gives the same numbers because nothing else
+//! touches that image's generator in between.
 
 use std::sync::Mutex;
 
@@ -12,23 +12,59 @@ static GENERATOR: Mutex<()> = Mutex::new(());
 
 /// Everything random one image's generation consumes.
 pub struct ImageNoise {
+    /// The VAE posterior sample's noise (image-to-image only), drawn first.
+    pub vae_sample: Option<Tensor>,
+    /// The initial latents (text-to-image) or the noise added to the encoded image
+    /// (image-to-image).
     pub initial: Tensor,
+    /// One tensor per stochastic step, in loop order.
     pub per_step: Vec<Tensor>,
 }
 
+/// What one image's generator draws, in order: the VAE sample's noise in `vae_sample`'s
+/// kind (when set), then `shape` in `kind` once for the latents and once per step for
+/// `steps` steps.
+#[derive(Debug, Clone, Copy)]
+pub struct DrawPlan<'a> {
+    pub shape: &'a [i64],
+    pub kind: Kind,
+    /// diffusers' `latent_dist.sample(generator)` draws a latents-shaped tensor in the VAE's
+    /// dtype before the pipeline draws its noise.
+    pub vae_sample: Option<Kind>,
+    pub steps: usize,
+}
+
 /// Seeds torch's CPU generator like `torch.Generator("cpu").manual_seed(seed)` and draws
-/// standard normals of `shape` in `kind`: one for the initial latents, then `steps` more.
-pub fn draw(seed: u64, shape: &[i64], kind: Kind, steps: usize) -> ImageNoise {
+/// standard normals as `plan` says.
+pub fn draw_plan(seed: u64, plan: &DrawPlan) -> ImageNoise {
     let _guard = GENERATOR
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     // torch reads the seed as a uint64; the cast keeps its bits.
     tch::manual_seed(seed as i64);
-    let initial = Tensor::randn(shape, (kind, Device::Cpu));
-    let per_step = (0..steps)
-        .map(|_| Tensor::randn(shape, (kind, Device::Cpu)))
-        .collect();
-    ImageNoise { initial, per_step }
+    let randn = |kind| Tensor::randn(plan.shape, (kind, Device::Cpu));
+    let vae_sample = plan.vae_sample.map(randn);
+    let initial = randn(plan.kind);
+    let per_step = (0..plan.steps).map(|_| randn(plan.kind)).collect();
+    ImageNoise {
+        vae_sample,
+        initial,
+        per_step,
+    }
+}
+
+/// [`draw_plan`] for text-to-image: standard normals of `shape` in `kind`, one for the
+/// initial latents, then `steps` more.
+pub fn draw(seed: u64, shape: &[i64], kind: Kind, steps: usize) -> ImageNoise {
+    draw_plan(
+        seed,
+        &DrawPlan {
+            shape,
+            kind,
+            vae_sample: None,
+            steps,
+        },
+    )
 }
 
 /// One standard-normal tensor a generation draws from an image's generator.
@@ -39,14 +75,15 @@ pub struct Draw {
 }
 
 /// Seeds torch's CPU generator like `torch.Generator("cpu").manual_seed(seed)` and makes
-/// `plan`'s draws in order, on the CPU: for pipelines whose draws are not only latents and
-/// step noise (e.g. a VAE posterior sample before the initial latents).
-pub fn draw_plan(seed: u64, plan: &[Draw]) -> Vec<Tensor> {
+/// `draws` in order, on the CPU: for pipelines whose draws do not fit a [`DrawPlan`]
+/// (inpainting draws a second VAE sample after the initial latents).
+pub fn draw_sequence(seed: u64, draws: &[Draw]) -> Vec<Tensor> {
     let _guard = GENERATOR
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     tch::manual_seed(seed as i64);
-    plan.iter()
+    draws
+        .iter()
         .map(|d| Tensor::randn(d.shape.as_slice(), (d.kind, Device::Cpu)))
         .collect()
 }

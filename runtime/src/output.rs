@@ -22,11 +22,17 @@ pub struct ImageMetadata {
     pub height: u32,
     pub model: String,
     pub clip_skip: usize,
+    /// Image-to-image (sdedit): how much of the input was repainted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub strength: Option<f64>,
+    /// Image-to-image (instruct): the image guidance scale.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub image_guidance_scale: Option<f64>,
 }
 
 impl ImageMetadata {
     fn a1111(&self) -> String {
-        format!(
+        let mut text = format!(
             "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model: {}, Clip skip: {}",
             self.prompt,
             self.negative_prompt,
@@ -38,7 +44,14 @@ impl ImageMetadata {
             self.height,
             self.model,
             self.clip_skip + 1,
-        )
+        );
+        if let Some(strength) = self.strength {
+            text.push_str(&format!(", Denoising strength: {strength}"));
+        }
+        if let Some(scale) = self.image_guidance_scale {
+            text.push_str(&format!(", Image CFG scale: {scale}"));
+        }
+        text
     }
 }
 

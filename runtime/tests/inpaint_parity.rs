@@ -274,7 +274,7 @@ fn kept_area_survives_with_a_regular_unet() {
         let pixels = image_processor::image_tensor(&image);
         let posterior = model.vae.model.encode(&pixels);
         let latents_size = i64::from(SIZE) / 8;
-        let sample = noise::draw_plan(
+        let sample = noise::draw_sequence(
             seed,
             &[noise::Draw {
                 shape: vec![1, 4, latents_size, latents_size],

@@ -263,16 +263,14 @@ impl Scheduler for Pndm {
     ) -> Tensor {
         // Image-to-image starts at a later loop index; the multistep history still starts
         // empty there (diffusers' counter counts steps taken, the timestep comes from the
-        // loop). Runge-Kutta warm-up steps are defined from the start only.
+        // loop). So do the Runge-Kutta warm-up steps: as in diffusers, the first
+        // `prk_steps` steps taken are RK steps, each going from the schedule's RK timestep
+        // for that counter to a target derived from the loop's timestep.
         let first_step = *self.first_step.get_or_insert(step);
         assert_eq!(
             step,
             first_step + self.counter,
             "PNDM steps must be taken in order"
-        );
-        assert!(
-            first_step == 0 || self.prk_steps == 0,
-            "PNDM with Runge-Kutta warm-up steps cannot start at a later step"
         );
         let (t, prev_t) = self.timestep_pair(self.counter, step);
         let (model_output, from_sample) = if self.is_prk(self.counter) {
