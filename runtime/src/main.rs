@@ -5,7 +5,12 @@ use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 
 use clap::{Parser, Subcommand};
+use imagegen_crds::{Mode, Outpaint, Strategy};
+use imagegen_runtime::engine::load_controlnet;
+use imagegen_runtime::input::{load_image_file, ImageLimits};
+use imagegen_runtime::mask::{check_same_size, mask_from_image};
 use imagegen_runtime::output::write_png;
+use imagegen_runtime::source::resolve_component;
 use imagegen_runtime::styles::StyleBook;
 use imagegen_runtime::{GenerationParams, Inputs, LoadOptions, StableDiffusion};
 use tch::{Device, Kind};
@@ -72,6 +77,52 @@ struct GenerateArgs {
     /// A deployment's own presets (same format as the built-in file), added to ours.
     #[arg(long, env = "IMAGEGEN_STYLES")]
     styles_file: Option<PathBuf>,
+    /// text-to-image, image-to-image, inpaint, outpaint or remove-object [default: from the
+    /// inputs: a mask means inpaint, an init image image-to-image].
+    #[arg(long, value_enum)]
+    mode: Option<ModeArg>,
+    /// The input image (PNG, JPEG or WebP) for image-to-image, inpainting and outpainting.
+    #[arg(long)]
+    init_image: Option<PathBuf>,
+    /// sdedit and inpainting: how much to repaint, 0 to 1 [default: 0.75 sdedit, 1 inpaint].
+    #[arg(long)]
+    strength: Option<f64>,
+    /// How image-to-image uses the input.
+    #[arg(long, value_enum)]
+    strategy: Option<StrategyArg>,
+    /// instruct: how closely to follow the input image [default: 1.5].
+    #[arg(long)]
+    image_guidance: Option<f64>,
+    /// canny: a ControlNet folder or hub id.
+    #[arg(long)]
+    controlnet: Option<String>,
+    /// canny: the ControlNet's conditioning scale [default: 1].
+    #[arg(long)]
+    control_scale: Option<f64>,
+    /// canny: the edge detector's low and high thresholds (0-255) [default: 100, 200].
+    #[arg(long)]
+    canny_low: Option<f32>,
+    #[arg(long)]
+    canny_high: Option<f32>,
+    /// The inpainting mask, the input image's size: white = repaint, black = keep (or an
+    /// image whose transparent pixels are the ones to repaint).
+    #[arg(long)]
+    mask: Option<PathBuf>,
+    /// Blur of the mask's edge when pasting back, in pixels [default: 4].
+    #[arg(long)]
+    mask_blur: Option<u32>,
+    /// Grow the mask by this many pixels first [default: 0].
+    #[arg(long)]
+    mask_grow: Option<u32>,
+    /// Generate only a crop around the mask, at full resolution, and paste it back.
+    #[arg(long)]
+    only_masked: bool,
+    /// Context kept around the mask with --only-masked, in pixels [default: 32].
+    #[arg(long)]
+    only_masked_padding: Option<u32>,
+    /// Outpainting: pixels to add on the LEFT,RIGHT,TOP,BOTTOM sides.
+    #[arg(long, value_parser = parse_outpaint)]
+    outpaint: Option<Outpaint>,
     /// cpu, cuda or cuda:N [default: cuda when available].
     #[arg(long)]
     device: Option<String>,
@@ -81,6 +132,62 @@ struct GenerateArgs {
     /// Output PNG; with --count N > 1, PATH-0.png ... PATH-(N-1).png.
     #[arg(long)]
     out: PathBuf,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ModeArg {
+    TextToImage,
+    ImageToImage,
+    Inpaint,
+    Outpaint,
+    RemoveObject,
+}
+
+impl From<ModeArg> for Mode {
+    fn from(mode: ModeArg) -> Self {
+        match mode {
+            ModeArg::TextToImage => Mode::TextToImage,
+            ModeArg::ImageToImage => Mode::ImageToImage,
+            ModeArg::Inpaint => Mode::Inpaint,
+            ModeArg::Outpaint => Mode::Outpaint,
+            ModeArg::RemoveObject => Mode::RemoveObject,
+        }
+    }
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum StrategyArg {
+    Sdedit,
+    Instruct,
+    Canny,
+}
+
+impl From<StrategyArg> for Strategy {
+    fn from(strategy: StrategyArg) -> Self {
+        match strategy {
+            StrategyArg::Sdedit => Strategy::Sdedit,
+            StrategyArg::Instruct => Strategy::Instruct,
+            StrategyArg::Canny => Strategy::Canny,
+        }
+    }
+}
+
+/// `LEFT,RIGHT,TOP,BOTTOM` in pixels.
+fn parse_outpaint(text: &str) -> Result<Outpaint, String> {
+    let parts: Vec<&str> = text.split(',').map(str::trim).collect();
+    let [left, right, top, bottom] = parts[..] else {
+        return Err(format!("`{text}` is not LEFT,RIGHT,TOP,BOTTOM"));
+    };
+    let px = |s: &str| {
+        s.parse::<u32>()
+            .map_err(|_| format!("`{s}` in `{text}` is not a number of pixels"))
+    };
+    Ok(Outpaint {
+        left: px(left)?,
+        right: px(right)?,
+        top: px(top)?,
+        bottom: px(bottom)?,
+    })
 }
 
 fn parse_device(text: Option<&str>) -> Result<Device, String> {
@@ -146,17 +253,53 @@ fn generate(args: GenerateArgs) -> Result<(), String> {
         count: Some(args.count),
         clip_skip: args.clip_skip,
         style: args.style,
-        ..Default::default()
+        mode: args.mode.map(Mode::from),
+        strategy: args.strategy.map(Strategy::from),
+        strength: args.strength,
+        image_guidance_scale: args.image_guidance,
+        control_scale: args.control_scale,
+        canny_low: args.canny_low,
+        canny_high: args.canny_high,
+        mask_blur: args.mask_blur,
+        mask_grow: args.mask_grow,
+        only_masked: args.only_masked.then_some(true),
+        only_masked_padding: args.only_masked_padding,
+        outpaint: args.outpaint,
     };
     let styles = style_book(args.styles_file.as_deref())?;
+    // Inputs are read and checked before the (slow) model load.
+    let limits = ImageLimits::default();
+    let read = |path: &Path| load_image_file(path, &limits).map_err(|e| e.to_string());
+    let image = args.init_image.as_deref().map(read).transpose()?;
+    let mask = args
+        .mask
+        .as_deref()
+        .map(read)
+        .transpose()?
+        .map(|m| mask_from_image(&m));
+    if let (Some(image), Some(mask)) = (&image, &mask) {
+        check_same_size(image, mask).map_err(|e| e.to_string())?;
+    }
     let started = std::time::Instant::now();
     let model = StableDiffusion::load(&options).map_err(|e| e.to_string())?;
+    let controlnet = match &args.controlnet {
+        Some(spec) => {
+            let dir = resolve_component(spec).map_err(|e| e.to_string())?;
+            Some(load_controlnet(&dir, device, dtype).map_err(|e| e.to_string())?)
+        }
+        None => None,
+    };
     let loaded = started.elapsed();
+    let inputs = Inputs {
+        image,
+        mask,
+        controlnet: controlnet.as_ref().map(|c| &c.model),
+    };
     let cancel = AtomicBool::new(false);
     let mut report =
         |p: imagegen_runtime::Progress| tracing::info!(step = p.step, total = p.total, "denoising");
     let images = model
-        .generate(&params, &Inputs::default(), &styles, &mut report, &cancel)
+        .generate(&params, &inputs, &styles, &mut report, &cancel)
         .map_err(|e| e.to_string())?;
     tracing::info!(
         load_seconds = loaded.as_secs_f64(),
@@ -261,6 +404,21 @@ mod tests {
             one_line_usage_error(rendered),
             "the following required arguments were not provided: --prompt <PROMPT>"
         );
+    }
+
+    #[test]
+    fn outpaint_margins_parse() {
+        assert_eq!(
+            parse_outpaint("8, 16,0,24"),
+            Ok(Outpaint {
+                left: 8,
+                right: 16,
+                top: 0,
+                bottom: 24
+            })
+        );
+        assert!(parse_outpaint("8,16").is_err());
+        assert!(parse_outpaint("8,16,x,0").is_err());
     }
 
     #[test]

@@ -89,7 +89,50 @@ fn wanted(file: &str, prefer_variant: Option<&str>, all: &[String]) -> bool {
     }
 }
 
-fn download(id: &str, revision: Option<&str>, prefer_variant: Option<&str>) -> Result<PathBuf> {
+/// Resolves a single-model folder (a ControlNet: `config.json` and safetensors weights at
+/// its root), downloading it if `spec` is a hub id.
+pub fn resolve_component(spec: &str) -> Result<PathBuf> {
+    let path = Path::new(spec);
+    if path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    let looks_local = spec.starts_with(['.', '/', '~']) || path.exists();
+    let Some((id, revision)) = parse_hub_id(spec).filter(|_| !looks_local) else {
+        return Err(Error::ModelNotFound(spec.to_string()));
+    };
+    let (repo, all) = open_repo(id, revision)?;
+    let err = |message: String| Error::Download {
+        repo: id.to_string(),
+        message,
+    };
+    let weights: Vec<&String> = all
+        .iter()
+        .filter(|f| !f.contains('/') && f.ends_with(".safetensors") && !f.contains(".fp16."))
+        .collect();
+    let weights = if weights.is_empty() {
+        all.iter()
+            .filter(|f| !f.contains('/') && f.ends_with(".fp16.safetensors"))
+            .collect()
+    } else {
+        weights
+    };
+    if weights.is_empty() {
+        return Err(err("no safetensors weights at the repository's root".into()));
+    }
+    let config = repo
+        .get("config.json")
+        .map_err(|e| err(format!("config.json: {e}")))?;
+    for file in weights {
+        repo.get(file).map_err(|e| err(format!("{file}: {e}")))?;
+    }
+    Ok(config.parent().map(Path::to_path_buf).unwrap_or_default())
+}
+
+/// The hub repository and the list of its files.
+fn open_repo(
+    id: &str,
+    revision: Option<&str>,
+) -> Result<(hf_hub::api::sync::ApiRepo, Vec<String>)> {
     let err = |message: String| Error::Download {
         repo: id.to_string(),
         message,
@@ -104,7 +147,18 @@ fn download(id: &str, revision: Option<&str>, prefer_variant: Option<&str>) -> R
     };
     let repo = api.repo(repo);
     let info = repo.info().map_err(|e| err(e.to_string()))?;
-    let all: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
+    Ok((
+        repo,
+        info.siblings.into_iter().map(|s| s.rfilename).collect(),
+    ))
+}
+
+fn download(id: &str, revision: Option<&str>, prefer_variant: Option<&str>) -> Result<PathBuf> {
+    let err = |message: String| Error::Download {
+        repo: id.to_string(),
+        message,
+    };
+    let (repo, all) = open_repo(id, revision)?;
     if !all.iter().any(|f| f == "model_index.json") {
         return Err(err(
             "the repository has no model_index.json: not a diffusers pipeline".into(),
@@ -141,6 +195,8 @@ mod tests {
     #[test]
     fn missing_local_path_is_not_sent_to_the_hub() {
         let err = resolve("./no/such/model", None).unwrap_err();
+        assert!(matches!(err, Error::ModelNotFound(_)), "{err}");
+        let err = resolve_component("/no/such/controlnet").unwrap_err();
         assert!(matches!(err, Error::ModelNotFound(_)), "{err}");
     }
 

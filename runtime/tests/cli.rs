@@ -332,3 +332,291 @@ fn black_and_white_style_is_gray_and_records_the_applied_prompt() {
         "{stderr}"
     );
 }
+
+/// A colourful test image and a mask with a white rectangle, written as PNG files.
+fn write_inputs(
+    dir: &std::path::Path,
+    (w, h): (u32, u32),
+    rect: (u32, u32, u32, u32),
+) -> (PathBuf, PathBuf) {
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        image::Rgb([(x * 4) as u8, (y * 4) as u8, ((x + y) * 2) as u8])
+    });
+    let (rx, ry, rw, rh) = rect;
+    let mask = image::GrayImage::from_fn(w, h, |x, y| {
+        let inside = x >= rx && x < rx + rw && y >= ry && y < ry + rh;
+        image::Luma([if inside { 255 } else { 0 }])
+    });
+    let (img_path, mask_path) = (dir.join("input.png"), dir.join("mask.png"));
+    img.save(&img_path).unwrap();
+    mask.save(&mask_path).unwrap();
+    (img_path, mask_path)
+}
+
+/// Pixels farther than `margin` from the rectangle are the input's, bit for bit.
+fn assert_kept_outside(
+    out: &image::RgbImage,
+    input: &image::RgbImage,
+    offset: (u32, u32),
+    rect: (u32, u32, u32, u32),
+    margin: u32,
+) {
+    let (rx, ry, rw, rh) = rect;
+    let mut checked = 0;
+    for (x, y, p) in input.enumerate_pixels() {
+        let near =
+            x + margin >= rx && x < rx + rw + margin && y + margin >= ry && y < ry + rh + margin;
+        if !near {
+            assert_eq!(
+                out.get_pixel(x + offset.0, y + offset.1),
+                p,
+                "pixel ({x}, {y}) changed"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 0);
+}
+
+fn generate_with(extra: &[&str], out: &std::path::Path) -> (i32, String) {
+    let model = fixtures_dir().join("tiny-sd1");
+    let mut args = vec![
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a red ball",
+        "--steps",
+        "3",
+        "--seed",
+        "3",
+    ];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--out", out.to_str().unwrap()]);
+    let (code, _, stderr) = run(&args);
+    (code, stderr)
+}
+
+#[test]
+fn inpainting_keeps_every_pixel_outside_the_blurred_mask() {
+    let dir = scratch("inpaint");
+    let rect = (16, 20, 24, 16);
+    let (img, mask) = write_inputs(&dir, (64, 64), rect);
+    let out = dir.join("out.png");
+    let (code, stderr) = generate_with(
+        &[
+            "--init-image",
+            img.to_str().unwrap(),
+            "--mask",
+            mask.to_str().unwrap(),
+            "--mask-blur",
+            "2",
+            "--mask-grow",
+            "2",
+        ],
+        &out,
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let result = image::open(&out).unwrap().to_rgb8();
+    let input = image::open(&img).unwrap().to_rgb8();
+    assert_eq!(result.dimensions(), (64, 64));
+    // grow 2 + blur sigma 2 reaches at most 2 + 3·2 + 1 pixels out.
+    assert_kept_outside(&result, &input, (0, 0), rect, 9);
+    let centre = (rect.0 + rect.2 / 2, rect.1 + rect.3 / 2);
+    assert_ne!(
+        result.get_pixel(centre.0, centre.1),
+        input.get_pixel(centre.0, centre.1),
+        "masked area repainted"
+    );
+}
+
+#[test]
+fn only_masked_generates_a_crop_and_pastes_it_back() {
+    let dir = scratch("only-masked");
+    let rect = (80, 72, 20, 16);
+    let (img, mask) = write_inputs(&dir, (128, 112), rect);
+    let out = dir.join("out.png");
+    let (code, stderr) = generate_with(
+        &[
+            "--init-image",
+            img.to_str().unwrap(),
+            "--mask",
+            mask.to_str().unwrap(),
+            "--only-masked",
+            "--only-masked-padding",
+            "8",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--mask-blur",
+            "1",
+        ],
+        &out,
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let result = image::open(&out).unwrap().to_rgb8();
+    let input = image::open(&img).unwrap().to_rgb8();
+    assert_eq!(result.dimensions(), (128, 112), "the full image comes back");
+    assert_kept_outside(&result, &input, (0, 0), rect, 5);
+}
+
+#[test]
+fn outpainting_extends_the_canvas_and_keeps_the_original() {
+    let dir = scratch("outpaint");
+    let (img, _) = write_inputs(&dir, (64, 48), (0, 0, 0, 0));
+    let out = dir.join("out.png");
+    let (code, stderr) = generate_with(
+        &[
+            "--init-image",
+            img.to_str().unwrap(),
+            "--outpaint",
+            "16,0,8,0",
+            "--mask-blur",
+            "2",
+        ],
+        &out,
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let result = image::open(&out).unwrap().to_rgb8();
+    let input = image::open(&img).unwrap().to_rgb8();
+    assert_eq!(result.dimensions(), (80, 56));
+    // Everything of the original farther than the blur's reach from the new area is kept.
+    for (x, y, p) in input.enumerate_pixels() {
+        if x >= 8 && y >= 8 {
+            assert_eq!(
+                result.get_pixel(x + 16, y + 8),
+                p,
+                "original pixel ({x}, {y}) changed"
+            );
+        }
+    }
+}
+
+#[test]
+fn sdedit_defaults_to_the_input_size() {
+    let dir = scratch("sdedit");
+    let (img, _) = write_inputs(&dir, (72, 44), (0, 0, 0, 0));
+    let out = dir.join("out.png");
+    let (code, stderr) = generate_with(
+        &["--init-image", img.to_str().unwrap(), "--strength", "0.5"],
+        &out,
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        image::open(&out).unwrap().to_rgb8().dimensions(),
+        (72, 40),
+        "rounded down to multiples of 8"
+    );
+}
+
+#[test]
+fn canny_strategy_runs_with_a_controlnet() {
+    let dir = scratch("canny");
+    let (img, _) = write_inputs(&dir, (64, 64), (0, 0, 0, 0));
+    let out = dir.join("out.png");
+    let controlnet = fixtures_dir().join("tiny-controlnet");
+    let (code, stderr) = generate_with(
+        &[
+            "--init-image",
+            img.to_str().unwrap(),
+            "--strategy",
+            "canny",
+            "--controlnet",
+            controlnet.to_str().unwrap(),
+            "--control-scale",
+            "0.8",
+        ],
+        &out,
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(image::open(&out).unwrap().to_rgb8().dimensions(), (64, 64));
+    let (code, stderr) = generate_with(
+        &["--init-image", img.to_str().unwrap(), "--strategy", "canny"],
+        &out,
+    );
+    assert_ne!(code, 0);
+    assert!(stderr.contains("controlnet"), "{stderr}");
+}
+
+/// A PNG whose header claims `w`×`h` pixels (and no pixel data).
+fn png_header_only(w: u32, h: u32) -> Vec<u8> {
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in bytes {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+    let mut ihdr = b"IHDR".to_vec();
+    ihdr.extend_from_slice(&w.to_be_bytes());
+    ihdr.extend_from_slice(&h.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend_from_slice(&13u32.to_be_bytes());
+    png.extend_from_slice(&ihdr);
+    png.extend_from_slice(&crc32(&ihdr).to_be_bytes());
+    png
+}
+
+#[test]
+fn bad_input_images_are_one_line_errors() {
+    let dir = scratch("bad-images");
+    let (img, _) = write_inputs(&dir, (64, 64), (0, 0, 0, 0));
+    let small_mask = dir.join("small-mask.png");
+    image::GrayImage::new(32, 32).save(&small_mask).unwrap();
+    let corrupt = dir.join("corrupt.png");
+    std::fs::write(&corrupt, b"\x89PNG\r\n\x1a\nnot really").unwrap();
+    let bomb = dir.join("bomb.png");
+    std::fs::write(&bomb, png_header_only(100_000, 100_000)).unwrap();
+    let out = dir.join("out.png");
+    let missing = dir.join("missing.png");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec![
+                "--init-image",
+                img.to_str().unwrap(),
+                "--mask",
+                small_mask.to_str().unwrap(),
+            ],
+            "mask",
+        ),
+        (vec!["--init-image", corrupt.to_str().unwrap()], "image"),
+        (vec!["--init-image", bomb.to_str().unwrap()], "pixels"),
+        (
+            vec!["--init-image", missing.to_str().unwrap()],
+            "missing.png",
+        ),
+        (
+            vec!["--mode", "inpaint", "--init-image", img.to_str().unwrap()],
+            "mask",
+        ),
+        (
+            vec!["--outpaint", "8,8", "--init-image", img.to_str().unwrap()],
+            "LEFT,RIGHT,TOP,BOTTOM",
+        ),
+        (
+            vec!["--init-image", img.to_str().unwrap(), "--strength", "1.5"],
+            "strength",
+        ),
+    ];
+    for (args, mentions) in cases {
+        let (code, stderr) = generate_with(&args, &out);
+        assert_ne!(code, 0, "{args:?} succeeded");
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{args:?}: {stderr:?}");
+        assert!(
+            lines[0].contains(mentions),
+            "{args:?}: {:?} should mention {mentions}",
+            lines[0]
+        );
+    }
+    assert!(!out.exists());
+}
