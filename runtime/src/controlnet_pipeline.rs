@@ -5,7 +5,6 @@
 
 use std::sync::atomic::AtomicBool;
 
-use image::imageops::FilterType;
 use image::RgbImage;
 use imagegen_crds::{GenerationParams, Strategy};
 use tch::{Kind, Tensor};
@@ -41,14 +40,10 @@ fn control_scale(params: &GenerationParams) -> Result<f64> {
     Ok(scale)
 }
 
-/// `image` resized to `width`×`height` with Lanczos filtering (diffusers' control image
-/// processor resamples with PIL's Lanczos); unchanged when it already has that size.
+/// `image` resized to `width`×`height` exactly as diffusers' control image processor does
+/// (PIL's Lanczos); unchanged when it already has that size.
 fn resized(image: &RgbImage, width: u32, height: u32) -> RgbImage {
-    if image.dimensions() == (width, height) {
-        image.clone()
-    } else {
-        image::imageops::resize(image, width, height, FilterType::Lanczos3)
-    }
+    crate::image_processor::resize_rgb(image, width, height)
 }
 
 impl StableDiffusion {

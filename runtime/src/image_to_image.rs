@@ -20,11 +20,11 @@ use tch::Tensor;
 
 use crate::engine::StableDiffusion;
 use crate::error::{catch_torch, Error, Result};
+use crate::image_processor::resize_rgb;
 use crate::noise::DrawPlan;
 use crate::pipeline::{
     draw_noises, from_rgb, stack_noise, GeneratedImage, Progress, Resolved, SIDE_MULTIPLE,
 };
-use crate::resize::resize_lanczos;
 use crate::schedulers::{self, Scheduler};
 
 /// sdedit's default strength.
@@ -304,7 +304,7 @@ impl StableDiffusion {
         let sized = if (image.width(), image.height()) == (r.width, r.height) {
             Cow::Borrowed(image)
         } else {
-            Cow::Owned(resize_lanczos(image, r.width, r.height))
+            Cow::Owned(resize_rgb(image, r.width, r.height))
         };
         from_rgb(&sized)
             .to_device(self.device)

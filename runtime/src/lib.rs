@@ -15,7 +15,6 @@ pub mod models;
 pub mod noise;
 pub mod output;
 pub mod pipeline;
-pub mod resize;
 pub mod schedulers;
 pub mod source;
 pub mod styles;

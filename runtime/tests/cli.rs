@@ -539,7 +539,7 @@ fn canny_strategy_runs_with_a_controlnet() {
     assert!(stderr.contains("controlnet"), "{stderr}");
 }
 
-/// A PNG whose header claims `w`×`h` pixels (and no pixel data).
+/// A PNG whose header claims `w`×`h` pixels, with an empty data chunk.
 fn png_header_only(w: u32, h: u32) -> Vec<u8> {
     fn crc32(bytes: &[u8]) -> u32 {
         let mut crc = !0u32;
@@ -560,9 +560,17 @@ fn png_header_only(w: u32, h: u32) -> Vec<u8> {
     ihdr.extend_from_slice(&h.to_be_bytes());
     ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
     let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
-    png.extend_from_slice(&13u32.to_be_bytes());
-    png.extend_from_slice(&ihdr);
-    png.extend_from_slice(&crc32(&ihdr).to_be_bytes());
+    for (kind, data) in [
+        (&b"IHDR"[..], &ihdr[4..]),
+        (b"IDAT", &[][..]),
+        (b"IEND", &[][..]),
+    ] {
+        let mut chunk = kind.to_vec();
+        chunk.extend_from_slice(data);
+        png.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        png.extend_from_slice(&chunk);
+        png.extend_from_slice(&crc32(&chunk).to_be_bytes());
+    }
     png
 }
 

@@ -8,8 +8,8 @@ use std::sync::atomic::AtomicBool;
 
 use common::{fixtures_dir, load_reference, u8_values};
 use image::RgbImage;
+use imagegen_runtime::image_processor::resize_rgb;
 use imagegen_runtime::image_to_image::{default_size, start_step};
-use imagegen_runtime::resize::resize_lanczos;
 use imagegen_runtime::{Error, GenerationParams, StableDiffusion, Strategy};
 use tch::{Device, Kind, Tensor};
 
@@ -99,7 +99,7 @@ fn run_case(name: &str) {
     let reference = load_reference(&fixtures_dir().join(&case.file));
 
     // The pixels diffusers encoded: our resize must give exactly Pillow's.
-    let sized = resize_lanczos(&init, case.width, case.height);
+    let sized = resize_rgb(&init, case.width, case.height);
     assert_eq!(
         sized.as_raw().as_slice(),
         u8_values(&reference["init_u8"]).as_slice(),
