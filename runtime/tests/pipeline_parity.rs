@@ -5,9 +5,9 @@ mod common;
 
 use std::sync::atomic::AtomicBool;
 
-use common::{fixtures_dir, load_reference, u8_values};
+use common::{assert_images_match, fixtures_dir};
 use imagegen_runtime::{GenerationParams, StableDiffusion};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind};
 
 #[derive(serde::Deserialize, Clone, Debug)]
 pub struct Case {
@@ -38,21 +38,6 @@ fn cases() -> Vec<Case> {
 fn model(name: &str) -> StableDiffusion {
     let dir = fixtures_dir().join(name);
     StableDiffusion::load_dir(&dir, name, Device::Cpu, Kind::Float).unwrap()
-}
-
-/// Fraction of values within 1/255 and the largest difference, in 8-bit steps.
-fn compare_u8(ours: &[u8], reference: &[u8]) -> (f64, u8) {
-    assert_eq!(ours.len(), reference.len());
-    let mut close = 0usize;
-    let mut worst = 0u8;
-    for (a, b) in ours.iter().zip(reference) {
-        let d = a.abs_diff(*b);
-        worst = worst.max(d);
-        if d <= 1 {
-            close += 1;
-        }
-    }
-    (close as f64 / ours.len() as f64, worst)
 }
 
 fn run_case(name: &str) {
@@ -86,37 +71,13 @@ fn run_case(name: &str) {
         steps_seen >= case.steps as usize,
         "progress reported {steps_seen} steps"
     );
-    let reference = load_reference(&fixtures_dir().join(&case.file));
-    let expected = &reference["images_u8"];
-    assert_eq!(
-        expected.size(),
-        vec![case.count as i64, case.height as i64, case.width as i64, 3]
+    assert_images_match(
+        name,
+        &images,
+        &fixtures_dir().join(&case.file),
+        (case.width, case.height),
+        case.seed,
     );
-    assert_eq!(images.len(), case.count as usize);
-    for (i, image) in images.iter().enumerate() {
-        assert_eq!(
-            (image.image.width(), image.image.height()),
-            (case.width, case.height)
-        );
-        assert_eq!(image.metadata.seed, case.seed + i as u64);
-        let want_bytes = u8_values(&expected.get(i as i64));
-        let (fraction, worst) = compare_u8(image.image.as_raw(), &want_bytes);
-        eprintln!(
-            "{name}[{i}]: {:.4}% within 1/255, worst {worst}/255",
-            fraction * 100.0
-        );
-        assert!(
-            fraction >= 0.999,
-            "{name}[{i}]: only {:.3}% of values within 1/255 of diffusers (worst {worst}/255)",
-            fraction * 100.0
-        );
-        // Guard against a degenerate reference that any output would match.
-        let spread = Tensor::from_slice(&want_bytes)
-            .to_kind(Kind::Float)
-            .std(true)
-            .double_value(&[]);
-        assert!(spread > 1.0, "{name}: reference image is flat");
-    }
 }
 
 macro_rules! parity_tests {

@@ -49,3 +49,58 @@ pub fn u8_values(t: &Tensor) -> Vec<u8> {
     t.copy_data_u8(&mut bytes, len);
     bytes
 }
+
+/// Fraction of values within 1/255 and the largest difference, in 8-bit steps.
+pub fn compare_u8(ours: &[u8], reference: &[u8]) -> (f64, u8) {
+    assert_eq!(ours.len(), reference.len());
+    let mut close = 0usize;
+    let mut worst = 0u8;
+    for (a, b) in ours.iter().zip(reference) {
+        let d = a.abs_diff(*b);
+        worst = worst.max(d);
+        if d <= 1 {
+            close += 1;
+        }
+    }
+    (close as f64 / ours.len() as f64, worst)
+}
+
+/// The parity criterion for whole generations: each image has the reference's size and
+/// seed (`seed + i`), and at least 99.9% of its 8-bit values are within 1/255 of the
+/// reference's `images_u8` (`[count, h, w, 3]`) in `reference_file`.
+pub fn assert_images_match(
+    name: &str,
+    images: &[imagegen_runtime::GeneratedImage],
+    reference_file: &std::path::Path,
+    (width, height): (u32, u32),
+    seed: u64,
+) {
+    let reference = load_reference(reference_file);
+    let expected = &reference["images_u8"];
+    assert_eq!(
+        expected.size(),
+        vec![images.len() as i64, height as i64, width as i64, 3],
+        "{name}: image count or size"
+    );
+    for (i, out) in images.iter().enumerate() {
+        assert_eq!(out.image.dimensions(), (width, height), "{name}[{i}]");
+        assert_eq!(out.metadata.seed, seed + i as u64, "{name}[{i}]");
+        let want = u8_values(&expected.get(i as i64));
+        let (fraction, worst) = compare_u8(out.image.as_raw(), &want);
+        eprintln!(
+            "{name}[{i}]: {:.4}% within 1/255, worst {worst}/255",
+            fraction * 100.0
+        );
+        assert!(
+            fraction >= 0.999,
+            "{name}[{i}]: only {:.3}% of values within 1/255 of diffusers (worst {worst}/255)",
+            fraction * 100.0
+        );
+        // Guard against a degenerate reference that any output would match.
+        let spread = Tensor::from_slice(&want)
+            .to_kind(tch::Kind::Float)
+            .std(true)
+            .double_value(&[]);
+        assert!(spread > 1.0, "{name}: reference image is flat");
+    }
+}
