@@ -105,3 +105,46 @@ pub mod condition_types {
     /// Jobs: the work failed.
     pub const FAILED: &str = "Failed";
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_percent() {
+        assert_eq!(Progress::new(0, 25).percent, 0);
+        assert_eq!(Progress::new(1, 3).percent, 33);
+        assert_eq!(Progress::new(25, 25).percent, 100);
+        assert_eq!(Progress::new(30, 25).percent, 100);
+        assert_eq!(Progress::new(0, 0).percent, 100);
+    }
+
+    #[test]
+    fn phases() {
+        assert!(!Phase::default().is_finished());
+        assert!(!Phase::Running.is_finished());
+        assert!(Phase::Succeeded.is_finished() && Phase::Failed.is_finished());
+        assert_eq!(
+            serde_json::to_string(&Phase::Succeeded).unwrap(),
+            r#""Succeeded""#
+        );
+    }
+
+    #[test]
+    fn image_refs_are_one_key_objects() {
+        for (image, json) in [
+            (ImageRef::Path("a/b.png".into()), r#"{"path":"a/b.png"}"#),
+            (ImageRef::UploadId("u".into()), r#"{"uploadId":"u"}"#),
+            (
+                ImageRef::Url("https://x/y".into()),
+                r#"{"url":"https://x/y"}"#,
+            ),
+        ] {
+            assert_eq!(serde_json::to_string(&image).unwrap(), json);
+            assert_eq!(serde_json::from_str::<ImageRef>(json).unwrap(), image);
+        }
+        for bad in [r#"{}"#, r#"{"path":"a","url":"b"}"#, r#"{"data":"AAAA"}"#] {
+            assert!(serde_json::from_str::<ImageRef>(bad).is_err(), "{bad}");
+        }
+    }
+}

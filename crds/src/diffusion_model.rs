@@ -190,3 +190,84 @@ pub struct DiffusionModelStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn spec_round_trips_in_camel_case() {
+        let value = json!({
+            "source": {"hub": {"repo": "owner/model", "revision": "v1"}},
+            "family": "sd2",
+            "dtype": "bf16",
+            "replicas": {"min": 0, "max": 2},
+            "resources": {"gpus": 1, "gpuResourceName": "amd.com/gpu"},
+            "nodeSelector": {"gpu": "yes"},
+            "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            "cache": {"size": "20Gi", "storageClassName": "fast"}
+        });
+        let spec: DiffusionModelSpec = serde_json::from_value(value.clone()).unwrap();
+        assert_eq!(
+            spec.source,
+            ModelSource::Hub(HubSource {
+                repo: "owner/model".into(),
+                revision: Some("v1".into())
+            })
+        );
+        assert_eq!((spec.family, spec.dtype), (Family::Sd2, Some(Dtype::Bf16)));
+        assert_eq!(spec.cache.as_ref().unwrap().size, Quantity("20Gi".into()));
+        assert_eq!(serde_json::to_value(&spec).unwrap(), value);
+    }
+
+    #[test]
+    fn sources_are_exactly_one_of() {
+        let spec = |source| json!({"source": source, "family": "sd15"});
+        for ok in [
+            json!({"path": "models/sd15"}),
+            json!({"url": "https://x/sd15.tar"}),
+            json!({"hub": {"repo": "a/b"}}),
+        ] {
+            serde_json::from_value::<DiffusionModelSpec>(spec(ok)).unwrap();
+        }
+        for bad in [
+            json!({}),
+            json!({"path": "a", "url": "b"}),
+            json!({"hub": {"repo": "a/b", "branch": "x"}}),
+            json!({"s3": "bucket"}),
+        ] {
+            assert!(
+                serde_json::from_value::<DiffusionModelSpec>(spec(bad.clone())).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn status_round_trips_in_camel_case() {
+        let status = DiffusionModelStatus {
+            ready_replicas: Some(1),
+            replicas: Some(2),
+            endpoint: Some("http://sd15.ns.svc:8080".into()),
+            conditions: vec![Condition {
+                type_: crate::common::condition_types::READY.into(),
+                status: "True".into(),
+                reason: "ReplicasReady".into(),
+                message: String::new(),
+                last_transition_time: crate::common::Time(Default::default()),
+                observed_generation: Some(1),
+            }],
+            observed_generation: Some(1),
+        };
+        let value = serde_json::to_value(&status).unwrap();
+        assert_eq!(value["readyReplicas"], 1);
+        assert_eq!(value["conditions"][0]["type"], "Ready");
+        assert_eq!(value["conditions"][0]["observedGeneration"], 1);
+        assert!(value["conditions"][0]["lastTransitionTime"].is_string());
+        assert_eq!(
+            serde_json::from_value::<DiffusionModelStatus>(value).unwrap(),
+            status
+        );
+    }
+}

@@ -164,3 +164,138 @@ pub struct Timings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_seconds: Option<f64>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::generation::Mode;
+    use serde_json::json;
+
+    fn spec() -> ImageGenerationSpec {
+        ImageGenerationSpec {
+            model_ref: ModelRef {
+                name: "sd15".into(),
+            },
+            params: GenerationParams {
+                prompt: "a cat".into(),
+                steps: Some(20),
+                mode: Some(Mode::Inpaint),
+                ..Default::default()
+            },
+            loras: vec![LoraRef {
+                name: "alice".into(),
+                weight: Some(0.5),
+            }],
+            image: Some(ImageRef::UploadId("u1".into())),
+            mask: Some(ImageRef::Path("masks/m.png".into())),
+            mask_prompt: None,
+            ttl_seconds_after_finished: Some(60),
+        }
+    }
+
+    #[test]
+    fn spec_round_trips_in_camel_case_with_the_params_inline() {
+        let value = serde_json::to_value(spec()).unwrap();
+        assert_eq!(
+            value,
+            json!({
+                "modelRef": {"name": "sd15"},
+                "prompt": "a cat",
+                "steps": 20,
+                "mode": "Inpaint",
+                "loras": [{"name": "alice", "weight": 0.5}],
+                "image": {"uploadId": "u1"},
+                "mask": {"path": "masks/m.png"},
+                "ttlSecondsAfterFinished": 60
+            })
+        );
+        let back: ImageGenerationSpec = serde_json::from_value(value).unwrap();
+        assert_eq!(back, spec());
+    }
+
+    #[test]
+    fn the_generation_part_is_the_http_body() {
+        let value = serde_json::to_value(spec()).unwrap();
+        let mut body = value.as_object().unwrap().clone();
+        for key in [
+            "modelRef",
+            "loras",
+            "image",
+            "mask",
+            "ttlSecondsAfterFinished",
+        ] {
+            body.remove(key);
+        }
+        let params: GenerationParams = serde_json::from_value(body.into()).unwrap();
+        assert_eq!(params, spec().params);
+    }
+
+    #[test]
+    fn required_and_unknown_fields() {
+        let ok = json!({"modelRef": {"name": "m"}, "prompt": "x"});
+        serde_json::from_value::<ImageGenerationSpec>(ok).unwrap();
+        for bad in [
+            json!({"prompt": "x"}),
+            json!({"modelRef": {"name": "m"}}),
+            json!({"modelRef": {"name": "m"}, "prompt": "x", "stepz": 3}),
+            json!({"modelRef": {"name": "m", "namespace": "n"}, "prompt": "x"}),
+            json!({"modelRef": {"name": "m"}, "prompt": "x", "image": {"bytes": "AAAA"}}),
+            json!({"modelRef": {"name": "m"}, "prompt": "x", "image": {"path": "a", "url": "b"}}),
+        ] {
+            assert!(
+                serde_json::from_value::<ImageGenerationSpec>(bad.clone()).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn status_round_trips_in_camel_case() {
+        let status = ImageGenerationStatus {
+            phase: Some(Phase::Running),
+            progress: Some(Progress::new(10, 40)),
+            images: vec![GeneratedImage {
+                url: "http://x/0.png".into(),
+                seed: 7,
+                sha256: "ab".into(),
+            }],
+            timings: Some(Timings {
+                queued_seconds: Some(1.5),
+                ..Default::default()
+            }),
+            observed_generation: Some(2),
+            ..Default::default()
+        };
+        let value = serde_json::to_value(&status).unwrap();
+        assert_eq!(
+            value,
+            json!({
+                "phase": "Running",
+                "progress": {"step": 10, "total": 40, "percent": 25},
+                "images": [{"url": "http://x/0.png", "seed": 7, "sha256": "ab"}],
+                "timings": {"queuedSeconds": 1.5},
+                "observedGeneration": 2
+            })
+        );
+        assert_eq!(
+            serde_json::from_value::<ImageGenerationStatus>(value).unwrap(),
+            status
+        );
+        assert_eq!(
+            serde_json::from_value::<ImageGenerationStatus>(json!({})).unwrap(),
+            ImageGenerationStatus::default()
+        );
+    }
+
+    #[test]
+    fn resource_has_group_version_kind() {
+        use kube::Resource;
+        let resource = ImageGeneration::new("avatar", spec());
+        assert_eq!(ImageGeneration::api_version(&()), "imagegen.dev/v1alpha1");
+        assert_eq!(ImageGeneration::kind(&()), "ImageGeneration");
+        let value = serde_json::to_value(&resource).unwrap();
+        assert_eq!(value["apiVersion"], "imagegen.dev/v1alpha1");
+        assert_eq!(value["metadata"]["name"], "avatar");
+        assert_eq!(value["spec"]["modelRef"]["name"], "sd15");
+    }
+}

@@ -163,3 +163,81 @@ pub struct Artifact {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn spec_round_trips_in_camel_case() {
+        let value = json!({
+            "modelRef": {"name": "sd15"},
+            "images": [{"path": "a.jpg"}, {"url": "https://x/b.png"}],
+            "instancePrompt": "a photo of sks dog",
+            "classPrompt": "a photo of a dog",
+            "priorPreservation": {"classImages": 100, "weight": 1.0},
+            "steps": 400,
+            "rank": 8,
+            "alpha": 4.0,
+            "learningRate": 0.0001,
+            "resolution": 512,
+            "trainTextEncoder": true,
+            "seed": 3
+        });
+        let spec: LoraTrainingSpec = serde_json::from_value(value.clone()).unwrap();
+        assert_eq!(spec.images[1], ImageRef::Url("https://x/b.png".into()));
+        assert_eq!(spec.rank, Some(8));
+        assert_eq!(serde_json::to_value(&spec).unwrap(), value);
+    }
+
+    #[test]
+    fn required_and_unknown_fields() {
+        let base =
+            json!({"modelRef": {"name": "m"}, "images": [{"path": "a"}], "instancePrompt": "p"});
+        serde_json::from_value::<LoraTrainingSpec>(base.clone()).unwrap();
+        for field in ["modelRef", "images", "instancePrompt"] {
+            let mut bad = base.clone();
+            bad.as_object_mut().unwrap().remove(field);
+            assert!(
+                serde_json::from_value::<LoraTrainingSpec>(bad).is_err(),
+                "{field}"
+            );
+        }
+        let mut bad = base.clone();
+        bad["learningrate"] = json!(1e-4);
+        assert!(serde_json::from_value::<LoraTrainingSpec>(bad).is_err());
+        let mut bad = base;
+        bad["priorPreservation"] = json!({"classImages": 1, "classPrompt": "x"});
+        assert!(serde_json::from_value::<LoraTrainingSpec>(bad).is_err());
+    }
+
+    #[test]
+    fn status_round_trips_in_camel_case() {
+        let status = LoraTrainingStatus {
+            phase: Some(Phase::Succeeded),
+            progress: Some(Progress::new(800, 800)),
+            loss: Some(0.125),
+            artifact: Some(Artifact {
+                path: "loras/alice.safetensors".into(),
+                url: None,
+                sha256: Some("cd".into()),
+            }),
+            ..Default::default()
+        };
+        let value = serde_json::to_value(&status).unwrap();
+        assert_eq!(
+            value,
+            json!({
+                "phase": "Succeeded",
+                "progress": {"step": 800, "total": 800, "percent": 100},
+                "loss": 0.125,
+                "artifact": {"path": "loras/alice.safetensors", "sha256": "cd"}
+            })
+        );
+        assert_eq!(
+            serde_json::from_value::<LoraTrainingStatus>(value).unwrap(),
+            status
+        );
+    }
+}
