@@ -4,34 +4,66 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+/// Longest prompt or negative prompt accepted, in characters.
+pub const MAX_PROMPT_CHARS: u32 = 2000;
+/// Largest width or height, in pixels (the runtime's limit).
+pub const MAX_SIDE: u32 = 2048;
+/// Width and height must be multiples of this (the VAE's downscale factor).
+pub const SIDE_MULTIPLE: u32 = 8;
+/// Most denoising steps per image (the runtime's limit).
+pub const MAX_STEPS: u32 = 500;
+/// Most images per request (the runtime's limit).
+pub const MAX_COUNT: u32 = 16;
+/// Widest mask edge blur, in pixels (the runtime's limit).
+pub const MAX_MASK_BLUR: u32 = 64;
+/// Most pixels a mask may be grown by (the runtime's limit).
+pub const MAX_MASK_GROW: u32 = 256;
+/// The scheduler names the runtime accepts.
+pub const SCHEDULERS: [&str; 6] = [
+    "ddim",
+    "pndm",
+    "euler",
+    "euler-a",
+    "dpmpp-2m",
+    "dpmpp-2m-karras",
+];
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct GenerationParams {
     /// What to draw.
+    #[schemars(length(max = MAX_PROMPT_CHARS))]
     pub prompt: String,
     /// What to steer away from (classifier-free guidance's unconditional side).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = MAX_PROMPT_CHARS))]
     pub negative_prompt: Option<String>,
     /// Output width in pixels, a multiple of 8. Default: the model's native size.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = SIDE_MULTIPLE, max = MAX_SIDE), extend("multipleOf" = SIDE_MULTIPLE))]
     pub width: Option<u32>,
     /// Output height in pixels, a multiple of 8. Default: the model's native size.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = SIDE_MULTIPLE, max = MAX_SIDE), extend("multipleOf" = SIDE_MULTIPLE))]
     pub height: Option<u32>,
     /// Denoising steps. Default 25.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = MAX_STEPS))]
     pub steps: Option<u32>,
     /// Classifier-free guidance scale; 1 or less turns guidance off. Default 7.5.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 100.0))]
     pub guidance_scale: Option<f64>,
     /// ddim, pndm, euler, euler-a, dpmpp-2m or dpmpp-2m-karras. Default: the model's own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("enum" = SCHEDULERS))]
     pub scheduler: Option<String>,
     /// Seed of the first image; image i uses seed + i. Default: a random seed, reported back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
     /// How many images. Default 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = MAX_COUNT))]
     pub count: Option<u32>,
     /// Skip this many final text-encoder layers ("clip skip"). Default 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -49,6 +81,7 @@ pub struct GenerationParams {
     /// sdedit and inpainting: how much of the input to repaint, 0 (nothing) to 1 (all).
     /// Default 0.75 for sdedit, 1.0 for inpainting.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub strength: Option<f64>,
     /// instruct: how closely to follow the input image. Default 1.5.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -58,14 +91,19 @@ pub struct GenerationParams {
     pub control_scale: Option<f64>,
     /// canny: hysteresis thresholds of the edge detector (0-255). Default 100 and 200.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 255.0))]
     pub canny_low: Option<f32>,
+    /// canny: the upper hysteresis threshold (0-255). Default 200.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 255.0))]
     pub canny_high: Option<f32>,
     /// Inpainting: Gaussian blur of the mask edge, in pixels. Default 4.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = MAX_MASK_BLUR))]
     pub mask_blur: Option<u32>,
     /// Inpainting: grow the mask by this many pixels before blurring. Default 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = MAX_MASK_GROW))]
     pub mask_grow: Option<u32>,
     /// Inpainting: generate only a crop around the mask at full resolution and paste it back.
     #[serde(default, skip_serializing_if = "Option::is_none")]

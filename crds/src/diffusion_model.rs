@@ -1,0 +1,273 @@
+//! DiffusionModel: a Stable Diffusion model served by a set of GPU replicas.
+
+// Several printer columns share a `type_`, which clippy mistakes for a repeated attribute.
+#![allow(clippy::duplicated_attributes)]
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Toleration;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::{Condition, MAX_LOCATION_CHARS, MAX_NAME_CHARS};
+
+/// The extended resource name of NVIDIA GPUs, the default `resources.gpuResourceName`.
+pub const DEFAULT_GPU_RESOURCE: &str = "nvidia.com/gpu";
+
+/// Serve a Stable Diffusion model.
+#[derive(CustomResource, Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[kube(
+    group = "imagegen.dev",
+    version = "v1alpha1",
+    kind = "DiffusionModel",
+    namespaced,
+    status = "DiffusionModelStatus",
+    shortname = "dmodel",
+    category = "imagegen",
+    derive = "PartialEq",
+    doc = "A Stable Diffusion model served by GPU replicas.",
+    printcolumn(name = "Family", type_ = "string", json_path = ".spec.family"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Replicas",
+        type_ = "integer",
+        json_path = ".status.readyReplicas"
+    ),
+    printcolumn(
+        name = "Endpoint",
+        type_ = "string",
+        json_path = ".status.endpoint",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DiffusionModelSpec {
+    /// Where the weights come from (diffusers layout, safetensors only).
+    pub source: ModelSource,
+    /// Model family: sd15 (Stable Diffusion 1.x) or sd2 (2.x).
+    pub family: Family,
+    /// Weights and activations type. Default f16.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<Dtype>,
+    /// How many replicas serve the model. Default 1 to 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<Replicas>,
+    /// GPUs of each replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<GpuResources>,
+    /// Node labels a replica's pod must match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    /// Taints a replica's pod tolerates (GPU nodes are often tainted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+    /// The volume the weights are downloaded to and loaded from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<ModelCache>,
+}
+
+/// Where a model's weights are: exactly one of `hub`, `path` or `url`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "[has(self.hub), has(self.path), has(self.url)].filter(x, x).size() == 1",
+    "message": "exactly one of hub, path or url",
+}]))]
+pub enum ModelSource {
+    /// A Hugging Face hub repository.
+    Hub(HubSource),
+    /// A diffusers folder in the object store.
+    Path(#[schemars(length(min = 1, max = MAX_LOCATION_CHARS))] String),
+    /// An http(s) URL of a tar archive of a diffusers folder.
+    Url(#[schemars(length(min = 1, max = MAX_LOCATION_CHARS))] String),
+}
+
+/// A Hugging Face hub repository.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HubSource {
+    /// `owner/name`.
+    #[schemars(length(min = 1, max = 200), regex(pattern = r"^[\w.-]+/[\w.-]+$"))]
+    pub repo: String,
+    /// Branch, tag or commit. Default: main.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 200))]
+    pub revision: Option<String>,
+}
+
+/// Model family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// Stable Diffusion 1.x.
+    Sd15,
+    /// Stable Diffusion 2.x.
+    Sd2,
+}
+
+/// Weights and activations type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    /// 32-bit floats.
+    F32,
+    /// 16-bit floats (half precision).
+    F16,
+    /// bfloat16.
+    Bf16,
+}
+
+/// Bounds of the replica count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "self.min <= self.max",
+    "message": "min must not exceed max"
+}]))]
+pub struct Replicas {
+    /// Fewest replicas kept running (0 lets the model scale to zero).
+    #[schemars(range(max = 1000))]
+    pub min: u32,
+    /// Most replicas.
+    #[schemars(range(min = 1, max = 1000))]
+    pub max: u32,
+}
+
+/// GPUs of each replica.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GpuResources {
+    /// GPUs per replica. Default 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 16))]
+    pub gpus: Option<u32>,
+    /// Extended resource name of the GPU. Default `nvidia.com/gpu`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = MAX_NAME_CHARS))]
+    pub gpu_resource_name: Option<String>,
+}
+
+/// The PersistentVolumeClaim that caches the weights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ModelCache {
+    /// Size of the claim, e.g. `20Gi`.
+    pub size: Quantity,
+    /// Storage class of the claim. Default: the cluster's default class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+}
+
+/// What the controller reports about a DiffusionModel.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DiffusionModelStatus {
+    /// Replicas that serve requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_replicas: Option<i32>,
+    /// Replicas that exist, ready or not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<i32>,
+    /// In-cluster URL of the model's HTTP service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Ready, Progressing and Degraded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn spec_round_trips_in_camel_case() {
+        let value = json!({
+            "source": {"hub": {"repo": "owner/model", "revision": "v1"}},
+            "family": "sd2",
+            "dtype": "bf16",
+            "replicas": {"min": 0, "max": 2},
+            "resources": {"gpus": 1, "gpuResourceName": "amd.com/gpu"},
+            "nodeSelector": {"gpu": "yes"},
+            "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            "cache": {"size": "20Gi", "storageClassName": "fast"}
+        });
+        let spec: DiffusionModelSpec = serde_json::from_value(value.clone()).unwrap();
+        assert_eq!(
+            spec.source,
+            ModelSource::Hub(HubSource {
+                repo: "owner/model".into(),
+                revision: Some("v1".into())
+            })
+        );
+        assert_eq!((spec.family, spec.dtype), (Family::Sd2, Some(Dtype::Bf16)));
+        assert_eq!(spec.cache.as_ref().unwrap().size, Quantity("20Gi".into()));
+        assert_eq!(serde_json::to_value(&spec).unwrap(), value);
+    }
+
+    #[test]
+    fn sources_are_exactly_one_of() {
+        let spec = |source| json!({"source": source, "family": "sd15"});
+        for ok in [
+            json!({"path": "models/sd15"}),
+            json!({"url": "https://x/sd15.tar"}),
+            json!({"hub": {"repo": "a/b"}}),
+        ] {
+            serde_json::from_value::<DiffusionModelSpec>(spec(ok)).unwrap();
+        }
+        for bad in [
+            json!({}),
+            json!({"path": "a", "url": "b"}),
+            json!({"hub": {"repo": "a/b", "branch": "x"}}),
+            json!({"s3": "bucket"}),
+        ] {
+            assert!(
+                serde_json::from_value::<DiffusionModelSpec>(spec(bad.clone())).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn status_round_trips_in_camel_case() {
+        let status = DiffusionModelStatus {
+            ready_replicas: Some(1),
+            replicas: Some(2),
+            endpoint: Some("http://sd15.ns.svc:8080".into()),
+            conditions: vec![Condition {
+                type_: crate::common::condition_types::READY.into(),
+                status: "True".into(),
+                reason: "ReplicasReady".into(),
+                message: String::new(),
+                last_transition_time: crate::common::Time(Default::default()),
+                observed_generation: Some(1),
+            }],
+            observed_generation: Some(1),
+        };
+        let value = serde_json::to_value(&status).unwrap();
+        assert_eq!(value["readyReplicas"], 1);
+        assert_eq!(value["conditions"][0]["type"], "Ready");
+        assert_eq!(value["conditions"][0]["observedGeneration"], 1);
+        assert!(value["conditions"][0]["lastTransitionTime"].is_string());
+        assert_eq!(
+            serde_json::from_value::<DiffusionModelStatus>(value).unwrap(),
+            status
+        );
+    }
+}
