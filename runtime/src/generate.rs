@@ -7,8 +7,8 @@
 //! pasting inpainted pixels back so that everything outside the (blurred) mask keeps the
 //! input's exact pixels rather than the VAE's approximation of them.
 
+use std::rc::Rc;
 use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 
 use image::{DynamicImage, GrayImage, RgbImage};
 use imagegen_crds::{GenerationParams, Mode, Strategy};
@@ -43,7 +43,7 @@ pub struct Inputs<'a> {
     pub controlnet: Option<&'a ControlNetModel>,
     /// LoRAs (loaded for this model) and their weights, fused into the UNet and the text
     /// encoder for the duration of the call and removed after, whatever its outcome.
-    pub loras: Vec<(Arc<Lora>, f64)>,
+    pub loras: Vec<(Rc<Lora>, f64)>,
 }
 
 /// The mode a request asks for: explicit, or implied by what it carries.

@@ -27,7 +27,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::rc::Rc;
 use std::time::SystemTime;
 
 use memmap2::Mmap;
@@ -426,7 +426,11 @@ impl Lora {
                         "{} key(s) match no module of the model: {shown}{} (the lenient option \
                          skips them)",
                         unmatched.len(),
-                        if unmatched.len() > SHOWN_KEYS { ", ..." } else { "" }
+                        if unmatched.len() > SHOWN_KEYS {
+                            ", ..."
+                        } else {
+                            ""
+                        }
                     ),
                 ));
             }
@@ -488,7 +492,7 @@ impl Drop for FusedLoras<'_> {
 impl StableDiffusion {
     /// Adds `weight × scale × (B @ A)` of every module of every LoRA to the model's weights
     /// until the returned guard is dropped. An error part way restores what was changed.
-    pub fn fuse_loras(&self, loras: &[(Arc<Lora>, f64)]) -> Result<FusedLoras<'_>> {
+    pub fn fuse_loras(&self, loras: &[(Rc<Lora>, f64)]) -> Result<FusedLoras<'_>> {
         let mut fused = FusedLoras {
             saved: Vec::new(),
             _model: PhantomData,
@@ -519,7 +523,8 @@ impl StableDiffusion {
                 let shape = var.size();
                 let mut sum = var.f_to_kind(Kind::Float)?;
                 for (module, weight) in parts {
-                    sum = sum.f_add(&(module.delta(&shape)?.f_to_device(var.device())? * weight))?;
+                    sum =
+                        sum.f_add(&(module.delta(&shape)?.f_to_device(var.device())? * weight))?;
                 }
                 let new = sum.f_to_kind(var.kind())?;
                 fused.saved.push((var.shallow_clone(), var.copy()));
@@ -544,7 +549,7 @@ struct CacheEntry {
     path: PathBuf,
     modified: SystemTime,
     lenient: bool,
-    lora: Arc<Lora>,
+    lora: Rc<Lora>,
     bytes: usize,
     last_used: u64,
 }
@@ -560,12 +565,7 @@ impl LoraCache {
 
     /// The LoRA at `path` (file or diffusers folder), loaded for `model` unless cached with
     /// the file's current modification time.
-    pub fn get(
-        &mut self,
-        path: &Path,
-        model: &StableDiffusion,
-        lenient: bool,
-    ) -> Result<Arc<Lora>> {
+    pub fn get(&mut self, path: &Path, model: &StableDiffusion, lenient: bool) -> Result<Rc<Lora>> {
         let file = lora_file(path);
         let io = |source| Error::Io {
             path: file.clone(),
@@ -587,7 +587,7 @@ impl LoraCache {
         }
         // A changed file replaces its stale entry.
         self.entries.retain(|e| e.path != canonical);
-        let lora = Arc::new(Lora::load(&canonical, model, lenient)?);
+        let lora = Rc::new(Lora::load(&canonical, model, lenient)?);
         let bytes = lora.bytes();
         self.entries.push(CacheEntry {
             path: canonical,

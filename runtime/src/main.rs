@@ -2,8 +2,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::rc::Rc;
 use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use imagegen_crds::{Mode, Outpaint, Strategy};
@@ -328,7 +328,7 @@ fn generate(args: GenerateArgs) -> Result<(), String> {
         .iter()
         .map(|(path, weight)| {
             Lora::load(path, &model, args.lora_lenient)
-                .map(|lora| (Arc::new(lora), *weight))
+                .map(|lora| (Rc::new(lora), *weight))
                 .map_err(|e| e.to_string())
         })
         .collect::<Result<Vec<_>, String>>()?;
@@ -480,7 +480,9 @@ mod tests {
             parse_lora(&format!("{}:-1", dir.display())),
             Ok((dir.clone(), -1.0))
         );
-        assert!(parse_lora(&format!("{f}:x")).unwrap_err().contains("not a weight"));
+        assert!(parse_lora(&format!("{f}:x"))
+            .unwrap_err()
+            .contains("not a weight"));
         assert!(parse_lora(&format!("{f}:inf")).is_err());
         assert!(parse_lora("/nonexistent/x.safetensors")
             .unwrap_err()

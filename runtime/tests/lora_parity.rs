@@ -6,6 +6,7 @@ mod common;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
@@ -68,12 +69,12 @@ fn params(case: &Case) -> GenerationParams {
     }
 }
 
-fn load(model: &StableDiffusion, loras: &[(String, f64)]) -> Vec<(Arc<Lora>, f64)> {
+fn load(model: &StableDiffusion, loras: &[(String, f64)]) -> Vec<(Rc<Lora>, f64)> {
     loras
         .iter()
         .map(|(path, weight)| {
             let lora = Lora::load(&fixtures_dir().join(path), model, false).unwrap();
-            (Arc::new(lora), *weight)
+            (Rc::new(lora), *weight)
         })
         .collect()
 }
@@ -81,7 +82,7 @@ fn load(model: &StableDiffusion, loras: &[(String, f64)]) -> Vec<(Arc<Lora>, f64
 fn text_to_image(
     model: &StableDiffusion,
     case: &Case,
-    loras: Vec<(Arc<Lora>, f64)>,
+    loras: Vec<(Rc<Lora>, f64)>,
 ) -> Vec<GeneratedImage> {
     let inputs = Inputs {
         loras,
@@ -213,8 +214,8 @@ fn assert_same(what: &str, a: &[(String, Tensor)], b: &[(String, Tensor)]) -> us
 #[test]
 fn fuse_then_unfuse_restores_every_weight_bit_for_bit() {
     let model = model("tiny-sd1");
-    let a = Arc::new(Lora::load(&lora_path("lora-a"), &model, false).unwrap());
-    let b = Arc::new(Lora::load(&lora_path("lora-b"), &model, false).unwrap());
+    let a = Rc::new(Lora::load(&lora_path("lora-a"), &model, false).unwrap());
+    let b = Rc::new(Lora::load(&lora_path("lora-b"), &model, false).unwrap());
     assert_eq!(
         a.modules.len(),
         10 * 4 + 5 * 4,
@@ -244,7 +245,7 @@ fn fuse_then_unfuse_restores_every_weight_bit_for_bit() {
     bogus.component = imagegen_runtime::lora::Component::Unet;
     bogus.target = "mid_block.zzz.weight".into();
     modules.push(bogus);
-    let broken = Arc::new(Lora {
+    let broken = Rc::new(Lora {
         path: PathBuf::from("broken"),
         modules,
     });
@@ -322,7 +323,7 @@ fn unknown_keys_are_named_or_skipped_with_a_warning() {
         assert_eq!((l.scale, s.scale), (1.0, 2.0));
     }
     let case = cases().into_iter().find(|c| c.name == "lora-a").unwrap();
-    text_to_image(&model, &case, vec![(Arc::new(lenient), 1.0)]);
+    text_to_image(&model, &case, vec![(Rc::new(lenient), 1.0)]);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -119,14 +119,14 @@ fn the_cache_keeps_the_recently_used_within_its_budget() {
     let first = cache.get(&a, &model, false).unwrap();
     let again = cache.get(&a, &model, false).unwrap();
     assert!(
-        std::sync::Arc::ptr_eq(&first, &again),
+        std::rc::Rc::ptr_eq(&first, &again),
         "a hit returns the cached LoRA"
     );
     let b_first = cache.get(&b, &model, false).unwrap();
     assert_eq!(cache.len(), 2);
     // The directory form names the same file: a hit.
     let dir = a.parent().unwrap();
-    assert!(std::sync::Arc::ptr_eq(
+    assert!(std::rc::Rc::ptr_eq(
         &first,
         &cache.get(dir, &model, false).unwrap()
     ));
@@ -136,7 +136,7 @@ fn the_cache_keeps_the_recently_used_within_its_budget() {
     assert!(cache.bytes() <= a_bytes + b_bytes);
     let b_again = cache.get(&b, &model, false).unwrap();
     assert!(
-        !std::sync::Arc::ptr_eq(&b_first, &b_again),
+        !std::rc::Rc::ptr_eq(&b_first, &b_again),
         "lora-b was evicted and reloaded"
     );
 }
