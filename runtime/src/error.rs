@@ -39,6 +39,8 @@ pub enum Error {
     Safetensors { file: String, message: String },
     #[error("{path}: unsupported model configuration: {message}")]
     Unsupported { path: PathBuf, message: String },
+    #[error("LoRA {path}: {message}")]
+    Lora { path: PathBuf, message: String },
     #[error("{path}: {message}")]
     StyleFile { path: PathBuf, message: String },
     #[error("invalid {field}: {message}")]

@@ -7,6 +7,7 @@
 //! pasting inpainted pixels back so that everything outside the (blurred) mask keeps the
 //! input's exact pixels rather than the VAE's approximation of them.
 
+use std::rc::Rc;
 use std::sync::atomic::AtomicBool;
 
 use image::{DynamicImage, GrayImage, RgbImage};
@@ -14,6 +15,7 @@ use imagegen_crds::{GenerationParams, Mode, Strategy};
 
 use crate::engine::StableDiffusion;
 use crate::error::{Error, Result};
+use crate::lora::Lora;
 use crate::mask::{self, Rect};
 use crate::models::controlnet::ControlNetModel;
 use crate::styles::{Style, StyleBook};
@@ -39,6 +41,9 @@ pub struct Inputs<'a> {
     /// The inpainting mask: white = repaint, black = keep.
     pub mask: Option<GrayImage>,
     pub controlnet: Option<&'a ControlNetModel>,
+    /// LoRAs (loaded for this model) and their weights, fused into the UNet and the text
+    /// encoder for the duration of the call and removed after, whatever its outcome.
+    pub loras: Vec<(Rc<Lora>, f64)>,
 }
 
 /// The mode a request asks for: explicit, or implied by what it carries.
@@ -154,6 +159,12 @@ impl StableDiffusion {
     ) -> Result<Vec<GeneratedImage>> {
         let (params, style) = apply_style(params, styles)?;
         let mode = resolve_mode(&params, inputs)?;
+        // Restores the base weights when dropped: on return, error or panic.
+        let _fused = if inputs.loras.is_empty() {
+            None
+        } else {
+            Some(self.fuse_loras(&inputs.loras)?)
+        };
         let image = || {
             inputs
                 .image

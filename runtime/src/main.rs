@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::rc::Rc;
 use std::sync::atomic::AtomicBool;
 
 use clap::{Parser, Subcommand};
@@ -12,7 +13,7 @@ use imagegen_runtime::mask::{check_same_size, mask_from_image};
 use imagegen_runtime::output::write_png;
 use imagegen_runtime::source::resolve_component;
 use imagegen_runtime::styles::StyleBook;
-use imagegen_runtime::{GenerationParams, Inputs, LoadOptions, StableDiffusion};
+use imagegen_runtime::{GenerationParams, Inputs, LoadOptions, Lora, StableDiffusion};
 use tch::{Device, Kind};
 
 #[derive(Parser)]
@@ -123,6 +124,14 @@ struct GenerateArgs {
     /// Outpainting: pixels to add on the LEFT,RIGHT,TOP,BOTTOM sides.
     #[arg(long, value_parser = parse_outpaint)]
     outpaint: Option<Outpaint>,
+    /// A LoRA to apply: a .safetensors file (diffusers/peft or kohya names) or a folder
+    /// with pytorch_lora_weights.safetensors, with an optional weight [default: 1].
+    /// Repeatable.
+    #[arg(long = "lora", value_name = "FILE|DIR[:WEIGHT]", value_parser = parse_lora)]
+    loras: Vec<(PathBuf, f64)>,
+    /// Skip (with a warning) LoRA keys that match no module of the model instead of failing.
+    #[arg(long)]
+    lora_lenient: bool,
     /// cpu, cuda or cuda:N [default: cuda when available].
     #[arg(long)]
     device: Option<String>,
@@ -188,6 +197,31 @@ fn parse_outpaint(text: &str) -> Result<Outpaint, String> {
         top: px(top)?,
         bottom: px(bottom)?,
     })
+}
+
+/// `FILE|DIR[:WEIGHT]`; the file (or the folder's pytorch_lora_weights.safetensors) must
+/// exist.
+fn parse_lora(text: &str) -> Result<(PathBuf, f64), String> {
+    let (path, weight) = match text.rsplit_once(':') {
+        Some((path, weight)) if !Path::new(text).exists() => {
+            let weight = weight.trim().parse::<f64>().map_err(|_| {
+                format!("`{weight}` in `{text}` is not a weight (expected FILE|DIR[:WEIGHT])")
+            })?;
+            if !weight.is_finite() {
+                return Err(format!("weight `{weight}` in `{text}` is not finite"));
+            }
+            (PathBuf::from(path), weight)
+        }
+        _ => (PathBuf::from(text), 1.0),
+    };
+    if path.as_os_str().is_empty() {
+        return Err(format!("`{text}` names no LoRA file"));
+    }
+    let file = imagegen_runtime::lora::lora_file(&path);
+    if !file.is_file() {
+        return Err(format!("LoRA file {} not found", file.display()));
+    }
+    Ok((path, weight))
 }
 
 fn parse_device(text: Option<&str>) -> Result<Device, String> {
@@ -289,11 +323,21 @@ fn generate(args: GenerateArgs) -> Result<(), String> {
         }
         None => None,
     };
+    let loras = args
+        .loras
+        .iter()
+        .map(|(path, weight)| {
+            Lora::load(path, &model, args.lora_lenient)
+                .map(|lora| (Rc::new(lora), *weight))
+                .map_err(|e| e.to_string())
+        })
+        .collect::<Result<Vec<_>, String>>()?;
     let loaded = started.elapsed();
     let inputs = Inputs {
         image,
         mask,
         controlnet: controlnet.as_ref().map(|c| &c.model),
+        loras,
     };
     let cancel = AtomicBool::new(false);
     let mut report =
@@ -420,6 +464,30 @@ mod tests {
         );
         assert!(parse_outpaint("8,16").is_err());
         assert!(parse_outpaint("8,16,x,0").is_err());
+    }
+
+    #[test]
+    fn lora_flag_syntax() {
+        let dir = std::env::temp_dir().join(format!("imagegen-lora-flag-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("style.safetensors");
+        std::fs::write(&file, b"").unwrap();
+        std::fs::write(dir.join("pytorch_lora_weights.safetensors"), b"").unwrap();
+        let f = file.to_str().unwrap();
+        assert_eq!(parse_lora(f), Ok((file.clone(), 1.0)));
+        assert_eq!(parse_lora(&format!("{f}:0.6")), Ok((file.clone(), 0.6)));
+        assert_eq!(
+            parse_lora(&format!("{}:-1", dir.display())),
+            Ok((dir.clone(), -1.0))
+        );
+        assert!(parse_lora(&format!("{f}:x"))
+            .unwrap_err()
+            .contains("not a weight"));
+        assert!(parse_lora(&format!("{f}:inf")).is_err());
+        assert!(parse_lora("/nonexistent/x.safetensors")
+            .unwrap_err()
+            .contains("not found"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

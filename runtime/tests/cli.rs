@@ -628,3 +628,71 @@ fn bad_input_images_are_one_line_errors() {
     }
     assert!(!out.exists());
 }
+
+#[test]
+fn lora_flag_applies_loras_and_bad_specs_are_one_line_errors() {
+    let index: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures_dir().join("index.json")).unwrap())
+            .unwrap();
+    let files = &index["lora"]["files"];
+    let lora_dir = fixtures_dir().join(files["lora-a-dir"].as_str().unwrap());
+    let dir = scratch("lora");
+    let out = dir.join("lora.png");
+    let model = fixtures_dir().join("tiny-sd1");
+    let common_args = |lora: &str| {
+        vec![
+            "generate".to_string(),
+            "--model".into(),
+            model.to_str().unwrap().into(),
+            "--prompt".into(),
+            "a photo of a cat".into(),
+            "--negative-prompt".into(),
+            "blurry".into(),
+            "--width".into(),
+            "64".into(),
+            "--height".into(),
+            "64".into(),
+            "--steps".into(),
+            "6".into(),
+            "--seed".into(),
+            "42".into(),
+            "--scheduler".into(),
+            "euler".into(),
+            "--device".into(),
+            "cpu".into(),
+            "--lora".into(),
+            lora.to_string(),
+            "--out".into(),
+            out.to_str().unwrap().into(),
+        ]
+    };
+    // A folder means its pytorch_lora_weights.safetensors; the weight is 1 by default.
+    let args = common_args(lora_dir.to_str().unwrap());
+    let (code, _, stderr) = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(code, 0, "stderr: {stderr}");
+    let decoded = image::open(&out).unwrap().to_rgb8();
+    let reference = load_reference(&fixtures_dir().join("references/lora/lora-a.safetensors"));
+    let want = u8_values(&reference["images_u8"].get(0));
+    let close = decoded
+        .as_raw()
+        .iter()
+        .zip(&want)
+        .filter(|(a, b)| a.abs_diff(**b) <= 1)
+        .count();
+    assert!(
+        close as f64 >= 0.999 * want.len() as f64,
+        "{close}/{} values within 1/255",
+        want.len()
+    );
+
+    for (spec, expected) in [
+        (format!("{}:heavy", lora_dir.display()), "not a weight"),
+        ("/nonexistent/lora.safetensors:0.5".to_string(), "not found"),
+    ] {
+        let args = common_args(&spec);
+        let (code, _, stderr) = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_ne!(code, 0);
+        assert!(stderr.contains(expected), "{stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    }
+}
