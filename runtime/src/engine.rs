@@ -8,6 +8,7 @@ use tch::{nn::VarStore, Device, Kind};
 use crate::error::{Error, Result};
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::controlnet::{ControlNetConfig, ControlNetModel};
+use crate::models::safety_checker::{SafetyCheckerConfig, StableDiffusionSafetyChecker};
 use crate::models::unet::{UNet2DConditionModel, UNetConfig};
 use crate::models::vae::{legacy_name, AutoencoderKL, VaeConfig};
 use crate::schedulers::{SchedulerConfig, SchedulerKind};
@@ -133,6 +134,34 @@ pub fn load_vae(dir: &Path, device: Device, dtype: Kind) -> Result<Loaded<Autoen
         &vars,
         &component_weights(dir, "diffusion_pytorch_model", dtype)?,
         legacy_name,
+    )?;
+    Ok(Loaded {
+        model,
+        vars: finish(vars),
+    })
+}
+
+/// transformers 5 saves the safety checker's vision tower as `vision_model.…`, the
+/// checkpoints on the hub have `vision_model.vision_model.…`: accept both.
+fn safety_checker_alias(name: &str) -> Option<String> {
+    name.strip_prefix("vision_model.vision_model.")
+        .map(|rest| format!("vision_model.{rest}"))
+}
+
+/// A safety checker folder (transformers layout: `config.json` and
+/// `model[.fp16].safetensors`), as in a model's `safety_checker/`.
+pub fn load_safety_checker(
+    dir: &Path,
+    device: Device,
+    dtype: Kind,
+) -> Result<Loaded<StableDiffusionSafetyChecker>> {
+    let config = SafetyCheckerConfig::from_file(&dir.join("config.json"))?;
+    let vars = new_var_store(device, dtype);
+    let model = StableDiffusionSafetyChecker::new(vars.root(), &config);
+    load_var_store(
+        &vars,
+        &component_weights(dir, "model", dtype)?,
+        safety_checker_alias,
     )?;
     Ok(Loaded {
         model,
