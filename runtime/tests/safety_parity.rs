@@ -374,3 +374,37 @@ fn cli_needs_a_checker_unless_the_policy_is_off() {
     assert!(!out.exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn loads_the_hub_layout_of_the_vision_tower() {
+    // Checkpoints on the hub nest the tower as `vision_model.vision_model.…`; transformers 5
+    // saves `vision_model.…`. Both load to the same model.
+    let dir = std::env::temp_dir().join(format!("imagegen-safety-hub-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(checker_dir().join("config.json"), dir.join("config.json")).unwrap();
+    let renamed: Vec<(String, Tensor)> =
+        Tensor::read_safetensors(checker_dir().join("model.safetensors"))
+            .unwrap()
+            .into_iter()
+            .map(|(name, t)| match name.strip_prefix("vision_model.") {
+                Some(rest) if !rest.starts_with("vision_model.") => {
+                    (format!("vision_model.vision_model.{rest}"), t)
+                }
+                _ => (name, t),
+            })
+            .collect();
+    assert!(renamed
+        .iter()
+        .any(|(n, _)| n.starts_with("vision_model.vision_model.")));
+    Tensor::write_safetensors(&renamed, dir.join("model.safetensors")).unwrap();
+    let hub = load_safety_checker(&dir, Device::Cpu, Kind::Float).unwrap();
+    let refs = references();
+    assert_close(
+        "image_embeds",
+        &hub.model.image_embeds(&refs["pixel_values"]),
+        &refs["image_embeds"],
+        1e-4,
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
