@@ -8,8 +8,10 @@ use tch::{nn::VarStore, Device, Kind};
 use crate::error::{Error, Result};
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::controlnet::{ControlNetConfig, ControlNetModel};
+use crate::models::safety_checker::{SafetyCheckerConfig, StableDiffusionSafetyChecker};
 use crate::models::unet::{UNet2DConditionModel, UNetConfig};
 use crate::models::vae::{legacy_name, AutoencoderKL, VaeConfig};
+use crate::safety::{Safety, SafetyChecker, SafetyPolicy};
 use crate::schedulers::{SchedulerConfig, SchedulerKind};
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::{load_var_store, weight_files};
@@ -21,14 +23,22 @@ pub struct LoadOptions {
     pub model: String,
     pub device: Device,
     pub dtype: Kind,
+    /// What to do with images the safety checker flags [default: block].
+    pub safety: SafetyPolicy,
+    /// A safety checker folder or hub id, for models without a `safety_checker/` folder
+    /// (or to use another one). Unused with [`SafetyPolicy::Off`].
+    pub safety_checker: Option<String>,
 }
 
 impl LoadOptions {
+    /// CPU, float32, safety policy [`SafetyPolicy::Block`] with the model's own checker.
     pub fn new(model: impl Into<String>) -> Self {
         LoadOptions {
             model: model.into(),
             device: Device::Cpu,
             dtype: Kind::Float,
+            safety: SafetyPolicy::default(),
+            safety_checker: None,
         }
     }
 }
@@ -140,6 +150,34 @@ pub fn load_vae(dir: &Path, device: Device, dtype: Kind) -> Result<Loaded<Autoen
     })
 }
 
+/// transformers 5 saves the safety checker's vision tower as `vision_model.…`, the
+/// checkpoints on the hub have `vision_model.vision_model.…`: accept both.
+fn safety_checker_alias(name: &str) -> Option<String> {
+    name.strip_prefix("vision_model.vision_model.")
+        .map(|rest| format!("vision_model.{rest}"))
+}
+
+/// A safety checker folder (transformers layout: `config.json` and
+/// `model[.fp16].safetensors`), as in a model's `safety_checker/`.
+pub fn load_safety_checker(
+    dir: &Path,
+    device: Device,
+    dtype: Kind,
+) -> Result<Loaded<StableDiffusionSafetyChecker>> {
+    let config = SafetyCheckerConfig::from_file(&dir.join("config.json"))?;
+    let vars = new_var_store(device, dtype);
+    let model = StableDiffusionSafetyChecker::new(vars.root(), &config);
+    load_var_store(
+        &vars,
+        &component_weights(dir, "model", dtype)?,
+        safety_checker_alias,
+    )?;
+    Ok(Loaded {
+        model,
+        vars: finish(vars),
+    })
+}
+
 /// A text-to-image model ready to run.
 pub struct StableDiffusion {
     /// What the user named (folder or hub id), recorded in image metadata.
@@ -156,15 +194,40 @@ pub struct StableDiffusion {
     pub default_scheduler: SchedulerKind,
     pub device: Device,
     pub dtype: Kind,
+    /// The safety policy applied to every output of `generate`, with its checker.
+    pub safety: Safety,
 }
 
 impl StableDiffusion {
+    /// Loads the model and the safety checker its policy needs: the one named in the
+    /// options, else the model's `safety_checker/` folder. A policy other than `Off`
+    /// without a checker is an error, raised before the model's weights are read.
     pub fn load(options: &LoadOptions) -> Result<Self> {
         let half = matches!(options.dtype, Kind::Half | Kind::BFloat16);
-        let dir = crate::source::resolve(&options.model, half.then_some("fp16"))?;
-        Self::load_dir(&dir, &options.model, options.device, options.dtype)
+        let variant = half.then_some("fp16");
+        let own_checker = options.safety.needs_checker() && options.safety_checker.is_none();
+        let dir = crate::source::resolve(&options.model, variant, own_checker)?;
+        let checker_dir = match (&options.safety_checker, options.safety.needs_checker()) {
+            (_, false) => None,
+            (Some(spec), true) => Some(crate::source::resolve_component(spec)?),
+            (None, true) => Some(dir.join(crate::source::SAFETY_CHECKER))
+                .filter(|d| d.join("config.json").is_file()),
+        };
+        if options.safety.needs_checker() && checker_dir.is_none() {
+            return Err(Error::SafetyCheckerMissing {
+                policy: options.safety.to_string(),
+            });
+        }
+        let checker = checker_dir
+            .map(|d| SafetyChecker::load(&d, options.device, options.dtype))
+            .transpose()?;
+        let mut model = Self::load_dir(&dir, &options.model, options.device, options.dtype)?;
+        model.safety = Safety::new(options.safety, checker)?;
+        Ok(model)
     }
 
+    /// Loads a local diffusers folder with the safety check off; [`Self::load`] applies a
+    /// policy, or set [`Self::safety`] with [`Safety::new`].
     pub fn load_dir(dir: &Path, name: &str, device: Device, dtype: Kind) -> Result<Self> {
         let scheduler_path = dir.join("scheduler").join("scheduler_config.json");
         let scheduler_config = SchedulerConfig::from_file(&scheduler_path)?;
@@ -211,6 +274,7 @@ impl StableDiffusion {
             default_scheduler,
             device,
             dtype,
+            safety: Safety::off(),
         })
     }
 

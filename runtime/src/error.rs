@@ -39,6 +39,12 @@ pub enum Error {
     Safetensors { file: String, message: String },
     #[error("{path}: unsupported model configuration: {message}")]
     Unsupported { path: PathBuf, message: String },
+    #[error(
+        "safety policy `{policy}` needs a safety checker and none is available: the model has \
+         no safety_checker/ folder; name one (--safety-checker DIR|HUB_ID, e.g. \
+         CompVis/stable-diffusion-safety-checker) or turn the check off (--safety off)"
+    )]
+    SafetyCheckerMissing { policy: String },
     #[error("LoRA {path}: {message}")]
     Lora { path: PathBuf, message: String },
     #[error("{path}: {message}")]

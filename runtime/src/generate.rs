@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::lora::Lora;
 use crate::mask::{self, Rect};
 use crate::models::controlnet::ControlNetModel;
+use crate::safety::GenerationOutcome;
 use crate::styles::{Style, StyleBook};
 use crate::text_to_image::{GeneratedImage, Progress};
 
@@ -148,7 +149,9 @@ fn prepared_mask(params: &GenerationParams, mask: &GrayImage) -> Result<(GrayIma
 
 impl StableDiffusion {
     /// Generates what `params` asks for. `progress` is called after every denoising step;
-    /// setting `cancel` stops between steps with [`Error::Cancelled`].
+    /// setting `cancel` stops between steps with [`Error::Cancelled`]. The images then go
+    /// through the model's safety policy ([`crate::safety`]): with `Block`, flagged images
+    /// are left out of the outcome's images and listed in its `withheld`.
     pub fn generate(
         &self,
         params: &GenerationParams,
@@ -156,7 +159,7 @@ impl StableDiffusion {
         styles: &StyleBook,
         progress: &mut dyn FnMut(Progress),
         cancel: &AtomicBool,
-    ) -> Result<Vec<GeneratedImage>> {
+    ) -> Result<GenerationOutcome> {
         let (params, style) = apply_style(params, styles)?;
         let mode = resolve_mode(&params, inputs)?;
         // Restores the base weights when dropped: on return, error or panic.
@@ -217,7 +220,7 @@ impl StableDiffusion {
                 style.postprocess(&mut image.image);
             }
         }
-        Ok(images)
+        Ok(self.safety.apply(images))
     }
 
     /// Inpaints `original` where `mask` is white and pastes the result back with the

@@ -13,7 +13,9 @@ use imagegen_runtime::mask::{check_same_size, mask_from_image};
 use imagegen_runtime::output::write_png;
 use imagegen_runtime::source::resolve_component;
 use imagegen_runtime::styles::StyleBook;
-use imagegen_runtime::{GenerationParams, Inputs, LoadOptions, Lora, StableDiffusion};
+use imagegen_runtime::{
+    GenerationParams, Inputs, LoadOptions, Lora, SafetyPolicy, StableDiffusion,
+};
 use tch::{Device, Kind};
 
 #[derive(Parser)]
@@ -138,9 +140,35 @@ struct GenerateArgs {
     /// f32, f16 or bf16 [default: f16 on cuda, f32 on cpu].
     #[arg(long)]
     dtype: Option<String>,
+    /// What to do with images the safety checker flags: block (not written, reported on
+    /// stderr), blur (written blurred beyond recognition) or off (no check). block and blur
+    /// need a checker: the model's safety_checker/ folder or --safety-checker.
+    #[arg(long, value_enum, default_value_t = SafetyArg::Block)]
+    safety: SafetyArg,
+    /// A safety checker folder or hub id (e.g. CompVis/stable-diffusion-safety-checker),
+    /// for models that ship without one [default: the model's safety_checker/].
+    #[arg(long, value_name = "DIR|HUB_ID")]
+    safety_checker: Option<String>,
     /// Output PNG; with --count N > 1, PATH-0.png ... PATH-(N-1).png.
     #[arg(long)]
     out: PathBuf,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SafetyArg {
+    Block,
+    Blur,
+    Off,
+}
+
+impl From<SafetyArg> for SafetyPolicy {
+    fn from(policy: SafetyArg) -> Self {
+        match policy {
+            SafetyArg::Block => SafetyPolicy::Block,
+            SafetyArg::Blur => SafetyPolicy::Blur,
+            SafetyArg::Off => SafetyPolicy::Off,
+        }
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -275,6 +303,8 @@ fn generate(args: GenerateArgs) -> Result<(), String> {
     let mut options = LoadOptions::new(&args.model);
     options.device = device;
     options.dtype = dtype;
+    options.safety = args.safety.into();
+    options.safety_checker = args.safety_checker.clone();
     let params = GenerationParams {
         prompt: args.prompt,
         negative_prompt: args.negative_prompt,
@@ -342,7 +372,7 @@ fn generate(args: GenerateArgs) -> Result<(), String> {
     let cancel = AtomicBool::new(false);
     let mut report =
         |p: imagegen_runtime::Progress| tracing::info!(step = p.step, total = p.total, "denoising");
-    let images = model
+    let outcome = model
         .generate(&params, &inputs, &styles, &mut report, &cancel)
         .map_err(|e| e.to_string())?;
     tracing::info!(
@@ -350,9 +380,32 @@ fn generate(args: GenerateArgs) -> Result<(), String> {
         generate_seconds = (started.elapsed() - loaded).as_secs_f64(),
         "done"
     );
-    for (image, path) in images.iter().zip(output_paths(&args.out, images.len())) {
-        write_png(&path, &image.image, &image.metadata).map_err(|e| e.to_string())?;
+    // Paths follow the request's numbering: a withheld image leaves a gap.
+    let count = outcome.images.len() + outcome.withheld.len();
+    let paths = output_paths(&args.out, count);
+    for image in &outcome.images {
+        let path = &paths[image.index];
+        write_png(path, &image.image, &image.metadata).map_err(|e| e.to_string())?;
+        if let Some(verdict) = &image.flagged {
+            eprintln!(
+                "image {} (seed {}) blurred: {}",
+                image.index,
+                image.metadata.seed,
+                imagegen_runtime::safety::reason(verdict)
+            );
+        }
         println!("{}", path.display());
+    }
+    for withheld in &outcome.withheld {
+        eprintln!(
+            "image {} (seed {}) withheld: {}",
+            withheld.index, withheld.seed, withheld.reason
+        );
+    }
+    if outcome.images.is_empty() && !outcome.withheld.is_empty() {
+        return Err(format!(
+            "all {count} image(s) were withheld by the safety checker; nothing was written"
+        ));
     }
     Ok(())
 }

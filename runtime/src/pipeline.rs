@@ -33,6 +33,11 @@ pub struct Progress {
 pub struct GeneratedImage {
     pub image: RgbImage,
     pub metadata: ImageMetadata,
+    /// Position in the request (the image's seed is the request's seed + index).
+    pub index: usize,
+    /// Set when the safety checker flagged the image and the policy delivered it
+    /// obscured ([`SafetyPolicy::Blur`](crate::safety::SafetyPolicy::Blur)).
+    pub flagged: Option<crate::models::safety_checker::SafetyVerdict>,
 }
 
 /// A request with every default filled in and every value checked.
@@ -294,6 +299,8 @@ impl StableDiffusion {
                 Ok(GeneratedImage {
                     image: to_rgb(&pixels.get(i as i64))?,
                     metadata: metadata(i),
+                    index: i,
+                    flagged: None,
                 })
             })
             .collect()

@@ -11,6 +11,8 @@ use crate::error::{Error, Result};
 
 /// The components a text-to-image pipeline reads, by folder.
 pub const COMPONENTS: [&str; 3] = ["text_encoder", "unet", "vae"];
+/// The folder of the safety checker, fetched when the safety policy runs one.
+pub const SAFETY_CHECKER: &str = "safety_checker";
 
 /// A hub id as the hub writes them: two names of letters, digits, `-`, `_`, `.`.
 fn parse_hub_id(spec: &str) -> Option<(&str, Option<&str>)> {
@@ -30,20 +32,23 @@ fn parse_hub_id(spec: &str) -> Option<(&str, Option<&str>)> {
 }
 
 /// Resolves `spec` to a local folder in diffusers' layout, downloading it if it is a hub id.
-/// `prefer_variant` (e.g. "fp16") downloads those weight files where the repo has them.
-pub fn resolve(spec: &str, prefer_variant: Option<&str>) -> Result<PathBuf> {
+/// `prefer_variant` (e.g. "fp16") downloads those weight files where the repo has them;
+/// `safety_checker` also downloads the `safety_checker/` folder where the repo has one.
+pub fn resolve(spec: &str, prefer_variant: Option<&str>, safety_checker: bool) -> Result<PathBuf> {
     let path = Path::new(spec);
     if path.is_dir() {
         return Ok(path.to_path_buf());
     }
     let looks_local = spec.starts_with(['.', '/', '~']) || path.exists();
     match parse_hub_id(spec) {
-        Some((id, revision)) if !looks_local => download(id, revision, prefer_variant),
+        Some((id, revision)) if !looks_local => {
+            download(id, revision, prefer_variant, safety_checker)
+        }
         _ => Err(Error::ModelNotFound(spec.to_string())),
     }
 }
 
-fn wanted(file: &str, prefer_variant: Option<&str>, all: &[String]) -> bool {
+fn wanted(file: &str, prefer_variant: Option<&str>, all: &[String], safety_checker: bool) -> bool {
     let Some((folder, name)) = file.split_once('/') else {
         return file == "model_index.json";
     };
@@ -56,7 +61,7 @@ fn wanted(file: &str, prefer_variant: Option<&str>, all: &[String]) -> bool {
             name,
             "vocab.json" | "merges.txt" | "tokenizer_config.json" | "special_tokens_map.json"
         ),
-        f if COMPONENTS.contains(&f) => {
+        f if COMPONENTS.contains(&f) || (safety_checker && f == SAFETY_CHECKER) => {
             if name == "config.json" {
                 return true;
             }
@@ -153,7 +158,12 @@ fn open_repo(
     ))
 }
 
-fn download(id: &str, revision: Option<&str>, prefer_variant: Option<&str>) -> Result<PathBuf> {
+fn download(
+    id: &str,
+    revision: Option<&str>,
+    prefer_variant: Option<&str>,
+    safety_checker: bool,
+) -> Result<PathBuf> {
     let err = |message: String| Error::Download {
         repo: id.to_string(),
         message,
@@ -165,7 +175,10 @@ fn download(id: &str, revision: Option<&str>, prefer_variant: Option<&str>) -> R
         ));
     }
     let mut root = None;
-    for file in all.iter().filter(|f| wanted(f, prefer_variant, &all)) {
+    for file in all
+        .iter()
+        .filter(|f| wanted(f, prefer_variant, &all, safety_checker))
+    {
         tracing::info!(repo = id, file = %file, "fetching");
         let local = repo.get(file).map_err(|e| err(format!("{file}: {e}")))?;
         if file == "model_index.json" {
@@ -194,7 +207,7 @@ mod tests {
 
     #[test]
     fn missing_local_path_is_not_sent_to_the_hub() {
-        let err = resolve("./no/such/model", None).unwrap_err();
+        let err = resolve("./no/such/model", None, true).unwrap_err();
         assert!(matches!(err, Error::ModelNotFound(_)), "{err}");
         let err = resolve_component("/no/such/controlnet").unwrap_err();
         assert!(matches!(err, Error::ModelNotFound(_)), "{err}");
@@ -211,22 +224,66 @@ mod tests {
             "vae/diffusion_pytorch_model.safetensors",
             "text_encoder/model.safetensors",
             "tokenizer/vocab.json",
+            "safety_checker/config.json",
             "safety_checker/model.safetensors",
+            "safety_checker/model.fp16.safetensors",
+            "safety_checker/pytorch_model.bin",
+            "feature_extractor/preprocessor_config.json",
             "v1-5-pruned.ckpt",
         ]
         .map(String::from)
         .to_vec();
         let fp16: Vec<&String> = all
             .iter()
-            .filter(|f| wanted(f, Some("fp16"), &all))
+            .filter(|f| wanted(f, Some("fp16"), &all, false))
             .collect();
         assert!(fp16.contains(&&"unet/diffusion_pytorch_model.fp16.safetensors".to_string()));
         assert!(!fp16.contains(&&"unet/diffusion_pytorch_model.safetensors".to_string()));
         assert!(fp16.contains(&&"vae/diffusion_pytorch_model.safetensors".to_string()));
-        let f32: Vec<&String> = all.iter().filter(|f| wanted(f, None, &all)).collect();
+        let f32: Vec<&String> = all
+            .iter()
+            .filter(|f| wanted(f, None, &all, false))
+            .collect();
         assert!(f32.contains(&&"unet/diffusion_pytorch_model.safetensors".to_string()));
         assert!(!f32
             .iter()
             .any(|f| f.ends_with(".bin") || f.ends_with(".ckpt") || f.starts_with("safety")));
+    }
+
+    #[test]
+    fn download_selection_takes_the_safety_checker_when_asked() {
+        let all: Vec<String> = [
+            "model_index.json",
+            "unet/config.json",
+            "unet/diffusion_pytorch_model.safetensors",
+            "safety_checker/config.json",
+            "safety_checker/model.safetensors",
+            "safety_checker/model.fp16.safetensors",
+            "safety_checker/pytorch_model.bin",
+            "feature_extractor/preprocessor_config.json",
+        ]
+        .map(String::from)
+        .to_vec();
+        let pick = |variant, safety| -> Vec<&str> {
+            all.iter()
+                .filter(|f| f.starts_with("safety") && wanted(f, variant, &all, safety))
+                .map(String::as_str)
+                .collect()
+        };
+        assert_eq!(
+            pick(None, true),
+            [
+                "safety_checker/config.json",
+                "safety_checker/model.safetensors"
+            ]
+        );
+        assert_eq!(
+            pick(Some("fp16"), true),
+            [
+                "safety_checker/config.json",
+                "safety_checker/model.fp16.safetensors"
+            ]
+        );
+        assert!(pick(None, false).is_empty());
     }
 }

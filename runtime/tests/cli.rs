@@ -18,9 +18,15 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-/// Runs and returns (exit code, stdout, stderr).
+/// Runs and returns (exit code, stdout, stderr). The fixture models ship without a safety
+/// checker, which the default policy (block) requires: `generate` runs get `--safety off`
+/// unless they name a policy themselves.
 fn run(args: &[&str]) -> (i32, String, String) {
-    let output = imagegen().args(args).output().expect("binary runs");
+    let mut args = args.to_vec();
+    if args.first() == Some(&"generate") && !args.contains(&"--safety") {
+        args.extend(["--safety", "off"]);
+    }
+    let output = imagegen().args(&args).output().expect("binary runs");
     (
         output.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&output.stdout).into_owned(),

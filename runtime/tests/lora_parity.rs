@@ -97,6 +97,7 @@ fn text_to_image(
             &AtomicBool::new(false),
         )
         .unwrap()
+        .images
 }
 
 fn run_case(name: &str) {

@@ -3,9 +3,11 @@
 
 pub mod attention;
 pub mod clip;
+pub mod clip_vision;
 pub mod controlnet;
 pub mod layers;
 pub mod resnet;
+pub mod safety_checker;
 pub mod transformer;
 pub mod unet;
 pub mod vae;
