@@ -31,6 +31,14 @@ fn logits_match_transformers() {
         assert!(spread > 1e-2, "the reference logits are nearly constant");
         assert_close(logits, &ours, &reference[logits], TOL);
     }
+    let (image, text) = tch::no_grad(|| {
+        (
+            finder.model.image_embeddings(&reference["pixel_values"]),
+            finder.model.text_embeddings(&reference["input_ids"]),
+        )
+    });
+    assert_close("image_embeds", &image, &reference["image_embeds"], TOL);
+    assert_close("text_embeds", &text, &reference["text_embeds"], TOL);
 }
 
 #[test]

@@ -265,6 +265,9 @@ pub struct ClipSegModel {
     vision: ClipVisionModel,
     text: ClipTextModel,
     text_projection: nn::Linear,
+    visual_projection: nn::Linear,
+    /// CLIP's contrastive temperature: loaded with the checkpoint, unused for masks.
+    pub logit_scale: Tensor,
     decoder: Decoder,
     extract_layers: Vec<usize>,
     eos_token_id: i64,
@@ -283,6 +286,13 @@ impl ClipSegModel {
                 c.projection_dim,
                 false,
             ),
+            visual_projection: linear(
+                &p / "clip" / "visual_projection",
+                c.vision.hidden_size,
+                c.projection_dim,
+                false,
+            ),
+            logit_scale: (&p / "clip").var("logit_scale", &[], nn::Init::Const(0.0)),
             decoder: Decoder::new(&p / "decoder", c),
             extract_layers: c.extract_layers.clone(),
             eos_token_id: c.eos_token_id,
@@ -313,6 +323,13 @@ impl ClipSegModel {
             .expand([batch, 1, hidden.size()[2]], false);
         let pooled = hidden.gather(1, &index, false).squeeze_dim(1);
         self.text_projection.forward(&pooled)
+    }
+
+    /// `get_image_features`: the pooled class token, projected (`[batch, projection_dim]`);
+    /// what a visual prompt would condition the decoder on.
+    pub fn image_embeddings(&self, pixel_values: &Tensor) -> Tensor {
+        self.visual_projection
+            .forward(&self.vision.pooled(pixel_values))
     }
 
     /// Segmentation logits `[batch, height, width]` for `pixel_values` `[batch, 3, h, w]`
