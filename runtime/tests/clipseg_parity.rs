@@ -72,3 +72,30 @@ fn found_mask_has_the_image_size() {
     assert_eq!(probs[0].len(), 90 * 70);
     assert!(probs[0].iter().all(|p| (0.0..=1.0).contains(p)));
 }
+
+/// Older CLIPSeg configs carry `eos_token_id: 2`, which transformers reads as "pool at the
+/// largest id": with the end-of-text token the last of the vocabulary, the same logits.
+#[test]
+fn legacy_eos_token_id_pools_at_the_largest_id() {
+    let reference = load_reference(&fixtures_dir().join("references/clipseg/logits.safetensors"));
+    let dir = std::env::temp_dir().join(format!("imagegen-clipseg-eos-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(model_dir()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    let config_path = dir.join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    config["text_config"]["eos_token_id"] = 2.into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let finder = load_clipseg(dir.to_str().unwrap(), Device::Cpu, Kind::Float).unwrap();
+    let ours = tch::no_grad(|| {
+        finder
+            .model
+            .logits(&reference["pixel_values"], &reference["input_ids"])
+    });
+    assert_close("logits (eos_token_id 2)", &ours, &reference["logits"], TOL);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
