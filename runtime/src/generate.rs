@@ -17,6 +17,7 @@ use crate::engine::StableDiffusion;
 use crate::error::{Error, Result};
 use crate::lora::Lora;
 use crate::mask::{self, Rect};
+use crate::mask_prompt::{MaskFinder, MaskOptions};
 use crate::models::controlnet::ControlNetModel;
 use crate::safety::GenerationOutcome;
 use crate::styles::{Style, StyleBook};
@@ -45,13 +46,27 @@ pub struct Inputs<'a> {
     /// LoRAs (loaded for this model) and their weights, fused into the UNet and the text
     /// encoder for the duration of the call and removed after, whatever its outcome.
     pub loras: Vec<(Rc<Lora>, f64)>,
+    /// A mask to find from text when `mask` is absent: it is found on the input image
+    /// first, then the request runs as with a drawn mask.
+    pub mask_prompt: Option<MaskPrompt<'a>>,
+}
+
+/// What to mask, described in words, and the model that finds it.
+pub struct MaskPrompt<'a> {
+    pub finder: &'a MaskFinder,
+    /// The mask is the union of what each prompt finds.
+    pub prompts: Vec<String>,
+    /// What to leave out of the mask even where a prompt finds it.
+    pub negative: Option<String>,
+    pub options: MaskOptions,
 }
 
 /// The mode a request asks for: explicit, or implied by what it carries.
 pub fn resolve_mode(params: &GenerationParams, inputs: &Inputs) -> Result<Mode> {
+    let has_mask = inputs.mask.is_some() || inputs.mask_prompt.is_some();
     let mode = params.mode.unwrap_or(if params.outpaint.is_some() {
         Mode::Outpaint
-    } else if inputs.mask.is_some() {
+    } else if has_mask {
         Mode::Inpaint
     } else if inputs.image.is_some() {
         Mode::ImageToImage
@@ -65,10 +80,10 @@ pub fn resolve_mode(params: &GenerationParams, inputs: &Inputs) -> Result<Mode> 
             format!("{mode:?} needs an input image"),
         ));
     }
-    if matches!(mode, Mode::Inpaint | Mode::RemoveObject) && inputs.mask.is_none() {
+    if matches!(mode, Mode::Inpaint | Mode::RemoveObject) && !has_mask {
         return Err(Error::invalid("mask", format!("{mode:?} needs a mask")));
     }
-    if mode == Mode::TextToImage && (inputs.image.is_some() || inputs.mask.is_some()) {
+    if mode == Mode::TextToImage && (inputs.image.is_some() || has_mask) {
         return Err(Error::invalid(
             "mode",
             "TextToImage takes no input image or mask",
@@ -160,6 +175,34 @@ impl StableDiffusion {
         progress: &mut dyn FnMut(Progress),
         cancel: &AtomicBool,
     ) -> Result<GenerationOutcome> {
+        if let (None, Some(wanted), Some(image)) =
+            (&inputs.mask, &inputs.mask_prompt, &inputs.image)
+        {
+            resolve_mode(params, inputs)?;
+            let found = wanted.finder.find(
+                &image.to_rgb8(),
+                &wanted.prompts,
+                wanted.negative.as_deref(),
+                &wanted.options,
+            )?;
+            if found.pixels().all(|p| p[0] == 0) {
+                return Err(Error::invalid(
+                    "mask_prompt",
+                    format!(
+                        "nothing in the image matched {:?} above the threshold {}",
+                        wanted.prompts, wanted.options.threshold
+                    ),
+                ));
+            }
+            let with_mask = Inputs {
+                image: inputs.image.clone(),
+                mask: Some(found),
+                controlnet: inputs.controlnet,
+                loras: inputs.loras.clone(),
+                mask_prompt: None,
+            };
+            return self.generate(params, &with_mask, styles, progress, cancel);
+        }
         let (params, style) = apply_style(params, styles)?;
         let mode = resolve_mode(&params, inputs)?;
         // Restores the base weights when dropped: on return, error or panic.

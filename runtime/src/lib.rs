@@ -12,6 +12,7 @@ pub mod inpaint;
 pub mod input;
 pub mod lora;
 pub mod mask;
+pub mod mask_prompt;
 pub mod models;
 pub mod noise;
 pub mod output;

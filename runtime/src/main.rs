@@ -8,8 +8,12 @@ use std::sync::atomic::AtomicBool;
 use clap::{Parser, Subcommand};
 use imagegen_crds::{Mode, Outpaint, Strategy};
 use imagegen_runtime::engine::load_controlnet;
+use imagegen_runtime::generate::MaskPrompt;
 use imagegen_runtime::input::{load_image_file, ImageLimits};
 use imagegen_runtime::mask::{check_same_size, mask_from_image};
+use imagegen_runtime::mask_prompt::{
+    load_clipseg, MaskOptions, DEFAULT_GROW, DEFAULT_MASK_MODEL, DEFAULT_THRESHOLD,
+};
 use imagegen_runtime::output::write_png;
 use imagegen_runtime::source::resolve_component;
 use imagegen_runtime::styles::StyleBook;
@@ -31,6 +35,41 @@ enum Command {
     Generate(Box<GenerateArgs>),
     /// List the style presets.
     Styles(StylesArgs),
+    /// Find an inpainting mask from text (CLIPSeg) and write it as a PNG of the image's
+    /// size: white = repaint.
+    Mask(MaskArgs),
+}
+
+#[derive(clap::Args)]
+struct MaskArgs {
+    /// A CLIPSeg folder (transformers layout) or hub id.
+    #[arg(long, default_value = DEFAULT_MASK_MODEL)]
+    model: String,
+    #[arg(long)]
+    image: PathBuf,
+    /// What to mask; repeat for the union of several things.
+    #[arg(long = "prompt", required = true)]
+    prompts: Vec<String>,
+    /// What to leave out of the mask.
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    /// Probability above which a pixel is masked.
+    #[arg(long, default_value_t = DEFAULT_THRESHOLD)]
+    threshold: f32,
+    /// Grow the mask by this many pixels.
+    #[arg(long, default_value_t = DEFAULT_GROW)]
+    grow: u32,
+    /// Gaussian blur of the mask's edge (sigma, pixels).
+    #[arg(long, default_value_t = 0.0)]
+    blur: f32,
+    /// cpu, cuda or cuda:N [default: cuda when available].
+    #[arg(long)]
+    device: Option<String>,
+    /// f32, f16 or bf16 [default: f16 on cuda, f32 on cpu].
+    #[arg(long)]
+    dtype: Option<String>,
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -109,8 +148,21 @@ struct GenerateArgs {
     canny_high: Option<f32>,
     /// The inpainting mask, the input image's size: white = repaint, black = keep (or an
     /// image whose transparent pixels are the ones to repaint).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "mask_prompts")]
     mask: Option<PathBuf>,
+    /// Instead of --mask: find the mask from text (CLIPSeg); repeat for the union of
+    /// several things. Needs --init-image.
+    #[arg(long = "mask-prompt", requires = "init_image")]
+    mask_prompts: Vec<String>,
+    /// What to leave out of the found mask.
+    #[arg(long, requires = "mask_prompts")]
+    mask_negative_prompt: Option<String>,
+    /// The CLIPSeg folder or hub id for --mask-prompt.
+    #[arg(long, default_value = DEFAULT_MASK_MODEL)]
+    mask_model: String,
+    /// Probability above which --mask-prompt masks a pixel.
+    #[arg(long, default_value_t = DEFAULT_THRESHOLD)]
+    mask_threshold: f32,
     /// Blur of the mask's edge when pasting back, in pixels [default: 4].
     #[arg(long)]
     mask_blur: Option<u32>,
@@ -362,12 +414,28 @@ fn generate(args: GenerateArgs) -> Result<(), String> {
                 .map_err(|e| e.to_string())
         })
         .collect::<Result<Vec<_>, String>>()?;
+    let finder = if args.mask_prompts.is_empty() {
+        None
+    } else {
+        Some(load_clipseg(&args.mask_model, device, dtype).map_err(|e| e.to_string())?)
+    };
     let loaded = started.elapsed();
     let inputs = Inputs {
         image,
         mask,
         controlnet: controlnet.as_ref().map(|c| &c.model),
         loras,
+        // The found mask is grown and blurred by --mask-grow/--mask-blur like a drawn one.
+        mask_prompt: finder.as_ref().map(|finder| MaskPrompt {
+            finder,
+            prompts: args.mask_prompts.clone(),
+            negative: args.mask_negative_prompt.clone(),
+            options: MaskOptions {
+                threshold: args.mask_threshold,
+                grow: 0,
+                blur: 0.0,
+            },
+        }),
     };
     let cancel = AtomicBool::new(false);
     let mut report =
@@ -407,6 +475,32 @@ fn generate(args: GenerateArgs) -> Result<(), String> {
             "all {count} image(s) were withheld by the safety checker; nothing was written"
         ));
     }
+    Ok(())
+}
+
+fn find_mask(args: MaskArgs) -> Result<(), String> {
+    let device = parse_device(args.device.as_deref())?;
+    let dtype = parse_dtype(args.dtype.as_deref(), device)?;
+    let image = load_image_file(&args.image, &ImageLimits::default())
+        .map_err(|e| e.to_string())?
+        .to_rgb8();
+    let finder = load_clipseg(&args.model, device, dtype).map_err(|e| e.to_string())?;
+    let options = MaskOptions {
+        threshold: args.threshold,
+        grow: args.grow,
+        blur: args.blur,
+    };
+    let mask = finder
+        .find(
+            &image,
+            &args.prompts,
+            args.negative_prompt.as_deref(),
+            &options,
+        )
+        .map_err(|e| e.to_string())?;
+    mask.save_with_format(&args.out, image::ImageFormat::Png)
+        .map_err(|e| format!("writing {}: {e}", args.out.display()))?;
+    println!("{}", args.out.display());
     Ok(())
 }
 
@@ -468,6 +562,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate(*args),
         Command::Styles(args) => list_styles(args),
+        Command::Mask(args) => find_mask(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -97,6 +97,12 @@ fn wanted(file: &str, prefer_variant: Option<&str>, all: &[String], safety_check
 /// Resolves a single-model folder (a ControlNet: `config.json` and safetensors weights at
 /// its root), downloading it if `spec` is a hub id.
 pub fn resolve_component(spec: &str) -> Result<PathBuf> {
+    resolve_component_with(spec, &[])
+}
+
+/// [`resolve_component`], also downloading those of `extra_files` (root-level names, e.g.
+/// tokenizer files) that the repository has.
+pub fn resolve_component_with(spec: &str, extra_files: &[&str]) -> Result<PathBuf> {
     let path = Path::new(spec);
     if path.is_dir() {
         return Ok(path.to_path_buf());
@@ -128,6 +134,9 @@ pub fn resolve_component(spec: &str) -> Result<PathBuf> {
         .get("config.json")
         .map_err(|e| err(format!("config.json: {e}")))?;
     for file in weights {
+        repo.get(file).map_err(|e| err(format!("{file}: {e}")))?;
+    }
+    for file in extra_files.iter().filter(|f| all.iter().any(|a| a == *f)) {
         repo.get(file).map_err(|e| err(format!("{file}: {e}")))?;
     }
     Ok(config.parent().map(Path::to_path_buf).unwrap_or_default())

@@ -702,3 +702,67 @@ fn lora_flag_applies_loras_and_bad_specs_are_one_line_errors() {
         assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
     }
 }
+
+#[test]
+fn mask_prompt_finds_the_mask_and_inpaints_only_there() {
+    let dir = scratch("mask-prompt");
+    let (img, _) = write_inputs(&dir, (64, 48), (0, 0, 1, 1));
+    let clipseg = fixtures_dir().join("tiny-clipseg");
+    let found = dir.join("found.png");
+    let (code, stdout, stderr) = run(&[
+        "mask",
+        "--model",
+        clipseg.to_str().unwrap(),
+        "--image",
+        img.to_str().unwrap(),
+        "--prompt",
+        "a red ball",
+        "--grow",
+        "0",
+        "--device",
+        "cpu",
+        "--out",
+        found.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(stdout.trim(), found.to_str().unwrap());
+    let mask = image::open(&found).unwrap().to_luma8();
+    assert_eq!(mask.dimensions(), (64, 48));
+    assert!(mask.pixels().all(|p| p[0] == 0 || p[0] == 255));
+    let white = mask.pixels().filter(|p| p[0] == 255).count();
+    assert!(white > 0, "the prompt found nothing");
+
+    let out = dir.join("out.png");
+    let (code, stderr) = generate_with(
+        &[
+            "--init-image",
+            img.to_str().unwrap(),
+            "--mask-prompt",
+            "a red ball",
+            "--mask-model",
+            clipseg.to_str().unwrap(),
+            // The random fixture model's mask is fine-grained (patches of a few pixels): no
+            // grow and no feathering, so that every pixel it leaves out must stay.
+            "--mask-blur",
+            "0",
+            "--mask-grow",
+            "0",
+            "--device",
+            "cpu",
+        ],
+        &out,
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let result = image::open(&out).unwrap().to_rgb8();
+    let input = image::open(&img).unwrap().to_rgb8();
+    assert_eq!(result.dimensions(), (64, 48));
+    let mut kept = 0;
+    for (x, y, p) in input.enumerate_pixels() {
+        if mask.get_pixel(x, y)[0] == 0 {
+            assert_eq!(result.get_pixel(x, y), p, "pixel ({x}, {y}) changed");
+            kept += 1;
+        }
+    }
+    assert!(kept > 0, "the found mask covers the whole image");
+    assert_ne!(result, input, "the found area was repainted");
+}

@@ -16,6 +16,17 @@ use crate::error::{read_json, Error, Result};
 pub enum Activation {
     QuickGelu,
     Gelu,
+    Relu,
+}
+
+impl Activation {
+    pub fn apply(self, x: &Tensor) -> Tensor {
+        match self {
+            Activation::QuickGelu => x * (x * 1.702).sigmoid(),
+            Activation::Gelu => x.gelu("none"),
+            Activation::Relu => x.relu(),
+        }
+    }
 }
 
 /// `text_encoder/config.json`, with transformers' defaults for absent keys.
@@ -152,11 +163,7 @@ impl EncoderLayer {
         );
         let x = x + self.out_proj.forward(&attended);
         let h = self.fc1.forward(&self.layer_norm2.forward(&x));
-        let h = match self.activation {
-            Activation::QuickGelu => &h * (&h * 1.702).sigmoid(),
-            Activation::Gelu => h.gelu("none"),
-        };
-        x + self.fc2.forward(&h)
+        x + self.fc2.forward(&self.activation.apply(&h))
     }
 }
 

@@ -1,11 +1,11 @@
-//! The CLIP vision tower (transformers' `CLIPVisionModel`): a strided convolution cuts the
-//! image into patches, a class token is prepended, position embeddings are added, then a
-//! pre-norm, a stack of (non-causal) pre-norm transformer layers, and a layer norm of the
-//! class token as the pooled output.
+//! The CLIP vision tower (transformers' `CLIPVisionTransformer`, and CLIPSeg's copy of it):
+//! a patch-embedding convolution, a class token, position embeddings (bicubically
+//! interpolated for other image sizes), `pre_layrnorm`, pre-norm transformer layers and
+//! `post_layernorm` on the class token. Self-contained so that every model that needs a CLIP
+//! image encoder (CLIPSeg, a safety checker) can build one from its `vision_config`.
 //!
-//! VarStore paths are the keys of the checkpoints on the hub
-//! (`vision_model.embeddings.patch_embedding.weight`, ... under the path given to
-//! [`ClipVisionModel::new`]).
+//! VarStore paths equal the state-dict keys below the path given to [`ClipVisionModel::new`]
+//! (`vision_model.embeddings.patch_embedding.weight`, ...).
 
 use serde::Deserialize;
 use tch::{nn, nn::Module, Kind, Tensor};
@@ -14,7 +14,7 @@ use super::attention::sdpa;
 use super::clip::Activation;
 use super::layers::{embedding, layer_norm, linear};
 
-/// `vision_config` of a CLIP config, with transformers' defaults for absent keys.
+/// `vision_config`, with transformers' `CLIPVisionConfig` defaults for absent keys.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ClipVisionConfig {
     #[serde(default = "defaults::hidden_size")]
@@ -92,8 +92,19 @@ impl ClipVisionConfig {
     }
 }
 
+/// What the vision tower returns.
 #[derive(Debug)]
-struct VisionLayer {
+pub struct ClipVisionOutput {
+    /// `[batch, 1 + patches, hidden]`.
+    pub last_hidden_state: Tensor,
+    /// The class token after `post_layernorm`: `[batch, hidden]`.
+    pub pooled: Tensor,
+}
+
+/// One transformer layer of CLIP's shape: self-attention and an MLP, each with a residual.
+/// CLIP's encoder normalises before each (pre-norm); CLIPSeg's decoder after (post-norm).
+#[derive(Debug)]
+pub struct TransformerLayer {
     layer_norm1: nn::LayerNorm,
     q_proj: nn::Linear,
     k_proj: nn::Linear,
@@ -106,81 +117,89 @@ struct VisionLayer {
     activation: Activation,
 }
 
-impl VisionLayer {
-    fn new(p: nn::Path, c: &ClipVisionConfig) -> Self {
-        let d = c.hidden_size;
+impl TransformerLayer {
+    /// `p` is the layer's path (`...layers.3`): `self_attn.*`, `mlp.fc1/fc2`, `layer_norm1/2`.
+    pub fn new(
+        p: nn::Path,
+        dim: i64,
+        intermediate: i64,
+        heads: i64,
+        eps: f64,
+        activation: Activation,
+    ) -> Self {
         let attn = &p / "self_attn";
         let mlp = &p / "mlp";
-        VisionLayer {
-            layer_norm1: layer_norm(&p / "layer_norm1", d, c.layer_norm_eps),
-            q_proj: linear(&attn / "q_proj", d, d, true),
-            k_proj: linear(&attn / "k_proj", d, d, true),
-            v_proj: linear(&attn / "v_proj", d, d, true),
-            out_proj: linear(&attn / "out_proj", d, d, true),
-            layer_norm2: layer_norm(&p / "layer_norm2", d, c.layer_norm_eps),
-            fc1: linear(&mlp / "fc1", d, c.intermediate_size, true),
-            fc2: linear(&mlp / "fc2", c.intermediate_size, d, true),
-            heads: c.num_attention_heads,
-            activation: c.hidden_act,
+        TransformerLayer {
+            layer_norm1: layer_norm(&p / "layer_norm1", dim, eps),
+            q_proj: linear(&attn / "q_proj", dim, dim, true),
+            k_proj: linear(&attn / "k_proj", dim, dim, true),
+            v_proj: linear(&attn / "v_proj", dim, dim, true),
+            out_proj: linear(&attn / "out_proj", dim, dim, true),
+            layer_norm2: layer_norm(&p / "layer_norm2", dim, eps),
+            fc1: linear(&mlp / "fc1", dim, intermediate, true),
+            fc2: linear(&mlp / "fc2", intermediate, dim, true),
+            heads,
+            activation,
         }
     }
 
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let h = self.layer_norm1.forward(x);
+    fn attend(&self, x: &Tensor) -> Tensor {
         let attended = sdpa(
-            &self.q_proj.forward(&h),
-            &self.k_proj.forward(&h),
-            &self.v_proj.forward(&h),
+            &self.q_proj.forward(x),
+            &self.k_proj.forward(x),
+            &self.v_proj.forward(x),
             self.heads,
             false,
         );
-        let x = x + self.out_proj.forward(&attended);
-        let h = self.fc1.forward(&self.layer_norm2.forward(&x));
-        let h = match self.activation {
-            Activation::QuickGelu => &h * (&h * 1.702).sigmoid(),
-            Activation::Gelu => h.gelu("none"),
-        };
-        x + self.fc2.forward(&h)
+        self.out_proj.forward(&attended)
+    }
+
+    fn mlp(&self, x: &Tensor) -> Tensor {
+        self.fc2
+            .forward(&self.activation.apply(&self.fc1.forward(x)))
+    }
+
+    /// Pre-norm (CLIP's encoder layers), no attention mask.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let x = x + self.attend(&self.layer_norm1.forward(x));
+        &x + self.mlp(&self.layer_norm2.forward(&x))
+    }
+
+    /// Post-norm (CLIPSeg's decoder layers), no attention mask.
+    pub fn forward_post_norm(&self, x: &Tensor) -> Tensor {
+        let x = self.layer_norm1.forward(&(x + self.attend(x)));
+        self.layer_norm2.forward(&(&x + self.mlp(&x)))
     }
 }
 
-/// What the vision tower returns.
-#[derive(Debug)]
-pub struct ClipVisionOutput {
-    /// `[batch, 1 + patches, hidden]`.
-    pub last_hidden_state: Tensor,
-    /// The class token after `post_layernorm`: `[batch, hidden]`.
-    pub pooled: Tensor,
-}
-
-/// `CLIPVisionModel` (without position-embedding interpolation: inputs are
-/// `image_size` square, as CLIP's image processor makes them).
+/// `CLIPVisionTransformer` (the module at `vision_model`).
 #[derive(Debug)]
 pub struct ClipVisionModel {
     class_embedding: Tensor,
     patch_embedding: nn::Conv2D,
     position_embedding: nn::Embedding,
     pre_layrnorm: nn::LayerNorm,
-    layers: Vec<VisionLayer>,
+    layers: Vec<TransformerLayer>,
     post_layernorm: nn::LayerNorm,
-    image_size: i64,
+    patch_size: i64,
+    /// Patches per side of the grid the position embeddings were trained on.
+    grid: i64,
 }
 
 impl ClipVisionModel {
-    /// `p` is where the `CLIPVisionModel` sits: its paths continue with `vision_model.`.
+    /// `p` is the path that holds `vision_model` (the VarStore root for `CLIPVisionModel`,
+    /// `clip` for CLIPSeg).
     pub fn new(p: nn::Path, c: &ClipVisionConfig) -> Self {
         let p = &p / "vision_model";
         let emb = &p / "embeddings";
         let d = c.hidden_size;
-        let patch_config = nn::ConvConfig {
+        let grid = c.image_size / c.patch_size;
+        let conv = nn::ConvConfig {
             stride: c.patch_size,
             bias: false,
             ws_init: nn::Init::Const(0.0),
             ..Default::default()
         };
-        let layers = (0..c.num_hidden_layers)
-            .map(|i| VisionLayer::new(&p / "encoder" / "layers" / i, c))
-            .collect();
         ClipVisionModel {
             class_embedding: emb.var("class_embedding", &[d], nn::Init::Const(0.0)),
             patch_embedding: nn::conv2d(
@@ -188,49 +207,109 @@ impl ClipVisionModel {
                 c.num_channels,
                 d,
                 c.patch_size,
-                patch_config,
+                conv,
             ),
-            position_embedding: embedding(&emb / "position_embedding", c.grid() * c.grid() + 1, d),
+            position_embedding: embedding(&emb / "position_embedding", grid * grid + 1, d),
             pre_layrnorm: layer_norm(&p / "pre_layrnorm", d, c.layer_norm_eps),
-            layers,
+            layers: (0..c.num_hidden_layers)
+                .map(|i| {
+                    TransformerLayer::new(
+                        &p / "encoder" / "layers" / i,
+                        d,
+                        c.intermediate_size,
+                        c.num_attention_heads,
+                        c.layer_norm_eps,
+                        c.hidden_act,
+                    )
+                })
+                .collect(),
             post_layernorm: layer_norm(&p / "post_layernorm", d, c.layer_norm_eps),
-            image_size: c.image_size,
+            patch_size: c.patch_size,
+            grid,
         }
     }
 
-    /// The side of the square input the model takes.
-    pub fn image_size(&self) -> i64 {
-        self.image_size
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
     }
 
-    /// `pixel_values`: `[batch, channels, image_size, image_size]`, normalized as CLIP's
-    /// image processor does; converted to the weights' dtype.
-    pub fn forward(&self, pixel_values: &Tensor) -> ClipVisionOutput {
-        let (batch, _, height, width) = pixel_values.size4().expect("pixel_values is 4-d");
-        assert!(
-            height == self.image_size && width == self.image_size,
-            "the vision tower takes {0}x{0} inputs, got {width}x{height}",
-            self.image_size
-        );
-        let kind = self.class_embedding.kind();
+    /// Position embeddings for a `height`×`width` input: the stored ones when the patch grid
+    /// is the trained one, else the patch part resized bicubically (align_corners=False), as
+    /// transformers' `interpolate_pos_encoding` does.
+    fn position_embeddings(&self, height: i64, width: i64) -> Tensor {
+        let table = &self.position_embedding.ws;
+        let (rows, cols) = (height / self.patch_size, width / self.patch_size);
+        if rows * cols == self.grid * self.grid && height == width {
+            return table.unsqueeze(0);
+        }
+        let dim = table.size()[1];
+        let patches = table
+            .narrow(0, 1, self.grid * self.grid)
+            .reshape([1, self.grid, self.grid, dim])
+            .permute([0, 3, 1, 2]);
+        // Bicubic interpolation in fp32 (half-precision bicubic is not available everywhere).
+        let resized = patches
+            .to_kind(Kind::Float)
+            .upsample_bicubic2d([rows, cols], false, None, None)
+            .to_kind(table.kind())
+            .permute([0, 2, 3, 1])
+            .reshape([1, rows * cols, dim]);
+        Tensor::cat(&[table.narrow(0, 0, 1).unsqueeze(0), resized], 1)
+    }
+
+    /// The input of the first layer: class token and patch embeddings plus positions,
+    /// through `pre_layrnorm`. `pixel_values`: `[batch, channels, height, width]`.
+    pub fn embed(&self, pixel_values: &Tensor) -> Tensor {
+        let (batch, _, height, width) = pixel_values.size4().expect("pixel values are 4-d");
         let patches = self
             .patch_embedding
-            .forward(&pixel_values.to_kind(kind))
+            .forward(&pixel_values.to_kind(self.class_embedding.kind()))
             .flatten(2, -1)
             .transpose(1, 2);
-        let hidden = self.class_embedding.size()[0];
-        let class = self.class_embedding.expand([batch, 1, hidden], false);
-        let tokens = patches.size()[1] + 1;
-        let positions = Tensor::arange(tokens, (Kind::Int64, pixel_values.device())).unsqueeze(0);
-        let mut x = Tensor::cat(&[class, patches], 1) + self.position_embedding.forward(&positions);
-        x = self.pre_layrnorm.forward(&x);
-        for layer in &self.layers {
-            x = layer.forward(&x);
+        let class = self
+            .class_embedding
+            .view([1, 1, -1])
+            .expand([batch, 1, -1], false);
+        let x = Tensor::cat(&[class, patches], 1) + self.position_embeddings(height, width);
+        self.pre_layrnorm.forward(&x)
+    }
+
+    /// Hidden states as transformers numbers them: `[0]` is [`Self::embed`]'s output and
+    /// `[i + 1]` the output of layer `i`, for the first `layers` layers only (the rest is not
+    /// computed).
+    pub fn hidden_states(&self, pixel_values: &Tensor, layers: usize) -> Vec<Tensor> {
+        let mut states = vec![self.embed(pixel_values)];
+        for layer in &self.layers[..layers.min(self.layers.len())] {
+            let next = layer.forward(states.last().expect("starts non-empty"));
+            states.push(next);
         }
-        let pooled = self.post_layernorm.forward(&x.select(1, 0));
+        states
+    }
+
+    /// The side of the square input the position embeddings were trained on.
+    pub fn image_size(&self) -> i64 {
+        self.grid * self.patch_size
+    }
+
+    /// `CLIPVisionModel`'s outputs: the last hidden state and the pooled class token.
+    pub fn forward(&self, pixel_values: &Tensor) -> ClipVisionOutput {
+        let last_hidden_state = self
+            .hidden_states(pixel_values, self.layers.len())
+            .pop()
+            .expect("at least the embeddings");
+        let pooled = self.post_layernorm.forward(&last_hidden_state.select(1, 0));
         ClipVisionOutput {
-            last_hidden_state: x,
+            last_hidden_state,
             pooled,
         }
+    }
+
+    /// `pooler_output`: `post_layernorm` of the last layer's class token, `[batch, hidden]`.
+    pub fn pooled(&self, pixel_values: &Tensor) -> Tensor {
+        let last = self
+            .hidden_states(pixel_values, self.layers.len())
+            .pop()
+            .expect("at least the embeddings");
+        self.post_layernorm.forward(&last.select(1, 0))
     }
 }

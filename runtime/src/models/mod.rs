@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod clip;
 pub mod clip_vision;
+pub mod clipseg;
 pub mod controlnet;
 pub mod layers;
 pub mod resnet;
