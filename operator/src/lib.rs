@@ -15,10 +15,14 @@
 //!   Service, PersistentVolumeClaim, …), each owned by the resource. Builders cannot fail and
 //!   make no API calls, so both steps are tested here as plain functions.
 //! - **apply** server-side applies the built objects.
-//! - **update_status** derives the resource's status from what the cluster reports and
-//!   patches the status subresource.
+//! - **update_status** derives the resource's status from what the cluster reports (see
+//!   [`diffusion_model::status_from`]) and patches the status subresource.
+//!
+//! So far this crate holds the validation, builders and status logic of DiffusionModel; the
+//! API client and controller loops come next.
 
 pub mod conditions;
+pub mod diffusion_model;
 
 pub use imagegen_crds as api;
 
