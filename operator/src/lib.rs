@@ -1,4 +1,92 @@
-//! The Kubernetes operator for imagegen's custom resources. It builds on the API types of
-//! `imagegen-crds`; its controllers are not written yet.
+//! The Kubernetes operator for imagegen's custom resources, built on the API types of
+//! `imagegen-crds`.
+//!
+//! Each controller reconciles one resource as a pipeline of steps:
+//!
+//! ```text
+//! dereference → validate → build → apply → update_status
+//! ```
+//!
+//! - **dereference** reads what the resource refers to (for an ImageGeneration, its
+//!   DiffusionModel) from the API server.
+//! - **validate** checks what the schema cannot and resolves every default, giving a
+//!   `Valid*` value, or an [`Error`] that says what to fix. No API calls.
+//! - **build** turns the validated value into the Kubernetes objects it needs (Deployment,
+//!   Service, PersistentVolumeClaim, …), each owned by the resource. Builders cannot fail and
+//!   make no API calls, so both steps are tested here as plain functions.
+//! - **apply** server-side applies the built objects.
+//! - **update_status** derives the resource's status from what the cluster reports (see
+//!   [`diffusion_model::status_from`]) and patches the status subresource.
+//!
+//! So far this crate holds the validation, builders and status logic of DiffusionModel; the
+//! API client and controller loops come next.
+
+pub mod conditions;
+pub mod diffusion_model;
 
 pub use imagegen_crds as api;
+
+/// The field manager of every server-side apply made by the operator.
+pub const FIELD_MANAGER: &str = "imagegen-operator";
+
+/// Settings of the operator itself, the same for every resource it manages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OperatorConfig {
+    /// Image of imagegen's runtime (the `imagegen` binary), run by model replicas.
+    pub runtime_image: String,
+    /// `imagePullPolicy` of the runtime containers.
+    pub image_pull_policy: String,
+    /// Secrets to pull the runtime image with.
+    pub image_pull_secrets: Vec<String>,
+    /// Service account of the runtime pods; the namespace's default one when `None`.
+    pub service_account_name: Option<String>,
+    /// User and group id the runtime runs as (never root).
+    pub run_as_user: i64,
+}
+
+impl Default for OperatorConfig {
+    fn default() -> Self {
+        OperatorConfig {
+            runtime_image: format!("ghcr.io/imagegen/imagegen:{}", env!("CARGO_PKG_VERSION")),
+            image_pull_policy: "IfNotPresent".into(),
+            image_pull_secrets: Vec::new(),
+            service_account_name: None,
+            run_as_user: 65532,
+        }
+    }
+}
+
+/// Why a resource cannot be reconciled.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    /// The object lacks a field the API server always sets (name, namespace, uid).
+    #[error("{kind} has no {field}")]
+    MissingObjectKey {
+        /// Kind of the object.
+        kind: &'static str,
+        /// The missing field of `metadata`.
+        field: &'static str,
+    },
+    /// The name is too long or not a DNS label, so no Service can carry it.
+    #[error("name {name:?} must be a DNS label of at most 63 characters: {reason}")]
+    InvalidName {
+        /// The name.
+        name: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// `spec.replicas.min` exceeds `spec.replicas.max`, or `max` is 0.
+    #[error("replicas: min {min} and max {max} must satisfy min <= max and max >= 1")]
+    InvalidReplicas {
+        /// The smallest count asked for.
+        min: u32,
+        /// The largest count asked for.
+        max: u32,
+    },
+    /// `spec.source` names nothing usable.
+    #[error("source: {0}")]
+    InvalidSource(String),
+    /// `spec.resources` asks for an impossible GPU setup.
+    #[error("resources: {0}")]
+    InvalidResources(String),
+}

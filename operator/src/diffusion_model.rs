@@ -1,0 +1,1211 @@
+//! DiffusionModel: validation, the objects that serve a model, and the status derived from
+//! them.
+//!
+//! A model becomes a Deployment of `imagegen serve` replicas, a ClusterIP Service in front of
+//! them and, when `spec.cache` is set, a PersistentVolumeClaim that keeps the downloaded
+//! weights across restarts. All are named after the model and owned by it.
+
+use std::collections::BTreeMap;
+
+use imagegen_crds::common::condition_types::{DEGRADED, PROGRESSING, READY};
+use imagegen_crds::diffusion_model::{
+    Dtype, Family, ModelCache, ModelSource, DEFAULT_GPU_RESOURCE,
+};
+use imagegen_crds::{DiffusionModel, DiffusionModelStatus};
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction,
+    LocalObjectReference, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec,
+    Toleration, Volume, VolumeMount, VolumeResourceRequirements,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+    LabelSelector, ObjectMeta, OwnerReference, Time,
+};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+
+use crate::conditions::{condition, set_condition};
+use crate::{Error, OperatorConfig};
+
+/// Port the runtime listens on inside the pod.
+pub const RUNTIME_PORT: i32 = 8080;
+/// Port of the model's Service.
+pub const SERVICE_PORT: i32 = 80;
+/// Where the model cache volume is mounted; `HF_HOME` points there.
+pub const CACHE_MOUNT_PATH: &str = "/cache";
+/// Name of the runtime container.
+pub const CONTAINER_NAME: &str = "runtime";
+/// Label naming the DiffusionModel a runtime pod serves.
+pub const MODEL_LABEL: &str = "imagegen.dev/model";
+/// Longest name a DiffusionModel may have: a Service name is a DNS label.
+pub const MAX_MODEL_NAME_CHARS: usize = 63;
+/// Most GPUs one replica may ask for.
+pub const MAX_GPUS: u32 = 16;
+
+/// A DiffusionModel that passed [`validate`], with every default resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidModel {
+    /// Name of the model, and of its Deployment and Service.
+    pub name: String,
+    /// Namespace of the model and of every object built for it.
+    pub namespace: String,
+    /// Owner reference (controller) that makes the built objects the model's.
+    pub owner: OwnerReference,
+    /// `metadata.generation` of the model.
+    pub generation: Option<i64>,
+    /// The `--model` argument of `imagegen serve`.
+    pub model_arg: String,
+    /// Model family.
+    pub family: Family,
+    /// Weights and activations type (default f16).
+    pub dtype: Dtype,
+    /// Fewest replicas.
+    pub min_replicas: u32,
+    /// Most replicas.
+    pub max_replicas: u32,
+    /// GPUs per replica (default 1).
+    pub gpus: u32,
+    /// Extended resource name of the GPUs (default `nvidia.com/gpu`).
+    pub gpu_resource_name: String,
+    /// Node selector of the pods.
+    pub node_selector: BTreeMap<String, String>,
+    /// Tolerations of the pods.
+    pub tolerations: Vec<Toleration>,
+    /// The weight cache claim, if any (otherwise the cache is an emptyDir).
+    pub cache: Option<ModelCache>,
+}
+
+impl ValidModel {
+    /// Name of the cache PersistentVolumeClaim.
+    pub fn cache_claim_name(&self) -> String {
+        cache_claim_name(&self.name)
+    }
+
+    /// In-cluster URL of the model's Service.
+    pub fn endpoint(&self) -> String {
+        endpoint(&self.name, &self.namespace)
+    }
+}
+
+/// Name of the cache PersistentVolumeClaim of the model `name`.
+pub fn cache_claim_name(name: &str) -> String {
+    format!("{name}-cache")
+}
+
+/// In-cluster URL of the Service of the model `name` in `namespace`.
+pub fn endpoint(name: &str, namespace: &str) -> String {
+    format!("http://{name}.{namespace}.svc:{SERVICE_PORT}")
+}
+
+/// Checks what the schema cannot (or what a resource that skipped the schema may get wrong)
+/// and resolves the defaults. Makes no API calls.
+pub fn validate(model: &DiffusionModel) -> Result<ValidModel, Error> {
+    const KIND: &str = "DiffusionModel";
+    let missing = |field| Error::MissingObjectKey { kind: KIND, field };
+    let name = model.metadata.name.clone().ok_or(missing("name"))?;
+    let namespace = model.namespace().ok_or(missing("namespace"))?;
+    model.metadata.uid.as_ref().ok_or(missing("uid"))?;
+    let owner = model.controller_owner_ref(&()).ok_or(missing("uid"))?;
+    validate_name(&name)?;
+
+    let spec = &model.spec;
+    let (min_replicas, max_replicas) = spec.replicas.map_or((1, 1), |r| (r.min, r.max));
+    if min_replicas > max_replicas || max_replicas == 0 {
+        return Err(Error::InvalidReplicas {
+            min: min_replicas,
+            max: max_replicas,
+        });
+    }
+
+    let model_arg = match &spec.source {
+        ModelSource::Hub(hub) => {
+            let parts: Vec<&str> = hub.repo.split('/').collect();
+            if parts.len() != 2 || parts.iter().any(|p| p.is_empty()) {
+                return Err(Error::InvalidSource(format!(
+                    "hub repo {:?} is not owner/name",
+                    hub.repo
+                )));
+            }
+            match hub.revision.as_deref() {
+                Some("") => return Err(Error::InvalidSource("hub revision is empty".into())),
+                Some(revision) => format!("{}@{revision}", hub.repo),
+                None => hub.repo.clone(),
+            }
+        }
+        ModelSource::Path(path) if path.trim().is_empty() => {
+            return Err(Error::InvalidSource("path is empty".into()))
+        }
+        ModelSource::Path(path) => path.clone(),
+        ModelSource::Url(url) if !(url.starts_with("https://") || url.starts_with("http://")) => {
+            return Err(Error::InvalidSource(format!("url {url:?} is not http(s)")))
+        }
+        ModelSource::Url(url) => url.clone(),
+    };
+
+    let resources = spec.resources.as_ref();
+    let gpus = resources.and_then(|r| r.gpus).unwrap_or(1);
+    if !(1..=MAX_GPUS).contains(&gpus) {
+        return Err(Error::InvalidResources(format!(
+            "gpus must be 1 to {MAX_GPUS}, not {gpus}"
+        )));
+    }
+    let gpu_resource_name = resources
+        .and_then(|r| r.gpu_resource_name.clone())
+        .unwrap_or_else(|| DEFAULT_GPU_RESOURCE.into());
+    if !is_extended_resource_name(&gpu_resource_name) {
+        return Err(Error::InvalidResources(format!(
+            "gpuResourceName {gpu_resource_name:?} is not an extended resource name (domain/name)"
+        )));
+    }
+
+    Ok(ValidModel {
+        name,
+        namespace,
+        owner,
+        generation: model.metadata.generation,
+        model_arg,
+        family: spec.family,
+        dtype: spec.dtype.unwrap_or(Dtype::F16),
+        min_replicas,
+        max_replicas,
+        gpus,
+        gpu_resource_name,
+        node_selector: spec.node_selector.clone().unwrap_or_default(),
+        tolerations: spec.tolerations.clone().unwrap_or_default(),
+        cache: spec.cache.clone(),
+    })
+}
+
+/// A DNS-1035 label: what a Service name must be.
+fn validate_name(name: &str) -> Result<(), Error> {
+    let invalid = |reason| {
+        Err(Error::InvalidName {
+            name: name.into(),
+            reason,
+        })
+    };
+    if name.is_empty() || name.len() > MAX_MODEL_NAME_CHARS {
+        return invalid("length");
+    }
+    if !name.starts_with(|c: char| c.is_ascii_lowercase()) {
+        return invalid("must start with a lowercase letter");
+    }
+    if name.ends_with('-') {
+        return invalid("must not end with '-'");
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+    {
+        return invalid("only lowercase letters, digits and '-'");
+    }
+    Ok(())
+}
+
+/// `domain/name`, as extended resources such as `nvidia.com/gpu` are, and not in the
+/// `kubernetes.io` domain.
+fn is_extended_resource_name(name: &str) -> bool {
+    match name.split_once('/') {
+        Some((domain, resource)) => {
+            !domain.is_empty()
+                && !resource.is_empty()
+                && !resource.contains('/')
+                && domain.contains('.')
+                && !domain.ends_with("kubernetes.io")
+        }
+        None => false,
+    }
+}
+
+/// Labels that select the runtime pods of the model `name`: the Deployment's selector and
+/// the Service's.
+pub fn selector_labels(name: &str) -> BTreeMap<String, String> {
+    [
+        ("app.kubernetes.io/name", "imagegen"),
+        ("app.kubernetes.io/instance", name),
+        ("app.kubernetes.io/component", "runtime"),
+        (MODEL_LABEL, name),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+/// Labels of every object built for the model: the selector labels and the manager.
+pub fn labels(name: &str) -> BTreeMap<String, String> {
+    let mut labels = selector_labels(name);
+    labels.insert(
+        "app.kubernetes.io/managed-by".into(),
+        crate::FIELD_MANAGER.into(),
+    );
+    labels
+}
+
+fn metadata(model: &ValidModel, name: String) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name),
+        namespace: Some(model.namespace.clone()),
+        labels: Some(labels(&model.name)),
+        owner_references: Some(vec![model.owner.clone()]),
+        ..ObjectMeta::default()
+    }
+}
+
+fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("http".into()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(5),
+        ..Probe::default()
+    }
+}
+
+fn dtype_arg(dtype: Dtype) -> &'static str {
+    match dtype {
+        Dtype::F32 => "f32",
+        Dtype::F16 => "f16",
+        Dtype::Bf16 => "bf16",
+    }
+}
+
+/// The Deployment of `imagegen serve` replicas. `replicas` is `spec.replicas.min`.
+pub fn build_deployment(model: &ValidModel, config: &OperatorConfig) -> Deployment {
+    let args = [
+        "serve",
+        "--model",
+        &model.model_arg,
+        "--listen",
+        &format!("0.0.0.0:{RUNTIME_PORT}"),
+        "--dtype",
+        dtype_arg(model.dtype),
+    ]
+    .map(String::from)
+    .to_vec();
+    let limits = BTreeMap::from([(
+        model.gpu_resource_name.clone(),
+        Quantity(model.gpus.to_string()),
+    )]);
+    let container = Container {
+        name: CONTAINER_NAME.into(),
+        image: Some(config.runtime_image.clone()),
+        image_pull_policy: Some(config.image_pull_policy.clone()),
+        command: Some(vec!["imagegen".into()]),
+        args: Some(args),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".into()),
+            container_port: RUNTIME_PORT,
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        }]),
+        env: Some(vec![
+            EnvVar {
+                name: "HF_HOME".into(),
+                value: Some(CACHE_MOUNT_PATH.into()),
+                ..EnvVar::default()
+            },
+            EnvVar {
+                name: "HOME".into(),
+                value: Some("/tmp".into()),
+                ..EnvVar::default()
+            },
+        ]),
+        resources: Some(ResourceRequirements {
+            limits: Some(limits),
+            ..ResourceRequirements::default()
+        }),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "cache".into(),
+                mount_path: CACHE_MOUNT_PATH.into(),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: "tmp".into(),
+                mount_path: "/tmp".into(),
+                ..VolumeMount::default()
+            },
+        ]),
+        // Downloading and loading weights takes minutes: the startup probe holds liveness
+        // off for up to 30 minutes.
+        startup_probe: Some(http_probe("/healthz", 10, 180)),
+        liveness_probe: Some(http_probe("/healthz", 10, 3)),
+        readiness_probe: Some(http_probe("/readyz", 5, 3)),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Capabilities::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    };
+    let cache_volume = match &model.cache {
+        Some(_) => Volume {
+            name: "cache".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: model.cache_claim_name(),
+                ..PersistentVolumeClaimVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        None => Volume {
+            name: "cache".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        },
+    };
+    let tmp_volume = Volume {
+        name: "tmp".into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Volume::default()
+    };
+    let pod = PodSpec {
+        containers: vec![container],
+        volumes: Some(vec![cache_volume, tmp_volume]),
+        node_selector: (!model.node_selector.is_empty()).then(|| model.node_selector.clone()),
+        tolerations: (!model.tolerations.is_empty()).then(|| model.tolerations.clone()),
+        service_account_name: config.service_account_name.clone(),
+        image_pull_secrets: (!config.image_pull_secrets.is_empty()).then(|| {
+            config
+                .image_pull_secrets
+                .iter()
+                .map(|name| LocalObjectReference { name: name.clone() })
+                .collect()
+        }),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(config.run_as_user),
+            run_as_group: Some(config.run_as_user),
+            fs_group: Some(config.run_as_user),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..SeccompProfile::default()
+            }),
+            ..PodSecurityContext::default()
+        }),
+        ..PodSpec::default()
+    };
+    Deployment {
+        metadata: metadata(model, model.name.clone()),
+        spec: Some(DeploymentSpec {
+            replicas: Some(model.min_replicas as i32),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(&model.name)),
+                ..LabelSelector::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(&model.name)),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(pod),
+            },
+            ..DeploymentSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// The ClusterIP Service: port 80 to the runtime's port 8080.
+pub fn build_service(model: &ValidModel) -> Service {
+    Service {
+        metadata: metadata(model, model.name.clone()),
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            selector: Some(selector_labels(&model.name)),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: SERVICE_PORT,
+                target_port: Some(IntOrString::String("http".into())),
+                protocol: Some("TCP".into()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// The weight cache claim when `spec.cache` is set. Replicas share it, so a model that may
+/// run more than one replica asks for ReadWriteMany.
+pub fn build_cache_claim(model: &ValidModel) -> Option<PersistentVolumeClaim> {
+    let cache = model.cache.as_ref()?;
+    let access_mode = if model.max_replicas > 1 {
+        "ReadWriteMany"
+    } else {
+        "ReadWriteOnce"
+    };
+    Some(PersistentVolumeClaim {
+        metadata: metadata(model, model.cache_claim_name()),
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec![access_mode.into()]),
+            storage_class_name: cache.storage_class_name.clone(),
+            resources: Some(VolumeResourceRequirements {
+                requests: Some(BTreeMap::from([("storage".into(), cache.size.clone())])),
+                ..VolumeResourceRequirements::default()
+            }),
+            ..PersistentVolumeClaimSpec::default()
+        }),
+        status: None,
+    })
+}
+
+/// The status of `model` given its Deployment as the cluster reports it (`None` when it does
+/// not exist yet). Conditions keep their `lastTransitionTime` from `model.status` unless
+/// their status changes, in which case it becomes `now`.
+///
+/// - Ready: at least `spec.replicas.min` replicas are ready.
+/// - Progressing: the Deployment has not yet rolled out its latest spec to every replica.
+/// - Degraded: the Deployment reports a failure (`ReplicaFailure`, or a rollout past its
+///   progress deadline), or a finished rollout has fewer ready replicas than desired.
+pub fn status_from(
+    model: &DiffusionModel,
+    deployment: Option<&Deployment>,
+    now: Time,
+) -> DiffusionModelStatus {
+    let generation = model.metadata.generation;
+    let name = model.name_any();
+    let namespace = model.namespace().unwrap_or_default();
+    let min = model.spec.replicas.map_or(1, |r| r.min) as i32;
+    let mut conditions = model
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let mut set = |type_, status, reason, message: String| {
+        set_condition(
+            &mut conditions,
+            condition(type_, status, reason, message, generation),
+            now.clone(),
+        )
+    };
+
+    let Some(deployment) = deployment else {
+        set(
+            READY,
+            false,
+            "DeploymentMissing",
+            "the Deployment does not exist yet".into(),
+        );
+        set(
+            PROGRESSING,
+            true,
+            "Creating",
+            "creating the Deployment".into(),
+        );
+        set(DEGRADED, false, "AsExpected", String::new());
+        return DiffusionModelStatus {
+            ready_replicas: Some(0),
+            replicas: Some(0),
+            endpoint: None,
+            conditions,
+            observed_generation: generation,
+        };
+    };
+
+    let status = deployment.status.clone().unwrap_or_default();
+    let desired = deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.replicas)
+        .unwrap_or(1);
+    let ready = status.ready_replicas.unwrap_or(0);
+    let replicas = status.replicas.unwrap_or(0);
+    let updated = status.updated_replicas.unwrap_or(0);
+    let available = status.available_replicas.unwrap_or(0);
+    let observed =
+        status.observed_generation.unwrap_or(0) >= deployment.metadata.generation.unwrap_or(0);
+
+    let deployment_conditions = status.conditions.unwrap_or_default();
+    let failure = deployment_conditions.iter().find(|c| {
+        (c.type_ == "ReplicaFailure" && c.status == "True")
+            || (c.type_ == "Progressing"
+                && c.status == "False"
+                && c.reason.as_deref() == Some("ProgressDeadlineExceeded"))
+    });
+    // Every replica runs the latest spec, and the Deployment saw them become available
+    // (it keeps reporting NewReplicaSetAvailable when pods fail afterwards).
+    let spec_rolled_out = observed && updated >= desired && replicas <= updated;
+    let became_available = available >= desired
+        || deployment_conditions.iter().any(|c| {
+            c.type_ == "Progressing" && c.reason.as_deref() == Some("NewReplicaSetAvailable")
+        });
+    let rolled_out = spec_rolled_out && became_available;
+
+    if ready >= min {
+        set(
+            READY,
+            true,
+            "ReplicasReady",
+            format!("{ready} of {min} replicas ready"),
+        );
+    } else {
+        set(
+            READY,
+            false,
+            "ReplicasNotReady",
+            format!("{ready} of {min} replicas ready"),
+        );
+    }
+    if rolled_out {
+        set(PROGRESSING, false, "RolloutComplete", String::new());
+    } else if failure.is_some() {
+        set(
+            PROGRESSING,
+            false,
+            "RolloutFailed",
+            "the rollout makes no progress".into(),
+        );
+    } else {
+        set(
+            PROGRESSING,
+            true,
+            "RollingOut",
+            format!("{updated} of {desired} replicas updated, {available} available"),
+        );
+    }
+    match failure {
+        Some(failure) => set(
+            DEGRADED,
+            true,
+            failure.reason.as_deref().unwrap_or(&failure.type_),
+            failure.message.clone().unwrap_or_default(),
+        ),
+        None if rolled_out && ready < desired => set(
+            DEGRADED,
+            true,
+            "ReplicasUnavailable",
+            format!("{ready} of {desired} replicas ready"),
+        ),
+        None => set(DEGRADED, false, "AsExpected", String::new()),
+    }
+
+    DiffusionModelStatus {
+        ready_replicas: Some(ready),
+        replicas: Some(replicas),
+        endpoint: Some(endpoint(&name, &namespace)),
+        conditions,
+        observed_generation: generation,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conditions::find;
+    use imagegen_crds::common::Condition;
+    use k8s_openapi::api::apps::v1::{DeploymentCondition, DeploymentStatus};
+    use k8s_openapi::jiff::Timestamp;
+    use serde_json::json;
+
+    fn model(spec: serde_json::Value) -> DiffusionModel {
+        serde_json::from_value(json!({
+            "apiVersion": "imagegen.dev/v1alpha1",
+            "kind": "DiffusionModel",
+            "metadata": {"name": "sd15", "namespace": "ml", "uid": "u-1", "generation": 3},
+            "spec": spec,
+        }))
+        .unwrap()
+    }
+
+    fn full() -> DiffusionModel {
+        model(json!({
+            "source": {"hub": {"repo": "owner/sd15", "revision": "v1"}},
+            "family": "sd15",
+            "dtype": "bf16",
+            "replicas": {"min": 2, "max": 4},
+            "resources": {"gpus": 2, "gpuResourceName": "amd.com/gpu"},
+            "nodeSelector": {"gpu": "a100"},
+            "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            "cache": {"size": "20Gi", "storageClassName": "fast"}
+        }))
+    }
+
+    fn minimal() -> DiffusionModel {
+        model(json!({"source": {"path": "models/sd15"}, "family": "sd15"}))
+    }
+
+    fn pod_spec(deployment: &Deployment) -> &PodSpec {
+        deployment
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap()
+    }
+
+    fn at(second: i64) -> Time {
+        Time(Timestamp::from_second(second).unwrap())
+    }
+
+    // ---- validate ----
+
+    #[test]
+    fn validate_resolves_defaults() {
+        let valid = validate(&minimal()).unwrap();
+        assert_eq!(
+            (valid.name.as_str(), valid.namespace.as_str()),
+            ("sd15", "ml")
+        );
+        assert_eq!(
+            (valid.min_replicas, valid.max_replicas, valid.gpus),
+            (1, 1, 1)
+        );
+        assert_eq!(valid.gpu_resource_name, "nvidia.com/gpu");
+        assert_eq!(valid.dtype, Dtype::F16);
+        assert_eq!(valid.model_arg, "models/sd15");
+        assert_eq!(valid.generation, Some(3));
+        assert!(valid.node_selector.is_empty() && valid.tolerations.is_empty());
+    }
+
+    #[test]
+    fn validate_reads_the_full_spec() {
+        let valid = validate(&full()).unwrap();
+        assert_eq!(valid.model_arg, "owner/sd15@v1");
+        assert_eq!(
+            (valid.min_replicas, valid.max_replicas, valid.gpus),
+            (2, 4, 2)
+        );
+        assert_eq!(valid.gpu_resource_name, "amd.com/gpu");
+        assert_eq!(valid.dtype, Dtype::Bf16);
+        assert_eq!(valid.family, Family::Sd15);
+    }
+
+    #[test]
+    fn validate_refuses_bad_replicas() {
+        let mut m = minimal();
+        m.spec.replicas = serde_json::from_value(json!({"min": 3, "max": 2})).unwrap();
+        assert_eq!(validate(&m), Err(Error::InvalidReplicas { min: 3, max: 2 }));
+        m.spec.replicas = serde_json::from_value(json!({"min": 0, "max": 0})).unwrap();
+        assert_eq!(validate(&m), Err(Error::InvalidReplicas { min: 0, max: 0 }));
+        m.spec.replicas = serde_json::from_value(json!({"min": 0, "max": 1})).unwrap();
+        assert!(validate(&m).is_ok());
+    }
+
+    #[test]
+    fn validate_refuses_bad_sources() {
+        for source in [
+            json!({"path": " "}),
+            json!({"url": "ftp://x/m.tar"}),
+            json!({"hub": {"repo": "no-owner"}}),
+            json!({"hub": {"repo": "a/b/c"}}),
+            json!({"hub": {"repo": "a/b", "revision": ""}}),
+        ] {
+            let m = model(json!({"source": source, "family": "sd2"}));
+            assert!(
+                matches!(validate(&m), Err(Error::InvalidSource(_))),
+                "{source}"
+            );
+        }
+        let m = model(json!({"source": {"url": "https://x/m.tar"}, "family": "sd2"}));
+        assert_eq!(validate(&m).unwrap().model_arg, "https://x/m.tar");
+    }
+
+    #[test]
+    fn validate_refuses_bad_gpus() {
+        for resources in [
+            json!({"gpus": 0}),
+            json!({"gpus": 17}),
+            json!({"gpuResourceName": "gpu"}),
+            json!({"gpuResourceName": "kubernetes.io/gpu"}),
+        ] {
+            let mut m = minimal();
+            m.spec.resources = serde_json::from_value(resources.clone()).unwrap();
+            assert!(
+                matches!(validate(&m), Err(Error::InvalidResources(_))),
+                "{resources}"
+            );
+        }
+    }
+
+    #[test]
+    fn validate_refuses_bad_metadata() {
+        let mut m = minimal();
+        m.metadata.uid = None;
+        assert_eq!(
+            validate(&m),
+            Err(Error::MissingObjectKey {
+                kind: "DiffusionModel",
+                field: "uid"
+            })
+        );
+        let mut m = minimal();
+        m.metadata.namespace = None;
+        assert!(matches!(
+            validate(&m),
+            Err(Error::MissingObjectKey {
+                field: "namespace",
+                ..
+            })
+        ));
+        for name in ["1sd", "sd.15", "Sd15", "sd-", &"s".repeat(64)] {
+            let mut m = minimal();
+            m.metadata.name = Some(name.into());
+            assert!(
+                matches!(validate(&m), Err(Error::InvalidName { .. })),
+                "{name}"
+            );
+        }
+    }
+
+    // ---- build ----
+
+    #[test]
+    fn deployment_runs_imagegen_serve() {
+        let config = OperatorConfig {
+            runtime_image: "registry/imagegen:1".into(),
+            image_pull_policy: "Always".into(),
+            image_pull_secrets: vec!["pull".into()],
+            service_account_name: Some("runtime".into()),
+            ..OperatorConfig::default()
+        };
+        let d = build_deployment(&validate(&full()).unwrap(), &config);
+        assert_eq!(d.metadata.name.as_deref(), Some("sd15"));
+        assert_eq!(d.metadata.namespace.as_deref(), Some("ml"));
+        assert_eq!(d.spec.as_ref().unwrap().replicas, Some(2));
+        let pod = pod_spec(&d);
+        let c = &pod.containers[0];
+        assert_eq!(c.image.as_deref(), Some("registry/imagegen:1"));
+        assert_eq!(c.image_pull_policy.as_deref(), Some("Always"));
+        assert_eq!(c.command, Some(vec!["imagegen".to_string()]));
+        assert_eq!(
+            c.args.clone().unwrap(),
+            [
+                "serve",
+                "--model",
+                "owner/sd15@v1",
+                "--listen",
+                "0.0.0.0:8080",
+                "--dtype",
+                "bf16"
+            ]
+        );
+        assert_eq!(c.ports.as_ref().unwrap()[0].container_port, 8080);
+        assert_eq!(pod.service_account_name.as_deref(), Some("runtime"));
+        assert_eq!(pod.image_pull_secrets.as_ref().unwrap()[0].name, "pull");
+    }
+
+    #[test]
+    fn deployment_asks_for_the_gpus() {
+        let d = build_deployment(&validate(&full()).unwrap(), &OperatorConfig::default());
+        let limits = pod_spec(&d).containers[0]
+            .resources
+            .as_ref()
+            .unwrap()
+            .limits
+            .clone()
+            .unwrap();
+        assert_eq!(
+            limits,
+            BTreeMap::from([("amd.com/gpu".into(), Quantity("2".into()))])
+        );
+
+        let d = build_deployment(&validate(&minimal()).unwrap(), &OperatorConfig::default());
+        let limits = pod_spec(&d).containers[0]
+            .resources
+            .clone()
+            .unwrap()
+            .limits
+            .unwrap();
+        assert_eq!(limits["nvidia.com/gpu"], Quantity("1".into()));
+    }
+
+    #[test]
+    fn deployment_copies_scheduling() {
+        let d = build_deployment(&validate(&full()).unwrap(), &OperatorConfig::default());
+        let pod = pod_spec(&d);
+        assert_eq!(
+            pod.node_selector,
+            Some(BTreeMap::from([("gpu".into(), "a100".into())]))
+        );
+        let tolerations = pod.tolerations.as_ref().unwrap();
+        assert_eq!(tolerations.len(), 1);
+        assert_eq!(tolerations[0].key.as_deref(), Some("gpu"));
+        assert_eq!(tolerations[0].effect.as_deref(), Some("NoSchedule"));
+
+        let d = build_deployment(&validate(&minimal()).unwrap(), &OperatorConfig::default());
+        assert_eq!(pod_spec(&d).node_selector, None);
+        assert_eq!(pod_spec(&d).tolerations, None);
+    }
+
+    #[test]
+    fn built_objects_are_owned_by_the_model() {
+        let valid = validate(&full()).unwrap();
+        let d = build_deployment(&valid, &OperatorConfig::default());
+        let s = build_service(&valid);
+        let pvc = build_cache_claim(&valid).unwrap();
+        for owners in [
+            d.metadata.owner_references,
+            s.metadata.owner_references,
+            pvc.metadata.owner_references,
+        ] {
+            let owners = owners.unwrap();
+            assert_eq!(owners.len(), 1);
+            let o = &owners[0];
+            assert_eq!(
+                (
+                    o.api_version.as_str(),
+                    o.kind.as_str(),
+                    o.name.as_str(),
+                    o.uid.as_str()
+                ),
+                ("imagegen.dev/v1alpha1", "DiffusionModel", "sd15", "u-1")
+            );
+            assert_eq!(o.controller, Some(true));
+        }
+    }
+
+    #[test]
+    fn deployment_probes() {
+        let d = build_deployment(&validate(&minimal()).unwrap(), &OperatorConfig::default());
+        let c = &pod_spec(&d).containers[0];
+        let path_port = |p: &Option<Probe>| {
+            let get = p.as_ref().unwrap().http_get.clone().unwrap();
+            (get.path.unwrap(), get.port)
+        };
+        let http = IntOrString::String("http".into());
+        assert_eq!(
+            path_port(&c.readiness_probe),
+            ("/readyz".into(), http.clone())
+        );
+        assert_eq!(
+            path_port(&c.liveness_probe),
+            ("/healthz".into(), http.clone())
+        );
+        assert_eq!(path_port(&c.startup_probe), ("/healthz".into(), http));
+        let port = &c.ports.as_ref().unwrap()[0];
+        assert_eq!(
+            (port.name.as_deref(), port.container_port),
+            (Some("http"), 8080)
+        );
+    }
+
+    #[test]
+    fn deployment_mounts_the_cache_claim() {
+        let valid = validate(&full()).unwrap();
+        let d = build_deployment(&valid, &OperatorConfig::default());
+        let pod = pod_spec(&d);
+        let cache = pod
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == "cache")
+            .unwrap();
+        assert_eq!(
+            cache.persistent_volume_claim.as_ref().unwrap().claim_name,
+            "sd15-cache"
+        );
+        let c = &pod.containers[0];
+        let mount = c
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.name == "cache")
+            .unwrap();
+        assert_eq!(mount.mount_path, "/cache");
+        let env = c.env.as_ref().unwrap();
+        let hf_home = env.iter().find(|e| e.name == "HF_HOME").unwrap();
+        assert_eq!(hf_home.value.as_deref(), Some("/cache"));
+
+        let pvc = build_cache_claim(&valid).unwrap();
+        assert_eq!(pvc.metadata.name.as_deref(), Some("sd15-cache"));
+        let spec = pvc.spec.unwrap();
+        assert_eq!(spec.storage_class_name.as_deref(), Some("fast"));
+        assert_eq!(spec.access_modes, Some(vec!["ReadWriteMany".into()]));
+        assert_eq!(
+            spec.resources.unwrap().requests.unwrap()["storage"],
+            Quantity("20Gi".into())
+        );
+    }
+
+    #[test]
+    fn without_cache_spec_the_cache_is_an_empty_dir() {
+        let valid = validate(&minimal()).unwrap();
+        assert!(build_cache_claim(&valid).is_none());
+        let d = build_deployment(&valid, &OperatorConfig::default());
+        let volumes = pod_spec(&d).volumes.clone().unwrap();
+        let cache = volumes.iter().find(|v| v.name == "cache").unwrap();
+        assert!(cache.empty_dir.is_some() && cache.persistent_volume_claim.is_none());
+
+        let mut m = minimal();
+        m.spec.cache = serde_json::from_value(json!({"size": "1Gi"})).unwrap();
+        let pvc = build_cache_claim(&validate(&m).unwrap()).unwrap();
+        assert_eq!(
+            pvc.spec.unwrap().access_modes,
+            Some(vec!["ReadWriteOnce".into()])
+        );
+    }
+
+    #[test]
+    fn deployment_is_locked_down() {
+        let d = build_deployment(&validate(&minimal()).unwrap(), &OperatorConfig::default());
+        let pod = pod_spec(&d);
+        let psc = pod.security_context.as_ref().unwrap();
+        assert_eq!(psc.run_as_non_root, Some(true));
+        assert_ne!(psc.run_as_user, Some(0));
+        let sc = pod.containers[0].security_context.as_ref().unwrap();
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        let tmp = pod
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == "tmp")
+            .unwrap();
+        assert!(tmp.empty_dir.is_some());
+        let mounts = pod.containers[0].volume_mounts.as_ref().unwrap();
+        assert!(mounts
+            .iter()
+            .any(|m| m.name == "tmp" && m.mount_path == "/tmp"));
+    }
+
+    #[test]
+    fn labels_and_selectors_match() {
+        let valid = validate(&full()).unwrap();
+        let d = build_deployment(&valid, &OperatorConfig::default());
+        let s = build_service(&valid);
+        let spec = d.spec.unwrap();
+        let selector = spec.selector.match_labels.unwrap();
+        let pod_labels = spec.template.metadata.unwrap().labels.unwrap();
+        for (k, v) in [
+            ("app.kubernetes.io/name", "imagegen"),
+            ("app.kubernetes.io/instance", "sd15"),
+            ("app.kubernetes.io/component", "runtime"),
+            ("imagegen.dev/model", "sd15"),
+        ] {
+            assert_eq!(pod_labels.get(k).map(String::as_str), Some(v), "{k}");
+            assert_eq!(selector.get(k).map(String::as_str), Some(v), "{k}");
+        }
+        let service_selector = s.spec.as_ref().unwrap().selector.clone().unwrap();
+        assert_eq!(service_selector, selector);
+        assert!(selector.iter().all(|(k, v)| pod_labels.get(k) == Some(v)));
+        assert_eq!(d.metadata.labels.unwrap()["imagegen.dev/model"], "sd15");
+    }
+
+    #[test]
+    fn service_maps_80_to_http() {
+        let s = build_service(&validate(&minimal()).unwrap());
+        assert_eq!(s.metadata.name.as_deref(), Some("sd15"));
+        let spec = s.spec.unwrap();
+        assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));
+        let port = &spec.ports.unwrap()[0];
+        assert_eq!(port.port, 80);
+        assert_eq!(port.target_port, Some(IntOrString::String("http".into())));
+    }
+
+    // ---- status ----
+
+    fn deployment(
+        desired: i32,
+        replicas: i32,
+        updated: i32,
+        ready: i32,
+        conditions: Vec<(&str, &str, &str)>,
+    ) -> Deployment {
+        Deployment {
+            metadata: ObjectMeta {
+                generation: Some(5),
+                ..ObjectMeta::default()
+            },
+            spec: Some(DeploymentSpec {
+                replicas: Some(desired),
+                ..DeploymentSpec::default()
+            }),
+            status: Some(DeploymentStatus {
+                observed_generation: Some(5),
+                replicas: Some(replicas),
+                updated_replicas: Some(updated),
+                ready_replicas: Some(ready),
+                available_replicas: Some(ready),
+                conditions: Some(
+                    conditions
+                        .into_iter()
+                        .map(|(type_, status, reason)| DeploymentCondition {
+                            type_: type_.into(),
+                            status: status.into(),
+                            reason: Some(reason.into()),
+                            message: Some(format!("{reason} happened")),
+                            ..DeploymentCondition::default()
+                        })
+                        .collect(),
+                ),
+                ..DeploymentStatus::default()
+            }),
+        }
+    }
+
+    fn get<'a>(status: &'a DiffusionModelStatus, type_: &str) -> &'a Condition {
+        find(&status.conditions, type_).unwrap()
+    }
+
+    fn state(status: &DiffusionModelStatus, type_: &str) -> (String, String) {
+        let c = get(status, type_);
+        (c.status.clone(), c.reason.clone())
+    }
+
+    fn pair(status: &str, reason: &str) -> (String, String) {
+        (status.into(), reason.into())
+    }
+
+    #[test]
+    fn ready_when_min_replicas_are_ready() {
+        let m = full(); // min 2
+        let d = deployment(
+            2,
+            2,
+            2,
+            2,
+            vec![("Available", "True", "MinimumReplicasAvailable")],
+        );
+        let s = status_from(&m, Some(&d), at(100));
+        assert_eq!(state(&s, READY), pair("True", "ReplicasReady"));
+        assert_eq!(state(&s, PROGRESSING), pair("False", "RolloutComplete"));
+        assert_eq!(state(&s, DEGRADED), pair("False", "AsExpected"));
+        assert_eq!((s.ready_replicas, s.replicas), (Some(2), Some(2)));
+        assert_eq!(s.endpoint.as_deref(), Some("http://sd15.ml.svc:80"));
+        assert_eq!(s.observed_generation, Some(3));
+        assert!(s
+            .conditions
+            .iter()
+            .all(|c| c.observed_generation == Some(3)));
+        assert!(s
+            .conditions
+            .iter()
+            .all(|c| c.last_transition_time == at(100)));
+    }
+
+    #[test]
+    fn progressing_while_rolling() {
+        let m = full();
+        // A new ReplicaSet with one updated replica, two old ones still serving.
+        let d = deployment(
+            2,
+            3,
+            1,
+            2,
+            vec![("Progressing", "True", "ReplicaSetUpdated")],
+        );
+        let s = status_from(&m, Some(&d), at(100));
+        assert_eq!(state(&s, READY), pair("True", "ReplicasReady"));
+        assert_eq!(state(&s, PROGRESSING), pair("True", "RollingOut"));
+        assert_eq!(state(&s, DEGRADED), pair("False", "AsExpected"));
+
+        // Starting up: not ready yet, still progressing, not degraded.
+        let d = deployment(
+            2,
+            2,
+            2,
+            0,
+            vec![("Progressing", "True", "NewReplicaSetCreated")],
+        );
+        let s = status_from(&m, Some(&d), at(100));
+        assert_eq!(state(&s, READY), pair("False", "ReplicasNotReady"));
+        assert_eq!(state(&s, PROGRESSING), pair("True", "RollingOut"));
+        assert_eq!(state(&s, DEGRADED), pair("False", "AsExpected"));
+
+        // The Deployment controller has not seen the latest spec yet.
+        let mut d = deployment(2, 2, 2, 2, vec![]);
+        d.metadata.generation = Some(6);
+        let s = status_from(&m, Some(&d), at(100));
+        assert_eq!(state(&s, PROGRESSING), pair("True", "RollingOut"));
+    }
+
+    #[test]
+    fn degraded_when_the_deployment_fails() {
+        let m = full();
+        let d = deployment(
+            2,
+            2,
+            1,
+            1,
+            vec![("Progressing", "False", "ProgressDeadlineExceeded")],
+        );
+        let s = status_from(&m, Some(&d), at(100));
+        assert_eq!(
+            state(&s, DEGRADED),
+            pair("True", "ProgressDeadlineExceeded")
+        );
+        assert_eq!(
+            get(&s, DEGRADED).message,
+            "ProgressDeadlineExceeded happened"
+        );
+        assert_eq!(state(&s, PROGRESSING), pair("False", "RolloutFailed"));
+        assert_eq!(state(&s, READY), pair("False", "ReplicasNotReady"));
+
+        let d = deployment(2, 0, 0, 0, vec![("ReplicaFailure", "True", "FailedCreate")]);
+        let s = status_from(&m, Some(&d), at(100));
+        assert_eq!(state(&s, DEGRADED), pair("True", "FailedCreate"));
+
+        // Rolled out, then a replica stopped being ready.
+        let d = deployment(
+            2,
+            2,
+            2,
+            1,
+            vec![("Progressing", "True", "NewReplicaSetAvailable")],
+        );
+        let s = status_from(&m, Some(&d), at(100));
+        assert_eq!(state(&s, DEGRADED), pair("True", "ReplicasUnavailable"));
+        assert_eq!(state(&s, PROGRESSING), pair("False", "RolloutComplete"));
+    }
+
+    #[test]
+    fn missing_deployment_is_progressing() {
+        let s = status_from(&minimal(), None, at(100));
+        assert_eq!(state(&s, READY), pair("False", "DeploymentMissing"));
+        assert_eq!(state(&s, PROGRESSING), pair("True", "Creating"));
+        assert_eq!(state(&s, DEGRADED), pair("False", "AsExpected"));
+        assert_eq!(s.endpoint, None);
+    }
+
+    #[test]
+    fn scaled_to_zero_is_ready() {
+        let mut m = minimal();
+        m.spec.replicas = serde_json::from_value(json!({"min": 0, "max": 1})).unwrap();
+        let d = deployment(0, 0, 0, 0, vec![]);
+        let s = status_from(&m, Some(&d), at(100));
+        assert_eq!(state(&s, READY), pair("True", "ReplicasReady"));
+        assert_eq!(state(&s, DEGRADED), pair("False", "AsExpected"));
+    }
+
+    #[test]
+    fn transition_times_move_only_with_the_status() {
+        let mut m = full();
+        let starting = deployment(2, 2, 2, 0, vec![]);
+        m.status = Some(status_from(&m, Some(&starting), at(100)));
+
+        // Same state later: every time is kept, the message may change.
+        let one_ready = deployment(2, 2, 2, 1, vec![]);
+        let s = status_from(&m, Some(&one_ready), at(200));
+        assert!(s
+            .conditions
+            .iter()
+            .all(|c| c.last_transition_time == at(100)));
+        assert_eq!(get(&s, READY).message, "1 of 2 replicas ready");
+        m.status = Some(s);
+
+        // Ready and rolled out: Ready and Progressing flip, Degraded stays.
+        let ready = deployment(2, 2, 2, 2, vec![]);
+        let s = status_from(&m, Some(&ready), at(300));
+        assert_eq!(get(&s, READY).last_transition_time, at(300));
+        assert_eq!(get(&s, PROGRESSING).last_transition_time, at(300));
+        assert_eq!(get(&s, DEGRADED).last_transition_time, at(100));
+        assert_eq!(s.conditions.len(), 3);
+    }
+}
