@@ -1,5 +1,7 @@
 //! The `imagegen` command line.
 
+mod bench;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::rc::Rc;
@@ -38,6 +40,9 @@ enum Command {
     /// Find an inpainting mask from text (CLIPSeg) and write it as a PNG of the image's
     /// size: white = repaint.
     Mask(MaskArgs),
+    /// Time a local model: time to ready, denoising throughput per batch size, peak memory
+    /// and the LoRA switch; JSON on stdout, a table on stderr.
+    Bench(Box<bench::BenchArgs>),
 }
 
 #[derive(clap::Args)]
@@ -563,6 +568,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate(*args),
         Command::Styles(args) => list_styles(args),
         Command::Mask(args) => find_mask(args),
+        Command::Bench(args) => bench::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
