@@ -214,15 +214,8 @@ impl StableDiffusion {
         let masked_image_latents = self
             .encode_image(&masked_image, &masked_sample)
             .repeat([count, 1, 1, 1]);
-        let doubled = |t: &Tensor| {
-            if r.guided() {
-                Tensor::cat(&[t, t], 0)
-            } else {
-                t.shallow_clone()
-            }
-        };
-        let unet_mask = doubled(&latent_mask);
-        let unet_masked_image = doubled(&masked_image_latents);
+        let unet_mask = r.guidance_batch(&latent_mask);
+        let unet_masked_image = r.guidance_batch(&masked_image_latents);
         let keep = latent_mask.neg() + 1.0;
 
         for (k, &t) in timesteps[job.start..].iter().enumerate() {
@@ -230,7 +223,7 @@ impl StableDiffusion {
                 return Err(Error::Cancelled);
             }
             let i = job.start + k;
-            let model_input = scheduler.scale_model_input(&doubled(&latents), i);
+            let model_input = scheduler.scale_model_input(&r.guidance_batch(&latents), i);
             let model_input = match job.route {
                 InpaintRoute::Dedicated => {
                     Tensor::cat(&[&model_input, &unet_mask, &unet_masked_image], 1)

@@ -37,19 +37,19 @@ pub struct DrawPlan<'a> {
 /// Seeds torch's CPU generator like `torch.Generator("cpu").manual_seed(seed)` and draws
 /// standard normals as `plan` says.
 pub fn draw_plan(seed: u64, plan: &DrawPlan) -> ImageNoise {
-    let _guard = GENERATOR
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    // torch reads the seed as a uint64; the cast keeps its bits.
-    tch::manual_seed(seed as i64);
-    let randn = |kind| Tensor::randn(plan.shape, (kind, Device::Cpu));
-    let vae_sample = plan.vae_sample.map(randn);
-    let initial = randn(plan.kind);
-    let per_step = (0..plan.steps).map(|_| randn(plan.kind)).collect();
+    let draw = |kind| Draw {
+        shape: plan.shape.to_vec(),
+        kind,
+    };
+    let mut draws: Vec<Draw> = plan.vae_sample.map(draw).into_iter().collect();
+    draws.extend((0..=plan.steps).map(|_| draw(plan.kind)));
+    let mut drawn = draw_sequence(seed, &draws).into_iter();
+    let vae_sample = plan.vae_sample.and_then(|_| drawn.next());
+    let initial = drawn.next().expect("the initial latents are always drawn");
     ImageNoise {
         vae_sample,
         initial,
-        per_step,
+        per_step: drawn.collect(),
     }
 }
 

@@ -147,6 +147,15 @@ impl Resolved {
         self.guidance > 1.0
     }
 
+    /// `t` for the UNet's batch: twice (unconditional half, conditional half) when guided.
+    pub fn guidance_batch(&self, t: &Tensor) -> Tensor {
+        if self.guided() {
+            Tensor::cat(&[t, t], 0)
+        } else {
+            t.shallow_clone()
+        }
+    }
+
     /// The negative prompt, empty when none was given (as diffusers encodes it).
     pub fn negative(&self) -> &str {
         self.negative_prompt.as_deref().unwrap_or("")

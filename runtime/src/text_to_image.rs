@@ -82,12 +82,7 @@ impl StableDiffusion {
             0,
             &noises,
             &|scheduler: &dyn Scheduler, latents: &Tensor, i, t| {
-                let model_input = if r.guided() {
-                    Tensor::cat(&[latents, latents], 0)
-                } else {
-                    latents.shallow_clone()
-                };
-                let model_input = scheduler.scale_model_input(&model_input, i);
+                let model_input = scheduler.scale_model_input(&r.guidance_batch(latents), i);
                 apply_guidance(r, predict(&model_input, t, &context))
             },
             progress,
@@ -117,12 +112,7 @@ impl StableDiffusion {
         t: f64,
         context: &Tensor,
     ) -> Tensor {
-        let model_input = if r.guided() {
-            Tensor::cat(&[latents, latents], 0)
-        } else {
-            latents.shallow_clone()
-        };
-        let model_input = scheduler.scale_model_input(&model_input, i);
+        let model_input = scheduler.scale_model_input(&r.guidance_batch(latents), i);
         self.guided_unet(r, &model_input, t, context)
     }
 

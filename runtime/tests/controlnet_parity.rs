@@ -2,6 +2,7 @@
 //! on the random models that tests/fixtures/extra_controlnet.py saved: residuals within
 //! 1e-4, whole generations within 1/255 on at least 99.9% of values.
 
+#[macro_use]
 mod common;
 
 use std::path::Path;
@@ -198,13 +199,6 @@ fn run_case(name: &str) {
         (case.width, case.height),
         case.seed,
     );
-}
-
-macro_rules! parity_tests {
-    ($($test:ident => $case:literal),* $(,)?) => {
-        $(#[test] fn $test() { run_case($case); })*
-        const COVERED: &[&str] = &[$($case),*];
-    };
 }
 
 parity_tests! {

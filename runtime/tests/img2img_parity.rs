@@ -2,6 +2,7 @@
 //! instruct equals `StableDiffusionInstructPix2PixPipeline` on the same weights, init image,
 //! seeds and scheduler: within 1/255 on at least 99.9% of 8-bit values.
 
+#[macro_use]
 mod common;
 
 use std::sync::atomic::AtomicBool;
@@ -157,13 +158,6 @@ fn run_case(name: &str) {
             .double_value(&[]);
         assert!(spread > 1.0, "{name}: reference image is flat");
     }
-}
-
-macro_rules! parity_tests {
-    ($($test:ident => $case:literal),* $(,)?) => {
-        $(#[test] fn $test() { run_case($case); })*
-        const COVERED: &[&str] = &[$($case),*];
-    };
 }
 
 parity_tests! {

@@ -3,6 +3,7 @@
 //! (blending route) and a dedicated 9-channel inpainting UNet. Also: PIL's Lanczos resize
 //! reproduced exactly, the kept area surviving end to end, and request errors.
 
+#[macro_use]
 mod common;
 
 use std::path::Path;
@@ -112,13 +113,6 @@ fn run_case(name: &str) {
         (case.width, case.height),
         case.seed,
     );
-}
-
-macro_rules! parity_tests {
-    ($($test:ident => $case:literal),* $(,)?) => {
-        $(#[test] fn $test() { run_case($case); })*
-        const COVERED: &[&str] = &[$($case),*];
-    };
 }
 
 parity_tests! {

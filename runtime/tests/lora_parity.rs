@@ -2,6 +2,7 @@
 //! files (recorded by `tests/fixtures/extra_lora.py`): whole generations within 1/255 on
 //! ≥ 99.9% of values; unknown keys; fusing and unfusing restoring the weights bit for bit.
 
+#[macro_use]
 mod common;
 
 use std::io::Write;
@@ -132,13 +133,6 @@ fn run_case(name: &str) {
         (case.width, case.height),
         case.seed,
     );
-}
-
-macro_rules! parity_tests {
-    ($($test:ident => $case:literal),* $(,)?) => {
-        $(#[test] fn $test() { run_case($case); })*
-        const COVERED: &[&str] = &[$($case),*];
-    };
 }
 
 parity_tests! {

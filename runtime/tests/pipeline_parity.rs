@@ -1,6 +1,7 @@
 //! End to end: the same prompt, seed and scheduler give the same image as diffusers'
 //! `StableDiffusionPipeline` on the same weights: within 1/255 on at least 99.9% of values.
 
+#[macro_use]
 mod common;
 
 use std::sync::atomic::AtomicBool;
@@ -78,13 +79,6 @@ fn run_case(name: &str) {
         (case.width, case.height),
         case.seed,
     );
-}
-
-macro_rules! parity_tests {
-    ($($test:ident => $case:literal),* $(,)?) => {
-        $(#[test] fn $test() { run_case($case); })*
-        const COVERED: &[&str] = &[$($case),*];
-    };
 }
 
 parity_tests! {

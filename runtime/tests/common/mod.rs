@@ -1,7 +1,17 @@
 //! Shared helpers for the parity tests: where the fixtures are and how to compare tensors.
-#![allow(dead_code)]
+#![allow(dead_code, unused_macros)]
 
 use std::path::PathBuf;
+
+/// One `#[test]` per fixture case, each calling the file's `run_case(name)`, and
+/// `COVERED`, the list of cases, for a test that every fixture case has one.
+macro_rules! parity_tests {
+    ($($test:ident => $case:literal),* $(,)?) => {
+        $(#[test] fn $test() { run_case($case); })*
+        const COVERED: &[&str] = &[$($case),*];
+    };
+}
+
 use tch::Tensor;
 
 /// The folder written by `tests/fixtures/make_fixtures.py`. `scripts/test.sh` generates it
