@@ -1,19 +1,22 @@
 //! imagegen's API types: the body of a generation request, shared by the runtime's CLI and
-//! HTTP service and (as the spec of an ImageGeneration) by the custom resources
+//! HTTP service (whose other bodies are in [`api`]) and (as the spec of an ImageGeneration) by the custom resources
 //! ImageGeneration, LoraTraining and DiffusionModel (group `imagegen.dev`, version
 //! `v1alpha1`).
 
+pub mod api;
 pub mod common;
 pub mod diffusion_model;
 pub mod generation;
 pub mod image_generation;
 pub mod lora_training;
+pub mod training;
 
 pub use common::{ImageRef, ModelRef, Phase, Progress};
 pub use diffusion_model::{DiffusionModel, DiffusionModelSpec, DiffusionModelStatus};
 pub use generation::{GenerationParams, Mode, Outpaint, Strategy};
 pub use image_generation::{ImageGeneration, ImageGenerationSpec, ImageGenerationStatus};
 pub use lora_training::{LoraTraining, LoraTrainingSpec, LoraTrainingStatus};
+pub use training::{PriorPreservation, TrainingParams};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
