@@ -25,6 +25,7 @@ pub mod conditions;
 pub mod diffusion_model;
 pub mod image_generation;
 pub mod lora_training;
+pub mod runtime_client;
 pub mod workload;
 
 pub use imagegen_crds as api;
