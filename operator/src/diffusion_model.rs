@@ -526,6 +526,31 @@ pub fn build_cache_claim(model: &ValidModel) -> Option<PersistentVolumeClaim> {
     })
 }
 
+/// The status of a model whose spec [`validate`] refused: not Ready, Degraded with reason
+/// `InvalidSpec` and the error as message. Nothing is built until the spec is fixed.
+pub fn status_invalid(model: &DiffusionModel, error: &Error, now: Time) -> DiffusionModelStatus {
+    let generation = model.metadata.generation;
+    let old = model.status.clone().unwrap_or_default();
+    let mut conditions = old.conditions.clone();
+    let message = error.to_string();
+    for (type_, value, reason, message) in [
+        (READY, false, "InvalidSpec", message.as_str()),
+        (PROGRESSING, false, "InvalidSpec", ""),
+        (DEGRADED, true, "InvalidSpec", message.as_str()),
+    ] {
+        set_condition(
+            &mut conditions,
+            condition(type_, value, reason, message, generation),
+            now.clone(),
+        );
+    }
+    DiffusionModelStatus {
+        conditions,
+        observed_generation: generation,
+        ..old
+    }
+}
+
 /// The status of `model` given its Deployment as the cluster reports it (`None` when it does
 /// not exist yet). Conditions keep their `lastTransitionTime` from `model.status` unless
 /// their status changes, in which case it becomes `now`.
@@ -1125,6 +1150,19 @@ mod tests {
         );
         assert_eq!(token_from_auth_secret(&stored, "other"), None);
         assert_eq!(token_from_auth_secret(&Secret::default(), "ml"), None);
+    }
+
+    #[test]
+    fn invalid_spec_is_degraded() {
+        let mut m = minimal();
+        m.spec.replicas = serde_json::from_value(json!({"min": 3, "max": 2})).unwrap();
+        let err = validate(&m).unwrap_err();
+        let s = status_invalid(&m, &err, at(5));
+        assert_eq!(state(&s, READY), pair("False", "InvalidSpec"));
+        assert_eq!(state(&s, DEGRADED), pair("True", "InvalidSpec"));
+        assert_eq!(state(&s, PROGRESSING), pair("False", "InvalidSpec"));
+        assert!(get(&s, DEGRADED).message.contains("min 3"));
+        assert_eq!(s.observed_generation, Some(3));
     }
 
     #[test]

@@ -22,9 +22,11 @@
 //! API client and controller loops come next.
 
 pub mod conditions;
+pub mod controller;
 pub mod diffusion_model;
 pub mod image_generation;
 pub mod lora_training;
+pub mod metrics;
 pub mod runtime_client;
 pub mod workload;
 
@@ -144,3 +146,6 @@ pub enum Error {
         reason: String,
     },
 }
+
+#[cfg(test)]
+mod mock_tests;
