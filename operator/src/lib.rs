@@ -28,6 +28,7 @@ pub mod image_generation;
 pub mod lora_training;
 pub mod metrics;
 pub mod runtime_client;
+pub mod server;
 pub mod workload;
 
 pub use imagegen_crds as api;
