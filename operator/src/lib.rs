@@ -25,6 +25,7 @@ pub mod conditions;
 pub mod controller;
 pub mod diffusion_model;
 pub mod image_generation;
+pub mod leader;
 pub mod lora_training;
 pub mod metrics;
 pub mod runtime_client;
