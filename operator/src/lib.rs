@@ -21,6 +21,7 @@
 //! So far this crate holds the validation, builders and status logic of DiffusionModel; the
 //! API client and controller loops come next.
 
+pub mod cli;
 pub mod conditions;
 pub mod controller;
 pub mod diffusion_model;
