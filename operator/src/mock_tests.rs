@@ -1344,3 +1344,129 @@ async fn generation_runtime_error_is_retried() {
 fn phases_used_in_tests_are_the_api_spelling() {
     assert_eq!(serde_json::to_value(Phase::Running).unwrap(), "Running");
 }
+
+// ---- progress reports ----
+
+mod progress {
+    use super::*;
+    use crate::server::{KubeProgress, ProgressSink};
+    use imagegen_crds::api::TrainerEvent;
+
+    /// Runs `body` with a KubeProgress on the mock API serving `calls`.
+    async fn with_sink<F, Fut, T>(calls: Vec<Call>, body: F) -> (T, Vec<Sent>)
+    where
+        F: FnOnce(KubeProgress) -> Fut,
+        Fut: std::future::Future<Output = T>,
+    {
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let server = tokio::spawn(serve(handle, calls));
+        let out = body(KubeProgress::new(Client::new(service, NS))).await;
+        let sent = tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("the mock API server timed out")
+            .expect("the mock API server saw a wrong call");
+        (out, sent)
+    }
+
+    fn token_secret(owner: Option<&str>) -> Value {
+        let mut secret = json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "alice-progress", "namespace": NS},
+            "data": {"token": "czNjcmV0"}  // "s3cret"
+        });
+        if let Some(owner) = owner {
+            secret["metadata"]["ownerReferences"] = json!([{
+                "apiVersion": "imagegen.dev/v1alpha1", "kind": "LoraTraining",
+                "name": owner, "uid": "t-1", "controller": true
+            }]);
+        }
+        secret
+    }
+
+    #[tokio::test]
+    async fn tokens_come_from_the_trainings_own_secret() {
+        let secret = path("api/v1", "secrets/alice-progress");
+        let (tokens, _) = with_sink(
+            vec![
+                call(Method::GET, &secret, 200, token_secret(Some("alice"))),
+                call(Method::GET, &secret, 200, token_secret(None)),
+                call(Method::GET, &secret, 200, token_secret(Some("mallory"))),
+                call(Method::GET, &secret, 404, not_found()),
+            ],
+            |sink| async move {
+                let mut tokens = Vec::new();
+                for _ in 0..4 {
+                    tokens.push(sink.token(NS, "alice").await.unwrap());
+                }
+                tokens
+            },
+        )
+        .await;
+        assert_eq!(tokens, [Some("s3cret".to_string()), None, None, None]);
+    }
+
+    #[tokio::test]
+    async fn reports_are_written_into_the_status_throttled() {
+        let status = cr("loratrainings", "alice/status");
+        let reply = serde_json::to_value(training(true, None)).unwrap();
+        let (_, sent) = with_sink(
+            vec![
+                call(
+                    Method::GET,
+                    &cr("loratrainings", "alice"),
+                    200,
+                    reply.clone(),
+                ),
+                call(Method::PATCH, &status, 200, reply.clone()),
+                // The step right after is throttled; done is always written.
+                call(Method::PATCH, &status, 200, reply),
+            ],
+            |sink| async move {
+                sink.record(
+                    NS,
+                    "alice",
+                    &TrainerEvent::Started {
+                        total: 800,
+                        seed: 42,
+                    },
+                )
+                .await
+                .unwrap();
+                sink.record(
+                    NS,
+                    "alice",
+                    &TrainerEvent::Step {
+                        step: 10,
+                        total: 800,
+                        loss: 0.5,
+                        lr: 1e-4,
+                        elapsed: 1.0,
+                        eta: 79.0,
+                    },
+                )
+                .await
+                .unwrap();
+                sink.record(
+                    NS,
+                    "alice",
+                    &TrainerEvent::Done {
+                        step: 800,
+                        total: 800,
+                        output: "o".into(),
+                        loss: Some(0.1),
+                    },
+                )
+                .await
+                .unwrap();
+            },
+        )
+        .await;
+        assert_eq!(sent[1].body["status"]["progress"]["total"], 800);
+        assert_eq!(sent[1].body["status"]["seed"], 42);
+        assert!(sent[1]
+            .query
+            .contains("fieldManager=imagegen-operator-progress"));
+        assert_eq!(sent[2].body["status"]["progress"]["step"], 800);
+        assert_eq!(sent[2].body["status"]["loss"], 0.1);
+    }
+}
