@@ -766,6 +766,31 @@ async fn apply_generation(generation: &ImageGeneration, ctx: &Context) -> Result
                 None => {}
             }
         }
+        let submitted = |s: Option<&ImageGenerationStatus>| {
+            s.and_then(|s| crate::conditions::find(&s.conditions, ig::SUBMITTED))
+                .map(|c| c.status == "True")
+        };
+        match (submitted(old), submitted(Some(&status))) {
+            (Some(true), Some(false)) => {
+                ctx.event(
+                    generation,
+                    EventType::Warning,
+                    "JobLost",
+                    status.message.clone().unwrap_or_default(),
+                )
+                .await
+            }
+            (Some(false), Some(true)) => {
+                ctx.event(
+                    generation,
+                    EventType::Normal,
+                    "Resubmitted",
+                    format!("submission {}", ig::submissions(generation) + 1),
+                )
+                .await
+            }
+            _ => {}
+        }
     }
     Ok(match status.phase {
         Some(phase) if phase.is_finished() => {

@@ -1029,7 +1029,34 @@ async fn generation_follows_the_job_and_resubmits_when_lost() {
     );
     let running_status = sent[2].body["status"].clone();
 
-    // The pod died: 404. The loss is recorded, the phase kept, no event.
+    // Polled again with nothing new: no status patch, no event.
+    let runtime = FakeRuntime::answering(vec![Ok(runtime_job(JobState::Running))]);
+    let (result, _) = run(
+        generation(Some(1), Some(running_status.clone())),
+        runtime,
+        vec![
+            call(
+                Method::GET,
+                &cr("diffusionmodels", "sd15"),
+                200,
+                serde_json::to_value(ready_model()).unwrap(),
+            ),
+            call(
+                Method::GET,
+                &path("api/v1", "secrets/sd15-runtime-auth"),
+                200,
+                auth_secret(),
+            ),
+        ],
+        controller::reconcile_generation,
+    )
+    .await;
+    assert_eq!(
+        result.unwrap(),
+        Action::requeue(controller::GENERATION_POLL)
+    );
+
+    // The pod died: 404. The loss is recorded with a Warning event, the phase kept.
     let runtime = FakeRuntime::answering(vec![Err(RuntimeError::NotFound)]);
     let (result, sent) = run(
         generation(Some(1), Some(running_status.clone())),
@@ -1053,6 +1080,7 @@ async fn generation_follows_the_job_and_resubmits_when_lost() {
                 200,
                 serde_json::to_value(generation(Some(1), None)).unwrap(),
             ),
+            call(Method::POST, &events(), 201, json!({})),
         ],
         controller::reconcile_generation,
     )
@@ -1063,6 +1091,8 @@ async fn generation_follows_the_job_and_resubmits_when_lost() {
         conditions(&sent[2])["Submitted"],
         ("False".into(), "JobLost".into())
     );
+    assert_eq!(sent[3].body["type"], "Warning");
+    assert_eq!(sent[3].body["reason"], "JobLost");
     let mut lost_status = sent[2].body["status"].clone();
 
     // Before the backoff elapsed: nothing but the poll.
@@ -1125,6 +1155,8 @@ async fn generation_follows_the_job_and_resubmits_when_lost() {
         200,
         serde_json::to_value(generation(Some(2), None)).unwrap(),
     ));
+    // Running → Pending (queued again), then Resubmitted.
+    calls.push(call(Method::POST, &events(), 201, json!({})));
     calls.push(call(Method::POST, &events(), 201, json!({})));
     let (result, sent) = run(
         generation(Some(1), Some(lost_status)),
@@ -1148,6 +1180,8 @@ async fn generation_follows_the_job_and_resubmits_when_lost() {
         ("True".into(), "Accepted".into())
     );
     assert_eq!(sent[6].body["status"]["phase"], "Pending");
+    assert_eq!(sent[7].body["reason"], "Pending");
+    assert_eq!(sent[8].body["reason"], "Resubmitted");
 }
 
 #[tokio::test]
@@ -1469,4 +1503,56 @@ mod progress {
         assert_eq!(sent[2].body["status"]["progress"]["step"], 800);
         assert_eq!(sent[2].body["status"]["loss"], 0.1);
     }
+}
+
+#[tokio::test]
+async fn model_with_a_cache_applies_its_claim_first() {
+    let mut m = model(None);
+    m.spec.cache = serde_json::from_value(json!({"size": "20Gi"})).unwrap();
+    let (result, sent) = run(
+        m,
+        FakeRuntime::answering(vec![]),
+        vec![
+            call(
+                Method::GET,
+                &path("api/v1", "secrets/sd15-runtime-auth"),
+                200,
+                auth_secret(),
+            ),
+            call(
+                Method::PATCH,
+                &path("api/v1", "persistentvolumeclaims/sd15-cache"),
+                200,
+                json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "sd15-cache"}}),
+            ),
+            call(
+                Method::PATCH,
+                &path("apis/apps/v1", "deployments/sd15"),
+                200,
+                serde_json::to_value(deployment(0)).unwrap(),
+            ),
+            call(
+                Method::PATCH,
+                &path("api/v1", "services/sd15"),
+                200,
+                json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "sd15"}}),
+            ),
+            call(
+                Method::PATCH,
+                &cr("diffusionmodels", "sd15/status"),
+                200,
+                serde_json::to_value(model(None)).unwrap(),
+            ),
+        ],
+        controller::reconcile_model,
+    )
+    .await;
+    result.unwrap();
+    assert!(is_server_side_apply(&sent[1]));
+    assert_eq!(
+        sent[1].body["spec"]["resources"]["requests"]["storage"],
+        "20Gi"
+    );
+    let volumes = sent[2].body["spec"]["template"]["spec"]["volumes"].to_string();
+    assert!(volumes.contains("sd15-cache"), "{volumes}");
 }
