@@ -618,6 +618,11 @@ async fn submit(
     count_submission(generations, generation, count).await?;
     match ctx.runtime.submit(target, request).await {
         Ok(job) => Ok(ig::status_from_job(generation, &job, &target.base_url, now)),
+        Err(e) if e.is_rejection() => Ok(ig::status_blocked(
+            generation,
+            &GenerationBlocked::Rejected(format!("the runtime refused the request: {e}")),
+            now,
+        )),
         Err(e) if e.job_lost() => Ok(ig::status_lost(
             generation,
             count,

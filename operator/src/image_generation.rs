@@ -111,6 +111,8 @@ pub enum Blocked {
     WaitingForLora(String),
     /// A LoRA's training failed (final).
     LoraFailed(String),
+    /// The runtime refused the request (final).
+    Rejected(String),
 }
 
 impl Blocked {
@@ -120,6 +122,7 @@ impl Blocked {
             Blocked::WaitingForModel(m) => (Phase::Pending, "WaitingForModel", m),
             Blocked::WaitingForLora(m) => (Phase::Pending, "WaitingForLora", m),
             Blocked::LoraFailed(m) => (Phase::Failed, "LoraFailed", m),
+            Blocked::Rejected(m) => (Phase::Failed, "RejectedByRuntime", m),
         }
     }
 }
@@ -823,6 +826,11 @@ mod tests {
             ),
             (Blocked::LoraFailed("f".into()), Phase::Failed, "LoraFailed"),
             (Blocked::Invalid("i".into()), Phase::Failed, "InvalidSpec"),
+            (
+                Blocked::Rejected("r".into()),
+                Phase::Failed,
+                "RejectedByRuntime",
+            ),
         ] {
             let s = status_blocked(&g, &blocked, at(10));
             assert_eq!(s.phase, Some(phase), "{reason}");

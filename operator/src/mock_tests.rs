@@ -1556,3 +1556,37 @@ async fn model_with_a_cache_applies_its_claim_first() {
     let volumes = sent[2].body["spec"]["template"]["spec"]["volumes"].to_string();
     assert!(volumes.contains("sd15-cache"), "{volumes}");
 }
+
+#[tokio::test]
+async fn generation_refused_by_the_runtime_fails() {
+    let runtime = FakeRuntime::answering(vec![Err(RuntimeError::Api {
+        status: 400,
+        code: "invalid_field".into(),
+        message: "width must be a multiple of 8".into(),
+    })]);
+    let mut calls = submission_calls(1);
+    calls.push(call(
+        Method::PATCH,
+        &cr("imagegenerations", "avatar/status"),
+        200,
+        serde_json::to_value(generation(Some(1), None)).unwrap(),
+    ));
+    calls.push(call(Method::POST, &events(), 201, json!({})));
+    let (result, sent) = run(
+        generation(None, None),
+        runtime,
+        calls,
+        controller::reconcile_generation,
+    )
+    .await;
+    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(60)));
+    assert_eq!(sent[4].body["status"]["phase"], "Failed");
+    assert_eq!(
+        conditions(&sent[4])["Failed"],
+        ("True".into(), "RejectedByRuntime".into())
+    );
+    assert!(sent[4].body["status"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("multiple of 8"));
+}

@@ -54,6 +54,16 @@ pub enum RuntimeError {
 }
 
 impl RuntimeError {
+    /// Whether the runtime refused the request itself (400, 404, 413, 415, 422): sending it
+    /// again cannot succeed.
+    pub fn is_rejection(&self) -> bool {
+        match self {
+            RuntimeError::NotFound => true,
+            RuntimeError::Api { status, .. } => matches!(status, 400 | 413 | 415 | 422),
+            _ => false,
+        }
+    }
+
     /// Whether the error means the runtime no longer holds a job we submitted.
     pub fn job_lost(&self) -> bool {
         matches!(self, RuntimeError::NotFound | RuntimeError::Unreachable(_))
@@ -393,6 +403,12 @@ mod tests {
             }
         );
         assert!(!err.job_lost());
+        assert!(!err.is_rejection());
+
+        let invalid = serde_json::json!({"error": {"code": "invalid_field", "message": "width", "field": "width"}});
+        let (target, _) = fake_runtime(400, invalid).await;
+        let err = runtime.submit(&target, &request()).await.unwrap_err();
+        assert!(err.is_rejection() && !err.job_lost(), "{err:?}");
 
         let (target, _) = fake_runtime(200, serde_json::json!({"not": "a job"})).await;
         assert!(matches!(
