@@ -41,9 +41,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     # (runtime/build.rs records torch's lib dir); the CUDA wheels' libraries sit beside it
     # in site-packages/nvidia, which torch's own rpaths refer to.
     && site="$(readlink -f /opt/site-packages)" \
-    && mkdir -p "/out/libs$site" \
-    && cp -a "$site/torch/lib" "/out/libs$site/torch-lib" \
-    && mkdir -p "/out/libs$site/torch" && mv "/out/libs$site/torch-lib" "/out/libs$site/torch/lib" \
+    && mkdir -p "/out/libs$site/torch" \
+    && cp -a "$site/torch/lib" "/out/libs$site/torch/lib" \
     && cp -a "$site/nvidia" "/out/libs$site/nvidia"
 
 FROM ${BASE_IMAGE}
@@ -60,4 +59,4 @@ ENV HOME=/tmp HF_HOME=/cache IMAGEGEN_LISTEN=0.0.0.0:8080
 USER 65532:65532
 EXPOSE 8080
 ENTRYPOINT ["/usr/local/bin/imagegen"]
-CMD ["serve", "--help"]
+CMD ["--help"]
