@@ -51,20 +51,23 @@ echo "chart-check: $("$helm" version --short), kubectl $("$kubectl" version --cl
 
 rm -rf "$out"
 mkdir -p "$out"
-values_files=("$chart"/ci/*-values.yaml)
+# The CI values files, and the kind end-to-end test's (rendered as "e2e-kind").
+values_files=("$chart"/ci/*-values.yaml "$root/tests/e2e/values-kind.yaml")
 [ -e "${values_files[0]}" ] || { echo "chart-check: no values files in $chart/ci" >&2; exit 1; }
 for values in "${values_files[@]}"; do
-    name="$(basename "$values" -values.yaml)"
+    name="$(basename "$values" .yaml)"
+    name="${name%-values}"
+    [ "$name" = values-kind ] && name=e2e-kind
     "$helm" lint --strict "$chart" -f "$values" >"$out/$name.lint.txt" 2>&1 || {
         cat "$out/$name.lint.txt" >&2
-        echo "chart-check: helm lint failed with ci/$name-values.yaml" >&2
+        echo "chart-check: helm lint failed with $values" >&2
         exit 1
     }
     mkdir -p "$out/$name"
     # --include-crds: the test compares the rendered definitions with the generated ones.
     "$helm" template imagegen "$chart" --namespace imagegen-system --include-crds \
         -f "$values" --output-dir "$out/$name" >/dev/null
-    echo "chart-check: ci/$name-values.yaml: lint and template ok" >&2
+    echo "chart-check: ${values#"$root"/}: lint and template ok" >&2
 done
 
 # A misspelt key must be refused by the schema, not silently ignored.
