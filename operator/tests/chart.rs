@@ -956,15 +956,31 @@ fn helm_test_hook_generates_with_the_first_model() {
         role.metadata.namespace.as_deref()
     );
     assert_eq!(generation.spec.params.steps, Some(3));
-    // The pod may create and watch ImageGenerations, nothing else.
-    let granted = grants(role.rules.as_deref().unwrap_or_default(), "test hook");
-    assert!(granted
-        .iter()
-        .all(|(g, r, _)| g == "imagegen.dev" && r == "imagegenerations"));
-    assert!(granted.iter().any(|(_, _, v)| v == "create"));
-    assert!(granted.iter().all(|(_, _, v)| v != "delete"));
+    // The pod may create and watch ImageGenerations and delete its own, nothing else.
+    let name = generation.metadata.name.clone().unwrap();
+    let rules = role.rules.unwrap_or_default();
+    let (named, open): (Vec<PolicyRule>, Vec<PolicyRule>) =
+        rules.into_iter().partition(|r| r.resource_names.is_some());
+    let granted = grants(&open, "test hook");
+    assert_eq!(
+        granted,
+        expected_grants(&[(
+            "imagegen.dev",
+            &["imagegenerations"],
+            &["create", "get", "list", "watch"]
+        )])
+    );
+    assert_eq!(named.len(), 1);
+    assert_eq!(
+        named[0].resource_names.as_deref(),
+        Some(&[name.clone()][..])
+    );
+    assert_eq!(named[0].verbs, ["delete"]);
+    assert_eq!(
+        named[0].resources.as_deref(),
+        Some(&["imagegenerations".to_string()][..])
+    );
     let spec = pod.spec.unwrap();
-    let name = generation.metadata.name.unwrap();
     let wait_args = spec.containers[0].args.clone().unwrap_or_default();
     assert!(wait_args.iter().any(|a| a.ends_with(&format!("/{name}"))));
     assert!(wait_args
