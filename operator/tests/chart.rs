@@ -27,12 +27,13 @@ use serde_json::Value;
 
 /// The values files the script renders, by folder name: charts/imagegen/ci/*-values.yaml and
 /// the kind end-to-end test's tests/e2e/values-kind.yaml.
-const VALUES: [&str; 8] = [
+const VALUES: [&str; 9] = [
     "defaults",
     "s3-store",
     "s3-existing-secret",
     "cpu",
     "auth",
+    "auth-existing-secret",
     "network-policy",
     "models",
     "e2e-kind",
@@ -635,7 +636,7 @@ fn operator_environment_is_what_its_flags_read() {
                 .iter()
                 .any(|d| d.kind() == "Secret" && d.name() == secret);
             assert!(
-                rendered || values == "s3-existing-secret",
+                rendered || values.ends_with("existing-secret"),
                 "{values}: Secret {secret} is not rendered"
             );
         }
@@ -713,6 +714,16 @@ fn values_reach_the_operator_environment() {
     assert_eq!(pairs.len(), 2, "{tokens}");
     assert_eq!(pairs[0].0, "backend");
     assert!(pairs.iter().all(|(t, k)| !t.is_empty() && k.len() >= 16));
+
+    // An existing Secret is passed on as it is, and the chart renders none.
+    let existing = env("auth-existing-secret");
+    assert_eq!(
+        get(&existing, "IMAGEGEN_STORE_SECRET").as_deref(),
+        Some("imagegen-client-tokens")
+    );
+    assert!(all_of(&documents("auth-existing-secret"), "Secret")
+        .next()
+        .is_none());
 }
 
 #[test]

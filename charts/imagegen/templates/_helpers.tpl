@@ -93,16 +93,28 @@ app.kubernetes.io/component: operator
 {{- default (printf "%s-store" (include "imagegen.fullname" .)) .Values.store.local.existingClaim }}
 {{- end }}
 
+{{/*
+An existing Secret that holds the runtime pods' environment: store.s3.credentials.existingSecret
+or runtime.auth.existingSecret (the operator passes one Secret, IMAGEGEN_STORE_SECRET, so when
+both are set they must name the same one).
+*/}}
+{{- define "imagegen.existingEnvSecret" -}}
+{{- $s3 := "" }}
+{{- if eq .Values.store.type "s3" }}
+{{- $s3 = .Values.store.s3.credentials.existingSecret }}
+{{- end }}
+{{- default $s3 .Values.runtime.auth.existingSecret }}
+{{- end }}
+
 {{/* Whether the chart renders the runtime environment Secret. */}}
 {{- define "imagegen.createRuntimeEnvSecret" -}}
-{{- $s3 := and (eq .Values.store.type "s3") (not .Values.store.s3.credentials.existingSecret) }}
-{{- if or $s3 (and .Values.runtime.auth.tokens (not .Values.store.s3.credentials.existingSecret)) }}true{{ end }}
+{{- if and (not (include "imagegen.existingEnvSecret" .)) (or (eq .Values.store.type "s3") .Values.runtime.auth.tokens) }}true{{ end }}
 {{- end }}
 
 {{/* The Secret whose keys become the runtime pods' environment (IMAGEGEN_STORE_SECRET). */}}
 {{- define "imagegen.runtimeEnvSecretName" -}}
-{{- if .Values.store.s3.credentials.existingSecret }}
-{{- .Values.store.s3.credentials.existingSecret }}
+{{- if include "imagegen.existingEnvSecret" . }}
+{{- include "imagegen.existingEnvSecret" . }}
 {{- else if include "imagegen.createRuntimeEnvSecret" . }}
 {{- printf "%s-runtime-env" (include "imagegen.fullname" .) }}
 {{- end }}
@@ -132,8 +144,13 @@ app.kubernetes.io/component: operator
 {{- if .Values.runtime.c2pa.existingSecret }}
 {{- fail "runtime.c2pa.existingSecret: the operator cannot mount a C2PA certificate into runtime pods yet; leave it empty" }}
 {{- end }}
-{{- if and .Values.store.s3.credentials.existingSecret (or .Values.store.s3.endpoint .Values.store.s3.region .Values.store.s3.credentials.accessKeyId .Values.store.s3.credentials.secretAccessKey .Values.runtime.auth.tokens) }}
-{{- fail "store.s3.credentials.existingSecret is the whole runtime environment: put AWS_ENDPOINT, AWS_REGION, credentials and IMAGEGEN_TOKENS in it rather than in values" }}
+{{- $s3Secret := .Values.store.s3.credentials.existingSecret }}
+{{- $authSecret := .Values.runtime.auth.existingSecret }}
+{{- if and (eq .Values.store.type "s3") $s3Secret $authSecret (ne $s3Secret $authSecret) }}
+{{- fail "store.s3.credentials.existingSecret and runtime.auth.existingSecret differ, but runtime pods get one Secret's keys as their environment: put AWS_* and IMAGEGEN_TOKENS in one Secret and name it in both" }}
+{{- end }}
+{{- if and (include "imagegen.existingEnvSecret" .) (or .Values.store.s3.endpoint .Values.store.s3.region .Values.store.s3.credentials.accessKeyId .Values.store.s3.credentials.secretAccessKey .Values.runtime.auth.tokens) }}
+{{- fail (printf "the existing Secret %s is the whole runtime environment: put AWS_ENDPOINT, AWS_REGION, credentials and IMAGEGEN_TOKENS in it rather than in values" (include "imagegen.existingEnvSecret" .)) }}
 {{- end }}
 {{- if and (eq .Values.store.type "s3") (or .Values.store.s3.credentials.accessKeyId .Values.store.s3.credentials.secretAccessKey) (not (and .Values.store.s3.credentials.accessKeyId .Values.store.s3.credentials.secretAccessKey)) }}
 {{- fail "store.s3.credentials: give both accessKeyId and secretAccessKey, or neither" }}
