@@ -13,7 +13,9 @@
 # only by tests/e2e/kind.sh on a CI runner (.github/workflows/e2e-kind.yml).
 
 ARG RUST_IMAGE=rust:1.95-bookworm
-ARG BASE_IMAGE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
+# CUDA 13 runtime base. The exact CUDA libraries torch 2.11 was built with come from its
+# wheels (site-packages/nvidia), copied beside torch/lib below.
+ARG BASE_IMAGE=nvidia/cuda:13.0.1-runtime-ubuntu24.04
 
 FROM ${RUST_IMAGE} AS builder
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu130
