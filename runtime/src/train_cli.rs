@@ -73,7 +73,7 @@ pub struct TrainArgs {
     #[arg(long)]
     snr_gamma: Option<f64>,
     /// no, fp16 or bf16: the frozen model in half precision, LoRA weights in float32.
-    /// CUDA only: refused on the CPU.
+    /// fp16 needs CUDA (refused on the CPU); bf16 runs on either.
     #[arg(long, value_enum, default_value_t = MixedPrecisionArg::No)]
     mixed_precision: MixedPrecisionArg,
     /// Also write <out>/<out's name>_kohya.safetensors (kohya names, for A1111/ComfyUI).

@@ -622,3 +622,135 @@ fn a_trained_lora_gives_diffusers_image() {
         );
     }
 }
+
+#[test]
+fn bf16_mixed_precision_trains_on_the_cpu_with_float32_lora_weights() {
+    let dir = temp_dir("bf16");
+    let images = instance_images(&dir);
+    let model = StableDiffusion::load_dir(
+        &fixtures_dir().join("tiny-sd1"),
+        "tiny-sd1",
+        Device::Cpu,
+        Kind::BFloat16,
+    )
+    .unwrap();
+    let mut c = config("tiny-sd1", &images, &dir.join("out"));
+    c.steps = 5;
+    c.train_text_encoder = true;
+    c.mixed_precision = imagegen_runtime::train::MixedPrecision::Bf16;
+    let (outcome, _) = run(&model, &c);
+    assert!(outcome.losses.iter().all(|l| l.is_finite()));
+    let bytes = std::fs::read(&outcome.output).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (_, b) = file
+        .tensors()
+        .into_iter()
+        .find(|(k, _)| k.ends_with("lora_B.weight"))
+        .unwrap();
+    assert_eq!(b.dtype(), safetensors::Dtype::F32);
+    assert!(
+        b.data().iter().any(|&byte| byte != 0),
+        "B moved away from its zero start"
+    );
+}
+
+/// A minimal HTTP/1.1 endpoint: answers every request 200 and records (authorization
+/// header, body).
+fn progress_endpoint() -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!(
+        "http://{}/v1/trainings/ns/sks/progress",
+        listener.local_addr().unwrap()
+    );
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                let (mut length, mut auth) = (0usize, String::new());
+                loop {
+                    let mut header = String::new();
+                    reader.read_line(&mut header).unwrap();
+                    let header = header.trim_end();
+                    if header.is_empty() {
+                        break;
+                    }
+                    let (name, value) = header.split_once(':').unwrap();
+                    match name.to_ascii_lowercase().as_str() {
+                        "content-length" => length = value.trim().parse().unwrap(),
+                        "authorization" => auth = value.trim().to_string(),
+                        _ => {}
+                    }
+                }
+                let mut body = vec![0; length];
+                reader.read_exact(&mut body).unwrap();
+                record
+                    .lock()
+                    .unwrap()
+                    .push((auth, String::from_utf8(body).unwrap()));
+                stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                    .unwrap();
+            }
+        }
+    });
+    (url, seen)
+}
+
+#[test]
+fn progress_is_posted_with_the_bearer_token_and_a_dead_url_does_not_stop_training() {
+    let dir = temp_dir("progress");
+    let images = instance_images(&dir);
+    let (url, seen) = progress_endpoint();
+    let tiny_sd1 = fixtures_dir().join("tiny-sd1");
+    let args = |url: &str, out: &str| {
+        imagegen()
+            .args(["train", "--model", tiny_sd1.to_str().unwrap()])
+            .args(["--images", images.to_str().unwrap()])
+            .args(["--instance-prompt", "a photo of sks cat", "--steps", "3"])
+            .args(["--resolution", "32", "--seed", "1", "--device", "cpu"])
+            .args(["--progress-url", url, "--out"])
+            .arg(dir.join(out))
+            .env("IMAGEGEN_PROGRESS_TOKEN", "s3cret")
+            .output()
+            .unwrap()
+    };
+    let out = args(&url, "a");
+    assert!(out.status.success());
+    let stdout: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    assert_eq!(stdout.len(), 5, "started, 3 steps, done: {stdout:?}");
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen.iter()
+            .map(|(_, body)| body.clone())
+            .collect::<Vec<_>>(),
+        stdout,
+        "every event POSTed, in order"
+    );
+    assert!(seen.iter().all(|(auth, _)| auth == "Bearer s3cret"));
+
+    // Nothing listens on port 9 of localhost.
+    let out = args("http://127.0.0.1:9/progress", "b");
+    assert!(out.status.success());
+    assert!(dir
+        .join("b")
+        .join("pytorch_lora_weights.safetensors")
+        .is_file());
+    assert!(String::from_utf8(out.stderr)
+        .unwrap()
+        .contains("posting training progress failed"));
+}

@@ -39,8 +39,9 @@ pub const CHECKPOINT_STATE: &str = "state.json";
 /// A checkpoint's optimizer moments.
 pub const CHECKPOINT_OPTIMIZER: &str = "optimizer.safetensors";
 
-/// Mixed precision (CUDA only): the frozen base model in half precision, the LoRA
-/// weights, their gradients and the optimizer in float32.
+/// Mixed precision: the frozen base model in half precision, the LoRA weights, their
+/// gradients and the optimizer in float32. fp16 (with dynamic loss scaling) needs CUDA;
+/// bf16 also runs on the CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MixedPrecision {
@@ -191,10 +192,12 @@ impl TrainConfig {
                 "prior preservation needs at least 1 class image",
             ));
         }
-        if self.mixed_precision != MixedPrecision::No && !device.is_cuda() {
+        // float16 needs CUDA (loss scaling, and libtorch's CPU half kernels are slow or
+        // missing); bfloat16 runs on the CPU as well, as accelerate allows.
+        if self.mixed_precision == MixedPrecision::Fp16 && !device.is_cuda() {
             return Err(Error::invalid(
                 "mixed-precision",
-                "fp16 and bf16 training need a CUDA device; use --mixed-precision no on the CPU",
+                "fp16 training needs a CUDA device; use bf16 or no on the CPU",
             ));
         }
         Ok(())
