@@ -656,10 +656,10 @@ fn bf16_mixed_precision_trains_on_the_cpu_with_float32_lora_weights() {
 
 /// A minimal HTTP/1.1 endpoint: answers every request 200 and records (authorization
 /// header, body).
-fn progress_endpoint() -> (
-    String,
-    std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
-) {
+/// What the endpoint received: (authorization header, body) per request.
+type Received = std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>;
+
+fn progress_endpoint() -> (String, Received) {
     use std::io::{BufRead, BufReader, Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!(
