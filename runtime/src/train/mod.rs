@@ -422,11 +422,10 @@ fn seeded_order(n: usize, seed: u64) -> Vec<usize> {
     let perm = crate::noise::with_seed(derive_seed(seed, u32::MAX, u32::MAX), || {
         Tensor::randperm(n as i64, (Kind::Int64, Device::Cpu))
     });
-    Vec::<i64>::try_from(perm)
-        .unwrap_or_default()
-        .into_iter()
-        .map(|i| i as usize)
-        .collect()
+    match Vec::<i64>::try_from(perm) {
+        Ok(order) if order.len() == n => order.into_iter().map(|i| i as usize).collect(),
+        _ => (0..n).collect(),
+    }
 }
 
 /// Trains a LoRA on `model` (loaded in `config.mixed_precision`'s dtype on its device) and
