@@ -51,7 +51,8 @@ pub struct TrainArgs {
     /// Save a checkpoint (<out>/checkpoint-<step>/) every N steps.
     #[arg(long, value_name = "N")]
     checkpoint_every: Option<u32>,
-    /// Continue from a checkpoint folder (same rank, alpha and text-encoder choice).
+    /// Continue from a checkpoint folder (same rank, alpha and text-encoder choice);
+    /// `latest`: the newest checkpoint in --out, or a fresh start when there is none.
     #[arg(long, value_name = "DIR")]
     resume: Option<PathBuf>,
     /// Instance images per step (with prior preservation, as many class images again).

@@ -265,6 +265,17 @@ fn resume_continues_from_the_checkpoint_step() {
         let diff = (&x.up - &y.up).abs().max().double_value(&[]);
         assert!(diff < 1e-5, "{}: {diff}", x.target);
     }
+
+    // `latest` picks the newest checkpoint of the output folder; none means a fresh start.
+    let mut latest_config = c.clone();
+    latest_config.out = dir.join("full");
+    latest_config.resume = Some(PathBuf::from("latest"));
+    latest_config.steps = 25;
+    let (_, events) = run(&model, &latest_config);
+    assert_eq!(step_numbers(&events), (11..=25).collect::<Vec<_>>());
+    latest_config.out = dir.join("fresh");
+    let (_, events) = run(&model, &latest_config);
+    assert_eq!(step_numbers(&events), (1..=25).collect::<Vec<_>>());
 }
 
 #[test]

@@ -438,18 +438,58 @@ pub fn train(
 ) -> Result<TrainOutcome> {
     config.validate(model.device)?;
     let files = data::collect_images(&config.images, "images")?;
-    let resume = config
-        .resume
-        .as_deref()
-        .map(read_checkpoint_state)
-        .transpose()?;
-    if let Some(state) = &resume {
-        check_resume(state, config)?;
-    }
+    let resume_dir = match config.resume.as_deref() {
+        Some(dir) if dir == Path::new(RESUME_LATEST) => {
+            let latest = latest_checkpoint(&config.out);
+            if latest.is_none() {
+                tracing::info!(out = %config.out.display(), "no checkpoint to resume from yet");
+            }
+            latest
+        }
+        other => other.map(Path::to_path_buf),
+    };
+    let resume = match &resume_dir {
+        Some(dir) => {
+            let state = read_checkpoint_state(dir)?;
+            check_resume(&state, config)?;
+            Some((state, dir.as_path()))
+        }
+        None => None,
+    };
     std::fs::create_dir_all(&config.out).map_err(io_error(&config.out))?;
-    let result = catch_torch(|| run(model, config, &files, resume.as_ref(), emit));
+    let result = catch_torch(|| {
+        run(
+            model,
+            config,
+            &files,
+            resume.as_ref().map(|(s, d)| (s, *d)),
+            emit,
+        )
+    });
     TrainableLora::detach(model);
     result
+}
+
+/// `--resume latest`: the highest-numbered complete checkpoint in the output folder, or a
+/// fresh start when there is none (what a restarted training job wants).
+pub const RESUME_LATEST: &str = "latest";
+
+/// The `checkpoint-<step>` folder of `out` with the highest step that has a state file.
+pub fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
+    std::fs::read_dir(out)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter_map(|p| {
+            let step: u32 = p
+                .file_name()?
+                .to_str()?
+                .strip_prefix("checkpoint-")?
+                .parse()
+                .ok()?;
+            p.join(CHECKPOINT_STATE).is_file().then_some((step, p))
+        })
+        .max_by_key(|(step, _)| *step)
+        .map(|(_, p)| p)
 }
 
 fn read_checkpoint_state(dir: &Path) -> Result<CheckpointState> {
@@ -505,7 +545,7 @@ fn run(
     model: &StableDiffusion,
     config: &TrainConfig,
     files: &[PathBuf],
-    resume: Option<&CheckpointState>,
+    resume: Option<(&CheckpointState, &Path)>,
     emit: &mut dyn FnMut(TrainerEvent),
 ) -> Result<TrainOutcome> {
     let c = config;
@@ -577,7 +617,7 @@ fn run(
     let mut scaler = (c.mixed_precision == MixedPrecision::Fp16).then(LossScaler::default);
     let mut start = 0;
     let mut last_loss = f64::NAN;
-    if let (Some(state), Some(dir)) = (resume, &c.resume) {
+    if let Some((state, dir)) = resume {
         lora.load_values(&dir.join(DIFFUSERS_LORA_FILE))?;
         load_optimizer(&mut optimizer, &lora, &dir.join(CHECKPOINT_OPTIMIZER))?;
         optimizer.step = state.adam_step;
