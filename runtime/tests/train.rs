@@ -765,3 +765,56 @@ fn progress_is_posted_with_the_bearer_token_and_a_dead_url_does_not_stop_trainin
         .unwrap()
         .contains("posting training progress failed"));
 }
+
+/// The trainer's unfused adapters compute what the inference path computes with the same
+/// LoRA written to a file, loaded and fused (scale alpha / rank on both sides).
+#[test]
+fn unfused_training_adapters_equal_the_fused_file() {
+    use imagegen_runtime::train::lora_params::{write_tensors, TrainableLora};
+    let dir = temp_dir("unfused");
+    let model = model("tiny-sd1");
+    let lora = TrainableLora::new(&model, 4, 8.0, true, 5);
+    tch::no_grad(|| {
+        for m in &lora.modules {
+            let mut up = m.up.shallow_clone();
+            let _ = up.normal_(0.0, 0.2);
+        }
+    });
+    let sample = tch::Tensor::randn([1, 4, 8, 8], (Kind::Float, Device::Cpu));
+    let ids = model.tokenizer.encode("a photo of sks cat").unwrap();
+    let ids = tch::Tensor::from_slice(&ids).unsqueeze(0);
+    let forward = || {
+        tch::no_grad(|| {
+            model
+                .unet
+                .model
+                .forward(&sample, 500.0, &model.text_encoder.model.forward(&ids, 0))
+        })
+    };
+    let base = forward();
+    lora.attach(&model);
+    let unfused = forward();
+    TrainableLora::detach(&model);
+    assert!(
+        forward().equal(&base),
+        "detaching restores the plain layers"
+    );
+
+    let file = dir.join("lora.safetensors");
+    let mut metadata = std::collections::HashMap::new();
+    metadata.insert(
+        "lora_adapter_metadata".to_string(),
+        lora.adapter_metadata().to_string(),
+    );
+    write_tensors(&file, &lora.diffusers_tensors(), metadata).unwrap();
+    let loaded = Rc::new(Lora::load(&file, &model, false).unwrap());
+    let fused = {
+        let _fused = model.fuse_loras(&[(loaded, 1.0)]).unwrap();
+        forward()
+    };
+    let change = common::max_abs_diff(&unfused, &base);
+    let diff = common::max_abs_diff(&unfused, &fused);
+    eprintln!("LoRA changes the UNet output by up to {change:.3e}; unfused vs fused {diff:.3e}");
+    assert!(change > 1e-2, "the adapters changed nothing");
+    assert!(diff < 1e-4, "unfused and fused differ by {diff:e}");
+}
