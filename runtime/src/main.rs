@@ -1,6 +1,7 @@
 //! The `imagegen` command line.
 
 mod bench;
+mod train_cli;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -43,6 +44,9 @@ enum Command {
     /// Time a local model: time to ready, denoising throughput per batch size, peak memory
     /// and the LoRA switch; JSON on stdout, a table on stderr.
     Bench(Box<bench::BenchArgs>),
+    /// Train a DreamBooth LoRA on a few photos of a subject; progress as JSON lines on
+    /// stdout.
+    Train(Box<train_cli::TrainArgs>),
 }
 
 #[derive(clap::Args)]
@@ -569,6 +573,7 @@ fn main() -> ExitCode {
         Command::Styles(args) => list_styles(args),
         Command::Mask(args) => find_mask(args),
         Command::Bench(args) => bench::run(*args),
+        Command::Train(args) => train_cli::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
