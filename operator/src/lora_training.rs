@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 
 use imagegen_crds::api::TrainerEvent;
 use imagegen_crds::common::condition_types::{COMPLETE, FAILED};
+use imagegen_crds::diffusion_model::{Dtype, DEFAULT_GPU_RESOURCE};
 use imagegen_crds::lora_training::Artifact;
 use imagegen_crds::{ImageRef, LoraTraining, LoraTrainingStatus, Phase, Progress, TrainingParams};
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
@@ -34,6 +35,8 @@ pub const CONTAINER_NAME: &str = "trainer";
 pub const TOKEN_KEY: &str = "token";
 /// File name of the trained LoRA inside its folder (diffusers' name; the runtime's layout).
 pub const LORA_FILE: &str = "pytorch_lora_weights.safetensors";
+/// Steps between the trainer's checkpoints: a retried pod resumes from the newest one.
+pub const CHECKPOINT_EVERY: u32 = 100;
 /// Longest LoraTraining name: its Job, `<name>-train`, names pods and labels them.
 pub const MAX_TRAINING_NAME_CHARS: usize = 57;
 
@@ -247,7 +250,22 @@ pub fn train_args(
     if p.train_text_encoder == Some(true) {
         args.push("--train-text-encoder".into());
     }
+    // The model's dtype as the trainer's mixed precision: fp16 autocast needs CUDA, so it
+    // is asked for only on NVIDIA GPUs (other devices train in float32).
+    let precision = match model.dtype {
+        Dtype::Bf16 => Some("bf16"),
+        Dtype::F16 if model.gpu_resource_name == DEFAULT_GPU_RESOURCE => Some("fp16"),
+        Dtype::F16 | Dtype::F32 => None,
+    };
+    if let Some(precision) = precision {
+        args.extend(["--mixed-precision".into(), precision.into()]);
+    }
+    // A pod the Job retries continues from the last checkpoint instead of step 0.
     args.extend([
+        "--checkpoint-every".into(),
+        CHECKPOINT_EVERY.to_string(),
+        "--resume".into(),
+        "latest".into(),
         "--out".into(),
         training.output_dir(),
         "--progress-url".into(),
@@ -752,6 +770,10 @@ mod tests {
             "--seed",
             "42",
             "--train-text-encoder",
+            "--checkpoint-every",
+            "100",
+            "--resume",
+            "latest",
             "--out",
             "tenants/team-a/loras/alice",
             "--progress-url",
@@ -771,6 +793,37 @@ mod tests {
         ] {
             assert!(!args.iter().any(|a| a == flag), "{flag} in {args:?}");
         }
+    }
+
+    #[test]
+    fn mixed_precision_follows_the_model_dtype_and_device() {
+        let training = validate(&minimal()).unwrap();
+        let config = OperatorConfig::default();
+        let precision = |spec: serde_json::Value| {
+            let args = train_args(&training, &model(spec), &config);
+            args.iter()
+                .position(|a| a == "--mixed-precision")
+                .map(|i| args[i + 1].clone())
+        };
+        let base = |extra: serde_json::Value| {
+            let mut spec = json!({"source": {"path": "m"}, "family": "sd15"});
+            spec.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            spec
+        };
+        assert_eq!(precision(base(json!({}))).as_deref(), Some("fp16"));
+        assert_eq!(
+            precision(base(json!({"dtype": "bf16"}))).as_deref(),
+            Some("bf16")
+        );
+        assert_eq!(precision(base(json!({"dtype": "f32"}))), None);
+        assert_eq!(
+            precision(base(
+                json!({"resources": {"gpuResourceName": "amd.com/gpu"}})
+            )),
+            None
+        );
     }
 
     #[test]
