@@ -834,8 +834,23 @@ async fn cleanup_generation(generation: &ImageGeneration, ctx: &Context) -> Resu
         }
     }
     for image in &status.images {
-        if let Some(id) = image_id_from_url(&image.url) {
-            ctx.runtime.delete_image(&target, &id).await?;
+        let Some(id) = image_id_from_url(&image.url) else {
+            continue;
+        };
+        match ctx.runtime.delete_image(&target, &id).await {
+            Ok(()) => {}
+            // A runtime without image deletion must not block the resource's deletion.
+            Err(e) if e.is_unsupported() => {
+                ctx.event(
+                    generation,
+                    EventType::Warning,
+                    "ImagesKept",
+                    format!("the runtime cannot delete images ({e}), so they stay in the store"),
+                )
+                .await;
+                break;
+            }
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(Action::await_change())

@@ -127,6 +127,8 @@ enum RuntimeCall {
 struct FakeRuntime {
     answers: Mutex<VecDeque<Result<RuntimeJob, RuntimeError>>>,
     calls: Mutex<Vec<RuntimeCall>>,
+    /// What `delete_image` answers.
+    delete_image: Option<RuntimeError>,
 }
 
 impl FakeRuntime {
@@ -134,6 +136,7 @@ impl FakeRuntime {
         Arc::new(FakeRuntime {
             answers: Mutex::new(answers.into()),
             calls: Mutex::default(),
+            delete_image: None,
         })
     }
 
@@ -182,7 +185,7 @@ impl RuntimeApi for FakeRuntime {
             .lock()
             .unwrap()
             .push(RuntimeCall::DeleteImage(id.into()));
-        Ok(())
+        self.delete_image.clone().map_or(Ok(()), Err)
     }
     async fn delete_lora(&self, _: &Target, name: &str) -> Result<(), RuntimeError> {
         self.calls
@@ -1589,4 +1592,53 @@ async fn generation_refused_by_the_runtime_fails() {
         .as_str()
         .unwrap()
         .contains("multiple of 8"));
+}
+
+#[tokio::test]
+async fn generation_deletion_is_not_blocked_by_a_runtime_without_image_deletion() {
+    let mut g = generation(Some(1), Some(finished_status(NOW - 5)));
+    let status = g.status.as_mut().unwrap();
+    status.images.push(status.images[0].clone());
+    let g: ImageGeneration =
+        serde_json::from_value(deleting(serde_json::to_value(g).unwrap())).unwrap();
+    let runtime = Arc::new(FakeRuntime {
+        delete_image: Some(RuntimeError::Api {
+            status: 405,
+            code: "bad_request".into(),
+            message: "method not allowed".into(),
+        }),
+        ..FakeRuntime::default()
+    });
+    let (result, sent) = run(
+        g,
+        runtime.clone(),
+        vec![
+            call(
+                Method::GET,
+                &cr("diffusionmodels", "sd15"),
+                200,
+                serde_json::to_value(ready_model()).unwrap(),
+            ),
+            call(
+                Method::GET,
+                &path("api/v1", "secrets/sd15-runtime-auth"),
+                200,
+                auth_secret(),
+            ),
+            call(Method::POST, &events(), 201, json!({})),
+            call(
+                Method::PATCH,
+                &cr("imagegenerations", "avatar"),
+                200,
+                serde_json::to_value(generation(Some(1), None)).unwrap(),
+            ),
+        ],
+        controller::reconcile_generation,
+    )
+    .await;
+    result.unwrap();
+    // One try, then the finalizer is released with a warning.
+    assert_eq!(runtime.calls().len(), 1);
+    assert_eq!(sent[2].body["reason"], "ImagesKept");
+    assert!(sent[3].body.to_string().contains("remove"));
 }

@@ -54,6 +54,17 @@ pub enum RuntimeError {
 }
 
 impl RuntimeError {
+    /// Whether the runtime does not serve the operation at all (405, 501).
+    pub fn is_unsupported(&self) -> bool {
+        matches!(
+            self,
+            RuntimeError::Api {
+                status: 405 | 501,
+                ..
+            }
+        )
+    }
+
     /// Whether the runtime refused the request itself (400, 404, 413, 415, 422): sending it
     /// again cannot succeed.
     pub fn is_rejection(&self) -> bool {
