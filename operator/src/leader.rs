@@ -152,6 +152,42 @@ impl LeaderElector {
     }
 }
 
+/// Competes for the Lease forever, every [`RENEW_INTERVAL`], publishing on `leading` whether
+/// this replica leads and recording each successful round-trip in `health`. A leader that
+/// cannot renew for as long as the Lease lasts steps down: another replica may hold it by
+/// then.
+pub async fn campaign(
+    elector: LeaderElector,
+    health: std::sync::Arc<crate::server::Health>,
+    leading: tokio::sync::watch::Sender<bool>,
+) {
+    let mut last_renewal: Option<tokio::time::Instant> = None;
+    loop {
+        match elector.try_lead(Timestamp::now()).await {
+            Ok(leads) => {
+                health.lease_checked(leads);
+                if leads {
+                    last_renewal = Some(tokio::time::Instant::now());
+                }
+                if leads != *leading.borrow() {
+                    tracing::info!(identity = elector.identity(), leads, "leadership changed");
+                }
+                leading.send_replace(leads);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read or write the leader Lease");
+                let expired =
+                    last_renewal.is_none_or(|t| t.elapsed() + RENEW_INTERVAL >= LEASE_DURATION);
+                if *leading.borrow() && expired {
+                    tracing::warn!(identity = elector.identity(), "stepping down");
+                    leading.send_replace(false);
+                }
+            }
+        }
+        tokio::time::sleep(RENEW_INTERVAL).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -379,6 +415,50 @@ mod tests {
             assert_eq!(written["spec"]["leaseTransitions"], 3);
             assert_eq!(written["metadata"]["resourceVersion"], "41");
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_that_cannot_renew_steps_down() {
+        let (elector, mut handle) = elector("pod-a");
+        let health = std::sync::Arc::new(crate::server::Health::default());
+        let (tx, mut leading) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(campaign(elector, health.clone(), tx));
+        let get = format!("{PATH}/imagegen-operator");
+        answer(&mut handle, Method::GET, &get, 404, status(404, "NotFound")).await;
+        answer(
+            &mut handle,
+            Method::POST,
+            PATH,
+            201,
+            serde_json::to_value(lease(Some("pod-a"), 100)).unwrap(),
+        )
+        .await;
+        leading.wait_for(|l| *l).await.unwrap();
+        assert!(health.is_leader());
+        // The API server stops answering. Within the Lease's duration it still leads (the
+        // next call comes only after the error was handled)...
+        answer(
+            &mut handle,
+            Method::GET,
+            &get,
+            500,
+            status(500, "InternalError"),
+        )
+        .await;
+        let (request, respond) = handle.next_request().await.expect("a call");
+        assert_eq!(request.uri().path(), get);
+        assert!(*leading.borrow());
+        // ...then it steps down.
+        respond.send_response(
+            Response::builder()
+                .status(500)
+                .body(Body::from(
+                    serde_json::to_vec(&status(500, "InternalError")).unwrap(),
+                ))
+                .unwrap(),
+        );
+        leading.wait_for(|l| !*l).await.unwrap();
+        task.abort();
     }
 
     #[tokio::test]

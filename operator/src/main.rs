@@ -5,21 +5,19 @@
 
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Instant;
 
 use clap::Parser;
 use futures::StreamExt;
 use imagegen_crds::{DiffusionModel, ImageGeneration, LoraTraining};
 use imagegen_operator::cli::Args;
 use imagegen_operator::controller::{self, Context};
-use imagegen_operator::leader::{LeaderElector, LEASE_DURATION, RENEW_INTERVAL};
+use imagegen_operator::leader::{campaign, LeaderElector, LEASE_DURATION};
 use imagegen_operator::metrics::Metrics;
 use imagegen_operator::runtime_client::HttpRuntime;
 use imagegen_operator::server::{self, Health, KubeProgress, ServerState};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::jiff::Timestamp;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::runtime::Controller;
@@ -89,35 +87,6 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
-    }
-}
-
-/// Competes for the Lease forever, publishing whether this replica leads. A leader that
-/// cannot renew for longer than the Lease lasts steps down (another may hold it by then).
-async fn elect(elector: LeaderElector, health: Arc<Health>, leading: watch::Sender<bool>) {
-    let mut last_renewal: Option<Instant> = None;
-    loop {
-        match elector.try_lead(Timestamp::now()).await {
-            Ok(leads) => {
-                health.lease_checked(leads);
-                if leads {
-                    last_renewal = Some(Instant::now());
-                }
-                if leads != *leading.borrow() {
-                    info!(identity = elector.identity(), leads, "leadership changed");
-                }
-                leading.send_replace(leads);
-            }
-            Err(e) => {
-                warn!(error = %e, "cannot read or write the leader Lease");
-                let expired =
-                    last_renewal.is_none_or(|t| t.elapsed() + RENEW_INTERVAL >= LEASE_DURATION);
-                if *leading.borrow() && expired {
-                    leading.send_replace(false);
-                }
-            }
-        }
-        tokio::time::sleep(RENEW_INTERVAL).await;
     }
 }
 
@@ -195,7 +164,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
         &args.lease_name,
         &identity,
     );
-    tokio::spawn(elect(elector, health.clone(), leading_tx));
+    tokio::spawn(campaign(elector, health.clone(), leading_tx));
 
     let recorder = Recorder::new(
         client.clone(),
