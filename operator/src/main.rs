@@ -120,7 +120,13 @@ async fn run_controllers(ctx: Arc<Context>, namespace: Option<&str>) {
             ctx.clone(),
         )
         .for_each(|result| log_result("LoraTraining", result));
+    // Every status write comes back as a watch event: a second's debounce keeps a running
+    // generation from polling its runtime at the speed of its own writes.
+    let debounced = kube::runtime::controller::Config::default()
+        .debounce(std::time::Duration::from_secs(1))
+        .concurrency(16);
     let generations = Controller::new(api::<ImageGeneration>(&client, namespace), all)
+        .with_config(debounced)
         .run(
             controller::reconcile_generation,
             controller::error_policy,
