@@ -284,6 +284,11 @@ pub async fn reconcile_model(
     ctx: Arc<Context>,
 ) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile("DiffusionModel");
+    // Going away: its children follow by owner reference; re-applying them now would only
+    // race the garbage collector.
+    if model.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
     let namespace = model.namespace().unwrap_or_default();
     let models: Api<DiffusionModel> = Api::namespaced(ctx.client.clone(), &namespace);
     let now = (ctx.now)();

@@ -1642,3 +1642,18 @@ async fn generation_deletion_is_not_blocked_by_a_runtime_without_image_deletion(
     assert_eq!(sent[2].body["reason"], "ImagesKept");
     assert!(sent[3].body.to_string().contains("remove"));
 }
+
+#[tokio::test]
+async fn model_being_deleted_makes_no_calls() {
+    let m: DiffusionModel =
+        serde_json::from_value(deleting(serde_json::to_value(ready_model()).unwrap())).unwrap();
+    let (result, sent) = run(
+        m,
+        FakeRuntime::answering(vec![]),
+        vec![],
+        controller::reconcile_model,
+    )
+    .await;
+    assert_eq!(result.unwrap(), Action::await_change());
+    assert!(sent.is_empty());
+}
