@@ -27,6 +27,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::finalizer::{finalizer, Event as Finalizer};
+use kube::runtime::reflector::ObjectRef;
 use kube::{Client, Resource, ResourceExt};
 use rand::Rng;
 use serde::de::DeserializeOwned;
@@ -861,9 +862,126 @@ async fn cleanup_generation(generation: &ImageGeneration, ctx: &Context) -> Resu
     Ok(Action::await_change())
 }
 
+// ---------------------------------------------------------------------------------------
+// Wake-ups: what to reconcile again when something a resource refers to changes
+// ---------------------------------------------------------------------------------------
+
+fn unfinished_in<'a, K>(
+    items: &'a [Arc<K>],
+    namespace: &'a Option<String>,
+    phase: impl Fn(&K) -> Option<Phase> + 'a,
+) -> impl Iterator<Item = &'a Arc<K>> + 'a
+where
+    K: Resource<DynamicType = ()>,
+{
+    items.iter().filter(move |item| {
+        &item.namespace() == namespace && !phase(item).is_some_and(Phase::is_finished)
+    })
+}
+
+/// The unfinished ImageGenerations of `model`'s namespace that run on it.
+pub fn generations_using_model(
+    generations: &[Arc<ImageGeneration>],
+    model: &DiffusionModel,
+) -> Vec<ObjectRef<ImageGeneration>> {
+    let namespace = model.namespace();
+    unfinished_in(generations, &namespace, |g| g.status.as_ref()?.phase)
+        .filter(|g| g.spec.model_ref.name == model.name_any())
+        .map(|g| ObjectRef::from_obj(g.as_ref()))
+        .collect()
+}
+
+/// The unfinished LoraTrainings of `model`'s namespace that train on it.
+pub fn trainings_using_model(
+    trainings: &[Arc<LoraTraining>],
+    model: &DiffusionModel,
+) -> Vec<ObjectRef<LoraTraining>> {
+    let namespace = model.namespace();
+    unfinished_in(trainings, &namespace, |t| t.status.as_ref()?.phase)
+        .filter(|t| t.spec.model_ref.name == model.name_any())
+        .map(|t| ObjectRef::from_obj(t.as_ref()))
+        .collect()
+}
+
+/// The unfinished ImageGenerations of `training`'s namespace that apply its LoRA.
+pub fn generations_using_lora(
+    generations: &[Arc<ImageGeneration>],
+    training: &LoraTraining,
+) -> Vec<ObjectRef<ImageGeneration>> {
+    let namespace = training.namespace();
+    let name = training.name_any();
+    unfinished_in(generations, &namespace, |g| g.status.as_ref()?.phase)
+        .filter(|g| g.spec.loras.iter().any(|l| l.name == name))
+        .map(|g| ObjectRef::from_obj(g.as_ref()))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn generation(
+        namespace: &str,
+        model: &str,
+        loras: &[&str],
+        phase: Option<&str>,
+    ) -> Arc<ImageGeneration> {
+        let mut value = json!({
+            "apiVersion": "imagegen.dev/v1alpha1", "kind": "ImageGeneration",
+            "metadata": {"name": format!("g-{namespace}-{model}-{}", loras.join("-")), "namespace": namespace},
+            "spec": {"modelRef": {"name": model}, "prompt": "p",
+                     "loras": loras.iter().map(|l| json!({"name": l})).collect::<Vec<_>>()}
+        });
+        if let Some(phase) = phase {
+            value["status"] = json!({"phase": phase});
+        }
+        Arc::new(serde_json::from_value(value).unwrap())
+    }
+
+    #[test]
+    fn changes_wake_the_unfinished_dependents_of_the_namespace() {
+        let generations = vec![
+            generation("a", "sd15", &["alice"], None),
+            generation("a", "sd15", &[], Some("Running")),
+            generation("a", "sd15", &["alice"], Some("Succeeded")),
+            generation("a", "sd21", &["bob"], None),
+            generation("b", "sd15", &["alice"], None),
+        ];
+        let model: DiffusionModel = serde_json::from_value(json!({
+            "apiVersion": "imagegen.dev/v1alpha1", "kind": "DiffusionModel",
+            "metadata": {"name": "sd15", "namespace": "a"},
+            "spec": {"source": {"path": "m"}, "family": "sd15"}
+        }))
+        .unwrap();
+        let names = |refs: Vec<ObjectRef<ImageGeneration>>| {
+            refs.into_iter().map(|r| r.name).collect::<Vec<_>>()
+        };
+        assert_eq!(
+            names(generations_using_model(&generations, &model)),
+            ["g-a-sd15-alice", "g-a-sd15-"]
+        );
+        let training: LoraTraining = serde_json::from_value(json!({
+            "apiVersion": "imagegen.dev/v1alpha1", "kind": "LoraTraining",
+            "metadata": {"name": "alice", "namespace": "a"},
+            "spec": {"modelRef": {"name": "sd15"}, "images": [{"path": "x"}], "instancePrompt": "p"}
+        }))
+        .unwrap();
+        assert_eq!(
+            names(generations_using_lora(&generations, &training)),
+            ["g-a-sd15-alice"]
+        );
+        let trainings = vec![
+            Arc::new(training.clone()),
+            Arc::new({
+                let mut t = training.clone();
+                t.metadata.namespace = Some("b".into());
+                t
+            }),
+        ];
+        let woken = trainings_using_model(&trainings, &model);
+        assert_eq!(woken.len(), 1);
+        assert_eq!(woken[0].namespace.as_deref(), Some("a"));
+    }
 
     #[test]
     fn backoff_doubles_per_failure_and_resets() {

@@ -112,8 +112,17 @@ async fn run_controllers(ctx: Arc<Context>, namespace: Option<&str>) {
             ctx.clone(),
         )
         .for_each(|result| log_result("DiffusionModel", result));
-    let trainings = Controller::new(api::<LoraTraining>(&client, namespace), all.clone())
+    // A model becoming Ready wakes what waits for it; a LoRA trained, the generations
+    // that apply it.
+    let trainings = Controller::new(api::<LoraTraining>(&client, namespace), all.clone());
+    let training_store = trainings.store();
+    let trainings = trainings
         .owns(api::<Job>(&client, namespace), ours)
+        .watches(
+            api::<DiffusionModel>(&client, namespace),
+            all.clone(),
+            move |model| controller::trainings_using_model(&training_store.state(), &model),
+        )
         .run(
             controller::reconcile_training,
             controller::error_policy,
@@ -125,8 +134,20 @@ async fn run_controllers(ctx: Arc<Context>, namespace: Option<&str>) {
     let debounced = kube::runtime::controller::Config::default()
         .debounce(std::time::Duration::from_secs(1))
         .concurrency(16);
-    let generations = Controller::new(api::<ImageGeneration>(&client, namespace), all)
+    let generations = Controller::new(api::<ImageGeneration>(&client, namespace), all.clone());
+    let (by_model, by_lora) = (generations.store(), generations.store());
+    let generations = generations
         .with_config(debounced)
+        .watches(
+            api::<DiffusionModel>(&client, namespace),
+            all.clone(),
+            move |model| controller::generations_using_model(&by_model.state(), &model),
+        )
+        .watches(
+            api::<LoraTraining>(&client, namespace),
+            all,
+            move |training| controller::generations_using_lora(&by_lora.state(), &training),
+        )
         .run(
             controller::reconcile_generation,
             controller::error_policy,
