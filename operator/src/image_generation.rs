@@ -15,7 +15,7 @@ use imagegen_crds::api::{
 };
 use imagegen_crds::common::condition_types::{COMPLETE, FAILED};
 use imagegen_crds::image_generation::{GeneratedImage, LoraRef, Timings};
-use imagegen_crds::{ImageGeneration, ImageGenerationStatus, ImageRef, LoraTraining, Phase};
+use imagegen_crds::{ImageGeneration, ImageGenerationStatus, ImageRef, LoraTraining, Mode, Phase};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 
@@ -85,7 +85,8 @@ pub fn validate(generation: &ImageGeneration) -> Result<ValidGeneration, Error> 
             _ => {}
         }
     }
-    if spec.params.prompt.trim().is_empty() && spec.params.mode.is_none() {
+    // RemoveObject alone may leave the prompt empty (the runtime fills in "background").
+    if spec.params.prompt.trim().is_empty() && spec.params.mode != Some(Mode::RemoveObject) {
         return Err(Error::UnsupportedInput {
             field: "prompt".into(),
             reason: "must not be empty".into(),
@@ -657,6 +658,13 @@ mod tests {
         let mut g = inpaint();
         g.spec.image = Some(ImageRef::Url("file:///etc/passwd".into()));
         assert!(matches!(validate(&g), Err(Error::UnsupportedInput { .. })));
+        let mut g = inpaint();
+        g.spec.params.prompt = " ".into();
+        assert!(
+            matches!(validate(&g), Err(Error::UnsupportedInput { field, .. }) if field == "prompt")
+        );
+        g.spec.params.mode = Some(Mode::RemoveObject);
+        assert!(validate(&g).is_ok());
         let mut g = inpaint();
         g.metadata.uid = None;
         assert!(matches!(

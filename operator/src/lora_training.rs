@@ -525,8 +525,7 @@ pub fn status_from(
         ),
         (Some(job), _) => {
             let job_status = job.status.clone().unwrap_or_default();
-            if let Some(done) = job_condition(job, "Complete") {
-                let _ = done;
+            if job_condition(job, "Complete").is_some() {
                 (
                     Phase::Succeeded,
                     "TrainingSucceeded",
