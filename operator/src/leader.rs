@@ -150,6 +150,28 @@ impl LeaderElector {
             Err(e) => Err(e),
         }
     }
+
+    /// Gives the Lease up when this replica holds it, so that a standby takes over at its
+    /// next check instead of after the Lease expires. Whether it was released.
+    pub async fn release(&self) -> Result<bool, kube::Error> {
+        let Some(mut lease) = self.api.get_opt(&self.name).await? else {
+            return Ok(false);
+        };
+        let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+        if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
+            return Ok(false);
+        }
+        spec.holder_identity = None;
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(status)) if status.is_conflict() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
 }
 
 /// Competes for the Lease forever, every [`RENEW_INTERVAL`], publishing on `leading` whether
@@ -157,7 +179,7 @@ impl LeaderElector {
 /// cannot renew for as long as the Lease lasts steps down: another replica may hold it by
 /// then.
 pub async fn campaign(
-    elector: LeaderElector,
+    elector: std::sync::Arc<LeaderElector>,
     health: std::sync::Arc<crate::server::Health>,
     leading: tokio::sync::watch::Sender<bool>,
 ) {
@@ -422,7 +444,7 @@ mod tests {
         let (elector, mut handle) = elector("pod-a");
         let health = std::sync::Arc::new(crate::server::Health::default());
         let (tx, mut leading) = tokio::sync::watch::channel(false);
-        let task = tokio::spawn(campaign(elector, health.clone(), tx));
+        let task = tokio::spawn(campaign(std::sync::Arc::new(elector), health.clone(), tx));
         let get = format!("{PATH}/imagegen-operator");
         answer(&mut handle, Method::GET, &get, 404, status(404, "NotFound")).await;
         answer(
@@ -459,6 +481,45 @@ mod tests {
         );
         leading.wait_for(|l| !*l).await.unwrap();
         task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_holder_releases_its_lease_and_only_its_own() {
+        let (elector, mut handle) = elector("pod-a");
+        let get = format!("{PATH}/imagegen-operator");
+        let server = tokio::spawn(async move {
+            answer(
+                &mut handle,
+                Method::GET,
+                &get,
+                200,
+                serde_json::to_value(lease(Some("pod-a"), 95)).unwrap(),
+            )
+            .await;
+            let written = answer(
+                &mut handle,
+                Method::PUT,
+                &get,
+                200,
+                serde_json::to_value(lease(None, 95)).unwrap(),
+            )
+            .await;
+            // Someone else's: nothing is written.
+            answer(
+                &mut handle,
+                Method::GET,
+                &get,
+                200,
+                serde_json::to_value(lease(Some("pod-b"), 95)).unwrap(),
+            )
+            .await;
+            written
+        });
+        assert!(elector.release().await.unwrap());
+        assert!(!elector.release().await.unwrap());
+        let written = server.await.unwrap();
+        assert!(written["spec"].get("holderIdentity").is_none(), "{written}");
+        assert_eq!(written["metadata"]["resourceVersion"], "41");
     }
 
     #[tokio::test]

@@ -185,13 +185,13 @@ async fn run(args: Args) -> Result<(), BoxError> {
     );
 
     let (leading_tx, mut leading) = watch::channel(false);
-    let elector = LeaderElector::new(
+    let elector = Arc::new(LeaderElector::new(
         client.clone(),
         &lease_namespace,
         &args.lease_name,
         &identity,
-    );
-    tokio::spawn(campaign(elector, health.clone(), leading_tx));
+    ));
+    let campaigning = tokio::spawn(campaign(elector.clone(), health.clone(), leading_tx));
 
     let recorder = Recorder::new(
         client.clone(),
@@ -224,7 +224,11 @@ async fn run(args: Args) -> Result<(), BoxError> {
             Err("lost the leader Lease; restarting as a standby".into())
         }
         _ = shutdown_signal() => {
-            info!("shutting down");
+            info!("shutting down: releasing the leader Lease");
+            campaigning.abort();
+            if let Err(e) = elector.release().await {
+                warn!(error = %e, "cannot release the leader Lease; it expires by itself");
+            }
             Ok(())
         }
     }
