@@ -438,7 +438,10 @@ async fn apply_training(training: &LoraTraining, ctx: &Context) -> Result<Action
             }
         }
     };
-    let status = lt::status_from(training, job.as_ref(), blocked.as_ref(), &report, now);
+    let mut status = lt::status_from(training, job.as_ref(), blocked.as_ref(), &report, now);
+    if let Some(artifact) = status.artifact.as_mut().filter(|a| a.sha256.is_none()) {
+        artifact.sha256 = lora_sha256(ctx, training).await;
+    }
     if training.status.as_ref() != Some(&status) {
         apply_status(&trainings, training, &status).await?;
         training_event(ctx, training, training.status.as_ref(), &status).await;
@@ -448,6 +451,28 @@ async fn apply_training(training: &LoraTraining, ctx: &Context) -> Result<Action
         Some(Phase::Running) => Action::requeue(TRAINING_POLL),
         _ => Action::requeue(WAIT_RECHECK),
     })
+}
+
+/// The SHA-256 of the trained LoRA as the model's runtime lists it, when it can tell (the
+/// status is final once Succeeded, so this is asked once; a failure leaves it unset).
+async fn lora_sha256(ctx: &Context, training: &LoraTraining) -> Option<String> {
+    let namespace = training.namespace().unwrap_or_default();
+    let name = training.name_any();
+    let looked_up = async {
+        let Some(target) = model_target(ctx, &namespace, &training.spec.model_ref.name).await?
+        else {
+            return Ok(None);
+        };
+        let loras = ctx.runtime.loras(&target).await?;
+        Ok::<_, Error>(loras.into_iter().find(|l| l.name == name).map(|l| l.sha256))
+    };
+    match looked_up.await {
+        Ok(sha256) => sha256,
+        Err(e) => {
+            warn!(%namespace, %name, error = %e, "cannot read the LoRA's SHA-256");
+            None
+        }
+    }
 }
 
 /// Creates the token Secret and the Job once the model is Ready; otherwise says why not.

@@ -121,6 +121,7 @@ enum RuntimeCall {
     Cancel(String),
     DeleteImage(String),
     DeleteLora(String),
+    Loras,
 }
 
 #[derive(Default)]
@@ -129,6 +130,8 @@ struct FakeRuntime {
     calls: Mutex<Vec<RuntimeCall>>,
     /// What `delete_image` answers.
     delete_image: Option<RuntimeError>,
+    /// What `loras` answers.
+    loras: Vec<imagegen_crds::api::LoraInfo>,
 }
 
 impl FakeRuntime {
@@ -137,6 +140,7 @@ impl FakeRuntime {
             answers: Mutex::new(answers.into()),
             calls: Mutex::default(),
             delete_image: None,
+            loras: Vec::new(),
         })
     }
 
@@ -186,6 +190,10 @@ impl RuntimeApi for FakeRuntime {
             .unwrap()
             .push(RuntimeCall::DeleteImage(id.into()));
         self.delete_image.clone().map_or(Ok(()), Err)
+    }
+    async fn loras(&self, _: &Target) -> Result<Vec<imagegen_crds::api::LoraInfo>, RuntimeError> {
+        self.calls.lock().unwrap().push(RuntimeCall::Loras);
+        Ok(self.loras.clone())
     }
     async fn delete_lora(&self, _: &Target, name: &str) -> Result<(), RuntimeError> {
         self.calls
@@ -655,15 +663,38 @@ async fn training_follows_its_job_to_success() {
             json!({"phase": "Running", "progress": {"step": 50, "total": 100, "percent": 50}, "loss": 0.2}),
         ),
     );
+    let runtime = Arc::new(FakeRuntime {
+        loras: vec![imagegen_crds::api::LoraInfo {
+            name: "alice".into(),
+            size_bytes: 1,
+            sha256: "5ha".into(),
+            created_at: "1970-01-01T00:00:00Z".into(),
+            source: imagegen_crds::api::LoraSource::Training,
+        }],
+        ..FakeRuntime::default()
+    });
     let (result, sent) = run(
         running,
-        FakeRuntime::answering(vec![]),
+        runtime.clone(),
         vec![
             call(
                 Method::GET,
                 &path("apis/batch/v1", "jobs/alice-train"),
                 200,
                 training_job(0, true),
+            ),
+            // The LoRA's checksum, from the model's runtime.
+            call(
+                Method::GET,
+                &cr("diffusionmodels", "sd15"),
+                200,
+                serde_json::to_value(ready_model()).unwrap(),
+            ),
+            call(
+                Method::GET,
+                &path("api/v1", "secrets/sd15-runtime-auth"),
+                200,
+                auth_secret(),
             ),
             call(
                 Method::PATCH,
@@ -677,15 +708,52 @@ async fn training_follows_its_job_to_success() {
     )
     .await;
     assert_eq!(result.unwrap(), Action::await_change());
-    let status = &sent[1].body["status"];
+    assert_eq!(runtime.calls(), vec![RuntimeCall::Loras]);
+    let status = &sent[3].body["status"];
     assert_eq!(status["phase"], "Succeeded");
     assert_eq!(
         status["artifact"]["path"],
         "loras/alice/pytorch_lora_weights.safetensors"
     );
+    assert_eq!(status["artifact"]["sha256"], "5ha");
     assert_eq!(status["progress"]["step"], 100);
     assert_eq!(status["loss"], 0.2);
-    assert_eq!(sent[2].body["reason"], "Succeeded");
+    assert_eq!(sent[4].body["reason"], "Succeeded");
+}
+
+#[tokio::test]
+async fn training_success_without_the_runtime_still_succeeds() {
+    let running = training(true, Some(json!({"phase": "Running"})));
+    let (result, sent) = run(
+        running,
+        FakeRuntime::answering(vec![]),
+        vec![
+            call(
+                Method::GET,
+                &path("apis/batch/v1", "jobs/alice-train"),
+                200,
+                training_job(0, true),
+            ),
+            call(
+                Method::GET,
+                &cr("diffusionmodels", "sd15"),
+                404,
+                not_found(),
+            ),
+            call(
+                Method::PATCH,
+                &cr("loratrainings", "alice/status"),
+                200,
+                serde_json::to_value(training(true, None)).unwrap(),
+            ),
+            call(Method::POST, &events(), 201, json!({})),
+        ],
+        controller::reconcile_training,
+    )
+    .await;
+    assert_eq!(result.unwrap(), Action::await_change());
+    assert_eq!(sent[2].body["status"]["phase"], "Succeeded");
+    assert!(sent[2].body["status"]["artifact"].get("sha256").is_none());
 }
 
 #[tokio::test]

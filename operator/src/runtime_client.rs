@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use imagegen_crds::api::{ErrorBody, GenerationRequest, Job};
+use imagegen_crds::api::{ErrorBody, GenerationRequest, Job, LoraInfo};
 use reqwest::StatusCode;
 
 /// A model's runtime: the base URL of its Service and the operator's token for the tenant.
@@ -99,6 +99,8 @@ pub trait RuntimeApi: Send + Sync {
     async fn delete_image(&self, target: &Target, id: &str) -> Result<(), RuntimeError>;
     /// `DELETE /v1/loras/{name}`.
     async fn delete_lora(&self, target: &Target, name: &str) -> Result<(), RuntimeError>;
+    /// `GET /v1/loras`: the tenant's LoRAs.
+    async fn loras(&self, target: &Target) -> Result<Vec<LoraInfo>, RuntimeError>;
 }
 
 /// [`RuntimeApi`] over HTTP with reqwest.
@@ -235,6 +237,20 @@ impl RuntimeApi for HttpRuntime {
     async fn delete_lora(&self, target: &Target, name: &str) -> Result<(), RuntimeError> {
         self.delete(target, &format!("/v1/loras/{}", segment(name)))
             .await
+    }
+
+    async fn loras(&self, target: &Target) -> Result<Vec<LoraInfo>, RuntimeError> {
+        let response = self
+            .send(
+                self.client
+                    .get(Self::url(target, "/v1/loras"))
+                    .bearer_auth(&target.token),
+            )
+            .await?;
+        response
+            .json::<Vec<LoraInfo>>()
+            .await
+            .map_err(|e| RuntimeError::Decode(e.to_string()))
     }
 }
 
@@ -438,6 +454,24 @@ mod tests {
         let err = runtime.job(&gone, "ig-1").await.unwrap_err();
         assert!(matches!(err, RuntimeError::Unreachable(_)), "{err:?}");
         assert!(err.job_lost());
+    }
+
+    #[tokio::test]
+    async fn loras_are_listed() {
+        let list = serde_json::json!([{"name": "alice", "sizeBytes": 10, "sha256": "ab",
+            "createdAt": "2026-11-27T00:00:00Z", "source": "training"}]);
+        let (target, seen) = fake_runtime(200, list).await;
+        let loras = HttpRuntime::new().unwrap().loras(&target).await.unwrap();
+        assert_eq!(
+            (loras[0].name.as_str(), loras[0].sha256.as_str()),
+            ("alice", "ab")
+        );
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(
+            (seen[0].method.clone(), seen[0].path.as_str()),
+            (Method::GET, "/v1/loras")
+        );
+        assert_eq!(header(&seen[0], "authorization"), Some("Bearer tok-1"));
     }
 
     #[test]
