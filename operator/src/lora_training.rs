@@ -544,7 +544,15 @@ pub fn status_from(
                     _ => "JobFailed",
                 };
                 (Phase::Failed, reason, why)
-            } else if job_status.active.unwrap_or(0) > 0 || report.total > 0 {
+            } else if job_status
+                // A pod counts as active while it waits for a node; `ready` (Kubernetes
+                // 1.24+) says it runs. Without it, active is the best there is.
+                .ready
+                .or(job_status.active)
+                .unwrap_or(0)
+                > 0
+                || report.total > 0
+            {
                 let message = match status.progress {
                     Some(p) => format!("step {} of {}", p.step, p.total),
                     None => "the trainer is starting".into(),
@@ -1033,6 +1041,7 @@ mod tests {
         Job {
             status: Some(JobStatus {
                 active: Some(active),
+                ready: Some(active),
                 start_time: Some(at(50)),
                 completion_time: condition.filter(|(t, _)| *t == "Complete").map(|_| at(90)),
                 conditions: condition.map(|(type_, reason)| {
@@ -1101,6 +1110,12 @@ mod tests {
         assert_eq!(s.phase, Some(Phase::Pending));
         assert_eq!(state(&s, COMPLETE), pair("False", "JobCreated"));
         t.status = Some(s);
+
+        // Active but not ready: the pod waits for a node.
+        let mut scheduling = job(1, None);
+        scheduling.status.as_mut().unwrap().ready = Some(0);
+        let s = status_from(&t, Some(&scheduling), None, &none, at(15));
+        assert_eq!(s.phase, Some(Phase::Pending));
 
         let s = status_from(&t, Some(&job(1, None)), None, &none, at(20));
         assert_eq!(s.phase, Some(Phase::Running));
