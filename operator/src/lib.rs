@@ -29,6 +29,7 @@ pub mod image_generation;
 pub mod leader;
 pub mod lora_training;
 pub mod metrics;
+pub mod rbac;
 pub mod runtime_client;
 pub mod server;
 pub mod workload;

@@ -42,58 +42,7 @@ const VALUES: [&str; 9] = [
 /// The namespace chart-check.sh renders the release into.
 const RELEASE_NAMESPACE: &str = "imagegen-system";
 
-/// What the operator may do cluster-wide: group, resources, verbs (contract, operator section).
-const CLUSTER_RULES: &[(&str, &[&str], &[&str])] = &[
-    (
-        "imagegen.dev",
-        &["imagegenerations", "loratrainings", "diffusionmodels"],
-        &["get", "list", "watch", "patch", "update"],
-    ),
-    (
-        "imagegen.dev",
-        &[
-            "imagegenerations/status",
-            "loratrainings/status",
-            "diffusionmodels/status",
-        ],
-        &["get", "patch", "update"],
-    ),
-    (
-        "imagegen.dev",
-        &[
-            "imagegenerations/finalizers",
-            "loratrainings/finalizers",
-            "diffusionmodels/finalizers",
-        ],
-        &["update"],
-    ),
-    (
-        "apps",
-        &["deployments"],
-        &[
-            "get", "list", "watch", "create", "patch", "update", "delete",
-        ],
-    ),
-    (
-        "",
-        &["services", "persistentvolumeclaims", "secrets"],
-        &[
-            "get", "list", "watch", "create", "patch", "update", "delete",
-        ],
-    ),
-    (
-        "batch",
-        &["jobs"],
-        &[
-            "get", "list", "watch", "create", "patch", "update", "delete",
-        ],
-    ),
-    ("", &["pods"], &["get", "list", "watch"]),
-    ("events.k8s.io", &["events"], &["create", "patch"]),
-];
-
-/// What the operator may do in its own namespace: leader election.
-const LEASE_VERBS: &[&str] = &["get", "create", "update", "patch"];
+use imagegen_operator::rbac::{CLUSTER_RULES, LEASE_RULE};
 
 /// Every environment variable the operator binary reads (contract, operator section).
 const OPERATOR_ENV: &[&str] = &[
@@ -521,8 +470,8 @@ fn rbac_is_exactly_what_the_operator_needs() {
             .collect();
         assert_eq!(
             secrets,
-            BTreeSet::from(["get", "list", "watch", "create", "patch", "update", "delete"]),
-            "{values}: secrets"
+            BTreeSet::from(["get", "create"]),
+            "{values}: secrets are read by name, never listed"
         );
 
         let binding: ClusterRoleBinding = typed(
@@ -549,7 +498,7 @@ fn rbac_is_exactly_what_the_operator_needs() {
         assert_eq!(roles.len(), 1, "{values}: one Role for the operator");
         let (namespace, role) = &roles[0];
         assert_eq!(namespace, RELEASE_NAMESPACE);
-        let leases = expected_grants(&[("coordination.k8s.io", &["leases"], LEASE_VERBS)]);
+        let leases = expected_grants(&[LEASE_RULE]);
         assert_eq!(
             grants(role.rules.as_deref().unwrap_or_default(), values),
             leases
