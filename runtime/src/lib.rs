@@ -19,6 +19,7 @@ pub mod output;
 pub mod pipeline;
 pub mod safety;
 pub mod schedulers;
+pub mod server;
 pub mod source;
 pub mod styles;
 pub mod text_to_image;

@@ -43,6 +43,8 @@ enum Command {
     /// Time a local model: time to ready, denoising throughput per batch size, peak memory
     /// and the LoRA switch; JSON on stdout, a table on stderr.
     Bench(Box<bench::BenchArgs>),
+    /// Serve the HTTP API (generations, jobs, uploads, LoRAs, OpenAI-compatible images).
+    Serve(Box<imagegen_runtime::server::ServeArgs>),
 }
 
 #[derive(clap::Args)]
@@ -569,6 +571,7 @@ fn main() -> ExitCode {
         Command::Styles(args) => list_styles(args),
         Command::Mask(args) => find_mask(args),
         Command::Bench(args) => bench::run(*args),
+        Command::Serve(args) => imagegen_runtime::server::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

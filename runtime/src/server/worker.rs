@@ -1,0 +1,293 @@
+//! The engine worker: one OS thread that loads the model and runs every job on it, one at a
+//! time (libtorch tensors and the LoRA cache stay on this thread).
+
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use imagegen_crds::api::{codes, ErrorDetail, GenerationResult, ImageResult, WithheldImage};
+use sha2::{Digest, Sha256};
+use tch::{Device, Kind};
+
+use super::jobs::{deadline_error, error_detail, random_id, Control, JobKey, Running};
+use super::store::Store;
+use super::Shared;
+use crate::generate::MaskPrompt;
+use crate::mask_prompt::{load_clipseg, MaskFinder, MaskOptions};
+use crate::output::encode_png;
+use crate::styles::StyleBook;
+use crate::{GenerationOutcome, Inputs, LoadOptions, Lora, LoraCache, StableDiffusion};
+
+/// What the worker tells the server once the model is loaded (or failed to load).
+pub struct Loaded {
+    pub model_name: String,
+    pub native_size: u32,
+    pub device: Device,
+}
+
+pub fn parse_device(text: Option<&str>) -> Result<Device, String> {
+    match text {
+        None | Some("auto") => Ok(Device::cuda_if_available()),
+        Some("cpu") => Ok(Device::Cpu),
+        Some("cuda") => Ok(Device::Cuda(0)),
+        Some(other) => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(index)) => Ok(Device::Cuda(index)),
+            _ => Err(format!(
+                "invalid device `{other}` (expected cpu, cuda, cuda:N or auto)"
+            )),
+        },
+    }
+}
+
+pub fn parse_dtype(text: Option<&str>, device: Device) -> Result<Kind, String> {
+    match text {
+        None if device.is_cuda() => Ok(Kind::Half),
+        None => Ok(Kind::Float),
+        Some("f32" | "fp32" | "float32") => Ok(Kind::Float),
+        Some("f16" | "fp16" | "float16") => Ok(Kind::Half),
+        Some("bf16" | "bfloat16") => Ok(Kind::BFloat16),
+        Some(other) => Err(format!(
+            "invalid dtype `{other}` (expected f32, f16 or bf16)"
+        )),
+    }
+}
+
+struct Engine {
+    model: StableDiffusion,
+    styles: StyleBook,
+    loras: LoraCache,
+    /// CLIPSeg for mask prompts, loaded on first use.
+    finder: Option<MaskFinder>,
+}
+
+/// Runs on the worker thread until the queue shuts down.
+pub fn run(shared: Arc<Shared>, loaded: std::sync::mpsc::Sender<Result<Loaded, String>>) {
+    let config = &shared.config;
+    let engine = (|| -> Result<Engine, String> {
+        let device = parse_device(config.device.as_deref())?;
+        if let Device::Cuda(index) = device {
+            if !tch::Cuda::is_available() || index >= tch::Cuda::device_count() as usize {
+                return Err(format!("device cuda:{index} is not available"));
+            }
+        }
+        let dtype = parse_dtype(config.dtype.as_deref(), device)?;
+        let mut options = LoadOptions::new(&config.model);
+        options.device = device;
+        options.dtype = dtype;
+        options.safety = config.safety;
+        options.safety_checker = config.safety_checker.clone();
+        let model = StableDiffusion::load(&options).map_err(|e| e.to_string())?;
+        let styles = match &config.styles_file {
+            Some(path) => StyleBook::with_file(path).map_err(|e| e.to_string())?,
+            None => StyleBook::builtin(),
+        };
+        Ok(Engine {
+            model,
+            styles,
+            loras: LoraCache::new(config.lora_cache_bytes as usize),
+            finder: None,
+        })
+    })();
+    let mut engine = match engine {
+        Ok(engine) => {
+            let _ = loaded.send(Ok(Loaded {
+                model_name: engine.model.name.clone(),
+                native_size: engine.model.native_size() as u32,
+                device: engine.model.device,
+            }));
+            engine
+        }
+        Err(message) => {
+            let _ = loaded.send(Err(message));
+            return;
+        }
+    };
+    shared.worker_alive.store(true, Ordering::SeqCst);
+    while let Some(task) = shared.jobs.next() {
+        shared.metrics.queue_depth.set(shared.jobs.depth() as i64);
+        match task {
+            Err(Control::ValidateLora { file, reply }) => {
+                let result = Lora::load(&file, &engine.model, false)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string());
+                let _ = reply.send(result);
+            }
+            Ok(running) => run_job(&shared, &mut engine, running),
+        }
+    }
+    shared.worker_alive.store(false, Ordering::SeqCst);
+}
+
+fn run_job(shared: &Shared, engine: &mut Engine, running: Running) {
+    let Running {
+        key,
+        work,
+        cancel,
+        deadline,
+        created,
+    } = running;
+    let started = Instant::now();
+    let outcome = if Instant::now() >= deadline {
+        Err(deadline_error())
+    } else {
+        generate(shared, engine, &key, &work, &cancel, deadline)
+    };
+    let steps_done = shared
+        .jobs
+        .get(&key.0, &key.1)
+        .map(|j| j.progress.step)
+        .unwrap_or(0);
+    let seconds = started.elapsed().as_secs_f64();
+    if steps_done > 0 && seconds > 0.0 {
+        shared
+            .metrics
+            .denoise_steps_per_second
+            .set(f64::from(steps_done) / seconds);
+        shared.metrics.denoise_steps.inc_by(u64::from(steps_done));
+    }
+    if let Device::Cuda(index) = engine.model.device {
+        if let Some(bytes) = super::metrics::gpu_memory_bytes(index) {
+            shared.metrics.gpu_memory_bytes.set(bytes as i64);
+        }
+    }
+    let finished = shared.jobs.finish(&key, outcome);
+    if let Some((job, webhook)) = finished {
+        let state = format!("{:?}", job.state).to_lowercase();
+        shared
+            .metrics
+            .job_seconds
+            .with_label_values(&[work.mode, &state])
+            .observe(created.elapsed().as_secs_f64());
+        shared.metrics.jobs.with_label_values(&[&state]).inc();
+        super::send_webhook(shared, job, webhook);
+    }
+}
+
+fn generate(
+    shared: &Shared,
+    engine: &mut Engine,
+    key: &JobKey,
+    work: &super::jobs::Work,
+    cancel: &AtomicBool,
+    deadline: Instant,
+) -> Result<GenerationResult, ErrorDetail> {
+    let engine_error = |e: crate::Error| -> ErrorDetail {
+        match e {
+            crate::Error::Cancelled => shared.jobs.cancel_reason(key),
+            other => super::error::ApiError::from_engine(&other).detail,
+        }
+    };
+    let mut loras = Vec::new();
+    for (file, weight) in &work.loras {
+        let (len, bytes) = (engine.loras.len(), engine.loras.bytes());
+        let lora = engine
+            .loras
+            .get(file, &engine.model, false)
+            .map_err(engine_error)?;
+        if (engine.loras.len(), engine.loras.bytes()) == (len, bytes) {
+            shared.metrics.lora_cache_hits.inc();
+        } else {
+            shared.metrics.lora_cache_misses.inc();
+        }
+        loras.push((lora, *weight));
+    }
+    if work.mask_prompt.is_some() && engine.finder.is_none() {
+        let finder = load_clipseg(
+            &shared.config.mask_model,
+            engine.model.device,
+            engine.model.dtype,
+        )
+        .map_err(|e| {
+            error_detail(
+                codes::INTERNAL,
+                format!("mask prompts need the CLIPSeg model: {e}"),
+                false,
+            )
+        })?;
+        engine.finder = Some(finder);
+    }
+    let inputs = Inputs {
+        image: work.image.clone(),
+        mask: work.mask.clone(),
+        controlnet: None,
+        loras: loras
+            .into_iter()
+            .map(|(l, w): (Rc<Lora>, f64)| (l, w))
+            .collect(),
+        mask_prompt: match (&work.mask_prompt, &engine.finder) {
+            (Some(prompt), Some(finder)) => Some(MaskPrompt {
+                finder,
+                prompts: vec![prompt.clone()],
+                negative: None,
+                // Grown and blurred by the request's maskGrow/maskBlur like a drawn mask.
+                options: MaskOptions {
+                    grow: 0,
+                    blur: 0.0,
+                    ..MaskOptions::default()
+                },
+            }),
+            _ => None,
+        },
+    };
+    let mut report = |p: crate::Progress| {
+        shared.jobs.progress(key, p.step as u32, p.total as u32);
+        if Instant::now() >= deadline {
+            shared.jobs.stop(key, deadline_error());
+        }
+    };
+    let outcome: GenerationOutcome = engine
+        .model
+        .generate(&work.params, &inputs, &engine.styles, &mut report, cancel)
+        .map_err(engine_error)?;
+    store_outcome(shared, &key.0, outcome, work.b64)
+}
+
+/// Encodes the images as PNG (with their metadata and the AI marking) and stores them.
+fn store_outcome(
+    shared: &Shared,
+    tenant: &str,
+    outcome: GenerationOutcome,
+    b64: bool,
+) -> Result<GenerationResult, ErrorDetail> {
+    let mut images = Vec::new();
+    for generated in &outcome.images {
+        let png = encode_png(&generated.image, &generated.metadata)
+            .map_err(|e| error_detail(codes::INTERNAL, e.to_string(), false))?;
+        let id = random_id();
+        let sha256: String = Sha256::digest(&png)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let path = Store::tenant_path(tenant, &format!("images/{id}.png"));
+        let b64_json = b64.then(|| super::media::base64_encode(&png));
+        shared
+            .runtime
+            .block_on(shared.store.put(&path, Bytes::from(png)))
+            .map_err(|e| error_detail(codes::INTERNAL, e.to_string(), true))?;
+        images.push(ImageResult {
+            url: format!("/v1/images/{id}.png"),
+            id,
+            seed: generated.metadata.seed,
+            sha256,
+            width: generated.image.width(),
+            height: generated.image.height(),
+            b64_json,
+        });
+    }
+    let withheld = outcome
+        .withheld
+        .iter()
+        .map(|w| WithheldImage {
+            index: w.index as u32,
+            seed: w.seed,
+            reason: w.reason.clone(),
+        })
+        .collect();
+    Ok(GenerationResult {
+        images,
+        withheld,
+        timings: Default::default(),
+    })
+}
