@@ -100,7 +100,10 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
         model: OnceLock::new(),
         config,
     });
-    runtime.block_on(serve(shared))
+    let result = runtime.block_on(serve(shared));
+    // Webhooks still in flight get a bounded time to go out.
+    runtime.shutdown_timeout(Duration::from_secs(10));
+    result
 }
 
 async fn serve(shared: Arc<Shared>) -> Result<(), String> {

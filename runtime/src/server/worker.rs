@@ -152,15 +152,19 @@ fn run_job(shared: &Shared, engine: &mut Engine, running: Running) {
             shared.metrics.gpu_memory_bytes.set(bytes as i64);
         }
     }
-    let finished = shared.jobs.finish(&key, outcome);
-    if let Some((job, webhook)) = finished {
-        let state = format!("{:?}", job.state).to_lowercase();
-        shared
-            .metrics
-            .job_seconds
-            .with_label_values(&[work.mode, &state])
-            .observe(created.elapsed().as_secs_f64());
-        shared.metrics.jobs.with_label_values(&[&state]).inc();
+    // Metrics first: a client answered by `finish` may read them at once.
+    let state = match &outcome {
+        Ok(_) => "succeeded",
+        Err(e) if e.code == codes::CANCELLED => "cancelled",
+        Err(_) => "failed",
+    };
+    shared
+        .metrics
+        .job_seconds
+        .with_label_values(&[work.mode, state])
+        .observe(created.elapsed().as_secs_f64());
+    shared.metrics.jobs.with_label_values(&[state]).inc();
+    if let Some((job, webhook)) = shared.jobs.finish(&key, outcome) {
         super::send_webhook(shared, job, webhook);
     }
 }
