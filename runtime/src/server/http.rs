@@ -354,8 +354,13 @@ pub async fn wait_for(
         .ok_or_else(|| ApiError::internal("the job vanished"))
 }
 
-fn check_limits(shared: &Shared, body: &GenerationRequest) -> Result<(), ApiError> {
-    let limits = &shared.config.limits;
+/// Checks a request against the limits before anything is read or queued.
+pub fn check_limits(
+    limits: &super::config::Limits,
+    styles: &crate::styles::StyleBook,
+    webhook_hosts: &[String],
+    body: &GenerationRequest,
+) -> Result<(), ApiError> {
     let p = &body.params;
     let chars = |s: &str| s.chars().count() as u32;
     if p.prompt.trim().is_empty() && p.mode != Some(imagegen_crds::Mode::RemoveObject) {
@@ -450,8 +455,7 @@ fn check_limits(shared: &Shared, body: &GenerationRequest) -> Result<(), ApiErro
         }
     }
     if let Some(style) = &p.style {
-        shared
-            .styles
+        styles
             .get(style)
             .map_err(|e| ApiError::invalid("style", e.to_string()))?;
     }
@@ -466,7 +470,7 @@ fn check_limits(shared: &Shared, body: &GenerationRequest) -> Result<(), ApiErro
         }
     }
     if let Some(url) = &body.webhook_url {
-        if !super::webhook::allowed(url, &shared.config.webhook_hosts) {
+        if !super::webhook::allowed(url, webhook_hosts) {
             return Err(ApiError::invalid(
                 "webhookUrl",
                 "the webhook's host is not on the deployment's allow-list",
@@ -514,7 +518,12 @@ pub async fn submit(
     if !shared.ready() {
         return Err(ApiError::unavailable("the model is loading"));
     }
-    check_limits(shared, &body)?;
+    check_limits(
+        &shared.config.limits,
+        &shared.styles,
+        &shared.config.webhook_hosts,
+        &body,
+    )?;
     let fingerprint = serde_json::to_string(&body).unwrap_or_default();
     // A re-submitted job id answers with the existing job before any input is read.
     if let Some(id) = &body.job_id {
@@ -1056,4 +1065,108 @@ async fn delete_lora(shared: &Shared, tenant: &str, name: &str) -> Result<Respon
 /// An error body for tests and the OpenAI adapter.
 pub fn error_body(detail: ErrorDetail) -> ErrorBody {
     ErrorBody { error: detail }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn limits() -> super::super::config::Limits {
+        Default::default()
+    }
+
+    #[test]
+    fn limits_name_the_field() {
+        let styles = crate::styles::StyleBook::builtin();
+        let check = |json: serde_json::Value| {
+            let body: GenerationRequest = serde_json::from_value(json).unwrap();
+            check_limits(&limits(), &styles, &[], &body)
+                .err()
+                .map(|e| e.detail.field)
+        };
+        assert_eq!(check(serde_json::json!({"prompt": "a"})), None);
+        assert_eq!(
+            check(serde_json::json!({"prompt": "a", "width": 12})),
+            Some(Some("width".into()))
+        );
+        assert_eq!(
+            check(serde_json::json!({"prompt": "a", "strength": 2.0})),
+            Some(Some("strength".into()))
+        );
+    }
+
+    #[test]
+    fn own_image_urls_are_recognised() {
+        assert_eq!(own_image_name("/v1/images/ab.png"), Some("ab.png"));
+        assert_eq!(own_image_name("http://h:1/v1/images/ab"), Some("ab"));
+        assert_eq!(own_image_name("http://h/other"), None);
+    }
+
+    fn json_value() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<u32>().prop_map(serde_json::Value::from),
+            (-1e9f64..1e9).prop_map(serde_json::Value::from),
+            ".{0,40}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(3, 32, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                proptest::collection::btree_map(
+                    prop_oneof![
+                        Just("prompt".to_string()),
+                        Just("steps".to_string()),
+                        Just("width".to_string()),
+                        Just("count".to_string()),
+                        Just("loras".to_string()),
+                        Just("image".to_string()),
+                        Just("base64".to_string()),
+                        Just("name".to_string()),
+                        Just("weight".to_string()),
+                        Just("jobId".to_string()),
+                        Just("outpaint".to_string()),
+                        "[a-zA-Z]{1,8}",
+                    ],
+                    inner,
+                    0..6
+                )
+                .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        /// Arbitrary bytes and arbitrary JSON: parsing and checking never panic.
+        #[test]
+        fn request_json_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512),
+                                     value in json_value(),
+                                     prompt in ".{0,50}",
+                                     steps in any::<u32>(),
+                                     width in any::<u32>(),
+                                     count in any::<u32>(),
+                                     guidance in -1e6f64..1e6) {
+            let styles = crate::styles::StyleBook::builtin();
+            let _ = serde_json::from_slice::<GenerationRequest>(&bytes);
+            if let Ok(body) = serde_json::from_value::<GenerationRequest>(value) {
+                let _ = check_limits(&limits(), &styles, &[], &body);
+            }
+            let structured = serde_json::json!({
+                "prompt": prompt, "steps": steps, "width": width, "height": width,
+                "count": count, "guidanceScale": guidance,
+            });
+            let body: GenerationRequest = serde_json::from_value(structured).unwrap();
+            let verdict = check_limits(&limits(), &styles, &[], &body);
+            // What passes is within the engine's limits.
+            if verdict.is_ok() {
+                prop_assert!((1..=imagegen_crds::generation::MAX_STEPS).contains(&steps));
+                prop_assert!((1..=imagegen_crds::generation::MAX_COUNT).contains(&count));
+                prop_assert!(width % 8 == 0 && width <= imagegen_crds::generation::MAX_SIDE);
+            }
+        }
+    }
 }
