@@ -933,3 +933,50 @@ fn openai_sdk_against_the_compatible_endpoints() {
     );
     assert!(stdout.contains("openai ok"), "{stdout}");
 }
+
+#[test]
+fn results_expire_after_the_ttl() {
+    let server = Server::start(
+        "ttl",
+        Options {
+            extra: vec!["--result-ttl".into(), "1".into()],
+            ..Default::default()
+        },
+    );
+    let a = Some(TOKEN_A);
+    let mut body = small("x", 1);
+    body["jobId"] = json!("short-lived");
+    let job = post_json(&server, "/v1/generations", a, &body).json();
+    let url = job["result"]["images"][0]["url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let upload = request(
+        "POST",
+        &server.url("/v1/uploads"),
+        a,
+        &[("Content-Type", "image/png")],
+        Some(&png(8, 8, false)),
+    )
+    .json();
+    let started = std::time::Instant::now();
+    loop {
+        let gone = get(&server, &url, a).status == 404
+            && get(&server, "/v1/jobs/short-lived", a).status == 404
+            && !server
+                .store
+                .join(format!(
+                    "tenants/alice/uploads/{}",
+                    upload["id"].as_str().unwrap()
+                ))
+                .exists();
+        if gone {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "results never expired"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

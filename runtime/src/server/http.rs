@@ -838,7 +838,7 @@ async fn image_from_body(request: &mut Request) -> Result<Bytes, ApiError> {
 }
 
 async fn post_upload(request: &mut Request, tenant: &str) -> Result<Response, ApiError> {
-    if !request.shared.ready() && request.shared.jobs.is_shutting_down() {
+    if request.shared.jobs.is_shutting_down() {
         return Err(ApiError::shutting_down());
     }
     let bytes = image_from_body(request).await?;

@@ -318,6 +318,9 @@ impl Jobs {
     ) -> Option<Finished> {
         let mut state = self.lock();
         let entry = state.entries.get_mut(key)?;
+        if entry.job.state.is_finished() {
+            return None; // a job ends once
+        }
         let now = Instant::now();
         let started = entry.started.unwrap_or(now);
         entry.finished = Some(now);

@@ -114,7 +114,19 @@ pub fn run(shared: Arc<Shared>, loaded: std::sync::mpsc::Sender<Result<Loaded, S
                     .map_err(|e| e.to_string());
                 let _ = reply.send(result);
             }
-            Ok(running) => run_job(&shared, &mut engine, running),
+            Ok(running) => {
+                let key = running.key.clone();
+                // A bug must cost one job, not the worker (and with it every later job).
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    run_job(&shared, &mut engine, running)
+                }));
+                if ran.is_err() {
+                    let error = error_detail(codes::INTERNAL, "the job failed unexpectedly", true);
+                    if let Some((job, webhook)) = shared.jobs.finish(&key, Err(error)) {
+                        super::send_webhook(&shared, job, webhook);
+                    }
+                }
+            }
         }
     }
     shared.worker_alive.store(false, Ordering::SeqCst);
