@@ -980,3 +980,66 @@ fn results_expire_after_the_ttl() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+#[test]
+fn mask_prompt_finds_the_area_to_inpaint() {
+    let clipseg = fixtures_dir().join("tiny-clipseg");
+    let server = Server::start(
+        "mask-prompt",
+        Options {
+            extra: vec!["--mask-model".into(), clipseg.display().to_string()],
+            ..Default::default()
+        },
+    );
+    let a = Some(TOKEN_A);
+    // The input the CLI's mask-prompt test uses, where the fixture CLIPSeg finds "a red ball".
+    let input = image::RgbImage::from_fn(64, 48, |x, y| {
+        image::Rgb([(x * 4) as u8, (y * 4) as u8, ((x + y) * 2) as u8])
+    });
+    let mut bytes = Vec::new();
+    image::DynamicImage::ImageRgb8(input.clone())
+        .write_to(
+            &mut std::io::Cursor::new(&mut bytes),
+            image::ImageFormat::Png,
+        )
+        .unwrap();
+    let body = json!({
+        "prompt": "a cat", "steps": 2, "seed": 3,
+        "image": {"base64": base64_encode(&bytes)},
+        "maskPrompt": "a red ball", "maskBlur": 0, "maskGrow": 0,
+    });
+    let reply = post_json(&server, "/v1/generations", a, &body);
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let job = reply.json();
+    let png = get(
+        &server,
+        job["result"]["images"][0]["url"].as_str().unwrap(),
+        a,
+    )
+    .body;
+    let out = image::load_from_memory(&png).unwrap().to_rgb8();
+    assert_eq!(out.dimensions(), (64, 48));
+    let kept = out
+        .pixels()
+        .zip(input.pixels())
+        .filter(|(o, i)| o == i)
+        .count();
+    assert!(
+        kept > 0 && kept < 64 * 48,
+        "only the found area is repainted ({kept} kept)"
+    );
+    // A mask prompt needs an image.
+    let bad = json!({"prompt": "a cat", "maskPrompt": "a red ball"});
+    assert_eq!(
+        post_json(&server, "/v1/generations", a, &bad)
+            .error(422)
+            .1
+            .as_deref(),
+        Some("maskPrompt")
+    );
+}
