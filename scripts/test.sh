@@ -19,6 +19,10 @@ if [ ! -f "$IMAGEGEN_FIXTURES/index.json" ]; then
     ls -1dt "$IMAGEGEN_CACHE"/fixtures/*/ 2>/dev/null | tail -n +4 | xargs -r rm -rf
 fi
 
+# The Helm chart rendered with each of its CI values files, for operator/tests/chart.rs.
+export IMAGEGEN_RENDERED_CHART="${IMAGEGEN_RENDERED_CHART:-$IMAGEGEN_CACHE/rendered-chart}"
+"$here/chart-check.sh"
+
 cd "$root"
 # Parity tests load models of real size: two at a time fit this machine's memory.
 cargo test --release --workspace --no-fail-fast -- --test-threads="${IMAGEGEN_TEST_THREADS:-2}" "$@"
