@@ -7,6 +7,7 @@ Usage: serve_openai.py BASE_URL TOKEN RGBA_IMAGE.png MASK.png
 import base64
 import struct
 import sys
+import urllib.error
 import urllib.request
 
 import openai
@@ -31,12 +32,18 @@ def main() -> None:
     for item in result.data:
         assert png_size(base64.b64decode(item.b64_json)) == (64, 64)
 
-    # The default answer is a URL; OpenAI model names mean the served model.
+    # The default answer is a URL that opens without credentials (signed, until the result
+    # expires); OpenAI model names mean the served model.
     result = client.images.generate(model="dall-e-2", prompt="a dog", size="64x64")
     url = result.data[0].url
     assert url.startswith("http://"), url
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
-    assert png_size(urllib.request.urlopen(request).read()) == (64, 64)
+    assert png_size(urllib.request.urlopen(url).read()) == (64, 64)
+    tampered = url.replace("signature=", "signature=0")
+    try:
+        urllib.request.urlopen(tampered)
+        raise SystemExit("a tampered URL was served")
+    except urllib.error.HTTPError as e:
+        assert e.code == 401, e.code
 
     # Edits: the mask's transparent pixels are repainted; without a mask, the image's own.
     with open(image_path, "rb") as image, open(mask_path, "rb") as mask:

@@ -78,6 +78,11 @@ pub struct ServeArgs {
     /// PEM private key for C2PA manifests.
     #[arg(long, env = "IMAGEGEN_C2PA_KEY")]
     pub c2pa_key: Option<PathBuf>,
+    /// Key that signs the image URLs of the OpenAI-compatible endpoints (fetchable without
+    /// a token until the result expires); replicas behind one Service need the same key
+    /// [default: random per process].
+    #[arg(long, env = "IMAGEGEN_URL_SIGNING_KEY", hide_env_values = true)]
+    pub url_signing_key: Option<String>,
     /// The CLIPSeg folder or hub id that finds masks from `maskPrompt`.
     #[arg(long, env = "IMAGEGEN_MASK_MODEL")]
     pub mask_model: Option<String>,
@@ -119,6 +124,7 @@ pub struct FileConfig {
     pub lora_cache_bytes: Option<u64>,
     pub default_deadline_seconds: Option<u32>,
     pub mask_model: Option<String>,
+    pub url_signing_key: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -189,6 +195,7 @@ pub struct Config {
     pub lora_cache_bytes: u64,
     pub default_deadline_seconds: u32,
     pub mask_model: String,
+    pub url_signing_key: String,
 }
 
 /// Parses `tenant:token` lines (a tokens file) or comma-separated pairs (the env variable).
@@ -374,6 +381,11 @@ impl Config {
                 .clone()
                 .or(file.mask_model.clone())
                 .unwrap_or_else(|| crate::mask_prompt::DEFAULT_MASK_MODEL.to_string()),
+            url_signing_key: args
+                .url_signing_key
+                .clone()
+                .or(file.url_signing_key.clone())
+                .unwrap_or_else(super::jobs::random_id),
         })
     }
 }

@@ -174,6 +174,24 @@ async fn route(path: &str, mut request: Request) -> Result<Response, ApiError> {
         }
         _ => {}
     }
+    // An image URL signed by this service needs no token.
+    if let (["v1", "images", name], &Method::GET) = (segments.as_slice(), &method) {
+        if let Some(given) = request.query_param("signature") {
+            let id = name.split('.').next().unwrap_or(name);
+            let tenant = super::webhook::verify_image_query(
+                &request.shared.config.url_signing_key,
+                id,
+                &request.query_param("tenant").unwrap_or_default(),
+                &request.query_param("expires").unwrap_or_default(),
+                &given,
+                time::OffsetDateTime::now_utc().unix_timestamp(),
+            )
+            .ok_or_else(|| {
+                ApiError::unauthorized("the image URL's signature is invalid or expired")
+            })?;
+            return get_image(&request, &tenant, name).await;
+        }
+    }
     let tenant = request.tenant()?;
     match (segments.as_slice(), method) {
         (["v1", "generations"], Method::POST) => post_generation(request, tenant).await,
@@ -524,7 +542,8 @@ pub async fn submit(
         &shared.config.webhook_hosts,
         &body,
     )?;
-    let fingerprint = serde_json::to_string(&body).unwrap_or_default();
+    // A digest: the request may carry megabytes of base64.
+    let fingerprint = hex_sha256(&serde_json::to_vec(&body).unwrap_or_default());
     // A re-submitted job id answers with the existing job before any input is read.
     if let Some(id) = &body.job_id {
         if let Some(existing) = shared.jobs.resubmit(tenant, id, &fingerprint) {

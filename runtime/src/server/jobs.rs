@@ -445,12 +445,37 @@ impl Jobs {
     }
 
     /// Forgets finished jobs older than `ttl`; returns how many.
+    /// Inline images (`b64Json`) of a finished job are dropped after this long (its URLs
+    /// stay until the TTL): they are the bulk of a job's memory.
+    pub const INLINE_KEPT: Duration = Duration::from_secs(600);
+    /// At most this many finished jobs are remembered (the oldest go first).
+    pub const MAX_FINISHED: usize = 10_000;
+
     pub fn sweep(&self, ttl: Duration) -> usize {
         let mut state = self.lock();
         let before = state.entries.len();
         state
             .entries
             .retain(|_, e| e.finished.is_none_or(|t| t.elapsed() < ttl));
+        let mut finished: Vec<(Instant, JobKey)> = Vec::new();
+        for (key, entry) in state.entries.iter_mut() {
+            let Some(at) = entry.finished else { continue };
+            finished.push((at, key.clone()));
+            if at.elapsed() >= Self::INLINE_KEPT {
+                if let Some(result) = &mut entry.job.result {
+                    for image in &mut result.images {
+                        image.b64_json = None;
+                    }
+                }
+            }
+        }
+        if finished.len() > Self::MAX_FINISHED {
+            finished.sort();
+            let excess = finished.len() - Self::MAX_FINISHED;
+            for (_, key) in finished.into_iter().take(excess) {
+                state.entries.remove(&key);
+            }
+        }
         before - state.entries.len()
     }
 

@@ -103,7 +103,13 @@ fn base_url(request: &Request) -> String {
     format!("{scheme}://{host}")
 }
 
-fn answer(job: &Job, b64: bool, base: &str) -> Result<Response, ApiError> {
+fn answer(
+    shared: &Shared,
+    tenant: &str,
+    job: &Job,
+    b64: bool,
+    base: &str,
+) -> Result<Response, ApiError> {
     if job.state != JobState::Succeeded {
         let detail = job.error.clone().unwrap_or_else(|| {
             super::jobs::error_detail(
@@ -119,13 +125,23 @@ fn answer(job: &Job, b64: bool, base: &str) -> Result<Response, ApiError> {
         });
     }
     let created = time::OffsetDateTime::now_utc().unix_timestamp();
+    // OpenAI's URLs open without credentials: ours are signed until the result expires.
+    let expires = created + shared.config.result_ttl_seconds as i64;
     let data: Vec<serde_json::Value> = job
         .result
         .iter()
         .flat_map(|r| r.images.iter())
         .map(|image| match (&image.b64_json, b64) {
             (Some(data), true) => serde_json::json!({ "b64_json": data }),
-            _ => serde_json::json!({ "url": format!("{base}{}", image.url) }),
+            _ => {
+                let query = super::webhook::signed_image_query(
+                    &shared.config.url_signing_key,
+                    tenant,
+                    &image.id,
+                    expires,
+                );
+                serde_json::json!({ "url": format!("{base}{}?{query}", image.url) })
+            }
         })
         .collect();
     Ok(json_ok(
@@ -143,7 +159,7 @@ async fn run(
 ) -> Result<Response, ApiError> {
     let (job, rx, new) = submit(shared, tenant, body, decoded).await?;
     let job = wait_for(shared, tenant, job, rx, new).await?;
-    answer(&job, b64, base)
+    answer(shared, tenant, &job, b64, base)
 }
 
 pub async fn generations(mut request: Request, tenant: String) -> Result<Response, ApiError> {

@@ -192,12 +192,18 @@ pub fn document() -> Value {
         if route.public {
             op.insert("security".into(), json!([]));
         }
-        let params: Vec<Value> = route
+        let mut params: Vec<Value> = route
             .path
             .split('/')
             .filter_map(|s| s.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
             .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}))
             .collect();
+        if route.path == "/v1/images/{id}" {
+            // A URL signed by the service (the OpenAI endpoints' URLs) needs no token.
+            for name in ["tenant", "expires", "signature"] {
+                params.push(json!({"name": name, "in": "query", "required": false, "schema": {"type": "string"}}));
+            }
+        }
         if !params.is_empty() {
             op.insert("parameters".into(), Value::Array(params));
         }

@@ -20,6 +20,38 @@ pub fn signature(secret: &str, body: &[u8]) -> String {
     format!("sha256={hex}")
 }
 
+/// The query string that lets `GET /v1/images/{id}` serve a tenant's image without a
+/// token until `expires` (Unix seconds).
+pub fn signed_image_query(key: &str, tenant: &str, id: &str, expires: i64) -> String {
+    let signature = image_signature(key, tenant, id, expires);
+    format!("tenant={tenant}&expires={expires}&signature={signature}")
+}
+
+fn image_signature(key: &str, tenant: &str, id: &str, expires: i64) -> String {
+    let message = format!("{tenant}/{id}/{expires}");
+    signature(key, message.as_bytes())
+        .trim_start_matches("sha256=")
+        .to_string()
+}
+
+/// Checks a signed image query; the tenant it grants.
+pub fn verify_image_query(
+    key: &str,
+    id: &str,
+    tenant: &str,
+    expires: &str,
+    given: &str,
+    now: i64,
+) -> Option<String> {
+    use subtle::ConstantTimeEq;
+    let expires: i64 = expires.parse().ok()?;
+    if expires < now {
+        return None;
+    }
+    let expected = image_signature(key, tenant, id, expires);
+    bool::from(expected.as_bytes().ct_eq(given.as_bytes())).then(|| tenant.to_string())
+}
+
 /// The `host` and `host:port` of an http(s) URL.
 pub fn url_host(url: &str) -> Option<(String, String)> {
     let rest = url
@@ -100,6 +132,21 @@ mod tests {
             signature("Jefe", b"what do ya want for nothing?"),
             "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
         );
+    }
+
+    #[test]
+    fn signed_image_queries_grant_one_image_until_they_expire() {
+        let q = signed_image_query("k", "alice", "img1", 100);
+        let sig = q.rsplit('=').next().unwrap();
+        assert_eq!(
+            verify_image_query("k", "img1", "alice", "100", sig, 50).as_deref(),
+            Some("alice")
+        );
+        assert!(verify_image_query("k", "img1", "alice", "100", sig, 101).is_none());
+        assert!(verify_image_query("k", "img2", "alice", "100", sig, 50).is_none());
+        assert!(verify_image_query("k", "img1", "bob", "100", sig, 50).is_none());
+        assert!(verify_image_query("other", "img1", "alice", "100", sig, 50).is_none());
+        assert!(verify_image_query("k", "img1", "alice", "200", sig, 50).is_none());
     }
 
     #[test]
