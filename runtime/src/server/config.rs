@@ -284,7 +284,12 @@ impl Config {
             tokens.extend(read_tokens_file(path)?);
         }
         if let Some(list) = &args.tokens {
-            tokens.extend(parse_tokens(list, ',', "IMAGEGEN_TOKENS")?);
+            // Commas, or lines as in a tokens file.
+            tokens.extend(parse_tokens(
+                &list.replace('\n', ","),
+                ',',
+                "IMAGEGEN_TOKENS",
+            )?);
         }
         if args.tokens.is_none() && args.tokens_file.is_none() {
             for (tenant, token) in &file.tokens {
