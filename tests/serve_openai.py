@@ -45,6 +45,16 @@ def main() -> None:
     except urllib.error.HTTPError as e:
         assert e.code == 401, e.code
 
+    # Other output formats.
+    result = client.images.generate(
+        prompt="a cat", size="64x64", response_format="b64_json", output_format="webp"
+    )
+    webp = base64.b64decode(result.data[0].b64_json)
+    assert webp[:4] == b"RIFF" and webp[8:12] == b"WEBP", webp[:16]
+    result = client.images.generate(prompt="a cat", size="64x64", output_format="jpeg")
+    jpeg = urllib.request.urlopen(result.data[0].url).read()
+    assert jpeg[:2] == b"\xff\xd8", jpeg[:4]
+
     # Edits: the mask's transparent pixels are repainted; without a mask, the image's own.
     with open(image_path, "rb") as image, open(mask_path, "rb") as mask:
         result = client.images.edit(

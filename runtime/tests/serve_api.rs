@@ -1043,3 +1043,49 @@ fn mask_prompt_finds_the_area_to_inpaint() {
         Some("maskPrompt")
     );
 }
+
+#[test]
+fn yaml_config_with_flags_and_environment_on_top() {
+    let dir = std::env::temp_dir().join(format!("imagegen-serve-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("serve.yaml");
+    // The file's listen address and safety policy lose to the flags the harness passes (a
+    // port of 1 would never come up; `block` needs a checker the fixture lacks); its body
+    // limit loses to the environment.
+    std::fs::write(
+        &config,
+        "listen: 127.0.0.1:1\nsafety: block\nqueueSize: 4\n\
+         tokens:\n  carol: carol-token-0003\n\
+         limits:\n  maxSteps: 5\n  maxBodyBytes: 10000000\n",
+    )
+    .unwrap();
+    let server = Server::start(
+        "config",
+        Options {
+            tokens: false,
+            extra: vec!["--config".into(), config.display().to_string()],
+            env: vec![("IMAGEGEN_MAX_BODY_BYTES".into(), "1000".into())],
+        },
+    );
+    let carol = Some("carol-token-0003");
+    assert_eq!(
+        post_json(&server, "/v1/generations", carol, &small("x", 5)).status,
+        200
+    );
+    let (code, field) = post_json(&server, "/v1/generations", carol, &small("x", 6)).error(422);
+    assert_eq!(
+        (code.as_str(), field.as_deref()),
+        ("invalid_field", Some("steps"))
+    );
+    post_json(&server, "/v1/generations", None, &small("x", 1)).error(401);
+    post_json(&server, "/v1/generations", Some(TOKEN_A), &small("x", 1)).error(401);
+    let r = request(
+        "POST",
+        &server.url("/v1/uploads"),
+        carol,
+        &[("Content-Type", "image/png")],
+        Some(&[0u8; 2000]),
+    );
+    assert_eq!(r.error(413).0, "payload_too_large");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -13,7 +13,7 @@ use warp::reply::Response;
 
 use super::error::{json_response, ApiError};
 use super::http::{json_ok, submit, wait_for, Request};
-use super::media;
+use super::media::{self, Format};
 use super::Shared;
 
 /// Model names OpenAI clients send by default; they all mean the served model.
@@ -30,6 +30,9 @@ struct GenerationBody {
     size: Option<String>,
     #[serde(default)]
     response_format: Option<String>,
+    /// png (default), jpeg or webp.
+    #[serde(default)]
+    output_format: Option<String>,
     /// Accepted (OpenAI's end-user id); not used.
     #[serde(default)]
     #[allow(dead_code)]
@@ -89,6 +92,26 @@ fn b64_wanted(format: Option<&str>) -> Result<bool, ApiError> {
     }
 }
 
+fn output_format(format: Option<&str>) -> Result<Format, ApiError> {
+    match format {
+        None | Some("png") => Ok(Format::Png),
+        Some("jpeg" | "jpg") => Ok(Format::Jpeg),
+        Some("webp") => Ok(Format::Webp),
+        Some(other) => Err(ApiError::invalid(
+            "output_format",
+            format!("`{other}` is not png, jpeg or webp"),
+        )),
+    }
+}
+
+fn extension(format: Format) -> &'static str {
+    match format {
+        Format::Png => "png",
+        Format::Jpeg => "jpg",
+        Format::Webp => "webp",
+    }
+}
+
 fn model_field(model: Option<String>) -> Option<String> {
     model.filter(|m| !OPENAI_MODELS.contains(&m.as_str()))
 }
@@ -103,11 +126,12 @@ fn base_url(request: &Request) -> String {
     format!("{scheme}://{host}")
 }
 
-fn answer(
+async fn answer(
     shared: &Shared,
     tenant: &str,
     job: &Job,
     b64: bool,
+    format: Format,
     base: &str,
 ) -> Result<Response, ApiError> {
     if job.state != JobState::Succeeded {
@@ -127,12 +151,24 @@ fn answer(
     let created = time::OffsetDateTime::now_utc().unix_timestamp();
     // OpenAI's URLs open without credentials: ours are signed until the result expires.
     let expires = created + shared.config.result_ttl_seconds as i64;
-    let data: Vec<serde_json::Value> = job
-        .result
-        .iter()
-        .flat_map(|r| r.images.iter())
-        .map(|image| match (&image.b64_json, b64) {
-            (Some(data), true) => serde_json::json!({ "b64_json": data }),
+    let mut data = Vec::new();
+    for image in job.result.iter().flat_map(|r| r.images.iter()) {
+        match (&image.b64_json, b64) {
+            (Some(png), true) if format == Format::Png => {
+                data.push(serde_json::json!({ "b64_json": png }));
+            }
+            (Some(png), true) => {
+                let png = png.clone();
+                let converted = tokio::task::spawn_blocking(move || {
+                    let bytes = media::decode_base64(&png, "b64_json", u64::MAX)
+                        .map_err(|e| e.detail.message)?;
+                    media::convert(&bytes, format).map(|b| media::base64_encode(&b))
+                })
+                .await
+                .map_err(|e| ApiError::internal(e.to_string()))?
+                .map_err(ApiError::internal)?;
+                data.push(serde_json::json!({ "b64_json": converted }));
+            }
             _ => {
                 let query = super::webhook::signed_image_query(
                     &shared.config.url_signing_key,
@@ -140,10 +176,15 @@ fn answer(
                     &image.id,
                     expires,
                 );
-                serde_json::json!({ "url": format!("{base}{}?{query}", image.url) })
+                let url = format!(
+                    "{base}/v1/images/{}.{}?{query}",
+                    image.id,
+                    extension(format)
+                );
+                data.push(serde_json::json!({ "url": url }));
             }
-        })
-        .collect();
+        }
+    }
     Ok(json_ok(
         &serde_json::json!({ "created": created, "data": data }),
     ))
@@ -155,17 +196,19 @@ async fn run(
     body: GenerationRequest,
     decoded: Option<(DynamicImage, Option<GrayImage>)>,
     b64: bool,
+    format: Format,
     base: &str,
 ) -> Result<Response, ApiError> {
     let (job, rx, new) = submit(shared, tenant, body, decoded).await?;
     let job = wait_for(shared, tenant, job, rx, new).await?;
-    answer(shared, tenant, &job, b64, base)
+    answer(shared, tenant, &job, b64, format, base).await
 }
 
 pub async fn generations(mut request: Request, tenant: String) -> Result<Response, ApiError> {
     let body: GenerationBody = request.json().await?;
     let (width, height) = parse_size(body.size.as_deref())?;
     let b64 = b64_wanted(body.response_format.as_deref())?;
+    let format = output_format(body.output_format.as_deref())?;
     let generation = GenerationRequest {
         params: GenerationParams {
             prompt: body.prompt,
@@ -183,7 +226,16 @@ pub async fn generations(mut request: Request, tenant: String) -> Result<Respons
         ..Default::default()
     };
     let base = base_url(&request);
-    run(&request.shared, &tenant, generation, None, b64, &base).await
+    run(
+        &request.shared,
+        &tenant,
+        generation,
+        None,
+        b64,
+        format,
+        &base,
+    )
+    .await
 }
 
 /// The inpainting mask of an OpenAI edit: where the mask (or, without one, the image
@@ -221,6 +273,7 @@ pub async fn edits(mut request: Request, tenant: String) -> Result<Response, Api
         .map_err(|_| ApiError::invalid("n", "not a number"))?;
     let (width, height) = parse_size(text("size").as_deref())?;
     let b64 = b64_wanted(text("response_format").as_deref())?;
+    let format = output_format(text("output_format").as_deref())?;
     let image_part = parts
         .iter()
         .find(|p| p.name == "image" || p.name == "image[]")
@@ -282,6 +335,7 @@ pub async fn edits(mut request: Request, tenant: String) -> Result<Response, Api
         generation,
         Some((image, Some(mask))),
         b64,
+        format,
         &base,
     )
     .await
@@ -298,6 +352,8 @@ mod tests {
         assert!(parse_size(Some("big")).is_err());
         assert!(b64_wanted(Some("b64_json")).unwrap());
         assert!(b64_wanted(Some("png")).is_err());
+        assert_eq!(output_format(Some("webp")).unwrap(), Format::Webp);
+        assert!(output_format(Some("gif")).is_err());
         assert_eq!(model_field(Some("dall-e-3".into())), None);
         assert_eq!(model_field(Some("alice".into())).as_deref(), Some("alice"));
     }
