@@ -1,6 +1,7 @@
 //! imagegen's engine: Stable Diffusion on libtorch (through `tch`), as a library that the
 //! CLI, the HTTP service, the trainer and the benchmarks all call.
 
+pub mod batch;
 pub mod canny;
 pub mod controlnet_pipeline;
 pub mod engine;

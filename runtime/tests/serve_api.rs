@@ -444,7 +444,9 @@ fn cancellation_between_steps_and_on_disconnect() {
     let mut long = small("x", 500);
     long["jobId"] = json!("c-running");
     assert_eq!(post_async(&server, a, &long).status, 202);
+    // Another step count: it cannot join the running job's batch.
     long["jobId"] = json!("c-queued");
+    long["steps"] = json!(499);
     assert_eq!(post_async(&server, a, &long).status, 202);
     wait_running(&server, a, "c-running");
     // A queued job is cancelled at once.
@@ -1088,4 +1090,69 @@ fn yaml_config_with_flags_and_environment_on_top() {
     );
     assert_eq!(r.error(413).0, "payload_too_large");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn compatible_queued_requests_share_a_unet_batch() {
+    let server = Server::start(
+        "batch",
+        Options {
+            extra: vec!["--batch-limit".into(), "4".into()],
+            ..Default::default()
+        },
+    );
+    let a = Some(TOKEN_A);
+    // Keep the worker busy while the others queue up.
+    let mut blocker = small("x", 150);
+    blocker["jobId"] = json!("blocker");
+    assert_eq!(post_async(&server, a, &blocker).status, 202);
+    wait_running(&server, a, "blocker");
+    let mut ids = Vec::new();
+    for (i, prompt) in ["a cat", "a dog", "a fox"].iter().enumerate() {
+        let mut body = small(prompt, 3);
+        body["seed"] = json!(100 + i);
+        body["jobId"] = json!(format!("b-{i}"));
+        assert_eq!(post_async(&server, a, &body).status, 202);
+        ids.push((format!("b-{i}"), body));
+    }
+    let mut odd = small("a cow", 4);
+    odd["jobId"] = json!("odd");
+    assert_eq!(post_async(&server, a, &odd).status, 202);
+    for (id, body) in &ids {
+        let job = wait_job(&server, a, id);
+        assert_eq!(job["state"], "succeeded", "{job}");
+        let image = &job["result"]["images"][0];
+        assert_eq!(image["seed"], body["seed"]);
+        // The same request alone gives the same image.
+        let mut alone = body.clone();
+        alone.as_object_mut().unwrap().remove("jobId");
+        let single = post_json(&server, "/v1/generations", a, &alone).json();
+        let pixels = |url: &str| {
+            image::load_from_memory(&get(&server, url, a).body)
+                .unwrap()
+                .to_rgb8()
+                .into_raw()
+        };
+        let batched = pixels(image["url"].as_str().unwrap());
+        let single = pixels(single["result"]["images"][0]["url"].as_str().unwrap());
+        let close = batched
+            .iter()
+            .zip(&single)
+            .filter(|(x, y)| x.abs_diff(**y) <= 1)
+            .count() as f64
+            / batched.len() as f64;
+        assert!(close >= 0.999, "{id}: {close}");
+    }
+    assert_eq!(wait_job(&server, a, "odd")["state"], "succeeded");
+    let metrics = String::from_utf8(get(&server, "/metrics", None).body).unwrap();
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert_eq!(value("imagegen_batches_total"), 1.0, "{metrics}");
+    assert_eq!(value("imagegen_batched_jobs_total"), 3.0, "{metrics}");
 }

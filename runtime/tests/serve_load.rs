@@ -186,6 +186,19 @@ fn bounded_load_every_request_answered_once() {
         metrics.contains("imagegen_queue_depth 0"),
         "the queue drained"
     );
+    let metric = |name: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap_or("0")
+            .to_string()
+    };
+    println!(
+        "batching: {} UNet batches ran {} of the jobs",
+        metric("imagegen_batches_total"),
+        metric("imagegen_batched_jobs_total")
+    );
 
     ok_latencies.sort_by(f64::total_cmp);
     println!(

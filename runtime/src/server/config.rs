@@ -13,6 +13,7 @@ use crate::safety::SafetyPolicy;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_QUEUE_SIZE: usize = 16;
+pub const DEFAULT_BATCH_LIMIT: u32 = 4;
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 32 * 1024 * 1024;
 pub const DEFAULT_RESULT_TTL_SECONDS: u64 = 24 * 3600;
 pub const DEFAULT_LORA_CACHE_BYTES: u64 = 1024 * 1024 * 1024;
@@ -57,6 +58,10 @@ pub struct ServeArgs {
     /// Most jobs waiting for the worker; more get 429 [default: 16].
     #[arg(long, env = "IMAGEGEN_QUEUE_SIZE")]
     pub queue_size: Option<usize>,
+    /// Most images in one UNet batch: compatible queued text-to-image requests (same size,
+    /// steps, scheduler, guidance, clip skip and LoRAs) run together [default: 4; 1 = off].
+    #[arg(long, env = "IMAGEGEN_BATCH_LIMIT")]
+    pub batch_limit: Option<u32>,
     /// Seconds a result (image, upload, finished job) is kept [default: 86400].
     #[arg(long, env = "IMAGEGEN_RESULT_TTL")]
     pub result_ttl: Option<u64>,
@@ -101,7 +106,6 @@ pub struct FileConfig {
     pub dtype: Option<String>,
     pub insecure: Option<bool>,
     pub queue_size: Option<usize>,
-    /// Accepted for forward compatibility; requests run one at a time.
     pub batch_limit: Option<u32>,
     #[serde(default)]
     pub limits: FileLimits,
@@ -180,6 +184,8 @@ pub struct Config {
     pub dtype: Option<String>,
     pub insecure: bool,
     pub queue_size: usize,
+    /// Most images per UNet batch (1: no batching).
+    pub batch_limit: u32,
     pub limits: Limits,
     /// tenant → token.
     pub tokens: BTreeMap<String, String>,
@@ -363,6 +369,11 @@ impl Config {
             dtype: args.dtype.clone().or(file.dtype.clone()),
             insecure,
             queue_size,
+            batch_limit: args
+                .batch_limit
+                .or(file.batch_limit)
+                .unwrap_or(DEFAULT_BATCH_LIMIT)
+                .clamp(1, 64),
             limits,
             tokens,
             store,

@@ -647,6 +647,29 @@ pub async fn submit(
         .deadline_seconds
         .unwrap_or(shared.config.default_deadline_seconds);
     let id = body.job_id.clone().unwrap_or_else(random_id);
+    // Text-to-image jobs with the same loop shape and LoRAs may share a UNet batch.
+    let images = body.params.count.unwrap_or(1);
+    let batch_key = (mode == "text-to-image"
+        && image.is_none()
+        && body.mask_prompt.is_none()
+        && shared.config.batch_limit > 1
+        && images <= shared.config.batch_limit)
+        .then(|| {
+            let p = &body.params;
+            serde_json::json!([
+                p.width,
+                p.height,
+                p.steps,
+                p.scheduler,
+                p.guidance_scale,
+                p.clip_skip,
+                loras
+                    .iter()
+                    .map(|(f, w)| (f.display().to_string(), w))
+                    .collect::<Vec<_>>(),
+            ])
+            .to_string()
+        });
     let submission = Submission {
         tenant: tenant.to_string(),
         id,
@@ -661,6 +684,8 @@ pub async fn submit(
             loras,
             b64: body.response_format == Some(ResponseFormat::B64Json),
             mode,
+            batch_key,
+            images,
         },
     };
     let submitted = shared.jobs.submit(submission)?;

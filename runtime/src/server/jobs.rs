@@ -41,6 +41,10 @@ pub struct Work {
     pub b64: bool,
     /// For the latency histogram: text-to-image, image-to-image, inpaint, outpaint...
     pub mode: &'static str,
+    /// Jobs with the same key may share one UNet batch (None: this one runs alone).
+    pub batch_key: Option<String>,
+    /// Images the job makes.
+    pub images: u32,
 }
 
 pub struct Submission {
@@ -249,6 +253,30 @@ impl Jobs {
         Ok(())
     }
 
+    /// Queued jobs that may join a batch with key `key`, in queue order, while their
+    /// images fit in `room`; they are running from now on.
+    pub fn take_batch(&self, key: &str, mut room: u32) -> Vec<Running> {
+        let mut state = self.lock();
+        let mut taken = Vec::new();
+        let mut kept = VecDeque::with_capacity(state.queue.len());
+        while let Some(queued) = state.queue.pop_front() {
+            let fits = queued.work.batch_key.as_deref() == Some(key) && queued.work.images <= room;
+            if fits {
+                room -= queued.work.images;
+                taken.push(queued);
+            } else {
+                kept.push_back(queued);
+            }
+        }
+        state.queue = kept;
+        let running = taken
+            .into_iter()
+            .filter_map(|queued| start(&mut state, queued))
+            .collect();
+        announce_positions(&state);
+        running
+    }
+
     /// The worker's next task; None once shutting down with nothing left.
     pub fn next(&self) -> Option<Result<Running, Control>> {
         let mut state = self.lock();
@@ -257,28 +285,12 @@ impl Jobs {
                 return Some(Err(control));
             }
             if let Some(queued) = state.queue.pop_front() {
-                let Queued {
-                    key,
-                    work,
-                    deadline,
-                } = queued;
-                let entry = state
-                    .entries
-                    .get_mut(&key)
-                    .expect("queued jobs have entries");
-                entry.job.state = JobState::Running;
-                entry.job.queue_position = None;
-                entry.job.started_at = Some(now_rfc3339());
-                entry.started = Some(Instant::now());
-                let running = Running {
-                    key,
-                    work,
-                    cancel: entry.cancel.clone(),
-                    deadline,
-                    created: entry.created,
-                };
+                let running = start(&mut state, queued);
                 announce_positions(&state);
-                return Some(Ok(running));
+                if let Some(running) = running {
+                    return Some(Ok(running));
+                }
+                continue;
             }
             if state.shutting_down {
                 return None;
@@ -511,6 +523,27 @@ pub fn deadline_error() -> ErrorDetail {
     )
 }
 
+/// Marks a job taken off the queue as running.
+fn start(state: &mut State, queued: Queued) -> Option<Running> {
+    let Queued {
+        key,
+        work,
+        deadline,
+    } = queued;
+    let entry = state.entries.get_mut(&key)?;
+    entry.job.state = JobState::Running;
+    entry.job.queue_position = None;
+    entry.job.started_at = Some(now_rfc3339());
+    entry.started = Some(Instant::now());
+    Some(Running {
+        key,
+        work,
+        cancel: entry.cancel.clone(),
+        deadline,
+        created: entry.created,
+    })
+}
+
 fn existing(state: &State, key: &JobKey, fingerprint: &str) -> Option<Result<Submitted, ApiError>> {
     let entry = state.entries.get(key)?;
     if entry.fingerprint != fingerprint {
@@ -570,6 +603,8 @@ mod tests {
                 loras: vec![],
                 b64: false,
                 mode: "text-to-image",
+                batch_key: Some("k".into()),
+                images: 1,
             },
         }
     }
@@ -617,5 +652,25 @@ mod tests {
         );
         assert!(jobs.next().is_none());
         assert!(jobs.submit(submission("a", "4", "x")).is_err());
+    }
+
+    #[test]
+    fn compatible_jobs_are_taken_together() {
+        let jobs = Jobs::new(8);
+        for id in ["1", "2", "3", "4"] {
+            jobs.submit(submission("a", id, "x")).unwrap();
+        }
+        let mut other = submission("a", "5", "x");
+        other.work.batch_key = Some("other".into());
+        jobs.submit(other).unwrap();
+        let Some(Ok(first)) = jobs.next() else {
+            panic!("a job")
+        };
+        let more = jobs.take_batch("k", 2);
+        let ids: Vec<&str> = more.iter().map(|r| r.key.1.as_str()).collect();
+        assert_eq!((first.key.1.as_str(), ids), ("1", vec!["2", "3"]));
+        assert_eq!(jobs.get("a", "2").unwrap().state, JobState::Running);
+        assert_eq!(jobs.get("a", "4").unwrap().queue_position, Some(0));
+        assert_eq!(jobs.get("a", "5").unwrap().queue_position, Some(1));
     }
 }

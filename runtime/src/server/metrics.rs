@@ -16,6 +16,8 @@ pub struct Metrics {
     pub lora_cache_misses: IntCounter,
     pub http_requests: IntCounterVec,
     pub rejected_queue_full: IntCounter,
+    pub batches: IntCounter,
+    pub batched_jobs: IntCounter,
     pub resident_memory_bytes: IntGauge,
     pub gpu_memory_bytes: IntGauge,
 }
@@ -52,6 +54,12 @@ impl Metrics {
         )?;
         let rejected_queue_full =
             IntCounter::new("rejected_queue_full_total", "Requests refused with 429")?;
+        let batches = IntCounter::new(
+            "batches_total",
+            "UNet batches that ran several compatible jobs together",
+        )?;
+        let batched_jobs =
+            IntCounter::new("batched_jobs_total", "Jobs that ran in a shared UNet batch")?;
         let resident_memory_bytes =
             IntGauge::new("resident_memory_bytes", "Resident set size of the process")?;
         let gpu_memory_bytes = IntGauge::new(
@@ -68,6 +76,8 @@ impl Metrics {
             Box::new(lora_cache_misses.clone()),
             Box::new(http_requests.clone()),
             Box::new(rejected_queue_full.clone()),
+            Box::new(batches.clone()),
+            Box::new(batched_jobs.clone()),
             Box::new(resident_memory_bytes.clone()),
             Box::new(gpu_memory_bytes.clone()),
         ] {
@@ -84,6 +94,8 @@ impl Metrics {
             lora_cache_misses,
             http_requests,
             rejected_queue_full,
+            batches,
+            batched_jobs,
             resident_memory_bytes,
             gpu_memory_bytes,
         })

@@ -115,15 +115,34 @@ pub fn run(shared: Arc<Shared>, loaded: std::sync::mpsc::Sender<Result<Loaded, S
                 let _ = reply.send(result);
             }
             Ok(running) => {
-                let key = running.key.clone();
-                // A bug must cost one job, not the worker (and with it every later job).
+                // Compatible queued jobs join this one in a UNet batch.
+                let mut batch = vec![running];
+                if let Some(key) = batch[0].work.batch_key.clone() {
+                    let room = shared
+                        .config
+                        .batch_limit
+                        .saturating_sub(batch[0].work.images);
+                    if room > 0 {
+                        batch.extend(shared.jobs.take_batch(&key, room));
+                        shared.metrics.queue_depth.set(shared.jobs.depth() as i64);
+                    }
+                }
+                let keys: Vec<JobKey> = batch.iter().map(|r| r.key.clone()).collect();
+                // A bug must cost its jobs, not the worker (and with it every later job).
                 let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    run_job(&shared, &mut engine, running)
+                    if batch.len() == 1 {
+                        run_job(&shared, &mut engine, batch.remove(0))
+                    } else {
+                        run_batch(&shared, &mut engine, batch)
+                    }
                 }));
                 if ran.is_err() {
-                    let error = error_detail(codes::INTERNAL, "the job failed unexpectedly", true);
-                    if let Some((job, webhook)) = shared.jobs.finish(&key, Err(error)) {
-                        super::send_webhook(&shared, job, webhook);
+                    for key in keys {
+                        let error =
+                            error_detail(codes::INTERNAL, "the job failed unexpectedly", true);
+                        if let Some((job, webhook)) = shared.jobs.finish(&key, Err(error)) {
+                            super::send_webhook(&shared, job, webhook);
+                        }
                     }
                 }
             }
@@ -151,19 +170,34 @@ fn run_job(shared: &Shared, engine: &mut Engine, running: Running) {
         .get(&key.0, &key.1)
         .map(|j| j.progress.step)
         .unwrap_or(0);
+    record_throughput(shared, engine, steps_done * work.images, started);
+    finish(shared, &key, work.mode, created, outcome);
+}
+
+fn record_throughput(shared: &Shared, engine: &Engine, image_steps: u32, started: Instant) {
     let seconds = started.elapsed().as_secs_f64();
-    if steps_done > 0 && seconds > 0.0 {
+    if image_steps > 0 && seconds > 0.0 {
         shared
             .metrics
             .denoise_steps_per_second
-            .set(f64::from(steps_done) / seconds);
-        shared.metrics.denoise_steps.inc_by(u64::from(steps_done));
+            .set(f64::from(image_steps) / seconds);
+        shared.metrics.denoise_steps.inc_by(u64::from(image_steps));
     }
     if let Device::Cuda(index) = engine.model.device {
         if let Some(bytes) = super::metrics::gpu_memory_bytes(index) {
             shared.metrics.gpu_memory_bytes.set(bytes as i64);
         }
     }
+}
+
+/// Records a job's end in the metrics, then in the job table (which answers its client).
+fn finish(
+    shared: &Shared,
+    key: &JobKey,
+    mode: &str,
+    created: Instant,
+    outcome: Result<GenerationResult, ErrorDetail>,
+) {
     // Metrics first: a client answered by `finish` may read them at once.
     let state = match &outcome {
         Ok(_) => "succeeded",
@@ -173,11 +207,107 @@ fn run_job(shared: &Shared, engine: &mut Engine, running: Running) {
     shared
         .metrics
         .job_seconds
-        .with_label_values(&[work.mode, state])
+        .with_label_values(&[mode, state])
         .observe(created.elapsed().as_secs_f64());
     shared.metrics.jobs.with_label_values(&[state]).inc();
-    if let Some((job, webhook)) = shared.jobs.finish(&key, outcome) {
+    if let Some((job, webhook)) = shared.jobs.finish(key, outcome) {
         super::send_webhook(shared, job, webhook);
+    }
+}
+
+/// Loads (or finds cached) the LoRAs of a job for the model.
+fn load_loras(
+    shared: &Shared,
+    engine: &mut Engine,
+    files: &[(std::path::PathBuf, f64)],
+) -> crate::Result<Vec<(Rc<Lora>, f64)>> {
+    let mut loras = Vec::new();
+    for (file, weight) in files {
+        let (len, bytes) = (engine.loras.len(), engine.loras.bytes());
+        let lora = engine.loras.get(file, &engine.model, false)?;
+        if (engine.loras.len(), engine.loras.bytes()) == (len, bytes) {
+            shared.metrics.lora_cache_hits.inc();
+        } else {
+            shared.metrics.lora_cache_misses.inc();
+        }
+        loras.push((lora, *weight));
+    }
+    Ok(loras)
+}
+
+/// Compatible text-to-image jobs in one denoising loop. A member cancelled (or past its
+/// deadline) while the batch runs ends cancelled (or failed) when it is done; the loop
+/// itself stops only when every member has been stopped.
+fn run_batch(shared: &Shared, engine: &mut Engine, batch: Vec<Running>) {
+    let started = Instant::now();
+    let (live, expired): (Vec<Running>, Vec<Running>) =
+        batch.into_iter().partition(|r| Instant::now() < r.deadline);
+    for r in expired {
+        finish(
+            shared,
+            &r.key,
+            r.work.mode,
+            r.created,
+            Err(deadline_error()),
+        );
+    }
+    if live.is_empty() {
+        return;
+    }
+    shared.metrics.batches.inc();
+    shared.metrics.batched_jobs.inc_by(live.len() as u64);
+    let loras = match load_loras(shared, engine, &live[0].work.loras) {
+        Ok(loras) => loras,
+        Err(e) => {
+            let detail = super::error::ApiError::from_engine(&e).detail;
+            for r in &live {
+                finish(shared, &r.key, r.work.mode, r.created, Err(detail.clone()));
+            }
+            return;
+        }
+    };
+    let requests: Vec<_> = live.iter().map(|r| r.work.params.clone()).collect();
+    let all_stopped = AtomicBool::new(false);
+    let mut steps_done = 0;
+    let mut report = |p: crate::Progress| {
+        steps_done = p.step as u32;
+        let now = Instant::now();
+        for r in &live {
+            shared.jobs.progress(&r.key, p.step as u32, p.total as u32);
+            if now >= r.deadline {
+                shared.jobs.stop(&r.key, deadline_error());
+            }
+        }
+        if live.iter().all(|r| r.cancel.load(Ordering::SeqCst)) {
+            all_stopped.store(true, Ordering::SeqCst);
+        }
+    };
+    let outcomes =
+        engine
+            .model
+            .generate_batch(&requests, &loras, &engine.styles, &mut report, &all_stopped);
+    let images: u32 = live.iter().map(|r| r.work.images).sum();
+    record_throughput(shared, engine, steps_done * images, started);
+    match outcomes {
+        Ok(outcomes) => {
+            for (r, outcome) in live.iter().zip(outcomes) {
+                let result = if r.cancel.load(Ordering::SeqCst) {
+                    Err(shared.jobs.cancel_reason(&r.key))
+                } else {
+                    store_outcome(shared, &r.key.0, outcome, r.work.b64)
+                };
+                finish(shared, &r.key, r.work.mode, r.created, result);
+            }
+        }
+        Err(e) => {
+            for r in &live {
+                let detail = match &e {
+                    crate::Error::Cancelled => shared.jobs.cancel_reason(&r.key),
+                    other => super::error::ApiError::from_engine(other).detail,
+                };
+                finish(shared, &r.key, r.work.mode, r.created, Err(detail));
+            }
+        }
     }
 }
 
@@ -195,20 +325,7 @@ fn generate(
             other => super::error::ApiError::from_engine(&other).detail,
         }
     };
-    let mut loras = Vec::new();
-    for (file, weight) in &work.loras {
-        let (len, bytes) = (engine.loras.len(), engine.loras.bytes());
-        let lora = engine
-            .loras
-            .get(file, &engine.model, false)
-            .map_err(engine_error)?;
-        if (engine.loras.len(), engine.loras.bytes()) == (len, bytes) {
-            shared.metrics.lora_cache_hits.inc();
-        } else {
-            shared.metrics.lora_cache_misses.inc();
-        }
-        loras.push((lora, *weight));
-    }
+    let loras = load_loras(shared, engine, &work.loras).map_err(engine_error)?;
     if work.mask_prompt.is_some() && engine.finder.is_none() {
         let finder = load_clipseg(
             &shared.config.mask_model,
@@ -228,10 +345,7 @@ fn generate(
         image: work.image.clone(),
         mask: work.mask.clone(),
         controlnet: None,
-        loras: loras
-            .into_iter()
-            .map(|(l, w): (Rc<Lora>, f64)| (l, w))
-            .collect(),
+        loras,
         mask_prompt: match (&work.mask_prompt, &engine.finder) {
             (Some(prompt), Some(finder)) => Some(MaskPrompt {
                 finder,
