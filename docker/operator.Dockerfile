@@ -4,8 +4,7 @@
 #
 #   docker build -f docker/operator.Dockerfile -t ghcr.io/imagegen/imagegen-operator:0.1.0 .
 #
-# No Docker engine exists on the machines this project is developed on, so this file is built
-# only by tests/e2e/kind.sh on a CI runner (.github/workflows/e2e-kind.yml).
+# .ci/run has no Docker engine, so this file is built only by tests/e2e/kind.sh on a CI runner (.github/workflows/e2e-kind.yml).
 
 ARG RUST_IMAGE=rust:1.95-bookworm
 ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot

@@ -9,8 +9,7 @@
 #     --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu \
 #     --build-arg BASE_IMAGE=debian:bookworm-slim .
 #
-# No Docker engine exists on the machines this project is developed on, so this file is built
-# only by tests/e2e/kind.sh on a CI runner (.github/workflows/e2e-kind.yml).
+# .ci/run has no Docker engine, so this file is built only by tests/e2e/kind.sh on a CI runner (.github/workflows/e2e-kind.yml).
 
 ARG RUST_IMAGE=rust:1.95-bookworm
 # CUDA 13 runtime base. The exact CUDA libraries torch 2.11 was built with come from its

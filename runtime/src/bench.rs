@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use imagegen_crds::GenerationParams;
 use imagegen_runtime::styles::StyleBook;
+use imagegen_runtime::train::{train, TrainConfig, TrainerEvent};
 use imagegen_runtime::{Inputs, Lora, StableDiffusion};
 use serde::Serialize;
 use tch::{Device, Kind};
@@ -40,6 +41,10 @@ pub struct BenchArgs {
     /// A LoRA file or folder: also time fusing it into the model and removing it.
     #[arg(long)]
     lora: Option<PathBuf>,
+    /// Also time this many DreamBooth-LoRA training steps (batch 1, rank 4, at --size, on
+    /// synthetic images) [default: 0, no training].
+    #[arg(long, default_value_t = 0)]
+    train_steps: u32,
     #[arg(long, default_value = "a photo of an astronaut riding a horse on mars")]
     prompt: String,
     #[arg(long, default_value_t = 7.5)]
@@ -68,6 +73,16 @@ pub struct LoraResult {
 }
 
 #[derive(Debug, Serialize)]
+pub struct TrainingResult {
+    pub steps: u32,
+    pub resolution: u32,
+    pub batch: u32,
+    pub rank: i64,
+    /// Optimizer steps per second, after the first step.
+    pub steps_per_s: f64,
+}
+
+#[derive(Debug, Serialize)]
 pub struct Report {
     pub implementation: &'static str,
     pub model: String,
@@ -83,6 +98,7 @@ pub struct Report {
     /// The process's resident-set high-water mark (VmHWM), MiB.
     pub peak_rss_mib: Option<f64>,
     pub lora: Option<LoraResult>,
+    pub training: Option<TrainingResult>,
 }
 
 /// The median of `xs` (the mean of the middle two for an even count); NaN when empty.
@@ -173,6 +189,55 @@ fn lora_switch(model: &StableDiffusion, path: &Path, runs: u32) -> Result<LoraRe
     })
 }
 
+/// Trains a throwaway LoRA on three synthetic images for `steps` steps and times it.
+fn training_rate(
+    model: &StableDiffusion,
+    steps: u32,
+    resolution: u32,
+) -> Result<TrainingResult, String> {
+    let dir = std::env::temp_dir().join(format!("imagegen-bench-train-{}", std::process::id()));
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).map_err(|e| e.to_string())?;
+    for i in 0..3u32 {
+        let image = image::RgbImage::from_fn(resolution, resolution, |x, y| {
+            image::Rgb([
+                (x * 255 / resolution) as u8,
+                (y * 255 / resolution) as u8,
+                (80 * i) as u8,
+            ])
+        });
+        image
+            .save(images.join(format!("{i}.png")))
+            .map_err(|e| e.to_string())?;
+    }
+    let mut config = TrainConfig::new(
+        model.name.clone(),
+        vec![images],
+        "a photo of sks",
+        dir.join("out"),
+    );
+    config.steps = steps;
+    config.resolution = resolution;
+    config.seed = 0;
+    let device = model.device;
+    let mut step_ends = Vec::new();
+    let result = train(model, &config, &mut |event| {
+        if let TrainerEvent::Step { elapsed, .. } = event {
+            sync(device);
+            step_ends.push(elapsed);
+        }
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    result.map_err(|e| e.to_string())?;
+    Ok(TrainingResult {
+        steps,
+        resolution,
+        batch: config.batch_size,
+        rank: config.rank,
+        steps_per_s: step_rate(&step_ends).ok_or("too few training steps to time")?,
+    })
+}
+
 pub fn run(args: BenchArgs) -> Result<(), String> {
     let device = crate::parse_device(args.device.as_deref())?;
     let dtype = crate::parse_dtype(args.dtype.as_deref(), device)?;
@@ -233,6 +298,9 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
         .as_deref()
         .map(|path| lora_switch(&model, path, args.runs))
         .transpose()?;
+    let training = (args.train_steps > 0)
+        .then(|| training_rate(&model, args.train_steps, args.size))
+        .transpose()?;
     let report = Report {
         implementation: "imagegen",
         model: name,
@@ -252,6 +320,7 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
             .as_deref()
             .and_then(peak_rss_mib),
         lora,
+        training,
     };
     eprint!("{}", table(&report));
     println!(
@@ -289,6 +358,12 @@ pub fn table(r: &Report) -> String {
         out += &format!(
             "LoRA: load {:.3}s, switch (fuse + unfuse) {:.3}s\n",
             l.load_seconds, l.switch_seconds
+        );
+    }
+    if let Some(t) = &r.training {
+        out += &format!(
+            "training: {:.3} steps/s ({}x{}, batch {}, rank {}, {} steps)\n",
+            t.steps_per_s, t.resolution, t.resolution, t.batch, t.rank, t.steps
         );
     }
     out
@@ -340,6 +415,7 @@ mod tests {
             }],
             peak_rss_mib: Some(100.0),
             lora: None,
+            training: None,
         };
         let value = serde_json::to_value(&report).unwrap();
         let keys: Vec<&str> = value

@@ -25,6 +25,7 @@ pub mod source;
 pub mod styles;
 pub mod text_to_image;
 pub mod tokenizer;
+pub mod train;
 pub mod weights;
 
 pub use engine::{LoadOptions, StableDiffusion};

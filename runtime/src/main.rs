@@ -1,6 +1,7 @@
 //! The `imagegen` command line.
 
 mod bench;
+mod train_cli;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -45,6 +46,9 @@ enum Command {
     Bench(Box<bench::BenchArgs>),
     /// Serve the HTTP API (generations, jobs, uploads, LoRAs, OpenAI-compatible images).
     Serve(Box<imagegen_runtime::server::ServeArgs>),
+    /// Train a DreamBooth LoRA on a few photos of a subject; progress as JSON lines on
+    /// stdout.
+    Train(Box<train_cli::TrainArgs>),
 }
 
 #[derive(clap::Args)]
@@ -572,6 +576,7 @@ fn main() -> ExitCode {
         Command::Mask(args) => find_mask(args),
         Command::Bench(args) => bench::run(*args),
         Command::Serve(args) => imagegen_runtime::server::run(*args),
+        Command::Train(args) => train_cli::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -13,7 +13,7 @@ set -euo pipefail
 
 cat >&2 <<'NOTE'
 tests/e2e/kind.sh needs a Docker engine and kind. It is not run in this repository's CI
-(.ci/run) nor on the machines imagegen is developed on, which have neither: the workflow
+(.ci/run), which has neither, and has not been run there: the workflow
 .github/workflows/e2e-kind.yml runs it on a GitHub-hosted runner.
 NOTE
 

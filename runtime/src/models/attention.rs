@@ -3,7 +3,7 @@
 
 use tch::{nn, nn::Module, Tensor};
 
-use super::layers::linear;
+use super::adapter::AdaptableLinear;
 
 /// Splits `[batch, tokens, heads*dim]` into `[batch, heads, tokens, dim]`.
 pub fn split_heads(x: &Tensor, heads: i64) -> Tensor {
@@ -39,10 +39,10 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, heads: i64, causal: bool) -> Ten
 /// cross-attention) and by the VAE's mid block.
 #[derive(Debug)]
 pub struct Attention {
-    to_q: nn::Linear,
-    to_k: nn::Linear,
-    to_v: nn::Linear,
-    to_out: nn::Linear,
+    to_q: AdaptableLinear,
+    to_k: AdaptableLinear,
+    to_v: AdaptableLinear,
+    to_out: AdaptableLinear,
     heads: i64,
 }
 
@@ -59,10 +59,10 @@ impl Attention {
     ) -> Self {
         let inner = heads * head_dim;
         Attention {
-            to_q: linear(&p / "to_q", query_dim, inner, qkv_bias),
-            to_k: linear(&p / "to_k", context_dim, inner, qkv_bias),
-            to_v: linear(&p / "to_v", context_dim, inner, qkv_bias),
-            to_out: linear(&p / "to_out" / 0, inner, query_dim, true),
+            to_q: AdaptableLinear::new(&p / "to_q", query_dim, inner, qkv_bias),
+            to_k: AdaptableLinear::new(&p / "to_k", context_dim, inner, qkv_bias),
+            to_v: AdaptableLinear::new(&p / "to_v", context_dim, inner, qkv_bias),
+            to_out: AdaptableLinear::new(&p / "to_out" / 0, inner, query_dim, true),
             heads,
         }
     }
@@ -74,5 +74,10 @@ impl Attention {
         let k = self.to_k.forward(context);
         let v = self.to_v.forward(context);
         self.to_out.forward(&sdpa(&q, &k, &v, self.heads, false))
+    }
+
+    /// The projections a LoRA trains: to_q, to_k, to_v, to_out.0.
+    pub fn projections(&self) -> [&AdaptableLinear; 4] {
+        [&self.to_q, &self.to_k, &self.to_v, &self.to_out]
     }
 }

@@ -7,6 +7,7 @@ use std::path::Path;
 use serde::Deserialize;
 use tch::{nn, nn::Module, Tensor};
 
+use super::adapter::AdaptableLinear;
 use super::attention::sdpa;
 use super::layers::{embedding, layer_norm, linear};
 use crate::error::{read_json, Error, Result};
@@ -122,10 +123,10 @@ impl ClipTextConfig {
 #[derive(Debug)]
 struct EncoderLayer {
     layer_norm1: nn::LayerNorm,
-    q_proj: nn::Linear,
-    k_proj: nn::Linear,
-    v_proj: nn::Linear,
-    out_proj: nn::Linear,
+    q_proj: AdaptableLinear,
+    k_proj: AdaptableLinear,
+    v_proj: AdaptableLinear,
+    out_proj: AdaptableLinear,
     layer_norm2: nn::LayerNorm,
     fc1: nn::Linear,
     fc2: nn::Linear,
@@ -140,10 +141,10 @@ impl EncoderLayer {
         let mlp = &p / "mlp";
         EncoderLayer {
             layer_norm1: layer_norm(&p / "layer_norm1", d, c.layer_norm_eps),
-            q_proj: linear(&attn / "q_proj", d, d, true),
-            k_proj: linear(&attn / "k_proj", d, d, true),
-            v_proj: linear(&attn / "v_proj", d, d, true),
-            out_proj: linear(&attn / "out_proj", d, d, true),
+            q_proj: AdaptableLinear::new(&attn / "q_proj", d, d, true),
+            k_proj: AdaptableLinear::new(&attn / "k_proj", d, d, true),
+            v_proj: AdaptableLinear::new(&attn / "v_proj", d, d, true),
+            out_proj: AdaptableLinear::new(&attn / "out_proj", d, d, true),
             layer_norm2: layer_norm(&p / "layer_norm2", d, c.layer_norm_eps),
             fc1: linear(&mlp / "fc1", d, c.intermediate_size, true),
             fc2: linear(&mlp / "fc2", c.intermediate_size, d, true),
@@ -219,5 +220,14 @@ impl ClipTextModel {
             x = layer.forward(&x);
         }
         self.final_layer_norm.forward(&x)
+    }
+
+    /// The self-attention projections (q, k, v, out) of every layer, in module order: what
+    /// a text-encoder LoRA trains.
+    pub fn attention_projections(&self) -> Vec<&AdaptableLinear> {
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.q_proj, &l.k_proj, &l.v_proj, &l.out_proj])
+            .collect()
     }
 }

@@ -1,6 +1,7 @@
 //! The networks of Stable Diffusion, one file per part. VarStore paths equal diffusers'
 //! (and transformers') state-dict keys, so weights load without a renaming layer.
 
+pub mod adapter;
 pub mod attention;
 pub mod clip;
 pub mod clip_vision;

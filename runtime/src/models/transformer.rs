@@ -3,6 +3,7 @@
 
 use tch::{nn, nn::Module, Tensor};
 
+use super::adapter::AdaptableLinear;
 use super::attention::Attention;
 use super::layers::{conv2d, group_norm, layer_norm, linear};
 
@@ -57,6 +58,13 @@ impl BasicTransformerBlock {
         let x = self.attn1.forward(&self.norm1.forward(x), None) + x;
         let x = self.attn2.forward(&self.norm2.forward(&x), Some(context)) + x;
         self.ff.forward(&self.norm3.forward(&x)) + x
+    }
+
+    fn projections(&self) -> impl Iterator<Item = &AdaptableLinear> {
+        self.attn1
+            .projections()
+            .into_iter()
+            .chain(self.attn2.projections())
     }
 }
 
@@ -134,5 +142,12 @@ impl Transformer2D {
             Projection::Linear(lin) => to_image(&lin.forward(&tokens)),
         };
         out + x
+    }
+
+    /// The attention projections of every block, in module order.
+    pub fn projections(&self) -> impl Iterator<Item = &AdaptableLinear> {
+        self.blocks
+            .iter()
+            .flat_map(BasicTransformerBlock::projections)
     }
 }

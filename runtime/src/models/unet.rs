@@ -7,6 +7,7 @@ use std::path::Path;
 use serde::Deserialize;
 use tch::{nn, nn::Module, Device, Kind, Tensor};
 
+use super::adapter::AdaptableLinear;
 use super::layers::{conv2d, group_norm, linear};
 use super::resnet::{Downsample, ResnetBlock, Upsample};
 use super::transformer::{Transformer2D, Transformer2DConfig};
@@ -463,7 +464,16 @@ impl TimeEmbedding {
     /// The sinusoids are computed in float32 (diffusers' `get_timestep_embedding`) and
     /// cast to the model's dtype before the linears.
     pub(crate) fn forward(&self, timestep: f64, batch: i64, kind: Kind, device: Device) -> Tensor {
-        let timesteps = Tensor::full([batch], timestep, (Kind::Float, device));
+        self.forward_each(
+            &Tensor::full([batch], timestep, (Kind::Float, device)),
+            kind,
+        )
+    }
+
+    /// The embedding of one timestep per sample (`timesteps`: `[batch]`, any numeric kind).
+    pub(crate) fn forward_each(&self, timesteps: &Tensor, kind: Kind) -> Tensor {
+        let device = timesteps.device();
+        let timesteps = timesteps.to_kind(Kind::Float);
         let half = self.channels / 2;
         let exponent = Tensor::arange(half, (Kind::Float, device)) * (-(10000f64.ln()))
             / (half as f64 - self.freq_shift);
@@ -715,6 +725,42 @@ impl UNet2DConditionModel {
         let temb =
             self.time_embedding
                 .forward(timestep, sample.size()[0], sample.kind(), sample.device());
+        self.forward_embedded(sample, &temb, context, control)
+    }
+
+    /// [`forward`](Self::forward) with one timestep per sample (`timesteps`: `[batch]`), as
+    /// training draws them.
+    pub fn forward_timesteps(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+    ) -> Tensor {
+        let temb = self.time_embedding.forward_each(timesteps, sample.kind());
+        self.forward_embedded(sample, &temb, context, None)
+    }
+
+    /// The attention projections (to_q, to_k, to_v, to_out.0) of every transformer block,
+    /// in module order: what a UNet LoRA trains.
+    pub fn attention_projections(&self) -> Vec<&AdaptableLinear> {
+        let down = self.down_path.down_blocks.iter().flat_map(|b| &b.layers);
+        let up = self.up_blocks.iter().flat_map(|b| &b.layers);
+        let mid = std::iter::once(&self.down_path.mid_block.attention);
+        down.filter_map(|l| l.attention.as_ref())
+            .chain(mid)
+            .chain(up.filter_map(|l| l.attention.as_ref()))
+            .flat_map(Transformer2D::projections)
+            .collect()
+    }
+
+    fn forward_embedded(
+        &self,
+        sample: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+        control: Option<&ControlResiduals>,
+    ) -> Tensor {
+        let temb = temb.shallow_clone();
         let sample = if self.config.center_input_sample {
             sample * 2.0 - 1.0
         } else {

@@ -212,6 +212,14 @@ pub(crate) fn add_noise_vp_sigma(original: &Tensor, noise: &Tensor, sigma: f32) 
     alpha_t * original + sigma_t * noise
 }
 
+/// The training noise schedule of a model's scheduler config (`alphas_cumprod[t]` for every
+/// training timestep, float32): what a DDPMScheduler built from it noises with, and what
+/// DreamBooth training uses.
+pub fn training_alphas_cumprod(config: &SchedulerConfig) -> Result<Vec<f32>, SchedulerError> {
+    let rescale = config.rescale_betas_zero_snr.unwrap_or(false);
+    Ok(config::TrainSchedule::new("DDPMScheduler", config, rescale)?.alphas_cumprod)
+}
+
 /// Builds the scheduler `kind` for `num_inference_steps` from a model's scheduler config: what
 /// diffusers' `Cls.from_config(config, **overrides).set_timesteps(num_inference_steps)` does,
 /// each class applying its own defaults to absent keys. The DPM++ 2M kinds override
