@@ -786,6 +786,10 @@ fn health_metrics_and_openapi() {
         ("delete", "/v1/loras/{name}"),
         ("post", "/v1/images/generations"),
         ("post", "/v1/images/edits"),
+        ("post", "/v1/trainings"),
+        ("get", "/v1/trainings/{id}"),
+        ("delete", "/v1/trainings/{id}"),
+        ("get", "/v1/trainings/{id}/events"),
     ] {
         assert!(
             doc["paths"][path][method].is_object(),
@@ -1155,4 +1159,133 @@ fn compatible_queued_requests_share_a_unet_batch() {
     };
     assert_eq!(value("imagegen_batches_total"), 1.0, "{metrics}");
     assert_eq!(value("imagegen_batched_jobs_total"), 3.0, "{metrics}");
+}
+
+#[test]
+fn trainings_run_imagegen_train_and_make_a_lora() {
+    let server = Server::start("training", Options::default());
+    let (a, b) = (Some(TOKEN_A), Some(TOKEN_B));
+    let upload = request(
+        "POST",
+        &server.url("/v1/uploads"),
+        a,
+        &[("Content-Type", "image/png")],
+        Some(&png(64, 64, false)),
+    )
+    .json();
+    let body = json!({
+        "name": "sks-dog",
+        "images": [{"uploadId": upload["id"]}, {"base64": base64_encode(&png(48, 64, false))}],
+        "instancePrompt": "a photo of sks dog",
+        "steps": 4, "resolution": 64, "rank": 2, "seed": 1,
+        "jobId": "train-1",
+    });
+    let r = post_json(&server, "/v1/trainings", a, &body);
+    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("location"), Some("/v1/trainings/train-1"));
+    assert_eq!(r.json()["kind"], "training");
+    // Progress with the loss, then success with the LoRA.
+    let events = sse_at(&server, a, "/v1/trainings/train-1/events");
+    let losses: Vec<f64> = events
+        .iter()
+        .filter_map(|(_, d)| d["loss"].as_f64())
+        .collect();
+    assert_eq!(losses.len(), 4, "{events:?}");
+    let (name, last) = events.last().unwrap();
+    assert_eq!(name, "succeeded", "{last}");
+    let job = get(&server, "/v1/trainings/train-1", a).json();
+    assert_eq!(job["state"], "succeeded");
+    let training = &job["training"];
+    assert_eq!(training["lora"], "sks-dog");
+    assert_eq!(training["steps"], 4);
+    assert_eq!(
+        training["path"],
+        "loras/sks-dog/pytorch_lora_weights.safetensors"
+    );
+    let loras = get(&server, "/v1/loras", a).json();
+    assert_eq!(loras[0]["name"], "sks-dog");
+    assert_eq!(loras[0]["source"], "training");
+    assert_eq!(loras[0]["sha256"], training["sha256"]);
+    // The LoRA works in a generation, by name and as `model`.
+    let mut with = small("a photo of sks dog", 2);
+    with["model"] = json!("sks-dog");
+    assert_eq!(post_json(&server, "/v1/generations", a, &with).status, 200);
+    // Same id and body: the same training; the name is now taken.
+    let again = post_json(&server, "/v1/trainings", a, &body);
+    assert_eq!(
+        (again.status, again.json()["state"].as_str()),
+        (202, Some("succeeded"))
+    );
+    let mut taken = body.clone();
+    taken.as_object_mut().unwrap().remove("jobId");
+    assert_eq!(
+        post_json(&server, "/v1/trainings", a, &taken)
+            .error(409)
+            .1
+            .as_deref(),
+        Some("name")
+    );
+    // Another tenant sees none of it.
+    get(&server, "/v1/trainings/train-1", b).error(404);
+    get(&server, "/v1/trainings/train-1/events", b).error(404);
+    assert_eq!(get(&server, "/v1/loras", b).json(), json!([]));
+    // Invalid requests name the field.
+    for (patch, field) in [
+        (json!({"name": "../x"}), "name"),
+        (json!({"images": []}), "images"),
+        (json!({"instancePrompt": ""}), "instancePrompt"),
+        (json!({"steps": 0}), "steps"),
+        (json!({"resolution": 65}), "resolution"),
+        (json!({"images": [{"uploadId": "nope"}]}), "images[0]"),
+    ] {
+        let mut bad = taken.clone();
+        bad["name"] = json!("other");
+        for (k, v) in patch.as_object().unwrap() {
+            bad[k] = v.clone();
+        }
+        let reply = post_json(&server, "/v1/trainings", a, &bad);
+        assert!(
+            reply.status == 422 || reply.status == 404,
+            "{}",
+            reply.status
+        );
+        assert_eq!(reply.json()["error"]["field"], field, "{bad}");
+    }
+    // Cancelling a long training stops its process.
+    let mut long = taken.clone();
+    long["name"] = json!("long");
+    long["steps"] = json!(100000);
+    long["jobId"] = json!("train-long");
+    assert_eq!(post_json(&server, "/v1/trainings", a, &long).status, 202);
+    let started = std::time::Instant::now();
+    while get(&server, "/v1/trainings/train-long", a).json()["progress"]["step"]
+        .as_u64()
+        .unwrap_or(0)
+        == 0
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "the training never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(delete(&server, "/v1/trainings/train-long", a).status, 202);
+    let started = std::time::Instant::now();
+    loop {
+        let job = get(&server, "/v1/trainings/train-long", a).json();
+        if job["state"] == "cancelled" {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "not cancelled: {job}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(get(&server, "/v1/loras", a)
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|l| l["name"] != "long"));
 }

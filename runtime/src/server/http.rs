@@ -215,7 +215,31 @@ async fn route(path: &str, mut request: Request) -> Result<Response, ApiError> {
             };
             Ok(json_with_status(&job, status))
         }
-        (["v1", "jobs", id, "events"], Method::GET) => events(&request.shared, &tenant, id),
+        (["v1", "jobs", id, "events"], Method::GET) => events(&request.shared.jobs, &tenant, id),
+        (["v1", "trainings"], Method::POST) => post_training(&mut request, &tenant).await,
+        (["v1", "trainings", id], Method::GET) => {
+            let job = request
+                .shared
+                .trainings
+                .get(&tenant, id)
+                .ok_or_else(|| ApiError::not_found(format!("no training `{id}`")))?;
+            Ok(json_ok(&job))
+        }
+        (["v1", "trainings", id], Method::DELETE) => {
+            let (job, finished) = request.shared.trainings.cancel(&tenant, id, None)?;
+            if let Some((job, url)) = finished {
+                super::send_webhook(&request.shared, job, url);
+            }
+            let status = if job.state.is_finished() {
+                StatusCode::OK
+            } else {
+                StatusCode::ACCEPTED
+            };
+            Ok(json_with_status(&job, status))
+        }
+        (["v1", "trainings", id, "events"], Method::GET) => {
+            events(&request.shared.trainings, &tenant, id)
+        }
         (["v1", "uploads"], Method::POST) => post_upload(&mut request, &tenant).await,
         (["v1", "images", "generations"], Method::POST) => {
             super::openai::generations(request, tenant).await
@@ -232,6 +256,9 @@ async fn route(path: &str, mut request: Request) -> Result<Response, ApiError> {
             ["v1", "generations"]
             | ["v1", "jobs", _]
             | ["v1", "jobs", _, "events"]
+            | ["v1", "trainings"]
+            | ["v1", "trainings", _]
+            | ["v1", "trainings", _, "events"]
             | ["v1", "uploads"]
             | ["v1", "images", _]
             | ["v1", "styles"]
@@ -810,9 +837,8 @@ fn snapshot_event(job: &Job) -> JobEvent {
     }
 }
 
-fn events(shared: &Shared, tenant: &str, id: &str) -> Result<Response, ApiError> {
-    let (job, rx) = shared
-        .jobs
+fn events<W>(jobs: &super::jobs::Jobs<W>, tenant: &str, id: &str) -> Result<Response, ApiError> {
+    let (job, rx) = jobs
         .subscribe(tenant, id)
         .ok_or_else(|| ApiError::not_found(format!("no job `{id}`")))?;
     let first = snapshot_event(&job);
@@ -961,6 +987,138 @@ async fn get_image(request: &Request, tenant: &str, name: &str) -> Result<Respon
     );
     headers.insert(header::VARY, header::HeaderValue::from_static("Accept"));
     Ok(response)
+}
+
+// ---------------------------------------------------------------- trainings
+
+async fn post_training(request: &mut Request, tenant: &str) -> Result<Response, ApiError> {
+    use imagegen_crds::training::{MAX_RANK, MAX_TRAINING_IMAGES, MAX_TRAINING_STEPS};
+    let body: imagegen_crds::api::TrainingRequest = request.json().await?;
+    let shared = request.shared.clone();
+    if shared.trainings.is_shutting_down() {
+        return Err(ApiError::shutting_down());
+    }
+    check_name(&body.name).map_err(|e| ApiError::invalid("name", e))?;
+    let p = &body.params;
+    let limits = &shared.config.limits;
+    if p.instance_prompt.trim().is_empty()
+        || p.instance_prompt.chars().count() as u32 > limits.max_prompt_chars
+    {
+        return Err(ApiError::invalid(
+            "instancePrompt",
+            format!("must have 1 to {} characters", limits.max_prompt_chars),
+        ));
+    }
+    if body.images.is_empty() || body.images.len() > MAX_TRAINING_IMAGES as usize {
+        return Err(ApiError::invalid(
+            "images",
+            format!("give 1 to {MAX_TRAINING_IMAGES} images"),
+        ));
+    }
+    if p.steps.is_some_and(|s| s == 0 || s > MAX_TRAINING_STEPS) {
+        return Err(ApiError::invalid(
+            "steps",
+            format!("must be between 1 and {MAX_TRAINING_STEPS}"),
+        ));
+    }
+    if p.rank.is_some_and(|r| r == 0 || r > MAX_RANK) {
+        return Err(ApiError::invalid(
+            "rank",
+            format!("must be between 1 and {MAX_RANK}"),
+        ));
+    }
+    if p.resolution
+        .is_some_and(|r| r == 0 || r % 8 != 0 || r > limits.max_side)
+    {
+        return Err(ApiError::invalid(
+            "resolution",
+            format!("must be a multiple of 8 up to {}", limits.max_side),
+        ));
+    }
+    for (field, value) in [("alpha", p.alpha), ("learningRate", p.learning_rate)] {
+        if value.is_some_and(|v| !v.is_finite() || v <= 0.0) {
+            return Err(ApiError::invalid(field, "must be a positive number"));
+        }
+    }
+    if let Some(url) = &body.webhook_url {
+        if !super::webhook::allowed(url, &shared.config.webhook_hosts) {
+            return Err(ApiError::invalid(
+                "webhookUrl",
+                "the webhook's host is not on the deployment's allow-list",
+            ));
+        }
+    }
+    let fingerprint = hex_sha256(&serde_json::to_vec(&body).unwrap_or_default());
+    if let Some(id) = &body.job_id {
+        let valid = id.len() <= MAX_JOB_ID_CHARS
+            && !id.is_empty()
+            && id
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !valid {
+            return Err(ApiError::invalid("jobId", "must match [a-z0-9-]{1,64}"));
+        }
+        if let Some(existing) = shared.trainings.resubmit(tenant, id, &fingerprint) {
+            let (job, _, _) = existing?;
+            return Ok(accepted(&job, "trainings"));
+        }
+    }
+    if shared
+        .store
+        .head(&lora_path(tenant, &body.name))
+        .await
+        .is_ok()
+    {
+        return Err(
+            ApiError::conflict(format!("LoRA `{}` exists; delete it first", body.name))
+                .with_field("name"),
+        );
+    }
+    // The photos, checked and written where the trainer reads them.
+    let dir = std::env::temp_dir().join(format!("imagegen-training-{}", random_id()));
+    let images_dir = dir.join("images");
+    std::fs::create_dir_all(&images_dir).map_err(|e| ApiError::internal(e.to_string()))?;
+    let work = super::trainer::TrainingWork {
+        name: body.name.clone(),
+        params: body.params.clone(),
+        dir,
+    };
+    let image_limits = limits.image_limits();
+    for (i, input) in body.images.iter().enumerate() {
+        let field = format!("images[{i}]");
+        let bytes = input_bytes(&shared, tenant, input, &field).await?;
+        let checked = bytes.clone();
+        let decode_field = field.clone();
+        tokio::task::spawn_blocking(move || media::decode(&checked, &decode_field, &image_limits))
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))??;
+        let ext = match media::sniff(&bytes) {
+            Some("image/jpeg") => "jpg",
+            Some("image/webp") => "webp",
+            _ => "png",
+        };
+        std::fs::write(images_dir.join(format!("{i:03}.{ext}")), &bytes)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+    }
+    let (job, _, _) = shared.trainings.submit(Submission {
+        tenant: tenant.to_string(),
+        id: body.job_id.clone().unwrap_or_else(random_id),
+        fingerprint,
+        // Trainings have no deadline of their own.
+        deadline: Instant::now() + Duration::from_secs(365 * 24 * 3600),
+        webhook: body.webhook_url.clone(),
+        work,
+    })?;
+    Ok(accepted(&job, "trainings"))
+}
+
+/// 202 with the job and its Location.
+fn accepted(job: &Job, collection: &str) -> Response {
+    let mut response = json_with_status(job, StatusCode::ACCEPTED);
+    if let Ok(location) = header::HeaderValue::from_str(&format!("/v1/{collection}/{}", job.id)) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    response
 }
 
 // ---------------------------------------------------------------- LoRAs

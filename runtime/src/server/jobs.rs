@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use image::{DynamicImage, GrayImage};
 use imagegen_crds::api::{
     codes, ErrorDetail, GenerationResult, Job, JobEvent, JobKind, JobState, JobTimings,
+    TrainingResult,
 };
 use imagegen_crds::{GenerationParams, Progress};
 use tokio::sync::{broadcast, oneshot};
@@ -47,20 +48,20 @@ pub struct Work {
     pub images: u32,
 }
 
-pub struct Submission {
+pub struct Submission<W = Work> {
     pub tenant: String,
     pub id: String,
     /// Identifies the request for idempotent re-submission (same id, same body).
     pub fingerprint: String,
     pub deadline: Instant,
     pub webhook: Option<String>,
-    pub work: Work,
+    pub work: W,
 }
 
 /// A job handed to the worker.
-pub struct Running {
+pub struct Running<W = Work> {
     pub key: JobKey,
-    pub work: Work,
+    pub work: W,
     pub cancel: Arc<AtomicBool>,
     pub deadline: Instant,
     pub created: Instant,
@@ -88,26 +89,34 @@ struct Entry {
     webhook: Option<String>,
 }
 
-struct Queued {
+struct Queued<W> {
     key: JobKey,
-    work: Work,
+    work: W,
     deadline: Instant,
 }
 
-#[derive(Default)]
-struct State {
+struct State<W> {
     entries: HashMap<JobKey, Entry>,
-    queue: VecDeque<Queued>,
+    queue: VecDeque<Queued<W>>,
     control: VecDeque<Control>,
     shutting_down: bool,
     /// Seconds the recent jobs took on the worker, for Retry-After.
     recent_seconds: f64,
 }
 
-pub struct Jobs {
-    state: Mutex<State>,
+/// The job table and queue of one kind of job (generations for the engine worker,
+/// trainings for the trainer).
+pub struct Jobs<W = Work> {
+    state: Mutex<State<W>>,
     wake: Condvar,
     capacity: usize,
+    kind: JobKind,
+}
+
+/// What a job produced.
+pub enum Output {
+    Generation(GenerationResult),
+    Training(TrainingResult),
 }
 
 /// RFC 3339, UTC, now.
@@ -143,19 +152,53 @@ pub fn random_id() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-impl Jobs {
+impl Jobs<Work> {
     pub fn new(capacity: usize) -> Self {
+        Self::of_kind(capacity, JobKind::Generation)
+    }
+
+    /// Queued jobs that may join a batch with key `key`, in queue order, while their
+    /// images fit in `room`; they are running from now on.
+    pub fn take_batch(&self, key: &str, mut room: u32) -> Vec<Running> {
+        let mut state = self.lock();
+        let mut taken = Vec::new();
+        let mut kept = VecDeque::with_capacity(state.queue.len());
+        while let Some(queued) = state.queue.pop_front() {
+            let fits = queued.work.batch_key.as_deref() == Some(key) && queued.work.images <= room;
+            if fits {
+                room -= queued.work.images;
+                taken.push(queued);
+            } else {
+                kept.push_back(queued);
+            }
+        }
+        state.queue = kept;
+        let running = taken
+            .into_iter()
+            .filter_map(|queued| start(&mut state, queued))
+            .collect();
+        announce_positions(&state);
+        running
+    }
+}
+
+impl<W> Jobs<W> {
+    pub fn of_kind(capacity: usize, kind: JobKind) -> Self {
         Jobs {
             state: Mutex::new(State {
+                entries: HashMap::new(),
+                queue: VecDeque::new(),
+                control: VecDeque::new(),
+                shutting_down: false,
                 recent_seconds: 1.0,
-                ..Default::default()
             }),
             wake: Condvar::new(),
             capacity,
+            kind,
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, State<W>> {
         // A panic elsewhere must not take the whole service down with a poisoned lock.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -174,7 +217,7 @@ impl Jobs {
 
     /// Queues a job, or returns the existing one of the same id and body. The receiver
     /// gets every event after the returned snapshot.
-    pub fn submit(&self, sub: Submission) -> Result<Submitted, ApiError> {
+    pub fn submit(&self, sub: Submission<W>) -> Result<Submitted, ApiError> {
         let mut state = self.lock();
         let key = (sub.tenant.clone(), sub.id.clone());
         if let Some(existing) = existing(&state, &key, &sub.fingerprint) {
@@ -191,7 +234,7 @@ impl Jobs {
         let position = state.queue.len() as u32;
         let job = Job {
             id: sub.id.clone(),
-            kind: JobKind::Generation,
+            kind: self.kind,
             state: JobState::Queued,
             queue_position: Some(position),
             progress: Progress::new(0, 0),
@@ -253,32 +296,8 @@ impl Jobs {
         Ok(())
     }
 
-    /// Queued jobs that may join a batch with key `key`, in queue order, while their
-    /// images fit in `room`; they are running from now on.
-    pub fn take_batch(&self, key: &str, mut room: u32) -> Vec<Running> {
-        let mut state = self.lock();
-        let mut taken = Vec::new();
-        let mut kept = VecDeque::with_capacity(state.queue.len());
-        while let Some(queued) = state.queue.pop_front() {
-            let fits = queued.work.batch_key.as_deref() == Some(key) && queued.work.images <= room;
-            if fits {
-                room -= queued.work.images;
-                taken.push(queued);
-            } else {
-                kept.push_back(queued);
-            }
-        }
-        state.queue = kept;
-        let running = taken
-            .into_iter()
-            .filter_map(|queued| start(&mut state, queued))
-            .collect();
-        announce_positions(&state);
-        running
-    }
-
     /// The worker's next task; None once shutting down with nothing left.
-    pub fn next(&self) -> Option<Result<Running, Control>> {
+    pub fn next(&self) -> Option<Result<Running<W>, Control>> {
         let mut state = self.lock();
         loop {
             if let Some(control) = state.control.pop_front() {
@@ -300,14 +319,15 @@ impl Jobs {
     }
 
     pub fn progress(&self, key: &JobKey, step: u32, total: u32) {
+        self.progress_with_loss(key, step, total, None)
+    }
+
+    /// Progress of a training, with its loss.
+    pub fn progress_with_loss(&self, key: &JobKey, step: u32, total: u32, loss: Option<f64>) {
         let mut state = self.lock();
         if let Some(entry) = state.entries.get_mut(key) {
             entry.job.progress = Progress::new(step, total);
-            let _ = entry.events.send(JobEvent::Progress {
-                step,
-                total,
-                loss: None,
-            });
+            let _ = entry.events.send(JobEvent::Progress { step, total, loss });
         }
     }
 
@@ -323,11 +343,7 @@ impl Jobs {
     }
 
     /// Records a job's end; returns the job and its webhook URL.
-    pub fn finish(
-        &self,
-        key: &JobKey,
-        outcome: Result<GenerationResult, ErrorDetail>,
-    ) -> Option<Finished> {
+    pub fn finish(&self, key: &JobKey, outcome: Result<Output, ErrorDetail>) -> Option<Finished> {
         let mut state = self.lock();
         let entry = state.entries.get_mut(key)?;
         if entry.job.state.is_finished() {
@@ -344,10 +360,15 @@ impl Jobs {
             total_seconds: Some((now - entry.created).as_secs_f64()),
         };
         let event = match outcome {
-            Ok(mut result) => {
-                result.timings = timings;
+            Ok(output) => {
                 entry.job.state = JobState::Succeeded;
-                entry.job.result = Some(result);
+                match output {
+                    Output::Generation(mut result) => {
+                        result.timings = timings;
+                        entry.job.result = Some(result);
+                    }
+                    Output::Training(result) => entry.job.training = Some(result),
+                }
                 JobEvent::Succeeded {
                     job: Box::new(entry.job.clone()),
                 }
@@ -524,7 +545,7 @@ pub fn deadline_error() -> ErrorDetail {
 }
 
 /// Marks a job taken off the queue as running.
-fn start(state: &mut State, queued: Queued) -> Option<Running> {
+fn start<W>(state: &mut State<W>, queued: Queued<W>) -> Option<Running<W>> {
     let Queued {
         key,
         work,
@@ -544,7 +565,11 @@ fn start(state: &mut State, queued: Queued) -> Option<Running> {
     })
 }
 
-fn existing(state: &State, key: &JobKey, fingerprint: &str) -> Option<Result<Submitted, ApiError>> {
+fn existing<W>(
+    state: &State<W>,
+    key: &JobKey,
+    fingerprint: &str,
+) -> Option<Result<Submitted, ApiError>> {
     let entry = state.entries.get(key)?;
     if entry.fingerprint != fingerprint {
         return Some(Err(ApiError::conflict(format!(
@@ -557,7 +582,7 @@ fn existing(state: &State, key: &JobKey, fingerprint: &str) -> Option<Result<Sub
     Some(Ok((snapshot(state, key)?, rx, false)))
 }
 
-fn snapshot(state: &State, key: &JobKey) -> Option<Job> {
+fn snapshot<W>(state: &State<W>, key: &JobKey) -> Option<Job> {
     let entry = state.entries.get(key)?;
     let mut job = entry.job.clone();
     if job.state == JobState::Queued {
@@ -571,7 +596,7 @@ fn snapshot(state: &State, key: &JobKey) -> Option<Job> {
 }
 
 /// Tells every queued job its new place.
-fn announce_positions(state: &State) {
+fn announce_positions<W>(state: &State<W>) {
     for (position, queued) in state.queue.iter().enumerate() {
         if let Some(entry) = state.entries.get(&queued.key) {
             let _ = entry.events.send(JobEvent::Queued {

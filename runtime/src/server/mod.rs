@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod openai;
 pub mod openapi;
 pub mod store;
+pub mod trainer;
 pub mod webhook;
 pub mod worker;
 
@@ -28,10 +29,15 @@ use warp::Filter;
 
 pub use config::{Config, ServeArgs};
 
+/// Trainings that may wait for the one running.
+pub const TRAINING_QUEUE: usize = 4;
+
 /// What every handler and the worker share.
 pub struct Shared {
     pub config: Config,
     pub jobs: jobs::Jobs,
+    /// Trainings, run one at a time by the trainer thread (`imagegen train` children).
+    pub trainings: jobs::Jobs<trainer::TrainingWork>,
     pub store: store::Store,
     pub metrics: metrics::Metrics,
     pub auth: auth::Auth,
@@ -91,6 +97,7 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
         .map_err(|e| format!("tokio: {e}"))?;
     let shared = Arc::new(Shared {
         jobs: jobs::Jobs::new(config.queue_size),
+        trainings: jobs::Jobs::of_kind(TRAINING_QUEUE, imagegen_crds::api::JobKind::Training),
         store,
         metrics: metrics::Metrics::new().map_err(|e| format!("metrics: {e}"))?,
         auth: auth::Auth::new(&config.tokens),
@@ -120,6 +127,13 @@ async fn serve(shared: Arc<Shared>) -> Result<(), String> {
             .name("imagegen-engine".into())
             .spawn(move || worker::run(shared, loaded_tx))
             .map_err(|e| format!("starting the worker: {e}"))?
+    };
+    let trainer = {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name("imagegen-trainer".into())
+            .spawn(move || trainer::run(shared))
+            .map_err(|e| format!("starting the trainer: {e}"))?
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
     let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -179,8 +193,16 @@ async fn serve(shared: Arc<Shared>) -> Result<(), String> {
     for (job, url) in shared.jobs.shut_down() {
         send_webhook(&shared, job, url);
     }
+    // A training can take hours: it stops too (retryable), like the queued ones.
+    for (job, url) in shared.trainings.shut_down() {
+        send_webhook(&shared, job, url);
+    }
     shared.metrics.queue_depth.set(0);
-    let _ = tokio::task::spawn_blocking(move || worker.join()).await;
+    let _ = tokio::task::spawn_blocking(move || {
+        let _ = worker.join();
+        let _ = trainer.join();
+    })
+    .await;
     // Let waiting clients read their answers, then close.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let _ = http_stop_tx.send(());
@@ -222,6 +244,7 @@ async fn sweeper(shared: Arc<Shared>) {
         }
         last_store_sweep = std::time::Instant::now();
         shared.jobs.sweep(ttl);
+        shared.trainings.sweep(ttl);
         let cutoff = time::OffsetDateTime::now_utc() - ttl;
         let Ok(objects) = shared
             .store

@@ -1,7 +1,9 @@
 //! `GET /openapi.json`: an OpenAPI 3.1 document of every route, its bodies' schemas generated
 //! by schemars from the `imagegen_crds::api` types.
 
-use imagegen_crds::api::{ErrorBody, GenerationRequest, Job, JobEvent, LoraInfo, Upload};
+use imagegen_crds::api::{
+    ErrorBody, GenerationRequest, Job, JobEvent, LoraInfo, TrainingRequest, Upload,
+};
 use schemars::generate::SchemaSettings;
 use schemars::JsonSchema;
 use serde_json::{json, Map, Value};
@@ -62,6 +64,30 @@ pub const ROUTES: &[Route] = &[
         method: "get",
         path: "/v1/jobs/{id}/events",
         summary: "A job's events (Server-Sent Events)",
+        public: false,
+    },
+    Route {
+        method: "post",
+        path: "/v1/trainings",
+        summary: "Train a DreamBooth LoRA on uploaded photos (runs imagegen train); 202 + Location",
+        public: false,
+    },
+    Route {
+        method: "get",
+        path: "/v1/trainings/{id}",
+        summary: "A training",
+        public: false,
+    },
+    Route {
+        method: "delete",
+        path: "/v1/trainings/{id}",
+        summary: "Cancel a training",
+        public: false,
+    },
+    Route {
+        method: "get",
+        path: "/v1/trainings/{id}/events",
+        summary: "A training's events (Server-Sent Events, with the loss)",
         public: false,
     },
     Route {
@@ -142,6 +168,7 @@ pub fn document() -> Value {
         g.subschema_for::<T>()
     }
     let generation = schema(of::<GenerationRequest>);
+    let training = schema(of::<TrainingRequest>);
     let job = schema(of::<Job>);
     let event = schema(of::<JobEvent>);
     let error = schema(of::<ErrorBody>);
@@ -230,6 +257,39 @@ pub fn document() -> Value {
             ("get" | "delete", "/v1/jobs/{id}") => {
                 responses.insert("200".into(), ok("the job", content(job.clone())));
                 responses.extend(error_responses(&error, &["401", "404", "409"]));
+            }
+            ("post", "/v1/trainings") => {
+                op.insert(
+                    "requestBody".into(),
+                    json!({"required": true, "content": content(training.clone())}),
+                );
+                responses.insert(
+                    "202".into(),
+                    ok(
+                        "the queued training; Location: /v1/trainings/{id}",
+                        content(job.clone()),
+                    ),
+                );
+                responses.extend(error_responses(
+                    &error,
+                    &[
+                        "400", "401", "404", "409", "413", "415", "422", "429", "503",
+                    ],
+                ));
+            }
+            ("get" | "delete", "/v1/trainings/{id}") => {
+                responses.insert("200".into(), ok("the training's job", content(job.clone())));
+                responses.extend(error_responses(&error, &["401", "404", "409"]));
+            }
+            ("get", "/v1/trainings/{id}/events") => {
+                responses.insert(
+                    "200".into(),
+                    ok(
+                        "events: `event:` the type, `data:` a JobEvent",
+                        json!({"text/event-stream": {"schema": event.clone()}}),
+                    ),
+                );
+                responses.extend(error_responses(&error, &["401", "404"]));
             }
             ("get", "/v1/jobs/{id}/events") => {
                 responses.insert(

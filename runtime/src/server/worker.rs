@@ -198,6 +198,7 @@ fn finish(
     created: Instant,
     outcome: Result<GenerationResult, ErrorDetail>,
 ) {
+    let outcome = outcome.map(super::jobs::Output::Generation);
     // Metrics first: a client answered by `finish` may read them at once.
     let state = match &outcome {
         Ok(_) => "succeeded",

@@ -403,8 +403,16 @@ pub fn wait_running(server: &Server, token: Option<&str>, id: &str) {
 
 /// Reads a job's SSE stream to its end: (event name, data JSON) pairs.
 pub fn sse(server: &Server, token: Option<&str>, id: &str) -> Vec<(String, serde_json::Value)> {
-    let mut req =
-        ureq::get(&server.url(&format!("/v1/jobs/{id}/events"))).timeout(Duration::from_secs(300));
+    sse_at(server, token, &format!("/v1/jobs/{id}/events"))
+}
+
+/// Reads the SSE stream at `path` to its end.
+pub fn sse_at(
+    server: &Server,
+    token: Option<&str>,
+    path: &str,
+) -> Vec<(String, serde_json::Value)> {
+    let mut req = ureq::get(&server.url(path)).timeout(Duration::from_secs(300));
     if let Some(token) = token {
         req = req.set("Authorization", &format!("Bearer {token}"));
     }
