@@ -14,11 +14,10 @@ use imagegen_crds::diffusion_model::{
 use imagegen_crds::{DiffusionModel, DiffusionModelStatus};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction,
-    LocalObjectReference, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec,
-    Toleration, Volume, VolumeMount, VolumeResourceRequirements,
+    Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction, LocalObjectReference,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, Secret, SecretVolumeSource, Service, ServicePort,
+    ServiceSpec, Toleration, Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
@@ -28,7 +27,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
 use crate::conditions::{condition, set_condition};
-use crate::{Error, OperatorConfig};
+use crate::{workload, Error, OperatorConfig};
 
 /// Port the runtime listens on inside the pod.
 pub const RUNTIME_PORT: i32 = 8080;
@@ -44,6 +43,11 @@ pub const MODEL_LABEL: &str = "imagegen.dev/model";
 pub const MAX_MODEL_NAME_CHARS: usize = 63;
 /// Most GPUs one replica may ask for.
 pub const MAX_GPUS: u32 = 16;
+/// Key of the runtime auth Secret that holds the tokens file.
+pub const AUTH_SECRET_KEY: &str = "tokens";
+/// Where the runtime auth Secret is mounted.
+pub const AUTH_MOUNT_PATH: &str = "/etc/imagegen/auth";
+const AUTH_VOLUME: &str = "auth";
 
 /// A DiffusionModel that passed [`validate`], with every default resolved.
 #[derive(Debug, Clone, PartialEq)]
@@ -93,6 +97,61 @@ impl ValidModel {
 /// Name of the cache PersistentVolumeClaim of the model `name`.
 pub fn cache_claim_name(name: &str) -> String {
     format!("{name}-cache")
+}
+
+/// Whether `model` reports enough ready replicas to serve (its Ready condition is True).
+pub fn is_ready(model: &DiffusionModel) -> bool {
+    model
+        .status
+        .as_ref()
+        .and_then(|s| crate::conditions::find(&s.conditions, READY))
+        .is_some_and(|c| c.status == "True")
+}
+
+/// Why `model` cannot serve yet, in words, or `None` when it is ready.
+pub fn not_ready_reason(model: Option<&DiffusionModel>) -> Option<String> {
+    match model {
+        None => Some("the DiffusionModel does not exist".into()),
+        Some(m) if is_ready(m) => None,
+        Some(m) => Some(format!("the DiffusionModel {} is not Ready", m.name_any())),
+    }
+}
+
+/// Name of the Secret holding the runtime's tokens file of the model `name`: one token, for
+/// the tenant named like the namespace, which the operator uses to call the runtime.
+pub fn auth_secret_name(name: &str) -> String {
+    format!("{name}-runtime-auth")
+}
+
+/// The runtime auth Secret of `model`: a tokens file (`tenant:token`) granting `token` to the
+/// tenant of the model's namespace. The token is made once, when the Secret is created, and
+/// read back afterwards (see [`token_from_auth_secret`]).
+pub fn build_auth_secret(model: &ValidModel, token: &str) -> Secret {
+    Secret {
+        metadata: metadata(model, auth_secret_name(&model.name)),
+        type_: Some("Opaque".into()),
+        string_data: Some(BTreeMap::from([(
+            AUTH_SECRET_KEY.into(),
+            format!(
+                "# imagegen-operator's token for tenant {ns}\n{ns}:{token}\n",
+                ns = model.namespace
+            ),
+        )])),
+        ..Secret::default()
+    }
+}
+
+/// The token of `tenant` in a runtime auth Secret as the API server returns it (`data`,
+/// base64-decoded by the client), or `None` when it has none.
+pub fn token_from_auth_secret(secret: &Secret, tenant: &str) -> Option<String> {
+    let bytes = secret.data.as_ref()?.get(AUTH_SECRET_KEY)?;
+    let text = std::str::from_utf8(&bytes.0).ok()?;
+    text.lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .filter_map(|line| line.split_once(':'))
+        .find(|(t, token)| *t == tenant && !token.is_empty())
+        .map(|(_, token)| token.to_string())
 }
 
 /// In-cluster URL of the Service of the model `name` in `namespace`.
@@ -293,6 +352,41 @@ pub fn build_deployment(model: &ValidModel, config: &OperatorConfig) -> Deployme
         model.gpu_resource_name.clone(),
         Quantity(model.gpus.to_string()),
     )]);
+    let mut env = vec![
+        workload::env("HF_HOME", CACHE_MOUNT_PATH),
+        workload::env("HOME", "/tmp"),
+        workload::env(
+            "IMAGEGEN_TOKENS_FILE",
+            format!("{AUTH_MOUNT_PATH}/{AUTH_SECRET_KEY}"),
+        ),
+    ];
+    env.extend(workload::store_env(config));
+    env.extend(
+        config
+            .safety_policy
+            .iter()
+            .map(|policy| workload::env("IMAGEGEN_SAFETY", policy.clone())),
+    );
+    let store = workload::store_volume(config);
+    let mut mounts = vec![
+        VolumeMount {
+            name: "cache".into(),
+            mount_path: CACHE_MOUNT_PATH.into(),
+            ..VolumeMount::default()
+        },
+        VolumeMount {
+            name: "tmp".into(),
+            mount_path: "/tmp".into(),
+            ..VolumeMount::default()
+        },
+        VolumeMount {
+            name: AUTH_VOLUME.into(),
+            mount_path: AUTH_MOUNT_PATH.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+    ];
+    mounts.extend(store.as_ref().map(|(_, mount)| mount.clone()));
     let container = Container {
         name: CONTAINER_NAME.into(),
         image: Some(config.runtime_image.clone()),
@@ -305,49 +399,19 @@ pub fn build_deployment(model: &ValidModel, config: &OperatorConfig) -> Deployme
             protocol: Some("TCP".into()),
             ..ContainerPort::default()
         }]),
-        env: Some(vec![
-            EnvVar {
-                name: "HF_HOME".into(),
-                value: Some(CACHE_MOUNT_PATH.into()),
-                ..EnvVar::default()
-            },
-            EnvVar {
-                name: "HOME".into(),
-                value: Some("/tmp".into()),
-                ..EnvVar::default()
-            },
-        ]),
+        env: Some(env),
+        env_from: workload::store_env_from(config),
         resources: Some(ResourceRequirements {
             limits: Some(limits),
             ..ResourceRequirements::default()
         }),
-        volume_mounts: Some(vec![
-            VolumeMount {
-                name: "cache".into(),
-                mount_path: CACHE_MOUNT_PATH.into(),
-                ..VolumeMount::default()
-            },
-            VolumeMount {
-                name: "tmp".into(),
-                mount_path: "/tmp".into(),
-                ..VolumeMount::default()
-            },
-        ]),
+        volume_mounts: Some(mounts),
         // Downloading and loading weights takes minutes: the startup probe holds liveness
         // off for up to 30 minutes.
         startup_probe: Some(http_probe("/healthz", 10, 180)),
         liveness_probe: Some(http_probe("/healthz", 10, 3)),
         readiness_probe: Some(http_probe("/readyz", 5, 3)),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            read_only_root_filesystem: Some(true),
-            run_as_non_root: Some(true),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                ..Capabilities::default()
-            }),
-            ..SecurityContext::default()
-        }),
+        security_context: Some(workload::container_security_context()),
         ..Container::default()
     };
     let cache_volume = match &model.cache {
@@ -370,9 +434,20 @@ pub fn build_deployment(model: &ValidModel, config: &OperatorConfig) -> Deployme
         empty_dir: Some(EmptyDirVolumeSource::default()),
         ..Volume::default()
     };
+    let auth_volume = Volume {
+        name: AUTH_VOLUME.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(auth_secret_name(&model.name)),
+            default_mode: Some(0o440),
+            ..SecretVolumeSource::default()
+        }),
+        ..Volume::default()
+    };
+    let mut volumes = vec![cache_volume, tmp_volume, auth_volume];
+    volumes.extend(store.map(|(volume, _)| volume));
     let pod = PodSpec {
         containers: vec![container],
-        volumes: Some(vec![cache_volume, tmp_volume]),
+        volumes: Some(volumes),
         node_selector: (!model.node_selector.is_empty()).then(|| model.node_selector.clone()),
         tolerations: (!model.tolerations.is_empty()).then(|| model.tolerations.clone()),
         service_account_name: config.service_account_name.clone(),
@@ -383,17 +458,7 @@ pub fn build_deployment(model: &ValidModel, config: &OperatorConfig) -> Deployme
                 .map(|name| LocalObjectReference { name: name.clone() })
                 .collect()
         }),
-        security_context: Some(PodSecurityContext {
-            run_as_non_root: Some(true),
-            run_as_user: Some(config.run_as_user),
-            run_as_group: Some(config.run_as_user),
-            fs_group: Some(config.run_as_user),
-            seccomp_profile: Some(SeccompProfile {
-                type_: "RuntimeDefault".into(),
-                ..SeccompProfile::default()
-            }),
-            ..PodSecurityContext::default()
-        }),
+        security_context: Some(workload::pod_security_context(config)),
         ..PodSpec::default()
     };
     Deployment {
@@ -459,6 +524,31 @@ pub fn build_cache_claim(model: &ValidModel) -> Option<PersistentVolumeClaim> {
         }),
         status: None,
     })
+}
+
+/// The status of a model whose spec [`validate`] refused: not Ready, Degraded with reason
+/// `InvalidSpec` and the error as message. Nothing is built until the spec is fixed.
+pub fn status_invalid(model: &DiffusionModel, error: &Error, now: Time) -> DiffusionModelStatus {
+    let generation = model.metadata.generation;
+    let old = model.status.clone().unwrap_or_default();
+    let mut conditions = old.conditions.clone();
+    let message = error.to_string();
+    for (type_, value, reason, message) in [
+        (READY, false, "InvalidSpec", message.as_str()),
+        (PROGRESSING, false, "InvalidSpec", ""),
+        (DEGRADED, true, "InvalidSpec", message.as_str()),
+    ] {
+        set_condition(
+            &mut conditions,
+            condition(type_, value, reason, message, generation),
+            now.clone(),
+        );
+    }
+    DiffusionModelStatus {
+        conditions,
+        observed_generation: generation,
+        ..old
+    }
 }
 
 /// The status of `model` given its Deployment as the cluster reports it (`None` when it does
@@ -973,6 +1063,121 @@ mod tests {
         assert!(mounts
             .iter()
             .any(|m| m.name == "tmp" && m.mount_path == "/tmp"));
+    }
+
+    #[test]
+    fn deployment_mounts_the_auth_secret_and_the_store() {
+        let config = OperatorConfig {
+            store_url: Some("file:///store".into()),
+            store_secret: Some("store-creds".into()),
+            store_claim: Some("imagegen-store".into()),
+            safety_policy: Some("blur".into()),
+            ..OperatorConfig::default()
+        };
+        let d = build_deployment(&validate(&minimal()).unwrap(), &config);
+        let pod = pod_spec(&d);
+        let volumes = pod.volumes.as_ref().unwrap();
+        let auth = volumes.iter().find(|v| v.name == "auth").unwrap();
+        assert_eq!(
+            auth.secret.as_ref().unwrap().secret_name.as_deref(),
+            Some("sd15-runtime-auth")
+        );
+        let store = volumes.iter().find(|v| v.name == "store").unwrap();
+        assert_eq!(
+            store.persistent_volume_claim.as_ref().unwrap().claim_name,
+            "imagegen-store"
+        );
+        let c = &pod.containers[0];
+        let mounts = c.volume_mounts.as_ref().unwrap();
+        let mount = |name: &str| mounts.iter().find(|m| m.name == name).unwrap();
+        assert_eq!(mount("auth").mount_path, "/etc/imagegen/auth");
+        assert_eq!(mount("auth").read_only, Some(true));
+        assert_eq!(mount("store").mount_path, "/store");
+        let env = c.env.as_ref().unwrap();
+        let var = |name: &str| {
+            env.iter()
+                .find(|e| e.name == name)
+                .and_then(|e| e.value.clone())
+        };
+        assert_eq!(
+            var("IMAGEGEN_TOKENS_FILE").as_deref(),
+            Some("/etc/imagegen/auth/tokens")
+        );
+        assert_eq!(var("IMAGEGEN_STORE").as_deref(), Some("file:///store"));
+        assert_eq!(var("IMAGEGEN_SAFETY").as_deref(), Some("blur"));
+        let from = c.env_from.as_ref().unwrap();
+        assert_eq!(from[0].secret_ref.as_ref().unwrap().name, "store-creds");
+
+        // Without store settings: no store volume, no store variables, still the auth.
+        let d = build_deployment(&validate(&minimal()).unwrap(), &OperatorConfig::default());
+        let c = &pod_spec(&d).containers[0];
+        assert!(c.env_from.is_none());
+        let env = c.env.as_ref().unwrap();
+        assert!(env
+            .iter()
+            .all(|e| e.name != "IMAGEGEN_STORE" && e.name != "IMAGEGEN_SAFETY"));
+        assert!(env.iter().any(|e| e.name == "IMAGEGEN_TOKENS_FILE"));
+        assert!(pod_spec(&d)
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .all(|v| v.name != "store"));
+    }
+
+    #[test]
+    fn auth_secret_grants_the_namespace_tenant() {
+        let valid = validate(&minimal()).unwrap();
+        let secret = build_auth_secret(&valid, "t0k3n");
+        assert_eq!(secret.metadata.name.as_deref(), Some("sd15-runtime-auth"));
+        assert_eq!(
+            secret.metadata.owner_references.as_ref().unwrap()[0].uid,
+            "u-1"
+        );
+        let tokens = secret.string_data.as_ref().unwrap()["tokens"].clone();
+        assert!(tokens.lines().any(|l| l == "ml:t0k3n"), "{tokens}");
+
+        // The API server returns it as data; the token is read back for the tenant only.
+        let mut stored = secret.clone();
+        stored.data = Some(BTreeMap::from([(
+            "tokens".to_string(),
+            k8s_openapi::ByteString(tokens.into_bytes()),
+        )]));
+        stored.string_data = None;
+        assert_eq!(
+            token_from_auth_secret(&stored, "ml").as_deref(),
+            Some("t0k3n")
+        );
+        assert_eq!(token_from_auth_secret(&stored, "other"), None);
+        assert_eq!(token_from_auth_secret(&Secret::default(), "ml"), None);
+    }
+
+    #[test]
+    fn invalid_spec_is_degraded() {
+        let mut m = minimal();
+        m.spec.replicas = serde_json::from_value(json!({"min": 3, "max": 2})).unwrap();
+        let err = validate(&m).unwrap_err();
+        let s = status_invalid(&m, &err, at(5));
+        assert_eq!(state(&s, READY), pair("False", "InvalidSpec"));
+        assert_eq!(state(&s, DEGRADED), pair("True", "InvalidSpec"));
+        assert_eq!(state(&s, PROGRESSING), pair("False", "InvalidSpec"));
+        assert!(get(&s, DEGRADED).message.contains("min 3"));
+        assert_eq!(s.observed_generation, Some(3));
+    }
+
+    #[test]
+    fn readiness_follows_the_ready_condition() {
+        let mut m = minimal();
+        assert!(!is_ready(&m));
+        assert!(not_ready_reason(None).is_some());
+        let d = deployment(1, 1, 1, 1, vec![]);
+        m.status = Some(status_from(&m, Some(&d), at(1)));
+        assert!(is_ready(&m));
+        assert_eq!(not_ready_reason(Some(&m)), None);
+        let d = deployment(1, 1, 1, 0, vec![]);
+        m.status = Some(status_from(&m, Some(&d), at(2)));
+        assert!(!is_ready(&m));
+        assert!(not_ready_reason(Some(&m)).unwrap().contains("not Ready"));
     }
 
     #[test]

@@ -21,10 +21,22 @@
 //! So far this crate holds the validation, builders and status logic of DiffusionModel; the
 //! API client and controller loops come next.
 
+pub mod cli;
 pub mod conditions;
+pub mod controller;
 pub mod diffusion_model;
+pub mod image_generation;
+pub mod leader;
+pub mod lora_training;
+pub mod metrics;
+pub mod runtime_client;
+pub mod server;
+pub mod workload;
 
 pub use imagegen_crds as api;
+
+/// Where the store claim is mounted in runtime pods and training Jobs.
+pub const STORE_MOUNT_PATH: &str = "/store";
 
 /// The field manager of every server-side apply made by the operator.
 pub const FIELD_MANAGER: &str = "imagegen-operator";
@@ -32,6 +44,27 @@ pub const FIELD_MANAGER: &str = "imagegen-operator";
 /// Settings of the operator itself, the same for every resource it manages.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OperatorConfig {
+    /// The runtime's store (`IMAGEGEN_STORE` of runtime pods and training Jobs), e.g.
+    /// `file:///store` or `s3://bucket/prefix`; the runtime's default when `None`.
+    pub store_url: Option<String>,
+    /// A Secret whose keys become environment variables of runtime pods and training Jobs
+    /// (the store's credentials, e.g. `AWS_ACCESS_KEY_ID`).
+    pub store_secret: Option<String>,
+    /// A PersistentVolumeClaim mounted at [`STORE_MOUNT_PATH`] in runtime pods and training
+    /// Jobs (for a `file:///store` store).
+    pub store_claim: Option<String>,
+    /// Base URL training pods report their progress to: the operator's Service.
+    pub operator_url: String,
+    /// `IMAGEGEN_SAFETY` of runtime pods (block, blur or off); the runtime's default when
+    /// `None`.
+    pub safety_policy: Option<String>,
+    /// `backoffLimit` of training Jobs: pod failures retried before the training fails.
+    pub training_backoff_limit: i32,
+    /// `activeDeadlineSeconds` of training Jobs.
+    pub training_deadline_seconds: i64,
+    /// Submissions of one ImageGeneration to the runtime (the first one and the
+    /// resubmissions after the runtime lost the job) before it fails.
+    pub max_submissions: u32,
     /// Image of imagegen's runtime (the `imagegen` binary), run by model replicas.
     pub runtime_image: String,
     /// `imagePullPolicy` of the runtime containers.
@@ -52,6 +85,14 @@ impl Default for OperatorConfig {
             image_pull_secrets: Vec::new(),
             service_account_name: None,
             run_as_user: 65532,
+            store_url: None,
+            store_secret: None,
+            store_claim: None,
+            operator_url: "http://imagegen-operator.imagegen-system.svc:8080".into(),
+            safety_policy: None,
+            training_backoff_limit: 2,
+            training_deadline_seconds: 6 * 3600,
+            max_submissions: 5,
         }
     }
 }
@@ -89,4 +130,25 @@ pub enum Error {
     /// `spec.resources` asks for an impossible GPU setup.
     #[error("resources: {0}")]
     InvalidResources(String),
+    /// A store path that would leave the tenant's root.
+    #[error("{field}: store path {path:?} {reason}")]
+    InvalidStorePath {
+        /// The spec field, e.g. `images[2]`.
+        field: String,
+        /// The path given.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// An input the component cannot take, e.g. a URL among training images.
+    #[error("{field}: {reason}")]
+    UnsupportedInput {
+        /// The spec field.
+        field: String,
+        /// Why it cannot be used.
+        reason: String,
+    },
 }
+
+#[cfg(test)]
+mod mock_tests;

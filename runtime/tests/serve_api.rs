@@ -83,6 +83,18 @@ fn generations_jobs_events_and_images() {
     );
     assert_eq!(none.status, 406);
     get(&server, &format!("/v1/images/{id}.gif"), a).error(404);
+    // Deleting an image (as the operator does when its resource goes).
+    let doomed = post_json(&server, "/v1/generations", a, &small("x", 1)).json();
+    let doomed_id = doomed["result"]["images"][0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(
+        delete(&server, &format!("/v1/images/{doomed_id}"), a).status,
+        204
+    );
+    get(&server, &format!("/v1/images/{doomed_id}.png"), a).error(404);
+    delete(&server, &format!("/v1/images/{doomed_id}"), a).error(404);
 
     // Asynchronous: 202, Location, then the job and its events.
     let mut body = small("a dog", 6);
@@ -544,6 +556,7 @@ fn tenants_see_only_their_own_things() {
         bobs.json()["result"]["images"][0]["id"],
         job["result"]["images"][0]["id"]
     );
+    delete(&server, &image, b).error(404);
     // Alice still has all of it.
     assert_eq!(get(&server, &image, a).status, 200);
     assert_eq!(
@@ -780,6 +793,7 @@ fn health_metrics_and_openapi() {
         ("get", "/v1/jobs/{id}/events"),
         ("post", "/v1/uploads"),
         ("get", "/v1/images/{id}"),
+        ("delete", "/v1/images/{id}"),
         ("get", "/v1/styles"),
         ("get", "/v1/loras"),
         ("post", "/v1/loras"),

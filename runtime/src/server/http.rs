@@ -246,6 +246,9 @@ async fn route(path: &str, mut request: Request) -> Result<Response, ApiError> {
         }
         (["v1", "images", "edits"], Method::POST) => super::openai::edits(request, tenant).await,
         (["v1", "images", name], Method::GET) => get_image(&request, &tenant, name).await,
+        (["v1", "images", name], Method::DELETE) => {
+            delete_image(&request.shared, &tenant, name).await
+        }
         (["v1", "styles"], Method::GET) => Ok(json_ok(&request.shared.styles.list())),
         (["v1", "loras"], Method::GET) => list_loras(&request.shared, &tenant).await,
         (["v1", "loras"], Method::POST) => post_lora(&mut request, &tenant).await,
@@ -1119,6 +1122,20 @@ fn accepted(job: &Job, collection: &str) -> Response {
         response.headers_mut().insert(header::LOCATION, location);
     }
     response
+}
+
+async fn delete_image(shared: &Shared, tenant: &str, name: &str) -> Result<Response, ApiError> {
+    let id = name.split('.').next().unwrap_or(name);
+    check_name(id).map_err(|_| ApiError::not_found(format!("no image `{id}`")))?;
+    let path = Store::tenant_path(tenant, &format!("images/{id}.png"));
+    shared.store.head(&path).await.map_err(|e| match e {
+        StoreError::NotFound => ApiError::not_found(format!("no image `{id}`")),
+        other => other.into(),
+    })?;
+    shared.store.delete(&path).await?;
+    let mut response = Response::new(Vec::new().into());
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    Ok(response)
 }
 
 // ---------------------------------------------------------------- LoRAs

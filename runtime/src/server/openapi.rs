@@ -103,6 +103,12 @@ pub const ROUTES: &[Route] = &[
         public: false,
     },
     Route {
+        method: "delete",
+        path: "/v1/images/{id}",
+        summary: "Delete a generated image",
+        public: false,
+    },
+    Route {
         method: "get",
         path: "/v1/styles",
         summary: "Style presets",
@@ -343,6 +349,10 @@ pub fn document() -> Value {
                     &error,
                     &["401", "409", "413", "415", "422"],
                 ));
+            }
+            ("delete", "/v1/images/{id}") => {
+                responses.insert("204".into(), json!({"description": "deleted"}));
+                responses.extend(error_responses(&error, &["401", "404"]));
             }
             ("delete", "/v1/loras/{name}") => {
                 responses.insert("204".into(), json!({"description": "deleted"}));

@@ -1,0 +1,157 @@
+//! The flags of the `imagegen-operator` binary, each with its environment variable.
+
+use std::net::SocketAddr;
+
+use clap::Parser;
+
+use crate::OperatorConfig;
+
+/// Kubernetes operator for imagegen: DiffusionModel, ImageGeneration and LoraTraining.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "imagegen-operator", version)]
+pub struct Args {
+    /// Address of the health, metrics and progress endpoints.
+    #[arg(long, env = "IMAGEGEN_OPERATOR_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// Image of imagegen's runtime, run by model replicas and training Jobs.
+    #[arg(long, env = "IMAGEGEN_RUNTIME_IMAGE")]
+    pub runtime_image: Option<String>,
+    /// imagePullPolicy of runtime containers.
+    #[arg(long, env = "IMAGEGEN_IMAGE_PULL_POLICY", default_value = "IfNotPresent",
+          value_parser = ["Always", "IfNotPresent", "Never"])]
+    pub image_pull_policy: String,
+    /// Secrets to pull the runtime image with (comma-separated).
+    #[arg(long, env = "IMAGEGEN_IMAGE_PULL_SECRETS", value_delimiter = ',')]
+    pub image_pull_secrets: Vec<String>,
+    /// Service account of runtime pods and training Jobs.
+    #[arg(long, env = "IMAGEGEN_RUNTIME_SERVICE_ACCOUNT")]
+    pub runtime_service_account: Option<String>,
+    /// The runtime's store URL (file:///store or s3://bucket/prefix).
+    #[arg(long, env = "IMAGEGEN_STORE_URL")]
+    pub store_url: Option<String>,
+    /// A Secret whose keys become environment variables of runtime pods and training Jobs.
+    #[arg(long, env = "IMAGEGEN_STORE_SECRET")]
+    pub store_secret: Option<String>,
+    /// A PersistentVolumeClaim mounted at /store in runtime pods and training Jobs.
+    #[arg(long, env = "IMAGEGEN_STORE_CLAIM")]
+    pub store_claim: Option<String>,
+    /// Base URL training pods report progress to (the operator's Service).
+    #[arg(long, env = "IMAGEGEN_OPERATOR_URL")]
+    pub operator_url: Option<String>,
+    /// Safety policy of runtime pods.
+    #[arg(long, env = "IMAGEGEN_SAFETY", value_parser = ["block", "blur", "off"])]
+    pub safety_policy: Option<String>,
+    /// Namespace to watch; empty: all namespaces.
+    #[arg(long, env = "IMAGEGEN_WATCH_NAMESPACE", default_value = "")]
+    pub watch_namespace: String,
+    /// Name of the leader election Lease (in the namespace of POD_NAMESPACE).
+    #[arg(long, env = "IMAGEGEN_LEASE_NAME", default_value = "imagegen-operator")]
+    pub lease_name: String,
+    /// Log format.
+    #[arg(long, env = "IMAGEGEN_LOG_FORMAT", default_value = "json", value_parser = ["json", "text"])]
+    pub log_format: String,
+}
+
+fn non_empty(value: &Option<String>) -> Option<String> {
+    value
+        .as_deref()
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(String::from)
+}
+
+impl Args {
+    /// The operator's settings; empty values (as a chart may set) count as unset.
+    pub fn config(&self) -> OperatorConfig {
+        let defaults = OperatorConfig::default();
+        OperatorConfig {
+            runtime_image: non_empty(&self.runtime_image).unwrap_or(defaults.runtime_image),
+            image_pull_policy: self.image_pull_policy.clone(),
+            image_pull_secrets: self
+                .image_pull_secrets
+                .iter()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty())
+                .collect(),
+            service_account_name: non_empty(&self.runtime_service_account),
+            store_url: non_empty(&self.store_url),
+            store_secret: non_empty(&self.store_secret),
+            store_claim: non_empty(&self.store_claim),
+            operator_url: non_empty(&self.operator_url).unwrap_or(defaults.operator_url),
+            safety_policy: non_empty(&self.safety_policy),
+            ..defaults
+        }
+    }
+
+    /// The namespace to watch, `None` for all.
+    pub fn watch_namespace(&self) -> Option<&str> {
+        Some(self.watch_namespace.trim()).filter(|ns| !ns.is_empty())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let args = Args::try_parse_from(["imagegen-operator"]).unwrap();
+        assert_eq!(args.listen, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(args.lease_name, "imagegen-operator");
+        assert_eq!(args.watch_namespace(), None);
+        assert_eq!(args.config(), OperatorConfig::default());
+    }
+
+    #[test]
+    fn flags_become_the_config() {
+        let args = Args::try_parse_from([
+            "imagegen-operator",
+            "--listen",
+            "127.0.0.1:9000",
+            "--runtime-image",
+            "reg/imagegen:2",
+            "--image-pull-policy",
+            "Always",
+            "--image-pull-secrets",
+            "a, b,",
+            "--runtime-service-account",
+            "runtime",
+            "--store-url",
+            "file:///store",
+            "--store-secret",
+            "",
+            "--store-claim",
+            "store",
+            "--operator-url",
+            "http://op:8080",
+            "--safety-policy",
+            "blur",
+            "--watch-namespace",
+            "team-a",
+        ])
+        .unwrap();
+        let config = args.config();
+        assert_eq!(config.runtime_image, "reg/imagegen:2");
+        assert_eq!(config.image_pull_policy, "Always");
+        assert_eq!(config.image_pull_secrets, ["a", "b"]);
+        assert_eq!(config.service_account_name.as_deref(), Some("runtime"));
+        assert_eq!(config.store_url.as_deref(), Some("file:///store"));
+        assert_eq!(config.store_secret, None);
+        assert_eq!(config.store_claim.as_deref(), Some("store"));
+        assert_eq!(config.operator_url, "http://op:8080");
+        assert_eq!(config.safety_policy.as_deref(), Some("blur"));
+        assert_eq!(args.watch_namespace(), Some("team-a"));
+        assert_eq!(args.listen.port(), 9000);
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        for bad in [
+            ["imagegen-operator", "--safety-policy", "maybe"],
+            ["imagegen-operator", "--image-pull-policy", "Sometimes"],
+            ["imagegen-operator", "--listen", "nowhere"],
+        ] {
+            assert!(Args::try_parse_from(bad).is_err(), "{bad:?}");
+        }
+    }
+}

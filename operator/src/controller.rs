@@ -1,0 +1,1033 @@
+//! The API layer: one `reconcile_*` per kind, run by kube's `Controller`. Each reads what the
+//! resource refers to, calls the pure validate/build/status functions of the kind's module,
+//! server-side applies the built objects, patches the status subresource when it changed, and
+//! publishes an event for every phase or readiness transition.
+//!
+//! Deletion: LoraTraining and ImageGeneration carry a finalizer so that what they stored in
+//! the runtime's store goes with them (the LoRA, the images). The operator deletes those
+//! through the runtime's own API (`DELETE /v1/loras/{name}`, `DELETE /v1/images/{id}`),
+//! so the runtime stays the only owner of the store's layout and credentials. When the model
+//! (and so the runtime) no longer exists, nothing can be deleted that way: the finalizer is
+//! released with a Warning event instead of blocking the deletion forever.
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use imagegen_crds::{
+    DiffusionModel, ImageGeneration, ImageGenerationStatus, LoraTraining, LoraTrainingStatus, Phase,
+};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::finalizer::{finalizer, Event as Finalizer};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Client, Resource, ResourceExt};
+use rand::Rng;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::json;
+use tracing::{info, warn};
+
+use crate::image_generation::{self as ig, AfterLoss, Blocked as GenerationBlocked};
+use crate::lora_training::{self as lt, Blocked as TrainingBlocked, TrainerReport};
+use crate::metrics::Metrics;
+use crate::runtime_client::{image_id_from_url, RuntimeApi, RuntimeError, Target};
+use crate::{diffusion_model as dm, OperatorConfig, FIELD_MANAGER};
+
+/// Finalizer of LoraTrainings: deletes the trained LoRA.
+pub const LORA_FINALIZER: &str = "imagegen.dev/lora-artifact";
+/// Finalizer of ImageGenerations: cancels the job and deletes the stored images.
+pub const IMAGES_FINALIZER: &str = "imagegen.dev/images";
+/// How often a model is looked at again without a change (its children's changes wake it).
+pub const MODEL_RESYNC: Duration = Duration::from_secs(300);
+/// How often a waiting resource checks its references again.
+pub const WAIT_RECHECK: Duration = Duration::from_secs(15);
+/// How often a running generation's job is polled.
+pub const GENERATION_POLL: Duration = Duration::from_secs(3);
+/// How often a running training is looked at (its Job's changes wake it too).
+pub const TRAINING_POLL: Duration = Duration::from_secs(30);
+/// First retry delay after an error; it doubles per consecutive error of the same object.
+pub const ERROR_BASE_DELAY: Duration = Duration::from_secs(5);
+/// Longest retry delay after errors.
+pub const ERROR_MAX_DELAY: Duration = Duration::from_secs(300);
+
+/// Why a reconciliation failed (it is retried with backoff by [`error_policy`]).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A call to the API server failed.
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// A call to the runtime failed in a way a retry may fix.
+    #[error("runtime: {0}")]
+    Runtime(#[from] RuntimeError),
+    /// The runtime auth Secret has no token for the namespace's tenant.
+    #[error("the Secret {0} has no runtime token for this namespace")]
+    MissingToken(String),
+    /// Adding or removing a finalizer, or the clean-up behind it, failed.
+    #[error("finalizer: {0}")]
+    Finalizer(String),
+}
+
+impl Error {
+    /// A short label for the error metric.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Runtime(_) => "runtime",
+            Error::MissingToken(_) => "missing_token",
+            Error::Finalizer(_) => "finalizer",
+        }
+    }
+}
+
+/// Consecutive failures per object, for exponential backoff.
+#[derive(Debug, Default)]
+pub struct Backoff {
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Backoff {
+    /// Records one more failure of `key` and returns how long to wait: 5 s, 10 s, 20 s, …,
+    /// at most 5 minutes.
+    pub fn fail(&self, key: &str) -> Duration {
+        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = failures.entry(key.to_string()).or_insert(0);
+        *n = n.saturating_add(1);
+        ERROR_BASE_DELAY
+            .saturating_mul(1 << (*n - 1).min(16))
+            .min(ERROR_MAX_DELAY)
+    }
+
+    /// Forgets the failures of `key` after a success.
+    pub fn reset(&self, key: &str) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
+}
+
+/// What every reconciliation shares.
+pub struct Context {
+    /// The API server.
+    pub client: Client,
+    /// The operator's settings.
+    pub config: OperatorConfig,
+    /// The runtime's HTTP API.
+    pub runtime: Arc<dyn RuntimeApi>,
+    /// Prometheus metrics.
+    pub metrics: Metrics,
+    /// Publishes Kubernetes events.
+    pub recorder: Recorder,
+    /// Error backoff per object.
+    pub backoff: Backoff,
+    /// The clock (fixed in tests).
+    pub now: fn() -> Time,
+}
+
+impl Context {
+    /// A context with the real clock.
+    pub fn new(
+        client: Client,
+        config: OperatorConfig,
+        runtime: Arc<dyn RuntimeApi>,
+        metrics: Metrics,
+        recorder: Recorder,
+    ) -> Self {
+        Context {
+            client,
+            config,
+            runtime,
+            metrics,
+            recorder,
+            backoff: Backoff::default(),
+            now: || Time(Timestamp::now()),
+        }
+    }
+
+    async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        // An event that cannot be published is not worth failing the reconciliation.
+        if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {
+            warn!(error = %e, reason, "cannot publish event");
+        }
+    }
+}
+
+fn key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
+    format!(
+        "{}/{}/{}",
+        K::kind(&()),
+        obj.namespace().unwrap_or_default(),
+        obj.name_any()
+    )
+}
+
+/// Retry after an error with exponential backoff per object.
+pub fn error_policy<K: Resource<DynamicType = ()>>(
+    obj: Arc<K>,
+    error: &Error,
+    ctx: Arc<Context>,
+) -> Action {
+    let kind = K::kind(&());
+    ctx.metrics.error(&kind, error.metric_label());
+    let delay = ctx.backoff.fail(&key(obj.as_ref()));
+    warn!(%kind, name = %obj.name_any(), namespace = ?obj.namespace(), %error, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+async fn apply<K>(api: &Api<K>, obj: &K) -> Result<K, kube::Error>
+where
+    K: Resource + Clone + Serialize + DeserializeOwned + Debug,
+{
+    let name = obj.meta().name.clone().unwrap_or_default();
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(obj),
+    )
+    .await
+}
+
+async fn apply_status<K, S>(api: &Api<K>, obj: &K, status: &S) -> Result<(), kube::Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+    S: Serialize,
+{
+    let patch = json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        &obj.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+fn random_token() -> String {
+    let bytes: [u8; 32] = rand::rng().random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The runtime of `model`: its Service and the operator's token for the tenant.
+async fn runtime_target(ctx: &Context, model: &DiffusionModel) -> Result<Target, Error> {
+    let namespace = model.namespace().unwrap_or_default();
+    let name = model.name_any();
+    let secret_name = dm::auth_secret_name(&name);
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let secret = secrets.get(&secret_name).await?;
+    let token =
+        dm::token_from_auth_secret(&secret, &namespace).ok_or(Error::MissingToken(secret_name))?;
+    let base_url = model
+        .status
+        .as_ref()
+        .and_then(|s| s.endpoint.clone())
+        .unwrap_or_else(|| dm::endpoint(&name, &namespace));
+    Ok(Target { base_url, token })
+}
+
+fn finalizer_error(e: kube::runtime::finalizer::Error<Error>) -> Error {
+    use kube::runtime::finalizer::Error as F;
+    match e {
+        F::ApplyFailed(e) | F::CleanupFailed(e) => e,
+        F::AddFinalizer(e) | F::RemoveFinalizer(e) => Error::Kube(e),
+        other => Error::Finalizer(other.to_string()),
+    }
+}
+
+/// Creates `obj` unless it exists; an object created meanwhile by someone else is fine.
+async fn create_once<K>(api: &Api<K>, obj: &K) -> Result<(), kube::Error>
+where
+    K: Resource + Clone + Serialize + DeserializeOwned + Debug,
+{
+    let params = PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PostParams::default()
+    };
+    match api.create(&params, obj).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.is_already_exists() => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// DiffusionModel
+// ---------------------------------------------------------------------------------------
+
+/// DiffusionModel: ensure the runtime auth Secret, apply the cache claim, Deployment and
+/// Service, and write the status derived from the Deployment.
+pub async fn reconcile_model(
+    model: Arc<DiffusionModel>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile("DiffusionModel");
+    // Going away: its children follow by owner reference; re-applying them now would only
+    // race the garbage collector.
+    if model.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let namespace = model.namespace().unwrap_or_default();
+    let models: Api<DiffusionModel> = Api::namespaced(ctx.client.clone(), &namespace);
+    let now = (ctx.now)();
+
+    let valid = match dm::validate(&model) {
+        Ok(valid) => valid,
+        Err(error) => {
+            let status = dm::status_invalid(&model, &error, now);
+            if model.status.as_ref() != Some(&status) {
+                apply_status(&models, &model, &status).await?;
+                ctx.event(
+                    &*model,
+                    EventType::Warning,
+                    "InvalidSpec",
+                    error.to_string(),
+                )
+                .await;
+            }
+            return Ok(Action::await_change());
+        }
+    };
+
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let auth_name = dm::auth_secret_name(&valid.name);
+    if secrets.get_opt(&auth_name).await?.is_none() {
+        // Created once and never re-applied: re-applying would rotate the token under
+        // running replicas.
+        create_once(&secrets, &dm::build_auth_secret(&valid, &random_token())).await?;
+        info!(secret = %auth_name, %namespace, "created the runtime auth Secret");
+    }
+    if let Some(claim) = dm::build_cache_claim(&valid) {
+        let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &namespace);
+        apply(&claims, &claim).await?;
+    }
+    let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
+    let deployment = apply(&deployments, &dm::build_deployment(&valid, &ctx.config)).await?;
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
+    apply(&services, &dm::build_service(&valid)).await?;
+
+    let status = dm::status_from(&model, Some(&deployment), now);
+    if model.status.as_ref() != Some(&status) {
+        apply_status(&models, &model, &status).await?;
+        let was_ready = dm::is_ready(&model);
+        let mut updated = (*model).clone();
+        updated.status = Some(status);
+        match (was_ready, dm::is_ready(&updated)) {
+            (false, true) => {
+                ctx.event(
+                    &*model,
+                    EventType::Normal,
+                    "Ready",
+                    "enough replicas serve the model".into(),
+                )
+                .await
+            }
+            (true, false) => {
+                ctx.event(
+                    &*model,
+                    EventType::Warning,
+                    "NotReady",
+                    "too few replicas are ready".into(),
+                )
+                .await
+            }
+            _ => {}
+        }
+    }
+    ctx.backoff.reset(&key(model.as_ref()));
+    Ok(Action::requeue(MODEL_RESYNC))
+}
+
+// ---------------------------------------------------------------------------------------
+// LoraTraining
+// ---------------------------------------------------------------------------------------
+
+/// LoraTraining: behind the artifact finalizer, create the training Job once the model is
+/// Ready and follow it into the status.
+pub async fn reconcile_training(
+    training: Arc<LoraTraining>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile("LoraTraining");
+    let namespace = training.namespace().unwrap_or_default();
+    let trainings: Api<LoraTraining> = Api::namespaced(ctx.client.clone(), &namespace);
+    let action = finalizer(
+        &trainings,
+        LORA_FINALIZER,
+        training.clone(),
+        |event| async {
+            match event {
+                Finalizer::Apply(training) => apply_training(&training, &ctx).await,
+                Finalizer::Cleanup(training) => cleanup_training(&training, &ctx).await,
+            }
+        },
+    )
+    .await
+    .map_err(finalizer_error)?;
+    ctx.backoff.reset(&key(training.as_ref()));
+    Ok(action)
+}
+
+async fn training_event(
+    ctx: &Context,
+    training: &LoraTraining,
+    old: Option<&LoraTrainingStatus>,
+    new: &LoraTrainingStatus,
+) {
+    if old.and_then(|s| s.phase) == new.phase {
+        return;
+    }
+    let message = new.message.clone().unwrap_or_default();
+    match new.phase {
+        Some(Phase::Failed) => {
+            ctx.event(training, EventType::Warning, "TrainingFailed", message)
+                .await
+        }
+        Some(phase) => {
+            ctx.event(training, EventType::Normal, &format!("{phase:?}"), message)
+                .await
+        }
+        None => {}
+    }
+}
+
+async fn apply_training(training: &LoraTraining, ctx: &Context) -> Result<Action, Error> {
+    if training
+        .status
+        .as_ref()
+        .and_then(|s| s.phase)
+        .is_some_and(Phase::is_finished)
+    {
+        return Ok(Action::await_change());
+    }
+    let namespace = training.namespace().unwrap_or_default();
+    let now = (ctx.now)();
+    let report = TrainerReport::from_status(training.status.as_ref());
+    let trainings: Api<LoraTraining> = Api::namespaced(ctx.client.clone(), &namespace);
+
+    let (job, blocked) = match lt::validate(training) {
+        Err(error) => (None, Some(TrainingBlocked::Invalid(error.to_string()))),
+        Ok(valid) => {
+            let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
+            match jobs.get_opt(&valid.job_name()).await? {
+                Some(job) => (Some(job), None),
+                None => start_training(ctx, &valid, &jobs).await?,
+            }
+        }
+    };
+    let mut status = lt::status_from(training, job.as_ref(), blocked.as_ref(), &report, now);
+    if let Some(artifact) = status.artifact.as_mut().filter(|a| a.sha256.is_none()) {
+        artifact.sha256 = lora_sha256(ctx, training).await;
+    }
+    if training.status.as_ref() != Some(&status) {
+        apply_status(&trainings, training, &status).await?;
+        training_event(ctx, training, training.status.as_ref(), &status).await;
+    }
+    Ok(match status.phase {
+        Some(phase) if phase.is_finished() => Action::await_change(),
+        Some(Phase::Running) => Action::requeue(TRAINING_POLL),
+        _ => Action::requeue(WAIT_RECHECK),
+    })
+}
+
+/// The SHA-256 of the trained LoRA as the model's runtime lists it, when it can tell (the
+/// status is final once Succeeded, so this is asked once; a failure leaves it unset).
+async fn lora_sha256(ctx: &Context, training: &LoraTraining) -> Option<String> {
+    let namespace = training.namespace().unwrap_or_default();
+    let name = training.name_any();
+    let looked_up = async {
+        let Some(target) = model_target(ctx, &namespace, &training.spec.model_ref.name).await?
+        else {
+            return Ok(None);
+        };
+        let loras = ctx.runtime.loras(&target).await?;
+        Ok::<_, Error>(loras.into_iter().find(|l| l.name == name).map(|l| l.sha256))
+    };
+    match looked_up.await {
+        Ok(sha256) => sha256,
+        Err(e) => {
+            warn!(%namespace, %name, error = %e, "cannot read the LoRA's SHA-256");
+            None
+        }
+    }
+}
+
+/// Creates the token Secret and the Job once the model is Ready; otherwise says why not.
+async fn start_training(
+    ctx: &Context,
+    valid: &lt::ValidTraining,
+    jobs: &Api<Job>,
+) -> Result<(Option<Job>, Option<TrainingBlocked>), Error> {
+    let models: Api<DiffusionModel> = Api::namespaced(ctx.client.clone(), &valid.namespace);
+    let model = models.get_opt(&valid.model_name).await?;
+    if let Some(why) = dm::not_ready_reason(model.as_ref()) {
+        return Ok((None, Some(TrainingBlocked::WaitingForModel(why))));
+    }
+    let Some(model) = model else {
+        return Ok((
+            None,
+            Some(TrainingBlocked::WaitingForModel("no model".into())),
+        ));
+    };
+    let valid_model = match dm::validate(&model) {
+        Ok(v) => v,
+        Err(e) => {
+            return Ok((
+                None,
+                Some(TrainingBlocked::WaitingForModel(format!(
+                    "the DiffusionModel is invalid: {e}"
+                ))),
+            ))
+        }
+    };
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &valid.namespace);
+    if secrets.get_opt(&valid.token_secret_name()).await?.is_none() {
+        create_once(&secrets, &lt::build_token_secret(valid, &random_token())).await?;
+    }
+    let job = apply(jobs, &lt::build_job(valid, &valid_model, &ctx.config)).await?;
+    info!(job = %valid.job_name(), namespace = %valid.namespace, "created the training Job");
+    Ok((Some(job), None))
+}
+
+async fn cleanup_training(training: &LoraTraining, ctx: &Context) -> Result<Action, Error> {
+    let has_artifact = training
+        .status
+        .as_ref()
+        .is_some_and(|s| s.artifact.is_some());
+    if !has_artifact {
+        return Ok(Action::await_change());
+    }
+    let namespace = training.namespace().unwrap_or_default();
+    let models: Api<DiffusionModel> = Api::namespaced(ctx.client.clone(), &namespace);
+    let Some(model) = models.get_opt(&training.spec.model_ref.name).await? else {
+        ctx.event(
+            training,
+            EventType::Warning,
+            "ArtifactKept",
+            "the model's runtime is gone, so the LoRA stays in the store".into(),
+        )
+        .await;
+        return Ok(Action::await_change());
+    };
+    let target = runtime_target(ctx, &model).await?;
+    ctx.runtime
+        .delete_lora(&target, &training.name_any())
+        .await?;
+    ctx.event(
+        training,
+        EventType::Normal,
+        "ArtifactDeleted",
+        "the LoRA was deleted from the store".into(),
+    )
+    .await;
+    Ok(Action::await_change())
+}
+
+// ---------------------------------------------------------------------------------------
+// ImageGeneration
+// ---------------------------------------------------------------------------------------
+
+/// ImageGeneration: behind the images finalizer, submit the request once its model and
+/// LoRAs are ready, follow the job, resubmit when the runtime lost it, and delete the
+/// resource `ttlSecondsAfterFinished` after it finished.
+pub async fn reconcile_generation(
+    generation: Arc<ImageGeneration>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile("ImageGeneration");
+    let namespace = generation.namespace().unwrap_or_default();
+    let generations: Api<ImageGeneration> = Api::namespaced(ctx.client.clone(), &namespace);
+    let action = finalizer(
+        &generations,
+        IMAGES_FINALIZER,
+        generation.clone(),
+        |event| async {
+            match event {
+                Finalizer::Apply(generation) => apply_generation(&generation, &ctx).await,
+                Finalizer::Cleanup(generation) => cleanup_generation(&generation, &ctx).await,
+            }
+        },
+    )
+    .await
+    .map_err(finalizer_error)?;
+    ctx.backoff.reset(&key(generation.as_ref()));
+    Ok(action)
+}
+
+/// What stands between a generation and its submission, or the request and its target.
+async fn prepare_submission(
+    ctx: &Context,
+    generation: &ImageGeneration,
+    valid: &ig::ValidGeneration,
+) -> Result<Result<(Target, imagegen_crds::api::GenerationRequest), GenerationBlocked>, Error> {
+    let models: Api<DiffusionModel> = Api::namespaced(ctx.client.clone(), &valid.namespace);
+    let model = models.get_opt(&valid.model_name).await?;
+    let model = match (dm::not_ready_reason(model.as_ref()), model) {
+        (None, Some(model)) => model,
+        (why, _) => {
+            return Ok(Err(GenerationBlocked::WaitingForModel(
+                why.unwrap_or_default(),
+            )))
+        }
+    };
+    let trainings_api: Api<LoraTraining> = Api::namespaced(ctx.client.clone(), &valid.namespace);
+    let mut trainings = Vec::with_capacity(valid.loras.len());
+    for lora in &valid.loras {
+        trainings.push(trainings_api.get_opt(&lora.name).await?);
+    }
+    let loras = match ig::resolve_loras(valid, &trainings) {
+        Ok(loras) => loras,
+        Err(blocked) => return Ok(Err(blocked)),
+    };
+    let target = runtime_target(ctx, &model).await?;
+    Ok(Ok((target, ig::build_request(generation, valid, loras))))
+}
+
+async fn model_target(
+    ctx: &Context,
+    namespace: &str,
+    model: &str,
+) -> Result<Option<Target>, Error> {
+    let models: Api<DiffusionModel> = Api::namespaced(ctx.client.clone(), namespace);
+    match models.get_opt(model).await? {
+        Some(model) => Ok(Some(runtime_target(ctx, &model).await?)),
+        None => Ok(None),
+    }
+}
+
+/// Records one more submission in the annotation, before submitting: a crash in between
+/// costs one count, never a second job (the jobId is the same).
+async fn count_submission(
+    generations: &Api<ImageGeneration>,
+    generation: &ImageGeneration,
+    count: u32,
+) -> Result<(), Error> {
+    let patch =
+        json!({"metadata": {"annotations": {ig::SUBMISSIONS_ANNOTATION: count.to_string()}}});
+    generations
+        .patch(
+            &generation.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+    Ok(())
+}
+
+async fn submit(
+    ctx: &Context,
+    generations: &Api<ImageGeneration>,
+    generation: &ImageGeneration,
+    count: u32,
+    target: &Target,
+    request: &imagegen_crds::api::GenerationRequest,
+    now: Time,
+) -> Result<ImageGenerationStatus, Error> {
+    count_submission(generations, generation, count).await?;
+    match ctx.runtime.submit(target, request).await {
+        Ok(job) => Ok(ig::status_from_job(generation, &job, &target.base_url, now)),
+        Err(e) if e.is_rejection() => Ok(ig::status_blocked(
+            generation,
+            &GenerationBlocked::Rejected(format!("the runtime refused the request: {e}")),
+            now,
+        )),
+        Err(e) if e.job_lost() => Ok(ig::status_lost(
+            generation,
+            count,
+            ctx.config.max_submissions,
+            &e.to_string(),
+            now,
+        )),
+        Err(e) => Err(e.into()),
+    }
+}
+
+async fn apply_generation(generation: &ImageGeneration, ctx: &Context) -> Result<Action, Error> {
+    let namespace = generation.namespace().unwrap_or_default();
+    let generations: Api<ImageGeneration> = Api::namespaced(ctx.client.clone(), &namespace);
+    let now = (ctx.now)();
+    let old = generation.status.as_ref();
+    if old.and_then(|s| s.phase).is_some_and(Phase::is_finished) {
+        return match ig::ttl_remaining(generation, &now) {
+            Some(left) if left.is_zero() => {
+                generations
+                    .delete(&generation.name_any(), &DeleteParams::default())
+                    .await?;
+                info!(name = %generation.name_any(), %namespace, "deleted after its TTL");
+                Ok(Action::await_change())
+            }
+            Some(left) => Ok(Action::requeue(left)),
+            None => Ok(Action::await_change()),
+        };
+    }
+
+    let mut wait = None;
+    let status = match ig::validate(generation) {
+        Err(error) => ig::status_blocked(
+            generation,
+            &GenerationBlocked::Invalid(error.to_string()),
+            now.clone(),
+        ),
+        Ok(valid) => {
+            let submitted = ig::submissions(generation);
+            if submitted == 0 {
+                match prepare_submission(ctx, generation, &valid).await? {
+                    Err(blocked) => ig::status_blocked(generation, &blocked, now.clone()),
+                    Ok((target, request)) => {
+                        submit(
+                            ctx,
+                            &generations,
+                            generation,
+                            1,
+                            &target,
+                            &request,
+                            now.clone(),
+                        )
+                        .await?
+                    }
+                }
+            } else {
+                let target = model_target(ctx, &namespace, &valid.model_name).await?;
+                let polled = match &target {
+                    Some(target) => ctx.runtime.job(target, &valid.job_id).await,
+                    None => Err(RuntimeError::Unreachable(
+                        "the DiffusionModel is gone".into(),
+                    )),
+                };
+                match polled {
+                    Ok(job) => ig::status_from_job(
+                        generation,
+                        &job,
+                        target.as_ref().map_or("", |t| t.base_url.as_str()),
+                        now.clone(),
+                    ),
+                    Err(e) if e.job_lost() => match ig::lost_at(generation) {
+                        // Just noticed: record when, then back off.
+                        None => {
+                            wait = Some(ig::resubmit_delay(submitted));
+                            ig::status_lost(
+                                generation,
+                                submitted,
+                                ctx.config.max_submissions,
+                                &e.to_string(),
+                                now.clone(),
+                            )
+                        }
+                        Some(lost_at) => match ig::after_loss(
+                            submitted,
+                            ctx.config.max_submissions,
+                            &lost_at,
+                            &now,
+                        ) {
+                            AfterLoss::GiveUp => ig::status_lost(
+                                generation,
+                                submitted,
+                                ctx.config.max_submissions,
+                                &e.to_string(),
+                                now.clone(),
+                            ),
+                            AfterLoss::Wait(left) => return Ok(Action::requeue(left)),
+                            AfterLoss::Resubmit => {
+                                match prepare_submission(ctx, generation, &valid).await? {
+                                    // The model is down: wait for it, still counting.
+                                    Err(GenerationBlocked::WaitingForModel(_)) => {
+                                        return Ok(Action::requeue(WAIT_RECHECK))
+                                    }
+                                    Err(blocked) => {
+                                        ig::status_blocked(generation, &blocked, now.clone())
+                                    }
+                                    Ok((target, request)) => {
+                                        submit(
+                                            ctx,
+                                            &generations,
+                                            generation,
+                                            submitted + 1,
+                                            &target,
+                                            &request,
+                                            now.clone(),
+                                        )
+                                        .await?
+                                    }
+                                }
+                            }
+                        },
+                    },
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+    };
+
+    if old != Some(&status) {
+        apply_status(&generations, generation, &status).await?;
+        if old.and_then(|s| s.phase) != status.phase {
+            let message = status.message.clone().unwrap_or_default();
+            match status.phase {
+                Some(Phase::Failed) => {
+                    ctx.event(generation, EventType::Warning, "GenerationFailed", message)
+                        .await
+                }
+                Some(phase) => {
+                    ctx.event(
+                        generation,
+                        EventType::Normal,
+                        &format!("{phase:?}"),
+                        message,
+                    )
+                    .await
+                }
+                None => {}
+            }
+        }
+        let submitted = |s: Option<&ImageGenerationStatus>| {
+            s.and_then(|s| crate::conditions::find(&s.conditions, ig::SUBMITTED))
+                .map(|c| c.status == "True")
+        };
+        match (submitted(old), submitted(Some(&status))) {
+            (Some(true), Some(false)) => {
+                ctx.event(
+                    generation,
+                    EventType::Warning,
+                    "JobLost",
+                    status.message.clone().unwrap_or_default(),
+                )
+                .await
+            }
+            (Some(false), Some(true)) => {
+                ctx.event(
+                    generation,
+                    EventType::Normal,
+                    "Resubmitted",
+                    format!("submission {}", ig::submissions(generation) + 1),
+                )
+                .await
+            }
+            _ => {}
+        }
+    }
+    Ok(match status.phase {
+        Some(phase) if phase.is_finished() => {
+            let mut finished = generation.clone();
+            finished.status = Some(status);
+            ig::ttl_remaining(&finished, &now).map_or(Action::await_change(), Action::requeue)
+        }
+        Some(Phase::Running) => Action::requeue(wait.unwrap_or(GENERATION_POLL)),
+        _ => Action::requeue(wait.unwrap_or(WAIT_RECHECK).min(WAIT_RECHECK)),
+    })
+}
+
+async fn cleanup_generation(generation: &ImageGeneration, ctx: &Context) -> Result<Action, Error> {
+    let namespace = generation.namespace().unwrap_or_default();
+    let status = generation.status.clone().unwrap_or_default();
+    let running = ig::submissions(generation) > 0 && !status.phase.is_some_and(Phase::is_finished);
+    if !running && status.images.is_empty() {
+        return Ok(Action::await_change());
+    }
+    let Some(target) = model_target(ctx, &namespace, &generation.spec.model_ref.name).await? else {
+        ctx.event(
+            generation,
+            EventType::Warning,
+            "ImagesKept",
+            "the model's runtime is gone, so its images stay in the store".into(),
+        )
+        .await;
+        return Ok(Action::await_change());
+    };
+    if running {
+        let uid = generation.metadata.uid.clone().unwrap_or_default();
+        match ctx.runtime.cancel(&target, &ig::job_id(&uid)).await {
+            Ok(()) => {}
+            Err(e) if e.job_lost() => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    for image in &status.images {
+        let Some(id) = image_id_from_url(&image.url) else {
+            continue;
+        };
+        match ctx.runtime.delete_image(&target, &id).await {
+            Ok(()) => {}
+            // A runtime without image deletion must not block the resource's deletion.
+            Err(e) if e.is_unsupported() => {
+                ctx.event(
+                    generation,
+                    EventType::Warning,
+                    "ImagesKept",
+                    format!("the runtime cannot delete images ({e}), so they stay in the store"),
+                )
+                .await;
+                break;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(Action::await_change())
+}
+
+// ---------------------------------------------------------------------------------------
+// Wake-ups: what to reconcile again when something a resource refers to changes
+// ---------------------------------------------------------------------------------------
+
+fn unfinished_in<'a, K>(
+    items: &'a [Arc<K>],
+    namespace: &'a Option<String>,
+    phase: impl Fn(&K) -> Option<Phase> + 'a,
+) -> impl Iterator<Item = &'a Arc<K>> + 'a
+where
+    K: Resource<DynamicType = ()>,
+{
+    items.iter().filter(move |item| {
+        &item.namespace() == namespace && !phase(item).is_some_and(Phase::is_finished)
+    })
+}
+
+/// The unfinished ImageGenerations of `model`'s namespace that run on it.
+pub fn generations_using_model(
+    generations: &[Arc<ImageGeneration>],
+    model: &DiffusionModel,
+) -> Vec<ObjectRef<ImageGeneration>> {
+    let namespace = model.namespace();
+    unfinished_in(generations, &namespace, |g| g.status.as_ref()?.phase)
+        .filter(|g| g.spec.model_ref.name == model.name_any())
+        .map(|g| ObjectRef::from_obj(g.as_ref()))
+        .collect()
+}
+
+/// The unfinished LoraTrainings of `model`'s namespace that train on it.
+pub fn trainings_using_model(
+    trainings: &[Arc<LoraTraining>],
+    model: &DiffusionModel,
+) -> Vec<ObjectRef<LoraTraining>> {
+    let namespace = model.namespace();
+    unfinished_in(trainings, &namespace, |t| t.status.as_ref()?.phase)
+        .filter(|t| t.spec.model_ref.name == model.name_any())
+        .map(|t| ObjectRef::from_obj(t.as_ref()))
+        .collect()
+}
+
+/// The unfinished ImageGenerations of `training`'s namespace that apply its LoRA.
+pub fn generations_using_lora(
+    generations: &[Arc<ImageGeneration>],
+    training: &LoraTraining,
+) -> Vec<ObjectRef<ImageGeneration>> {
+    let namespace = training.namespace();
+    let name = training.name_any();
+    unfinished_in(generations, &namespace, |g| g.status.as_ref()?.phase)
+        .filter(|g| g.spec.loras.iter().any(|l| l.name == name))
+        .map(|g| ObjectRef::from_obj(g.as_ref()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn generation(
+        namespace: &str,
+        model: &str,
+        loras: &[&str],
+        phase: Option<&str>,
+    ) -> Arc<ImageGeneration> {
+        let mut value = json!({
+            "apiVersion": "imagegen.dev/v1alpha1", "kind": "ImageGeneration",
+            "metadata": {"name": format!("g-{namespace}-{model}-{}", loras.join("-")), "namespace": namespace},
+            "spec": {"modelRef": {"name": model}, "prompt": "p",
+                     "loras": loras.iter().map(|l| json!({"name": l})).collect::<Vec<_>>()}
+        });
+        if let Some(phase) = phase {
+            value["status"] = json!({"phase": phase});
+        }
+        Arc::new(serde_json::from_value(value).unwrap())
+    }
+
+    #[test]
+    fn changes_wake_the_unfinished_dependents_of_the_namespace() {
+        let generations = vec![
+            generation("a", "sd15", &["alice"], None),
+            generation("a", "sd15", &[], Some("Running")),
+            generation("a", "sd15", &["alice"], Some("Succeeded")),
+            generation("a", "sd21", &["bob"], None),
+            generation("b", "sd15", &["alice"], None),
+        ];
+        let model: DiffusionModel = serde_json::from_value(json!({
+            "apiVersion": "imagegen.dev/v1alpha1", "kind": "DiffusionModel",
+            "metadata": {"name": "sd15", "namespace": "a"},
+            "spec": {"source": {"path": "m"}, "family": "sd15"}
+        }))
+        .unwrap();
+        let names = |refs: Vec<ObjectRef<ImageGeneration>>| {
+            refs.into_iter().map(|r| r.name).collect::<Vec<_>>()
+        };
+        assert_eq!(
+            names(generations_using_model(&generations, &model)),
+            ["g-a-sd15-alice", "g-a-sd15-"]
+        );
+        let training: LoraTraining = serde_json::from_value(json!({
+            "apiVersion": "imagegen.dev/v1alpha1", "kind": "LoraTraining",
+            "metadata": {"name": "alice", "namespace": "a"},
+            "spec": {"modelRef": {"name": "sd15"}, "images": [{"path": "x"}], "instancePrompt": "p"}
+        }))
+        .unwrap();
+        assert_eq!(
+            names(generations_using_lora(&generations, &training)),
+            ["g-a-sd15-alice"]
+        );
+        let trainings = vec![
+            Arc::new(training.clone()),
+            Arc::new({
+                let mut t = training.clone();
+                t.metadata.namespace = Some("b".into());
+                t
+            }),
+        ];
+        let woken = trainings_using_model(&trainings, &model);
+        assert_eq!(woken.len(), 1);
+        assert_eq!(woken[0].namespace.as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn backoff_doubles_per_failure_and_resets() {
+        let b = Backoff::default();
+        assert_eq!(b.fail("a"), Duration::from_secs(5));
+        assert_eq!(b.fail("a"), Duration::from_secs(10));
+        assert_eq!(b.fail("a"), Duration::from_secs(20));
+        assert_eq!(b.fail("b"), Duration::from_secs(5));
+        for _ in 0..20 {
+            b.fail("a");
+        }
+        assert_eq!(b.fail("a"), ERROR_MAX_DELAY);
+        b.reset("a");
+        assert_eq!(b.fail("a"), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn tokens_are_random_hex() {
+        let a = random_token();
+        assert_eq!(a.len(), 64);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, random_token());
+    }
+}

@@ -1,0 +1,1727 @@
+//! Reconcile tests against a mock API server (tower-test): each test lists the exact API
+//! calls a reconciliation must make, in order, with canned answers, and fails on a missing,
+//! different or extra call. The runtime is a scripted fake.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use http::{Method, Request, Response};
+use imagegen_crds::api::{GenerationRequest, Job as RuntimeJob, JobKind, JobState};
+use imagegen_crds::{DiffusionModel, ImageGeneration, LoraTraining, Phase, Progress};
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentStatus};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::client::Body;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::Client;
+use serde_json::{json, Value};
+
+use crate::controller::{self, Context, Error};
+use crate::metrics::Metrics;
+use crate::runtime_client::{RuntimeApi, RuntimeError, Target};
+use crate::{diffusion_model as dm, image_generation as ig, OperatorConfig};
+
+const NOW: i64 = 1_000_000;
+const NS: &str = "team-a";
+
+fn now() -> Time {
+    Time(Timestamp::from_second(NOW).unwrap())
+}
+
+fn at(second: i64) -> Time {
+    Time(Timestamp::from_second(second).unwrap())
+}
+
+// ---- the mock API server ----
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+/// One call the reconciliation must make, and the answer it gets.
+struct Call {
+    method: Method,
+    path: String,
+    status: u16,
+    reply: Value,
+}
+
+fn call(method: Method, path: &str, status: u16, reply: Value) -> Call {
+    Call {
+        method,
+        path: path.into(),
+        status,
+        reply,
+    }
+}
+
+fn not_found() -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound",
+           "message": "not found", "code": 404})
+}
+
+/// What a call sent: its query string and JSON body.
+#[derive(Debug, Clone)]
+struct Sent {
+    query: String,
+    body: Value,
+}
+
+/// Serves `calls` in order and returns what each one sent. Panics on a different call, and
+/// on any call after the last one (the client is dropped when the reconciliation is done).
+async fn serve(mut handle: Handle, calls: Vec<Call>) -> Vec<Sent> {
+    let mut sent = Vec::new();
+    for expected in calls {
+        let Some((request, respond)) = handle.next_request().await else {
+            panic!(
+                "expected {} {}, but no more calls came",
+                expected.method, expected.path
+            );
+        };
+        let (parts, body) = request.into_parts();
+        assert_eq!(
+            (&parts.method, parts.uri.path()),
+            (&expected.method, expected.path.as_str()),
+            "unexpected call"
+        );
+        let bytes = body.collect_bytes().await.unwrap();
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap()
+        };
+        sent.push(Sent {
+            query: parts.uri.query().unwrap_or_default().to_string(),
+            body,
+        });
+        let response = Response::builder()
+            .status(expected.status)
+            .header("content-type", "application/json")
+            .body(Body::from(serde_json::to_vec(&expected.reply).unwrap()))
+            .unwrap();
+        respond.send_response(response);
+    }
+    if let Some((request, _)) = handle.next_request().await {
+        panic!(
+            "unexpected extra call {} {}",
+            request.method(),
+            request.uri().path()
+        );
+    }
+    sent
+}
+
+// ---- the fake runtime ----
+
+#[derive(Debug, Clone, PartialEq)]
+enum RuntimeCall {
+    Submit(String, Box<GenerationRequest>),
+    Job(String, String),
+    Cancel(String),
+    DeleteImage(String),
+    DeleteLora(String),
+    Loras,
+}
+
+#[derive(Default)]
+struct FakeRuntime {
+    answers: Mutex<VecDeque<Result<RuntimeJob, RuntimeError>>>,
+    calls: Mutex<Vec<RuntimeCall>>,
+    /// What `delete_image` answers.
+    delete_image: Option<RuntimeError>,
+    /// What `loras` answers.
+    loras: Vec<imagegen_crds::api::LoraInfo>,
+}
+
+impl FakeRuntime {
+    fn answering(answers: Vec<Result<RuntimeJob, RuntimeError>>) -> Arc<Self> {
+        Arc::new(FakeRuntime {
+            answers: Mutex::new(answers.into()),
+            calls: Mutex::default(),
+            delete_image: None,
+            loras: Vec::new(),
+        })
+    }
+
+    fn next(&self) -> Result<RuntimeJob, RuntimeError> {
+        self.answers
+            .lock()
+            .unwrap()
+            .pop_front()
+            .expect("an unexpected runtime call")
+    }
+
+    fn calls(&self) -> Vec<RuntimeCall> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+#[async_trait]
+impl RuntimeApi for FakeRuntime {
+    async fn submit(
+        &self,
+        target: &Target,
+        request: &GenerationRequest,
+    ) -> Result<RuntimeJob, RuntimeError> {
+        self.calls.lock().unwrap().push(RuntimeCall::Submit(
+            target.token.clone(),
+            Box::new(request.clone()),
+        ));
+        self.next()
+    }
+    async fn job(&self, target: &Target, id: &str) -> Result<RuntimeJob, RuntimeError> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(RuntimeCall::Job(target.base_url.clone(), id.into()));
+        self.next()
+    }
+    async fn cancel(&self, _: &Target, id: &str) -> Result<(), RuntimeError> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(RuntimeCall::Cancel(id.into()));
+        Ok(())
+    }
+    async fn delete_image(&self, _: &Target, id: &str) -> Result<(), RuntimeError> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(RuntimeCall::DeleteImage(id.into()));
+        self.delete_image.clone().map_or(Ok(()), Err)
+    }
+    async fn loras(&self, _: &Target) -> Result<Vec<imagegen_crds::api::LoraInfo>, RuntimeError> {
+        self.calls.lock().unwrap().push(RuntimeCall::Loras);
+        Ok(self.loras.clone())
+    }
+    async fn delete_lora(&self, _: &Target, name: &str) -> Result<(), RuntimeError> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(RuntimeCall::DeleteLora(name.into()));
+        Ok(())
+    }
+}
+
+/// Runs `reconcile` against the mock API serving `calls`; returns its result and what each
+/// call sent.
+async fn run<K, F, Fut>(
+    obj: K,
+    runtime: Arc<FakeRuntime>,
+    calls: Vec<Call>,
+    reconcile: F,
+) -> (Result<Action, Error>, Vec<Sent>)
+where
+    F: FnOnce(Arc<K>, Arc<Context>) -> Fut,
+    Fut: std::future::Future<Output = Result<Action, Error>>,
+{
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, NS);
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "imagegen-operator".into(),
+            instance: Some("test".into()),
+        },
+    );
+    let mut ctx = Context::new(
+        client,
+        OperatorConfig::default(),
+        runtime,
+        Metrics::new().unwrap(),
+        recorder,
+    );
+    ctx.now = now;
+    let server = tokio::spawn(serve(handle, calls));
+    let result = reconcile(Arc::new(obj), Arc::new(ctx)).await;
+    let sent = tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("the mock API server timed out")
+        .expect("the mock API server saw a wrong call");
+    (result, sent)
+}
+
+fn path(kind_path: &str, name: &str) -> String {
+    format!("/{kind_path}/namespaces/{NS}/{name}")
+}
+
+fn cr(plural: &str, name: &str) -> String {
+    path("apis/imagegen.dev/v1alpha1", &format!("{plural}/{name}"))
+}
+
+fn events() -> String {
+    format!("/apis/events.k8s.io/v1/namespaces/{NS}/events")
+}
+
+fn is_server_side_apply(sent: &Sent) -> bool {
+    sent.query.contains("fieldManager=imagegen-operator") && sent.query.contains("force=true")
+}
+
+// ---- objects ----
+
+fn model(status: Option<Value>) -> DiffusionModel {
+    let mut value = json!({
+        "apiVersion": "imagegen.dev/v1alpha1",
+        "kind": "DiffusionModel",
+        "metadata": {"name": "sd15", "namespace": NS, "uid": "m-1", "generation": 1},
+        "spec": {"source": {"path": "models/sd15"}, "family": "sd15"},
+    });
+    if let Some(status) = status {
+        value["status"] = status;
+    }
+    serde_json::from_value(value).unwrap()
+}
+
+fn deployment(ready: i32) -> Deployment {
+    let mut d = dm::build_deployment(
+        &dm::validate(&model(None)).unwrap(),
+        &OperatorConfig::default(),
+    );
+    d.metadata.generation = Some(1);
+    d.status = Some(DeploymentStatus {
+        observed_generation: Some(1),
+        replicas: Some(1),
+        updated_replicas: Some(1),
+        ready_replicas: Some(ready),
+        available_replicas: Some(ready),
+        ..DeploymentStatus::default()
+    });
+    d
+}
+
+fn ready_model() -> DiffusionModel {
+    let m = model(None);
+    let status = dm::status_from(&m, Some(&deployment(1)), at(10));
+    model(Some(serde_json::to_value(status).unwrap()))
+}
+
+fn auth_secret() -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "sd15-runtime-auth", "namespace": NS},
+        // "# c\nteam-a:tok\n" in base64
+        "data": {"tokens": "IyBjCnRlYW0tYTp0b2sK"}
+    })
+}
+
+// ---- DiffusionModel ----
+
+#[tokio::test]
+async fn model_create_makes_the_secret_deployment_service_and_status() {
+    let deployments = path("apis/apps/v1", "deployments/sd15");
+    let (result, sent) = run(
+        model(None),
+        FakeRuntime::answering(vec![]),
+        vec![
+            call(
+                Method::GET,
+                &path("api/v1", "secrets/sd15-runtime-auth"),
+                404,
+                not_found(),
+            ),
+            call(Method::POST, &path("api/v1", "secrets"), 201, auth_secret()),
+            call(
+                Method::PATCH,
+                &deployments,
+                200,
+                serde_json::to_value(deployment(0)).unwrap(),
+            ),
+            call(
+                Method::PATCH,
+                &path("api/v1", "services/sd15"),
+                200,
+                json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "sd15"}}),
+            ),
+            call(
+                Method::PATCH,
+                &cr("diffusionmodels", "sd15/status"),
+                200,
+                serde_json::to_value(model(None)).unwrap(),
+            ),
+        ],
+        controller::reconcile_model,
+    )
+    .await;
+    assert_eq!(result.unwrap(), Action::requeue(controller::MODEL_RESYNC));
+    let tokens = sent[1].body["stringData"]["tokens"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let token_line = tokens.lines().find(|l| l.starts_with("team-a:")).unwrap();
+    assert_eq!(token_line.len(), "team-a:".len() + 64);
+    assert_eq!(sent[1].body["metadata"]["ownerReferences"][0]["uid"], "m-1");
+    for s in &sent[2..] {
+        assert!(is_server_side_apply(s), "{:?}", s.query);
+    }
+    assert_eq!(sent[2].body["kind"], "Deployment");
+    assert_eq!(
+        sent[2].body["metadata"]["ownerReferences"][0]["kind"],
+        "DiffusionModel"
+    );
+    assert_eq!(sent[3].body["kind"], "Service");
+    let status = &sent[4].body["status"];
+    assert_eq!(status["conditions"][0]["type"], "Ready");
+    assert_eq!(status["conditions"][0]["status"], "False");
+    assert_eq!(sent[4].body["kind"], "DiffusionModel");
+}
+
+#[tokio::test]
+async fn model_becoming_ready_patches_status_and_publishes_an_event() {
+    let m = model(Some(
+        serde_json::to_value(dm::status_from(&model(None), Some(&deployment(0)), at(5))).unwrap(),
+    ));
+    let (result, sent) = run(
+        m,
+        FakeRuntime::answering(vec![]),
+        vec![
+            call(
+                Method::GET,
+                &path("api/v1", "secrets/sd15-runtime-auth"),
+                200,
+                auth_secret(),
+            ),
+            call(
+                Method::PATCH,
+                &path("apis/apps/v1", "deployments/sd15"),
+                200,
+                serde_json::to_value(deployment(1)).unwrap(),
+            ),
+            call(
+                Method::PATCH,
+                &path("api/v1", "services/sd15"),
+                200,
+                json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "sd15"}}),
+            ),
+            call(
+                Method::PATCH,
+                &cr("diffusionmodels", "sd15/status"),
+                200,
+                serde_json::to_value(model(None)).unwrap(),
+            ),
+            call(Method::POST, &events(), 201, json!({})),
+        ],
+        controller::reconcile_model,
+    )
+    .await;
+    result.unwrap();
+    let ready = sent[3].body["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Ready")
+        .unwrap()
+        .clone();
+    assert_eq!(ready["status"], "True");
+    assert_eq!(sent[4].body["reason"], "Ready");
+    assert_eq!(sent[4].body["regarding"]["name"], "sd15");
+    assert_eq!(sent[4].body["type"], "Normal");
+}
+
+#[tokio::test]
+async fn model_unchanged_makes_no_status_patch() {
+    let m = ready_model();
+    let (result, _) = run(
+        m,
+        FakeRuntime::answering(vec![]),
+        vec![
+            call(
+                Method::GET,
+                &path("api/v1", "secrets/sd15-runtime-auth"),
+                200,
+                auth_secret(),
+            ),
+            call(
+                Method::PATCH,
+                &path("apis/apps/v1", "deployments/sd15"),
+                200,
+                serde_json::to_value(deployment(1)).unwrap(),
+            ),
+            call(
+                Method::PATCH,
+                &path("api/v1", "services/sd15"),
+                200,
+                json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "sd15"}}),
+            ),
+        ],
+        controller::reconcile_model,
+    )
+    .await;
+    result.unwrap();
+}
+
+#[tokio::test]
+async fn model_invalid_spec_is_reported_without_children() {
+    let mut m = model(None);
+    m.spec.replicas = serde_json::from_value(json!({"min": 3, "max": 1})).unwrap();
+    let (result, sent) = run(
+        m,
+        FakeRuntime::answering(vec![]),
+        vec![
+            call(
+                Method::PATCH,
+                &cr("diffusionmodels", "sd15/status"),
+                200,
+                serde_json::to_value(model(None)).unwrap(),
+            ),
+            call(Method::POST, &events(), 201, json!({})),
+        ],
+        controller::reconcile_model,
+    )
+    .await;
+    assert_eq!(result.unwrap(), Action::await_change());
+    let degraded = sent[0].body["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Degraded")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (degraded["status"].as_str(), degraded["reason"].as_str()),
+        (Some("True"), Some("InvalidSpec"))
+    );
+    assert_eq!(sent[1].body["type"], "Warning");
+}
+
+#[tokio::test]
+async fn model_api_failure_is_an_error_with_backoff() {
+    let (result, _) = run(
+        model(None),
+        FakeRuntime::answering(vec![]),
+        vec![call(
+            Method::GET,
+            &path("api/v1", "secrets/sd15-runtime-auth"),
+            500,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "etcd", "reason": "InternalError", "code": 500}),
+        )],
+        controller::reconcile_model,
+    )
+    .await;
+    let err = result.unwrap_err();
+    assert!(matches!(err, Error::Kube(_)), "{err}");
+    // error_policy backs off exponentially per object.
+    let (service, _handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, NS);
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        OperatorConfig::default(),
+        FakeRuntime::answering(vec![]),
+        Metrics::new().unwrap(),
+        Recorder::new(
+            client,
+            Reporter {
+                controller: "t".into(),
+                instance: None,
+            },
+        ),
+    ));
+    let m = Arc::new(model(None));
+    assert_eq!(
+        controller::error_policy(m.clone(), &err, ctx.clone()),
+        Action::requeue(Duration::from_secs(5))
+    );
+    assert_eq!(
+        controller::error_policy(m, &err, ctx.clone()),
+        Action::requeue(Duration::from_secs(10))
+    );
+    assert!(ctx.metrics.render().contains(
+        r#"imagegen_operator_reconcile_errors_total{error="kube",kind="DiffusionModel"} 2"#
+    ));
+}
+
+// ---- LoraTraining ----
+
+fn training(finalized: bool, status: Option<Value>) -> LoraTraining {
+    let mut value = json!({
+        "apiVersion": "imagegen.dev/v1alpha1",
+        "kind": "LoraTraining",
+        "metadata": {"name": "alice", "namespace": NS, "uid": "t-1", "generation": 1},
+        "spec": {"modelRef": {"name": "sd15"}, "images": [{"path": "photos/1.jpg"}], "instancePrompt": "sks", "steps": 100},
+    });
+    if finalized {
+        value["metadata"]["finalizers"] = json!([controller::LORA_FINALIZER]);
+    }
+    if let Some(status) = status {
+        value["status"] = status;
+    }
+    serde_json::from_value(value).unwrap()
+}
+
+fn training_job(active: i32, complete: bool) -> Value {
+    let mut job = json!({
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": "alice-train", "namespace": NS},
+        "status": {"active": active, "startTime": "1970-01-12T13:46:00Z"}
+    });
+    if complete {
+        job["status"]["conditions"] =
+            json!([{"type": "Complete", "status": "True", "reason": "CompletionsReached"}]);
+        job["status"]["completionTime"] = json!("1970-01-12T13:46:40Z");
+    }
+    job
+}
+
+#[tokio::test]
+async fn training_first_sight_adds_the_finalizer() {
+    let (result, sent) = run(
+        training(false, None),
+        FakeRuntime::answering(vec![]),
+        vec![call(
+            Method::PATCH,
+            &cr("loratrainings", "alice"),
+            200,
+            serde_json::to_value(training(true, None)).unwrap(),
+        )],
+        controller::reconcile_training,
+    )
+    .await;
+    assert_eq!(result.unwrap(), Action::await_change());
+    let patch = sent[0].body.to_string();
+    assert!(patch.contains(controller::LORA_FINALIZER), "{patch}");
+}
+
+#[tokio::test]
+async fn training_waits_for_its_model() {
+    let (result, sent) = run(
+        training(true, None),
+        FakeRuntime::answering(vec![]),
+        vec![
+            call(
+                Method::GET,
+                &path("apis/batch/v1", "jobs/alice-train"),
+                404,
+                not_found(),
+            ),
+            call(
+                Method::GET,
+                &cr("diffusionmodels", "sd15"),
+                404,
+                not_found(),
+            ),
+            call(
+                Method::PATCH,
+                &cr("loratrainings", "alice/status"),
+                200,
+                serde_json::to_value(training(true, None)).unwrap(),
+            ),
+            call(Method::POST, &events(), 201, json!({})),
+        ],
+        controller::reconcile_training,
+    )
+    .await;
+    assert_eq!(result.unwrap(), Action::requeue(controller::WAIT_RECHECK));
+    let status = &sent[2].body["status"];
+    assert_eq!(status["phase"], "Pending");
+    assert_eq!(status["conditions"][0]["reason"], "WaitingForModel");
+    assert!(is_server_side_apply(&sent[2]));
+    assert_eq!(sent[3].body["reason"], "Pending");
+}
+
+#[tokio::test]
+async fn training_creates_the_token_secret_and_the_job() {
+    let (result, sent) = run(
+        training(true, None),
+        FakeRuntime::answering(vec![]),
+        vec![
+            call(Method::GET, &path("apis/batch/v1", "jobs/alice-train"), 404, not_found()),
+            call(Method::GET, &cr("diffusionmodels", "sd15"), 200, serde_json::to_value(ready_model()).unwrap()),
+            call(Method::GET, &path("api/v1", "secrets/alice-progress"), 404, not_found()),
+            call(Method::POST, &path("api/v1", "secrets"), 201, json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "alice-progress"}})),
+            call(Method::PATCH, &path("apis/batch/v1", "jobs/alice-train"), 200, training_job(0, false)),
+            call(Method::PATCH, &cr("loratrainings", "alice/status"), 200, serde_json::to_value(training(true, None)).unwrap()),
+            call(Method::POST, &events(), 201, json!({})),
+        ],
+        controller::reconcile_training,
+    )
+    .await;
+    assert_eq!(result.unwrap(), Action::requeue(controller::WAIT_RECHECK));
+    assert_eq!(sent[3].body["metadata"]["name"], "alice-progress");
+    assert_eq!(
+        sent[3].body["stringData"]["token"].as_str().unwrap().len(),
+        64
+    );
+    assert!(is_server_side_apply(&sent[4]));
+    assert_eq!(sent[4].body["kind"], "Job");
+    assert_eq!(
+        sent[4].body["spec"]["template"]["spec"]["containers"][0]["args"][0],
+        "train"
+    );
+    assert_eq!(sent[4].body["metadata"]["ownerReferences"][0]["uid"], "t-1");
+    assert_eq!(sent[5].body["status"]["phase"], "Pending");
+    assert_eq!(
+        sent[5].body["status"]["conditions"][0]["reason"],
+        "JobCreated"
+    );
+}
+
+#[tokio::test]
+async fn training_follows_its_job_to_success() {
+    let running = training(
+        true,
+        Some(
+            json!({"phase": "Running", "progress": {"step": 50, "total": 100, "percent": 50}, "loss": 0.2}),
+        ),
+    );
+    let runtime = Arc::new(FakeRuntime {
+        loras: vec![imagegen_crds::api::LoraInfo {
+            name: "alice".into(),
+            size_bytes: 1,
+            sha256: "5ha".into(),
+            created_at: "1970-01-01T00:00:00Z".into(),
+            source: imagegen_crds::api::LoraSource::Training,
+        }],
+        ..FakeRuntime::default()
+    });
+    let (result, sent) = run(
+        running,
+        runtime.clone(),
+        vec![
+            call(
+                Method::GET,
+                &path("apis/batch/v1", "jobs/alice-train"),
+                200,
+                training_job(0, true),
+            ),
+            // The LoRA's checksum, from the model's runtime.
+            call(
+                Method::GET,
+                &cr("diffusionmodels", "sd15"),
+                200,
+                serde_json::to_value(ready_model()).unwrap(),
+            ),
+            call(
+                Method::GET,
+                &path("api/v1", "secrets/sd15-runtime-auth"),
+                200,
+                auth_secret(),
+            ),
+            call(
+                Method::PATCH,
+                &cr("loratrainings", "alice/status"),
+                200,
+                serde_json::to_value(training(true, None)).unwrap(),
+            ),
+            call(Method::POST, &events(), 201, json!({})),
+        ],
+        controller::reconcile_training,
+    )
+    .await;
+    assert_eq!(result.unwrap(), Action::await_change());
+    assert_eq!(runtime.calls(), vec![RuntimeCall::Loras]);
+    let status = &sent[3].body["status"];
+    assert_eq!(status["phase"], "Succeeded");
+    assert_eq!(
+        status["artifact"]["path"],
+        "loras/alice/pytorch_lora_weights.safetensors"
+    );
+    assert_eq!(status["artifact"]["sha256"], "5ha");
+    assert_eq!(status["progress"]["step"], 100);
+    assert_eq!(status["loss"], 0.2);
+    assert_eq!(sent[4].body["reason"], "Succeeded");
+}
+
+#[tokio::test]
+async fn training_success_without_the_runtime_still_succeeds() {
+    let running = training(true, Some(json!({"phase": "Running"})));
+    let (result, sent) = run(
+        running,
+        FakeRuntime::answering(vec![]),
+        vec![
+            call(
+                Method::GET,
+                &path("apis/batch/v1", "jobs/alice-train"),
+                200,
+                training_job(0, true),
+            ),
+            call(
+                Method::GET,
+                &cr("diffusionmodels", "sd15"),
+                404,
+                not_found(),
+            ),
+            call(
+                Method::PATCH,
+                &cr("loratrainings", "alice/status"),
+                200,
+                serde_json::to_value(training(true, None)).unwrap(),
+            ),
+            call(Method::POST, &events(), 201, json!({})),
+        ],
+        controller::reconcile_training,
+    )
+    .await;
+    assert_eq!(result.unwrap(), Action::await_change());
+    assert_eq!(sent[2].body["status"]["phase"], "Succeeded");
+    assert!(sent[2].body["status"]["artifact"].get("sha256").is_none());
+}
+
+#[tokio::test]
+async fn training_finished_makes_no_calls() {
+    let done = training(true, Some(json!({"phase": "Succeeded"})));
+    let (result, _) = run(
+        done,
+        FakeRuntime::answering(vec![]),
+        vec![],
+        controller::reconcile_training,
+    )
+    .await;
+    assert_eq!(result.unwrap(), Action::await_change());
+}
+
+#[tokio::test]
+async fn training_job_read_failure_is_an_error() {
+    let (result, _) = run(
+        training(true, None),
+        FakeRuntime::answering(vec![]),
+        vec![call(
+            Method::GET,
+            &path("apis/batch/v1", "jobs/alice-train"),
+            403,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "forbidden", "reason": "Forbidden", "code": 403}),
+        )],
+        controller::reconcile_training,
+    )
+    .await;
+    assert!(matches!(result, Err(Error::Kube(_))));
+}
+
+fn deleting(mut value: Value) -> Value {
+    value["metadata"]["deletionTimestamp"] = json!("1970-01-12T13:46:40Z");
+    value
+}
+
+#[tokio::test]
+async fn training_deletion_deletes_the_lora_then_the_finalizer() {
+    let t = training(
+        true,
+        Some(
+            json!({"phase": "Succeeded", "artifact": {"path": "loras/alice/pytorch_lora_weights.safetensors"}}),
+        ),
+    );
+    let t: LoraTraining =
+        serde_json::from_value(deleting(serde_json::to_value(t).unwrap())).unwrap();
+    let runtime = FakeRuntime::answering(vec![]);
+    let (result, sent) = run(
+        t,
+        runtime.clone(),
+        vec![
+            call(
+                Method::GET,
+                &cr("diffusionmodels", "sd15"),
+                200,
+                serde_json::to_value(ready_model()).unwrap(),
+            ),
+            call(
+                Method::GET,
+                &path("api/v1", "secrets/sd15-runtime-auth"),
+                200,
+                auth_secret(),
+            ),
+            call(Method::POST, &events(), 201, json!({})),
+            call(
+                Method::PATCH,
+                &cr("loratrainings", "alice"),
+                200,
+                serde_json::to_value(training(false, None)).unwrap(),
+            ),
+        ],
+        controller::reconcile_training,
+    )
+    .await;
+    result.unwrap();
+    assert_eq!(
+        runtime.calls(),
+        vec![RuntimeCall::DeleteLora("alice".into())]
+    );
+    assert_eq!(sent[2].body["reason"], "ArtifactDeleted");
+    let patch = sent[3].body.to_string();
+    assert!(
+        patch.contains("remove") && patch.contains("/metadata/finalizers/0"),
+        "{patch}"
+    );
+}
+
+#[tokio::test]
+async fn training_deletion_without_the_model_keeps_the_lora_and_releases() {
+    let t = training(
+        true,
+        Some(
+            json!({"phase": "Succeeded", "artifact": {"path": "loras/alice/pytorch_lora_weights.safetensors"}}),
+        ),
+    );
+    let t: LoraTraining =
+        serde_json::from_value(deleting(serde_json::to_value(t).unwrap())).unwrap();
+    let runtime = FakeRuntime::answering(vec![]);
+    let (result, sent) = run(
+        t,
+        runtime.clone(),
+        vec![
+            call(
+                Method::GET,
+                &cr("diffusionmodels", "sd15"),
+                404,
+                not_found(),
+            ),
+            call(Method::POST, &events(), 201, json!({})),
+            call(
+                Method::PATCH,
+                &cr("loratrainings", "alice"),
+                200,
+                serde_json::to_value(training(false, None)).unwrap(),
+            ),
+        ],
+        controller::reconcile_training,
+    )
+    .await;
+    result.unwrap();
+    assert!(runtime.calls().is_empty());
+    assert_eq!(sent[1].body["type"], "Warning");
+    assert_eq!(sent[1].body["reason"], "ArtifactKept");
+}
+
+// ---- ImageGeneration ----
+
+const UID: &str = "0a1b2c3d-0000-4000-8000-000000000001";
+
+fn generation(submissions: Option<u32>, status: Option<Value>) -> ImageGeneration {
+    let mut value = json!({
+        "apiVersion": "imagegen.dev/v1alpha1",
+        "kind": "ImageGeneration",
+        "metadata": {"name": "avatar", "namespace": NS, "uid": UID, "generation": 1,
+                     "finalizers": [controller::IMAGES_FINALIZER]},
+        "spec": {"modelRef": {"name": "sd15"}, "prompt": "sks person", "steps": 20,
+                 "loras": [{"name": "alice", "weight": 0.7}], "ttlSecondsAfterFinished": 60},
+    });
+    if let Some(n) = submissions {
+        value["metadata"]["annotations"] = json!({(ig::SUBMISSIONS_ANNOTATION): n.to_string()});
+    }
+    if let Some(status) = status {
+        value["status"] = status;
+    }
+    serde_json::from_value(value).unwrap()
+}
+
+fn succeeded_training() -> Value {
+    serde_json::to_value(training(
+        true,
+        Some(json!({
+            "phase": "Succeeded",
+            "artifact": {"path": "loras/alice/pytorch_lora_weights.safetensors"}
+        })),
+    ))
+    .unwrap()
+}
+
+fn runtime_job(state: JobState) -> RuntimeJob {
+    RuntimeJob {
+        id: ig::job_id(UID),
+        kind: JobKind::Generation,
+        state,
+        queue_position: None,
+        progress: Progress::new(5, 20),
+        created_at: "1970-01-12T13:46:00Z".into(),
+        started_at: None,
+        finished_at: None,
+        result: None,
+        training: None,
+        error: None,
+    }
+}
+
+fn submission_calls(annotate_to: u32) -> Vec<Call> {
+    vec![
+        call(
+            Method::GET,
+            &cr("diffusionmodels", "sd15"),
+            200,
+            serde_json::to_value(ready_model()).unwrap(),
+        ),
+        call(
+            Method::GET,
+            &cr("loratrainings", "alice"),
+            200,
+            succeeded_training(),
+        ),
+        call(
+            Method::GET,
+            &path("api/v1", "secrets/sd15-runtime-auth"),
+            200,
+            auth_secret(),
+        ),
+        call(
+            Method::PATCH,
+            &cr("imagegenerations", "avatar"),
+            200,
+            serde_json::to_value(generation(Some(annotate_to), None)).unwrap(),
+        ),
+    ]
+}
+
+fn conditions(sent: &Sent) -> BTreeMap<String, (String, String)> {
+    sent.body["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["type"].as_str().unwrap().to_string(),
+                (
+                    c["status"].as_str().unwrap().to_string(),
+                    c["reason"].as_str().unwrap().to_string(),
+                ),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn generation_submits_once_references_are_ready() {
+    let runtime = FakeRuntime::answering(vec![Ok(runtime_job(JobState::Queued))]);
+    let mut calls = submission_calls(1);
+    calls.push(call(
+        Method::PATCH,
+        &cr("imagegenerations", "avatar/status"),
+        200,
+        serde_json::to_value(generation(Some(1), None)).unwrap(),
+    ));
+    calls.push(call(Method::POST, &events(), 201, json!({})));
+    let (result, sent) = run(
+        generation(None, None),
+        runtime.clone(),
+        calls,
+        controller::reconcile_generation,
+    )
+    .await;
+    assert_eq!(result.unwrap(), Action::requeue(controller::WAIT_RECHECK));
+    assert_eq!(
+        sent[3].body["metadata"]["annotations"][ig::SUBMISSIONS_ANNOTATION],
+        "1"
+    );
+    let RuntimeCall::Submit(token, request) = &runtime.calls()[0] else {
+        panic!("{:?}", runtime.calls());
+    };
+    assert_eq!(token, "tok");
+    assert_eq!(request.job_id.as_deref(), Some(ig::job_id(UID).as_str()));
+    assert_eq!(request.params.prompt, "sks person");
+    assert_eq!(
+        request.loras[0].path.as_deref(),
+        Some("loras/alice/pytorch_lora_weights.safetensors")
+    );
+    assert_eq!(request.loras[0].weight, Some(0.7));
+    assert_eq!(sent[4].body["status"]["phase"], "Pending");
+    assert_eq!(
+        conditions(&sent[4])["Submitted"],
+        ("True".into(), "Accepted".into())
+    );
+}
+
+#[tokio::test]
+async fn generation_waits_for_an_unfinished_lora() {
+    let running_lora =
+        serde_json::to_value(training(true, Some(json!({"phase": "Running"})))).unwrap();
+    let (result, sent) = run(
+        generation(None, None),
+        FakeRuntime::answering(vec![]),
+        vec![
+            call(
+                Method::GET,
+                &cr("diffusionmodels", "sd15"),
+                200,
+                serde_json::to_value(ready_model()).unwrap(),
+            ),
+            call(
+                Method::GET,
+                &cr("loratrainings", "alice"),
+                200,
+                running_lora,
+            ),
+            call(
+                Method::PATCH,
+                &cr("imagegenerations", "avatar/status"),
+                200,
+                serde_json::to_value(generation(None, None)).unwrap(),
+            ),
+            call(Method::POST, &events(), 201, json!({})),
+        ],
+        controller::reconcile_generation,
+    )
+    .await;
+    assert_eq!(result.unwrap(), Action::requeue(controller::WAIT_RECHECK));
+    assert_eq!(
+        conditions(&sent[2])["Complete"],
+        ("False".into(), "WaitingForLora".into())
+    );
+}
+
+#[tokio::test]
+async fn generation_follows_the_job_and_resubmits_when_lost() {
+    // Polled: running.
+    let runtime = FakeRuntime::answering(vec![Ok(runtime_job(JobState::Running))]);
+    let (result, sent) = run(
+        generation(Some(1), None),
+        runtime.clone(),
+        vec![
+            call(
+                Method::GET,
+                &cr("diffusionmodels", "sd15"),
+                200,
+                serde_json::to_value(ready_model()).unwrap(),
+            ),
+            call(
+                Method::GET,
+                &path("api/v1", "secrets/sd15-runtime-auth"),
+                200,
+                auth_secret(),
+            ),
+            call(
+                Method::PATCH,
+                &cr("imagegenerations", "avatar/status"),
+                200,
+                serde_json::to_value(generation(Some(1), None)).unwrap(),
+            ),
+            call(Method::POST, &events(), 201, json!({})),
+        ],
+        controller::reconcile_generation,
+    )
+    .await;
+    assert_eq!(
+        result.unwrap(),
+        Action::requeue(controller::GENERATION_POLL)
+    );
+    assert_eq!(sent[2].body["status"]["phase"], "Running");
+    assert_eq!(sent[2].body["status"]["progress"]["step"], 5);
+    assert_eq!(
+        runtime.calls(),
+        vec![RuntimeCall::Job(
+            "http://sd15.team-a.svc:80".into(),
+            ig::job_id(UID)
+        )]
+    );
+    let running_status = sent[2].body["status"].clone();
+
+    // Polled again with nothing new: no status patch, no event.
+    let runtime = FakeRuntime::answering(vec![Ok(runtime_job(JobState::Running))]);
+    let (result, _) = run(
+        generation(Some(1), Some(running_status.clone())),
+        runtime,
+        vec![
+            call(
+                Method::GET,
+                &cr("diffusionmodels", "sd15"),
+                200,
+                serde_json::to_value(ready_model()).unwrap(),
+            ),
+            call(
+                Method::GET,
+                &path("api/v1", "secrets/sd15-runtime-auth"),
+                200,
+                auth_secret(),
+            ),
+        ],
+        controller::reconcile_generation,
+    )
+    .await;
+    assert_eq!(
+        result.unwrap(),
+        Action::requeue(controller::GENERATION_POLL)
+    );
+
+    // The pod died: 404. The loss is recorded with a Warning event, the phase kept.
+    let runtime = FakeRuntime::answering(vec![Err(RuntimeError::NotFound)]);
+    let (result, sent) = run(
+        generation(Some(1), Some(running_status.clone())),
+        runtime,
+        vec![
+            call(
+                Method::GET,
+                &cr("diffusionmodels", "sd15"),
+                200,
+                serde_json::to_value(ready_model()).unwrap(),
+            ),
+            call(
+                Method::GET,
+                &path("api/v1", "secrets/sd15-runtime-auth"),
+                200,
+                auth_secret(),
+            ),
+            call(
+                Method::PATCH,
+                &cr("imagegenerations", "avatar/status"),
+                200,
+                serde_json::to_value(generation(Some(1), None)).unwrap(),
+            ),
+            call(Method::POST, &events(), 201, json!({})),
+        ],
+        controller::reconcile_generation,
+    )
+    .await;
+    assert_eq!(result.unwrap(), Action::requeue(ig::resubmit_delay(1)));
+    assert_eq!(sent[2].body["status"]["phase"], "Running");
+    assert_eq!(
+        conditions(&sent[2])["Submitted"],
+        ("False".into(), "JobLost".into())
+    );
+    assert_eq!(sent[3].body["type"], "Warning");
+    assert_eq!(sent[3].body["reason"], "JobLost");
+    let mut lost_status = sent[2].body["status"].clone();
+
+    // Before the backoff elapsed: nothing but the poll.
+    for c in lost_status["conditions"].as_array_mut().unwrap() {
+        if c["type"] == "Submitted" {
+            c["lastTransitionTime"] = json!(serde_json::to_value(at(NOW - 2)).unwrap());
+        }
+    }
+    let runtime = FakeRuntime::answering(vec![Err(RuntimeError::Unreachable("refused".into()))]);
+    let (result, _) = run(
+        generation(Some(1), Some(lost_status.clone())),
+        runtime,
+        vec![
+            call(
+                Method::GET,
+                &cr("diffusionmodels", "sd15"),
+                200,
+                serde_json::to_value(ready_model()).unwrap(),
+            ),
+            call(
+                Method::GET,
+                &path("api/v1", "secrets/sd15-runtime-auth"),
+                200,
+                auth_secret(),
+            ),
+        ],
+        controller::reconcile_generation,
+    )
+    .await;
+    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(3)));
+
+    // After it: the same request (same jobId) is submitted again, counted as the second.
+    for c in lost_status["conditions"].as_array_mut().unwrap() {
+        if c["type"] == "Submitted" {
+            c["lastTransitionTime"] = json!(serde_json::to_value(at(NOW - 60)).unwrap());
+        }
+    }
+    let runtime = FakeRuntime::answering(vec![
+        Err(RuntimeError::NotFound),
+        Ok(runtime_job(JobState::Queued)),
+    ]);
+    let mut calls = vec![
+        call(
+            Method::GET,
+            &cr("diffusionmodels", "sd15"),
+            200,
+            serde_json::to_value(ready_model()).unwrap(),
+        ),
+        call(
+            Method::GET,
+            &path("api/v1", "secrets/sd15-runtime-auth"),
+            200,
+            auth_secret(),
+        ),
+    ];
+    calls.extend(submission_calls(2));
+    calls.push(call(
+        Method::PATCH,
+        &cr("imagegenerations", "avatar/status"),
+        200,
+        serde_json::to_value(generation(Some(2), None)).unwrap(),
+    ));
+    // Running → Pending (queued again), then Resubmitted.
+    calls.push(call(Method::POST, &events(), 201, json!({})));
+    calls.push(call(Method::POST, &events(), 201, json!({})));
+    let (result, sent) = run(
+        generation(Some(1), Some(lost_status)),
+        runtime.clone(),
+        calls,
+        controller::reconcile_generation,
+    )
+    .await;
+    result.unwrap();
+    assert_eq!(
+        sent[5].body["metadata"]["annotations"][ig::SUBMISSIONS_ANNOTATION],
+        "2"
+    );
+    let calls = runtime.calls();
+    let RuntimeCall::Submit(_, request) = &calls[1] else {
+        panic!("{calls:?}")
+    };
+    assert_eq!(request.job_id.as_deref(), Some(ig::job_id(UID).as_str()));
+    assert_eq!(
+        conditions(&sent[6])["Submitted"],
+        ("True".into(), "Accepted".into())
+    );
+    assert_eq!(sent[6].body["status"]["phase"], "Pending");
+    assert_eq!(sent[7].body["reason"], "Pending");
+    assert_eq!(sent[8].body["reason"], "Resubmitted");
+}
+
+#[tokio::test]
+async fn generation_fails_when_resubmissions_are_used_up() {
+    let mut status = json!({"phase": "Running", "conditions": [{
+        "type": "Submitted", "status": "False", "reason": "JobLost", "message": "404",
+        "lastTransitionTime": serde_json::to_value(at(NOW - 3600)).unwrap()
+    }]});
+    status["observedGeneration"] = json!(1);
+    let runtime = FakeRuntime::answering(vec![Err(RuntimeError::NotFound)]);
+    let (result, sent) = run(
+        generation(Some(5), Some(status)),
+        runtime,
+        vec![
+            call(
+                Method::GET,
+                &cr("diffusionmodels", "sd15"),
+                200,
+                serde_json::to_value(ready_model()).unwrap(),
+            ),
+            call(
+                Method::GET,
+                &path("api/v1", "secrets/sd15-runtime-auth"),
+                200,
+                auth_secret(),
+            ),
+            call(
+                Method::PATCH,
+                &cr("imagegenerations", "avatar/status"),
+                200,
+                serde_json::to_value(generation(Some(5), None)).unwrap(),
+            ),
+            call(Method::POST, &events(), 201, json!({})),
+        ],
+        controller::reconcile_generation,
+    )
+    .await;
+    // Finished with a 60 s TTL from now.
+    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(60)));
+    assert_eq!(sent[2].body["status"]["phase"], "Failed");
+    assert_eq!(
+        conditions(&sent[2])["Failed"],
+        ("True".into(), "RuntimeLostJob".into())
+    );
+    assert_eq!(sent[3].body["type"], "Warning");
+}
+
+fn finished_status(completed_at: i64) -> Value {
+    json!({
+        "phase": "Succeeded",
+        "images": [{"url": "http://sd15.team-a.svc:80/v1/images/img-1.png", "seed": 1, "sha256": "aa"}],
+        "timings": {"completionTime": serde_json::to_value(at(completed_at)).unwrap()}
+    })
+}
+
+#[tokio::test]
+async fn generation_is_deleted_after_its_ttl() {
+    let (result, sent) = run(
+        generation(Some(1), Some(finished_status(NOW - 61))),
+        FakeRuntime::answering(vec![]),
+        vec![call(
+            Method::DELETE,
+            &cr("imagegenerations", "avatar"),
+            200,
+            serde_json::to_value(generation(Some(1), None)).unwrap(),
+        )],
+        controller::reconcile_generation,
+    )
+    .await;
+    assert_eq!(result.unwrap(), Action::await_change());
+    assert_eq!(sent.len(), 1);
+
+    // Not yet: no calls, a wake-up when it is due.
+    let (result, _) = run(
+        generation(Some(1), Some(finished_status(NOW - 20))),
+        FakeRuntime::answering(vec![]),
+        vec![],
+        controller::reconcile_generation,
+    )
+    .await;
+    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(40)));
+}
+
+#[tokio::test]
+async fn generation_deletion_removes_its_images() {
+    let g = generation(Some(1), Some(finished_status(NOW - 5)));
+    let g: ImageGeneration =
+        serde_json::from_value(deleting(serde_json::to_value(g).unwrap())).unwrap();
+    let runtime = FakeRuntime::answering(vec![]);
+    let (result, sent) = run(
+        g,
+        runtime.clone(),
+        vec![
+            call(
+                Method::GET,
+                &cr("diffusionmodels", "sd15"),
+                200,
+                serde_json::to_value(ready_model()).unwrap(),
+            ),
+            call(
+                Method::GET,
+                &path("api/v1", "secrets/sd15-runtime-auth"),
+                200,
+                auth_secret(),
+            ),
+            call(
+                Method::PATCH,
+                &cr("imagegenerations", "avatar"),
+                200,
+                serde_json::to_value(generation(Some(1), None)).unwrap(),
+            ),
+        ],
+        controller::reconcile_generation,
+    )
+    .await;
+    result.unwrap();
+    assert_eq!(
+        runtime.calls(),
+        vec![RuntimeCall::DeleteImage("img-1".into())]
+    );
+    assert!(sent[2].body.to_string().contains("remove"));
+}
+
+#[tokio::test]
+async fn generation_deletion_while_running_cancels_the_job() {
+    let g = generation(Some(1), Some(json!({"phase": "Running"})));
+    let g: ImageGeneration =
+        serde_json::from_value(deleting(serde_json::to_value(g).unwrap())).unwrap();
+    let runtime = FakeRuntime::answering(vec![]);
+    let (result, _) = run(
+        g,
+        runtime.clone(),
+        vec![
+            call(
+                Method::GET,
+                &cr("diffusionmodels", "sd15"),
+                200,
+                serde_json::to_value(ready_model()).unwrap(),
+            ),
+            call(
+                Method::GET,
+                &path("api/v1", "secrets/sd15-runtime-auth"),
+                200,
+                auth_secret(),
+            ),
+            call(
+                Method::PATCH,
+                &cr("imagegenerations", "avatar"),
+                200,
+                serde_json::to_value(generation(Some(1), None)).unwrap(),
+            ),
+        ],
+        controller::reconcile_generation,
+    )
+    .await;
+    result.unwrap();
+    assert_eq!(runtime.calls(), vec![RuntimeCall::Cancel(ig::job_id(UID))]);
+}
+
+#[tokio::test]
+async fn generation_runtime_error_is_retried() {
+    let runtime = FakeRuntime::answering(vec![Err(RuntimeError::Api {
+        status: 401,
+        code: "unauthorized".into(),
+        message: "bad token".into(),
+    })]);
+    let (result, _) = run(
+        generation(Some(1), None),
+        runtime,
+        vec![
+            call(
+                Method::GET,
+                &cr("diffusionmodels", "sd15"),
+                200,
+                serde_json::to_value(ready_model()).unwrap(),
+            ),
+            call(
+                Method::GET,
+                &path("api/v1", "secrets/sd15-runtime-auth"),
+                200,
+                auth_secret(),
+            ),
+        ],
+        controller::reconcile_generation,
+    )
+    .await;
+    assert!(matches!(
+        result,
+        Err(Error::Runtime(RuntimeError::Api { status: 401, .. }))
+    ));
+}
+
+#[test]
+fn phases_used_in_tests_are_the_api_spelling() {
+    assert_eq!(serde_json::to_value(Phase::Running).unwrap(), "Running");
+}
+
+// ---- progress reports ----
+
+mod progress {
+    use super::*;
+    use crate::server::{KubeProgress, ProgressSink};
+    use imagegen_crds::api::TrainerEvent;
+
+    /// Runs `body` with a KubeProgress on the mock API serving `calls`.
+    async fn with_sink<F, Fut, T>(calls: Vec<Call>, body: F) -> (T, Vec<Sent>)
+    where
+        F: FnOnce(KubeProgress) -> Fut,
+        Fut: std::future::Future<Output = T>,
+    {
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let server = tokio::spawn(serve(handle, calls));
+        let out = body(KubeProgress::new(Client::new(service, NS))).await;
+        let sent = tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("the mock API server timed out")
+            .expect("the mock API server saw a wrong call");
+        (out, sent)
+    }
+
+    fn token_secret(owner: Option<&str>) -> Value {
+        let mut secret = json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "alice-progress", "namespace": NS},
+            "data": {"token": "czNjcmV0"}  // "s3cret"
+        });
+        if let Some(owner) = owner {
+            secret["metadata"]["ownerReferences"] = json!([{
+                "apiVersion": "imagegen.dev/v1alpha1", "kind": "LoraTraining",
+                "name": owner, "uid": "t-1", "controller": true
+            }]);
+        }
+        secret
+    }
+
+    #[tokio::test]
+    async fn tokens_come_from_the_trainings_own_secret() {
+        let secret = path("api/v1", "secrets/alice-progress");
+        let (tokens, _) = with_sink(
+            vec![
+                call(Method::GET, &secret, 200, token_secret(Some("alice"))),
+                call(Method::GET, &secret, 200, token_secret(None)),
+                call(Method::GET, &secret, 200, token_secret(Some("mallory"))),
+                call(Method::GET, &secret, 404, not_found()),
+            ],
+            |sink| async move {
+                let mut tokens = Vec::new();
+                for _ in 0..4 {
+                    tokens.push(sink.token(NS, "alice").await.unwrap());
+                }
+                tokens
+            },
+        )
+        .await;
+        assert_eq!(tokens, [Some("s3cret".to_string()), None, None, None]);
+    }
+
+    #[tokio::test]
+    async fn reports_are_written_into_the_status_throttled() {
+        let status = cr("loratrainings", "alice/status");
+        let reply = serde_json::to_value(training(true, None)).unwrap();
+        let (_, sent) = with_sink(
+            vec![
+                call(
+                    Method::GET,
+                    &cr("loratrainings", "alice"),
+                    200,
+                    reply.clone(),
+                ),
+                call(Method::PATCH, &status, 200, reply.clone()),
+                // The step right after is throttled; done is always written.
+                call(Method::PATCH, &status, 200, reply),
+            ],
+            |sink| async move {
+                sink.record(
+                    NS,
+                    "alice",
+                    &TrainerEvent::Started {
+                        total: 800,
+                        seed: 42,
+                    },
+                )
+                .await
+                .unwrap();
+                sink.record(
+                    NS,
+                    "alice",
+                    &TrainerEvent::Step {
+                        step: 10,
+                        total: 800,
+                        loss: 0.5,
+                        lr: 1e-4,
+                        elapsed: 1.0,
+                        eta: 79.0,
+                    },
+                )
+                .await
+                .unwrap();
+                sink.record(
+                    NS,
+                    "alice",
+                    &TrainerEvent::Done {
+                        step: 800,
+                        total: 800,
+                        output: "o".into(),
+                        loss: Some(0.1),
+                    },
+                )
+                .await
+                .unwrap();
+            },
+        )
+        .await;
+        assert_eq!(sent[1].body["status"]["progress"]["total"], 800);
+        assert_eq!(sent[1].body["status"]["seed"], 42);
+        assert!(sent[1]
+            .query
+            .contains("fieldManager=imagegen-operator-progress"));
+        assert_eq!(sent[2].body["status"]["progress"]["step"], 800);
+        assert_eq!(sent[2].body["status"]["loss"], 0.1);
+    }
+}
+
+#[tokio::test]
+async fn model_with_a_cache_applies_its_claim_first() {
+    let mut m = model(None);
+    m.spec.cache = serde_json::from_value(json!({"size": "20Gi"})).unwrap();
+    let (result, sent) = run(
+        m,
+        FakeRuntime::answering(vec![]),
+        vec![
+            call(
+                Method::GET,
+                &path("api/v1", "secrets/sd15-runtime-auth"),
+                200,
+                auth_secret(),
+            ),
+            call(
+                Method::PATCH,
+                &path("api/v1", "persistentvolumeclaims/sd15-cache"),
+                200,
+                json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "sd15-cache"}}),
+            ),
+            call(
+                Method::PATCH,
+                &path("apis/apps/v1", "deployments/sd15"),
+                200,
+                serde_json::to_value(deployment(0)).unwrap(),
+            ),
+            call(
+                Method::PATCH,
+                &path("api/v1", "services/sd15"),
+                200,
+                json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "sd15"}}),
+            ),
+            call(
+                Method::PATCH,
+                &cr("diffusionmodels", "sd15/status"),
+                200,
+                serde_json::to_value(model(None)).unwrap(),
+            ),
+        ],
+        controller::reconcile_model,
+    )
+    .await;
+    result.unwrap();
+    assert!(is_server_side_apply(&sent[1]));
+    assert_eq!(
+        sent[1].body["spec"]["resources"]["requests"]["storage"],
+        "20Gi"
+    );
+    let volumes = sent[2].body["spec"]["template"]["spec"]["volumes"].to_string();
+    assert!(volumes.contains("sd15-cache"), "{volumes}");
+}
+
+#[tokio::test]
+async fn generation_refused_by_the_runtime_fails() {
+    let runtime = FakeRuntime::answering(vec![Err(RuntimeError::Api {
+        status: 400,
+        code: "invalid_field".into(),
+        message: "width must be a multiple of 8".into(),
+    })]);
+    let mut calls = submission_calls(1);
+    calls.push(call(
+        Method::PATCH,
+        &cr("imagegenerations", "avatar/status"),
+        200,
+        serde_json::to_value(generation(Some(1), None)).unwrap(),
+    ));
+    calls.push(call(Method::POST, &events(), 201, json!({})));
+    let (result, sent) = run(
+        generation(None, None),
+        runtime,
+        calls,
+        controller::reconcile_generation,
+    )
+    .await;
+    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(60)));
+    assert_eq!(sent[4].body["status"]["phase"], "Failed");
+    assert_eq!(
+        conditions(&sent[4])["Failed"],
+        ("True".into(), "RejectedByRuntime".into())
+    );
+    assert!(sent[4].body["status"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("multiple of 8"));
+}
+
+#[tokio::test]
+async fn generation_deletion_is_not_blocked_by_a_runtime_without_image_deletion() {
+    let mut g = generation(Some(1), Some(finished_status(NOW - 5)));
+    let status = g.status.as_mut().unwrap();
+    status.images.push(status.images[0].clone());
+    let g: ImageGeneration =
+        serde_json::from_value(deleting(serde_json::to_value(g).unwrap())).unwrap();
+    let runtime = Arc::new(FakeRuntime {
+        delete_image: Some(RuntimeError::Api {
+            status: 405,
+            code: "bad_request".into(),
+            message: "method not allowed".into(),
+        }),
+        ..FakeRuntime::default()
+    });
+    let (result, sent) = run(
+        g,
+        runtime.clone(),
+        vec![
+            call(
+                Method::GET,
+                &cr("diffusionmodels", "sd15"),
+                200,
+                serde_json::to_value(ready_model()).unwrap(),
+            ),
+            call(
+                Method::GET,
+                &path("api/v1", "secrets/sd15-runtime-auth"),
+                200,
+                auth_secret(),
+            ),
+            call(Method::POST, &events(), 201, json!({})),
+            call(
+                Method::PATCH,
+                &cr("imagegenerations", "avatar"),
+                200,
+                serde_json::to_value(generation(Some(1), None)).unwrap(),
+            ),
+        ],
+        controller::reconcile_generation,
+    )
+    .await;
+    result.unwrap();
+    // One try, then the finalizer is released with a warning.
+    assert_eq!(runtime.calls().len(), 1);
+    assert_eq!(sent[2].body["reason"], "ImagesKept");
+    assert!(sent[3].body.to_string().contains("remove"));
+}
+
+#[tokio::test]
+async fn model_being_deleted_makes_no_calls() {
+    let m: DiffusionModel =
+        serde_json::from_value(deleting(serde_json::to_value(ready_model()).unwrap())).unwrap();
+    let (result, sent) = run(
+        m,
+        FakeRuntime::answering(vec![]),
+        vec![],
+        controller::reconcile_model,
+    )
+    .await;
+    assert_eq!(result.unwrap(), Action::await_change());
+    assert!(sent.is_empty());
+}

@@ -1,0 +1,174 @@
+//! Pieces every pod the operator builds shares: the store settings, the security contexts
+//! and store-path checks. Runtime replicas and training Jobs read and write the same store,
+//! so both get it the same way.
+
+use k8s_openapi::api::core::v1::{
+    Capabilities, EnvFromSource, EnvVar, PersistentVolumeClaimVolumeSource, PodSecurityContext,
+    SeccompProfile, SecretEnvSource, SecurityContext, Volume, VolumeMount,
+};
+
+use crate::{Error, OperatorConfig, STORE_MOUNT_PATH};
+
+/// Name of the store volume in pod specs.
+pub const STORE_VOLUME: &str = "store";
+
+/// A plain environment variable.
+pub fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..EnvVar::default()
+    }
+}
+
+/// `IMAGEGEN_STORE` when the operator was given a store URL.
+pub fn store_env(config: &OperatorConfig) -> Vec<EnvVar> {
+    config
+        .store_url
+        .iter()
+        .map(|url| env("IMAGEGEN_STORE", url.clone()))
+        .collect()
+}
+
+/// Every key of the store Secret as an environment variable (the store's credentials).
+pub fn store_env_from(config: &OperatorConfig) -> Option<Vec<EnvFromSource>> {
+    config.store_secret.as_ref().map(|name| {
+        vec![EnvFromSource {
+            secret_ref: Some(SecretEnvSource {
+                name: name.clone(),
+                optional: Some(false),
+            }),
+            ..EnvFromSource::default()
+        }]
+    })
+}
+
+/// The store claim's volume and its mount at [`STORE_MOUNT_PATH`], when there is a claim.
+pub fn store_volume(config: &OperatorConfig) -> Option<(Volume, VolumeMount)> {
+    let claim = config.store_claim.as_ref()?;
+    Some((
+        Volume {
+            name: STORE_VOLUME.into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: claim.clone(),
+                ..PersistentVolumeClaimVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        VolumeMount {
+            name: STORE_VOLUME.into(),
+            mount_path: STORE_MOUNT_PATH.into(),
+            ..VolumeMount::default()
+        },
+    ))
+}
+
+/// Non-root, with the runtime default seccomp profile.
+pub fn pod_security_context(config: &OperatorConfig) -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        run_as_user: Some(config.run_as_user),
+        run_as_group: Some(config.run_as_user),
+        fs_group: Some(config.run_as_user),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..SeccompProfile::default()
+        }),
+        ..PodSecurityContext::default()
+    }
+}
+
+/// No privilege escalation, no capabilities, a read-only root file system.
+pub fn container_security_context() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Capabilities::default()
+        }),
+        ..SecurityContext::default()
+    }
+}
+
+/// Checks a store path relative to the tenant's root, as the runtime does: not empty, not
+/// absolute, no `..` segment, so that a resource never reaches another tenant's files.
+pub fn check_store_path(field: &str, path: &str) -> Result<(), Error> {
+    let invalid = |reason: &str| {
+        Err(Error::InvalidStorePath {
+            field: field.into(),
+            path: path.into(),
+            reason: reason.into(),
+        })
+    };
+    if path.trim().is_empty() {
+        return invalid("empty");
+    }
+    if path.starts_with('/') || path.starts_with('\\') || path.contains(':') {
+        return invalid("must be relative to the tenant's root");
+    }
+    if path.split(['/', '\\']).any(|segment| segment == "..") {
+        return invalid("must not contain '..'");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_paths_stay_in_the_tenant() {
+        for ok in ["a.png", "photos/2026/a.jpg", "uploads/x"] {
+            assert!(check_store_path("images[0]", ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            " ",
+            "/etc/passwd",
+            "../other/a.png",
+            "a/../../b",
+            "a\\..\\b",
+            "s3://bucket/x",
+        ] {
+            let err = check_store_path("image", bad).unwrap_err();
+            assert!(
+                matches!(&err, Error::InvalidStorePath { field, .. } if field == "image"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn store_settings_only_when_configured() {
+        let config = OperatorConfig::default();
+        assert!(store_env(&config).is_empty());
+        assert!(store_env_from(&config).is_none());
+        assert!(store_volume(&config).is_none());
+
+        let config = OperatorConfig {
+            store_url: Some("file:///store".into()),
+            store_secret: Some("s3-creds".into()),
+            store_claim: Some("imagegen-store".into()),
+            ..OperatorConfig::default()
+        };
+        let env = store_env(&config);
+        assert_eq!(env.len(), 1);
+        assert_eq!(
+            (env[0].name.as_str(), env[0].value.as_deref()),
+            ("IMAGEGEN_STORE", Some("file:///store"))
+        );
+        let from = store_env_from(&config).unwrap();
+        assert_eq!(from[0].secret_ref.as_ref().unwrap().name, "s3-creds");
+        let (volume, mount) = store_volume(&config).unwrap();
+        assert_eq!(
+            volume.persistent_volume_claim.unwrap().claim_name,
+            "imagegen-store"
+        );
+        assert_eq!(
+            (mount.name.as_str(), mount.mount_path.as_str()),
+            ("store", "/store")
+        );
+    }
+}
