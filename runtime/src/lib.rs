@@ -1,6 +1,7 @@
 //! imagegen's engine: Stable Diffusion on libtorch (through `tch`), as a library that the
 //! CLI, the HTTP service, the trainer and the benchmarks all call.
 
+pub mod batch;
 pub mod canny;
 pub mod controlnet_pipeline;
 pub mod engine;
@@ -19,6 +20,7 @@ pub mod output;
 pub mod pipeline;
 pub mod safety;
 pub mod schedulers;
+pub mod server;
 pub mod source;
 pub mod styles;
 pub mod text_to_image;

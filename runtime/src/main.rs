@@ -44,6 +44,8 @@ enum Command {
     /// Time a local model: time to ready, denoising throughput per batch size, peak memory
     /// and the LoRA switch; JSON on stdout, a table on stderr.
     Bench(Box<bench::BenchArgs>),
+    /// Serve the HTTP API (generations, jobs, uploads, LoRAs, OpenAI-compatible images).
+    Serve(Box<imagegen_runtime::server::ServeArgs>),
     /// Train a DreamBooth LoRA on a few photos of a subject; progress as JSON lines on
     /// stdout.
     Train(Box<train_cli::TrainArgs>),
@@ -573,6 +575,7 @@ fn main() -> ExitCode {
         Command::Styles(args) => list_styles(args),
         Command::Mask(args) => find_mask(args),
         Command::Bench(args) => bench::run(*args),
+        Command::Serve(args) => imagegen_runtime::server::run(*args),
         Command::Train(args) => train_cli::run(*args),
     };
     match result {

@@ -9,6 +9,24 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 
+/// IPTC's digital source type for media made by a trained model.
+pub const DIGITAL_SOURCE_TYPE: &str =
+    "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia";
+
+/// The XMP packet that marks an image as AI-generated (IPTC `DigitalSourceType`), embedded
+/// in every image we write: PNG iTXt `XML:com.adobe.xmp`, JPEG APP1, WebP `XMP `.
+pub fn xmp_packet() -> String {
+    format!(
+        "<?xpacket begin=\"\u{feff}\" id=\"W5M0MpCehiHzreSzNTczkc9d\"?>\n\
+         <x:xmpmeta xmlns:x=\"adobe:ns:meta/\">\n\
+         <rdf:RDF xmlns:rdf=\"http://www.w3.org/1999/02/22-rdf-syntax-ns#\">\n\
+         <rdf:Description rdf:about=\"\" \
+         xmlns:Iptc4xmpExt=\"http://iptc.org/std/Iptc4xmpExt/2008-02-29/\">\n\
+         <Iptc4xmpExt:DigitalSourceType>{DIGITAL_SOURCE_TYPE}</Iptc4xmpExt:DigitalSourceType>\n\
+         </rdf:Description>\n</rdf:RDF>\n</x:xmpmeta>\n<?xpacket end=\"r\"?>"
+    )
+}
+
 /// What produced an image: enough to generate it again.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ImageMetadata {
@@ -55,7 +73,8 @@ impl ImageMetadata {
     }
 }
 
-/// Encodes `image` as PNG bytes with `metadata` in tEXt/iTXt chunks.
+/// Encodes `image` as PNG bytes with `metadata` in iTXt chunks, and the AI-generated
+/// marking ([`xmp_packet`]).
 pub fn encode_png(image: &RgbImage, metadata: &ImageMetadata) -> Result<Vec<u8>> {
     let mut bytes = Vec::new();
     {
@@ -77,6 +96,9 @@ pub fn encode_png(image: &RgbImage, metadata: &ImageMetadata) -> Result<Vec<u8>>
             .map_err(to_err)?;
         encoder
             .add_itxt_chunk("imagegen".into(), json)
+            .map_err(to_err)?;
+        encoder
+            .add_itxt_chunk("XML:com.adobe.xmp".into(), xmp_packet())
             .map_err(to_err)?;
         let mut writer = encoder.write_header().map_err(to_err)?;
         writer.write_image_data(image.as_raw()).map_err(to_err)?;

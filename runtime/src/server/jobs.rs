@@ -1,0 +1,701 @@
+//! The job table and the bounded queue in front of the one engine worker.
+//!
+//! Everything lives under one mutex: the jobs by (tenant, id), the queue, and whether the
+//! service is shutting down. The worker thread blocks on a condition variable; the async
+//! side never waits on the lock for long (no engine work happens under it). Each job has a
+//! broadcast channel of its [`JobEvent`]s for Server-Sent Events and synchronous waiters.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use image::{DynamicImage, GrayImage};
+use imagegen_crds::api::{
+    codes, ErrorDetail, GenerationResult, Job, JobEvent, JobKind, JobState, JobTimings,
+    TrainingResult,
+};
+use imagegen_crds::{GenerationParams, Progress};
+use tokio::sync::{broadcast, oneshot};
+
+use super::error::ApiError;
+
+pub type JobKey = (String, String);
+
+/// A job as submitted: its snapshot, a receiver of its later events, and whether this
+/// submission created it (false: an earlier one with the same id).
+pub type Submitted = (Job, broadcast::Receiver<JobEvent>, bool);
+
+/// A finished job and its webhook URL.
+pub type Finished = (Job, Option<String>);
+
+/// What the worker needs to run a generation: inputs decoded and LoRAs resolved to files.
+pub struct Work {
+    pub params: GenerationParams,
+    pub image: Option<DynamicImage>,
+    pub mask: Option<GrayImage>,
+    pub mask_prompt: Option<String>,
+    /// LoRA files and their weights.
+    pub loras: Vec<(PathBuf, f64)>,
+    /// Return each PNG in base64 too.
+    pub b64: bool,
+    /// For the latency histogram: text-to-image, image-to-image, inpaint, outpaint...
+    pub mode: &'static str,
+    /// Jobs with the same key may share one UNet batch (None: this one runs alone).
+    pub batch_key: Option<String>,
+    /// Images the job makes.
+    pub images: u32,
+}
+
+pub struct Submission<W = Work> {
+    pub tenant: String,
+    pub id: String,
+    /// Identifies the request for idempotent re-submission (same id, same body).
+    pub fingerprint: String,
+    pub deadline: Instant,
+    pub webhook: Option<String>,
+    pub work: W,
+}
+
+/// A job handed to the worker.
+pub struct Running<W = Work> {
+    pub key: JobKey,
+    pub work: W,
+    pub cancel: Arc<AtomicBool>,
+    pub deadline: Instant,
+    pub created: Instant,
+}
+
+/// Work for the worker that is not a job: checks that need the loaded model.
+pub enum Control {
+    /// Does the file load as a LoRA of the served model?
+    ValidateLora {
+        file: PathBuf,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+}
+
+struct Entry {
+    job: Job,
+    fingerprint: String,
+    cancel: Arc<AtomicBool>,
+    /// Why `cancel` was set: the error a cancelled run ends with (None = the client asked).
+    cancel_reason: Option<ErrorDetail>,
+    events: broadcast::Sender<JobEvent>,
+    created: Instant,
+    started: Option<Instant>,
+    finished: Option<Instant>,
+    webhook: Option<String>,
+}
+
+struct Queued<W> {
+    key: JobKey,
+    work: W,
+    deadline: Instant,
+}
+
+struct State<W> {
+    entries: HashMap<JobKey, Entry>,
+    queue: VecDeque<Queued<W>>,
+    control: VecDeque<Control>,
+    shutting_down: bool,
+    /// Seconds the recent jobs took on the worker, for Retry-After.
+    recent_seconds: f64,
+}
+
+/// The job table and queue of one kind of job (generations for the engine worker,
+/// trainings for the trainer).
+pub struct Jobs<W = Work> {
+    state: Mutex<State<W>>,
+    wake: Condvar,
+    capacity: usize,
+    kind: JobKind,
+}
+
+/// What a job produced.
+pub enum Output {
+    Generation(GenerationResult),
+    Training(TrainingResult),
+}
+
+/// RFC 3339, UTC, now.
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+pub fn error_detail(code: &str, message: impl Into<String>, retryable: bool) -> ErrorDetail {
+    ErrorDetail {
+        code: code.to_string(),
+        message: message.into(),
+        field: None,
+        retryable: retryable.then_some(true),
+    }
+}
+
+/// A random id: 32 lowercase hex digits.
+pub fn random_id() -> String {
+    let mut bytes = [0u8; 16];
+    if getrandom::getrandom(&mut bytes).is_err() {
+        // No OS randomness: fall back to the clock and a counter (still unique per process).
+        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        bytes[..8].copy_from_slice(&n.to_le_bytes());
+        bytes[8..].copy_from_slice(&(t as u64).to_le_bytes());
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Jobs<Work> {
+    pub fn new(capacity: usize) -> Self {
+        Self::of_kind(capacity, JobKind::Generation)
+    }
+
+    /// Queued jobs that may join a batch with key `key`, in queue order, while their
+    /// images fit in `room`; they are running from now on.
+    pub fn take_batch(&self, key: &str, mut room: u32) -> Vec<Running> {
+        let mut state = self.lock();
+        let mut taken = Vec::new();
+        let mut kept = VecDeque::with_capacity(state.queue.len());
+        while let Some(queued) = state.queue.pop_front() {
+            let fits = queued.work.batch_key.as_deref() == Some(key) && queued.work.images <= room;
+            if fits {
+                room -= queued.work.images;
+                taken.push(queued);
+            } else {
+                kept.push_back(queued);
+            }
+        }
+        state.queue = kept;
+        let running = taken
+            .into_iter()
+            .filter_map(|queued| start(&mut state, queued))
+            .collect();
+        announce_positions(&state);
+        running
+    }
+}
+
+impl<W> Jobs<W> {
+    pub fn of_kind(capacity: usize, kind: JobKind) -> Self {
+        Jobs {
+            state: Mutex::new(State {
+                entries: HashMap::new(),
+                queue: VecDeque::new(),
+                control: VecDeque::new(),
+                shutting_down: false,
+                recent_seconds: 1.0,
+            }),
+            wake: Condvar::new(),
+            capacity,
+            kind,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State<W>> {
+        // A panic elsewhere must not take the whole service down with a poisoned lock.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn depth(&self) -> usize {
+        self.lock().queue.len()
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.lock().shutting_down
+    }
+
+    /// Queues a job, or returns the existing one of the same id and body. The receiver
+    /// gets every event after the returned snapshot.
+    pub fn submit(&self, sub: Submission<W>) -> Result<Submitted, ApiError> {
+        let mut state = self.lock();
+        let key = (sub.tenant.clone(), sub.id.clone());
+        if let Some(existing) = existing(&state, &key, &sub.fingerprint) {
+            return existing;
+        }
+        if state.shutting_down {
+            return Err(ApiError::shutting_down());
+        }
+        if state.queue.len() >= self.capacity {
+            let wait = (state.queue.len() as f64 * state.recent_seconds).ceil() as u64;
+            return Err(ApiError::queue_full(wait.clamp(1, 3600)));
+        }
+        let (events, rx) = broadcast::channel(256);
+        let position = state.queue.len() as u32;
+        let job = Job {
+            id: sub.id.clone(),
+            kind: self.kind,
+            state: JobState::Queued,
+            queue_position: Some(position),
+            progress: Progress::new(0, 0),
+            created_at: now_rfc3339(),
+            started_at: None,
+            finished_at: None,
+            result: None,
+            training: None,
+            error: None,
+        };
+        state.entries.insert(
+            key.clone(),
+            Entry {
+                job: job.clone(),
+                fingerprint: sub.fingerprint,
+                cancel: Arc::new(AtomicBool::new(false)),
+                cancel_reason: None,
+                events: events.clone(),
+                created: Instant::now(),
+                started: None,
+                finished: None,
+                webhook: sub.webhook,
+            },
+        );
+        state.queue.push_back(Queued {
+            key,
+            work: sub.work,
+            deadline: sub.deadline,
+        });
+        let _ = events.send(JobEvent::Queued { position });
+        drop(state);
+        self.wake.notify_all();
+        Ok((job, rx, true))
+    }
+
+    /// The job of this id, when there is one: itself for the same request, else 409.
+    pub fn resubmit(
+        &self,
+        tenant: &str,
+        id: &str,
+        fingerprint: &str,
+    ) -> Option<Result<Submitted, ApiError>> {
+        existing(
+            &self.lock(),
+            &(tenant.to_string(), id.to_string()),
+            fingerprint,
+        )
+    }
+
+    /// Asks the worker to run a check with the loaded model.
+    pub fn control(&self, control: Control) -> Result<(), ApiError> {
+        let mut state = self.lock();
+        if state.shutting_down {
+            return Err(ApiError::shutting_down());
+        }
+        state.control.push_back(control);
+        drop(state);
+        self.wake.notify_all();
+        Ok(())
+    }
+
+    /// The worker's next task; None once shutting down with nothing left.
+    pub fn next(&self) -> Option<Result<Running<W>, Control>> {
+        let mut state = self.lock();
+        loop {
+            if let Some(control) = state.control.pop_front() {
+                return Some(Err(control));
+            }
+            if let Some(queued) = state.queue.pop_front() {
+                let running = start(&mut state, queued);
+                announce_positions(&state);
+                if let Some(running) = running {
+                    return Some(Ok(running));
+                }
+                continue;
+            }
+            if state.shutting_down {
+                return None;
+            }
+            state = self.wake.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    pub fn progress(&self, key: &JobKey, step: u32, total: u32) {
+        self.progress_with_loss(key, step, total, None)
+    }
+
+    /// Progress of a training, with its loss.
+    pub fn progress_with_loss(&self, key: &JobKey, step: u32, total: u32, loss: Option<f64>) {
+        let mut state = self.lock();
+        if let Some(entry) = state.entries.get_mut(key) {
+            entry.job.progress = Progress::new(step, total);
+            let _ = entry.events.send(JobEvent::Progress { step, total, loss });
+        }
+    }
+
+    /// Sets the cancel flag of a running job with the error it should end with.
+    pub fn stop(&self, key: &JobKey, reason: ErrorDetail) {
+        let mut state = self.lock();
+        if let Some(entry) = state.entries.get_mut(key) {
+            if entry.cancel_reason.is_none() {
+                entry.cancel_reason = Some(reason);
+            }
+            entry.cancel.store(true, Ordering::SeqCst);
+        }
+    }
+
+    /// Records a job's end; returns the job and its webhook URL.
+    pub fn finish(&self, key: &JobKey, outcome: Result<Output, ErrorDetail>) -> Option<Finished> {
+        let mut state = self.lock();
+        let entry = state.entries.get_mut(key)?;
+        if entry.job.state.is_finished() {
+            return None; // a job ends once
+        }
+        let now = Instant::now();
+        let started = entry.started.unwrap_or(now);
+        entry.finished = Some(now);
+        entry.job.finished_at = Some(now_rfc3339());
+        entry.job.queue_position = None;
+        let timings = JobTimings {
+            queued_seconds: Some((started - entry.created).as_secs_f64()),
+            inference_seconds: Some((now - started).as_secs_f64()),
+            total_seconds: Some((now - entry.created).as_secs_f64()),
+        };
+        let event = match outcome {
+            Ok(output) => {
+                entry.job.state = JobState::Succeeded;
+                match output {
+                    Output::Generation(mut result) => {
+                        result.timings = timings;
+                        entry.job.result = Some(result);
+                    }
+                    Output::Training(result) => entry.job.training = Some(result),
+                }
+                JobEvent::Succeeded {
+                    job: Box::new(entry.job.clone()),
+                }
+            }
+            Err(error) if error.code == codes::CANCELLED => {
+                entry.job.state = JobState::Cancelled;
+                entry.job.error = Some(error);
+                JobEvent::Cancelled {}
+            }
+            Err(error) => {
+                entry.job.state = JobState::Failed;
+                entry.job.error = Some(error.clone());
+                JobEvent::Failed { error }
+            }
+        };
+        let _ = entry.events.send(event);
+        let out = (entry.job.clone(), entry.webhook.clone());
+        let seconds = (now - started).as_secs_f64();
+        state.recent_seconds = 0.8 * state.recent_seconds + 0.2 * seconds;
+        Some(out)
+    }
+
+    /// The error a cancelled run ends with: the recorded reason, else a client cancel.
+    pub fn cancel_reason(&self, key: &JobKey) -> ErrorDetail {
+        self.lock()
+            .entries
+            .get(key)
+            .and_then(|e| e.cancel_reason.clone())
+            .unwrap_or_else(|| error_detail(codes::CANCELLED, "cancelled by the client", false))
+    }
+
+    pub fn get(&self, tenant: &str, id: &str) -> Option<Job> {
+        snapshot(&self.lock(), &(tenant.to_string(), id.to_string()))
+    }
+
+    /// The job now and a receiver of everything after.
+    pub fn subscribe(
+        &self,
+        tenant: &str,
+        id: &str,
+    ) -> Option<(Job, broadcast::Receiver<JobEvent>)> {
+        let state = self.lock();
+        let key = (tenant.to_string(), id.to_string());
+        let rx = state.entries.get(&key)?.events.subscribe();
+        Some((snapshot(&state, &key)?, rx))
+    }
+
+    /// Cancels a job: a queued one at once, a running one between two denoising steps.
+    /// `reason` None means the client asked.
+    pub fn cancel(
+        &self,
+        tenant: &str,
+        id: &str,
+        reason: Option<ErrorDetail>,
+    ) -> Result<(Job, Option<Finished>), ApiError> {
+        let key = (tenant.to_string(), id.to_string());
+        let mut state = self.lock();
+        let Some(entry) = state.entries.get_mut(&key) else {
+            return Err(ApiError::not_found(format!("no job `{id}`")));
+        };
+        if entry.job.state.is_finished() {
+            return Err(ApiError::conflict(format!(
+                "job `{id}` has already finished ({:?})",
+                entry.job.state
+            )));
+        }
+        let reason = reason
+            .unwrap_or_else(|| error_detail(codes::CANCELLED, "cancelled by the client", false));
+        if entry.job.state == JobState::Running {
+            if entry.cancel_reason.is_none() {
+                entry.cancel_reason = Some(reason);
+            }
+            entry.cancel.store(true, Ordering::SeqCst);
+            let job = snapshot(&state, &key).expect("entry exists");
+            return Ok((job, None));
+        }
+        state.queue.retain(|q| q.key != key);
+        announce_positions(&state);
+        drop(state);
+        let finished = self.finish(&key, Err(reason));
+        let job = self.get(tenant, id).expect("entry exists");
+        Ok((job, finished))
+    }
+
+    /// Stops taking jobs; every queued job fails as retryable (its client may send it to
+    /// another replica). Returns them for their webhooks. The running job carries on.
+    pub fn shut_down(&self) -> Vec<Finished> {
+        let drained: Vec<JobKey> = {
+            let mut state = self.lock();
+            state.shutting_down = true;
+            state.queue.drain(..).map(|q| q.key).collect()
+        };
+        self.wake.notify_all();
+        drained
+            .iter()
+            .filter_map(|key| {
+                self.finish(
+                    key,
+                    Err(error_detail(
+                        codes::SHUTTING_DOWN,
+                        "the service shut down before the job ran; submit it again",
+                        true,
+                    )),
+                )
+            })
+            .collect()
+    }
+
+    /// Forgets finished jobs older than `ttl`; returns how many.
+    /// Inline images (`b64Json`) of a finished job are dropped after this long (its URLs
+    /// stay until the TTL): they are the bulk of a job's memory.
+    pub const INLINE_KEPT: Duration = Duration::from_secs(600);
+    /// At most this many finished jobs are remembered (the oldest go first).
+    pub const MAX_FINISHED: usize = 10_000;
+
+    pub fn sweep(&self, ttl: Duration) -> usize {
+        let mut state = self.lock();
+        let before = state.entries.len();
+        state
+            .entries
+            .retain(|_, e| e.finished.is_none_or(|t| t.elapsed() < ttl));
+        let mut finished: Vec<(Instant, JobKey)> = Vec::new();
+        for (key, entry) in state.entries.iter_mut() {
+            let Some(at) = entry.finished else { continue };
+            finished.push((at, key.clone()));
+            if at.elapsed() >= Self::INLINE_KEPT {
+                if let Some(result) = &mut entry.job.result {
+                    for image in &mut result.images {
+                        image.b64_json = None;
+                    }
+                }
+            }
+        }
+        if finished.len() > Self::MAX_FINISHED {
+            finished.sort();
+            let excess = finished.len() - Self::MAX_FINISHED;
+            for (_, key) in finished.into_iter().take(excess) {
+                state.entries.remove(&key);
+            }
+        }
+        before - state.entries.len()
+    }
+
+    /// Jobs queued past their deadline fail without running.
+    pub fn expire_queued(&self) -> Vec<Finished> {
+        let now = Instant::now();
+        let expired: Vec<JobKey> = {
+            let mut state = self.lock();
+            let keys: Vec<JobKey> = state
+                .queue
+                .iter()
+                .filter(|q| q.deadline <= now)
+                .map(|q| q.key.clone())
+                .collect();
+            if !keys.is_empty() {
+                state.queue.retain(|q| q.deadline > now);
+                announce_positions(&state);
+            }
+            keys
+        };
+        expired
+            .iter()
+            .filter_map(|key| self.finish(key, Err(deadline_error())))
+            .collect()
+    }
+}
+
+pub fn deadline_error() -> ErrorDetail {
+    error_detail(
+        codes::DEADLINE_EXCEEDED,
+        "the job did not finish before its deadline",
+        true,
+    )
+}
+
+/// Marks a job taken off the queue as running.
+fn start<W>(state: &mut State<W>, queued: Queued<W>) -> Option<Running<W>> {
+    let Queued {
+        key,
+        work,
+        deadline,
+    } = queued;
+    let entry = state.entries.get_mut(&key)?;
+    entry.job.state = JobState::Running;
+    entry.job.queue_position = None;
+    entry.job.started_at = Some(now_rfc3339());
+    entry.started = Some(Instant::now());
+    Some(Running {
+        key,
+        work,
+        cancel: entry.cancel.clone(),
+        deadline,
+        created: entry.created,
+    })
+}
+
+fn existing<W>(
+    state: &State<W>,
+    key: &JobKey,
+    fingerprint: &str,
+) -> Option<Result<Submitted, ApiError>> {
+    let entry = state.entries.get(key)?;
+    if entry.fingerprint != fingerprint {
+        return Some(Err(ApiError::conflict(format!(
+            "job `{}` exists with a different request",
+            key.1
+        ))
+        .with_field("jobId")));
+    }
+    let rx = entry.events.subscribe();
+    Some(Ok((snapshot(state, key)?, rx, false)))
+}
+
+fn snapshot<W>(state: &State<W>, key: &JobKey) -> Option<Job> {
+    let entry = state.entries.get(key)?;
+    let mut job = entry.job.clone();
+    if job.state == JobState::Queued {
+        job.queue_position = state
+            .queue
+            .iter()
+            .position(|q| &q.key == key)
+            .map(|p| p as u32);
+    }
+    Some(job)
+}
+
+/// Tells every queued job its new place.
+fn announce_positions<W>(state: &State<W>) {
+    for (position, queued) in state.queue.iter().enumerate() {
+        if let Some(entry) = state.entries.get(&queued.key) {
+            let _ = entry.events.send(JobEvent::Queued {
+                position: position as u32,
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn submission(tenant: &str, id: &str, prompt: &str) -> Submission {
+        Submission {
+            tenant: tenant.into(),
+            id: id.into(),
+            fingerprint: prompt.into(),
+            deadline: Instant::now() + Duration::from_secs(60),
+            webhook: None,
+            work: Work {
+                params: GenerationParams {
+                    prompt: prompt.into(),
+                    ..Default::default()
+                },
+                image: None,
+                mask: None,
+                mask_prompt: None,
+                loras: vec![],
+                b64: false,
+                mode: "text-to-image",
+                batch_key: Some("k".into()),
+                images: 1,
+            },
+        }
+    }
+
+    #[test]
+    fn queue_is_bounded_idempotent_and_per_tenant() {
+        let jobs = Jobs::new(2);
+        let (job, _, new) = jobs.submit(submission("a", "j1", "x")).unwrap();
+        assert!(new && job.queue_position == Some(0));
+        let (_, _, new) = jobs.submit(submission("a", "j1", "x")).unwrap();
+        assert!(!new, "same id and body: the same job");
+        assert_eq!(
+            jobs.submit(submission("a", "j1", "y")).unwrap_err().status,
+            warp::http::StatusCode::CONFLICT
+        );
+        jobs.submit(submission("b", "j1", "x")).unwrap();
+        let full = jobs.submit(submission("a", "j3", "x")).unwrap_err();
+        assert_eq!(full.status, warp::http::StatusCode::TOO_MANY_REQUESTS);
+        assert!(full.retry_after.is_some());
+        assert!(jobs.get("c", "j1").is_none());
+        assert_eq!(jobs.get("b", "j1").unwrap().queue_position, Some(1));
+    }
+
+    #[test]
+    fn cancel_and_shutdown_finish_queued_jobs() {
+        let jobs = Jobs::new(4);
+        jobs.submit(submission("a", "1", "x")).unwrap();
+        jobs.submit(submission("a", "2", "x")).unwrap();
+        jobs.submit(submission("a", "3", "x")).unwrap();
+        let (job, _) = jobs.cancel("a", "1", None).unwrap();
+        assert_eq!(job.state, JobState::Cancelled);
+        assert_eq!(jobs.get("a", "2").unwrap().queue_position, Some(0));
+        let Some(Ok(running)) = jobs.next() else {
+            panic!("a job to run")
+        };
+        assert_eq!(running.key.1, "2");
+        jobs.cancel("a", "2", None).unwrap();
+        assert!(running.cancel.load(Ordering::SeqCst));
+        let failed = jobs.shut_down();
+        assert_eq!(failed.len(), 1);
+        let error = failed[0].0.error.clone().unwrap();
+        assert_eq!(
+            (error.code.as_str(), error.retryable),
+            (codes::SHUTTING_DOWN, Some(true))
+        );
+        assert!(jobs.next().is_none());
+        assert!(jobs.submit(submission("a", "4", "x")).is_err());
+    }
+
+    #[test]
+    fn compatible_jobs_are_taken_together() {
+        let jobs = Jobs::new(8);
+        for id in ["1", "2", "3", "4"] {
+            jobs.submit(submission("a", id, "x")).unwrap();
+        }
+        let mut other = submission("a", "5", "x");
+        other.work.batch_key = Some("other".into());
+        jobs.submit(other).unwrap();
+        let Some(Ok(first)) = jobs.next() else {
+            panic!("a job")
+        };
+        let more = jobs.take_batch("k", 2);
+        let ids: Vec<&str> = more.iter().map(|r| r.key.1.as_str()).collect();
+        assert_eq!((first.key.1.as_str(), ids), ("1", vec!["2", "3"]));
+        assert_eq!(jobs.get("a", "2").unwrap().state, JobState::Running);
+        assert_eq!(jobs.get("a", "4").unwrap().queue_position, Some(0));
+        assert_eq!(jobs.get("a", "5").unwrap().queue_position, Some(1));
+    }
+}

@@ -1,0 +1,424 @@
+//! The engine worker: one OS thread that loads the model and runs every job on it, one at a
+//! time (libtorch tensors and the LoRA cache stay on this thread).
+
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use imagegen_crds::api::{codes, ErrorDetail, GenerationResult, ImageResult, WithheldImage};
+use sha2::{Digest, Sha256};
+use tch::{Device, Kind};
+
+use super::jobs::{deadline_error, error_detail, random_id, Control, JobKey, Running};
+use super::store::Store;
+use super::Shared;
+use crate::generate::MaskPrompt;
+use crate::mask_prompt::{load_clipseg, MaskFinder, MaskOptions};
+use crate::output::encode_png;
+use crate::styles::StyleBook;
+use crate::{GenerationOutcome, Inputs, LoadOptions, Lora, LoraCache, StableDiffusion};
+
+/// What the worker tells the server once the model is loaded (or failed to load).
+pub struct Loaded {
+    pub model_name: String,
+    pub native_size: u32,
+    pub device: Device,
+}
+
+pub fn parse_device(text: Option<&str>) -> Result<Device, String> {
+    match text {
+        None | Some("auto") => Ok(Device::cuda_if_available()),
+        Some("cpu") => Ok(Device::Cpu),
+        Some("cuda") => Ok(Device::Cuda(0)),
+        Some(other) => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(index)) => Ok(Device::Cuda(index)),
+            _ => Err(format!(
+                "invalid device `{other}` (expected cpu, cuda, cuda:N or auto)"
+            )),
+        },
+    }
+}
+
+pub fn parse_dtype(text: Option<&str>, device: Device) -> Result<Kind, String> {
+    match text {
+        None if device.is_cuda() => Ok(Kind::Half),
+        None => Ok(Kind::Float),
+        Some("f32" | "fp32" | "float32") => Ok(Kind::Float),
+        Some("f16" | "fp16" | "float16") => Ok(Kind::Half),
+        Some("bf16" | "bfloat16") => Ok(Kind::BFloat16),
+        Some(other) => Err(format!(
+            "invalid dtype `{other}` (expected f32, f16 or bf16)"
+        )),
+    }
+}
+
+struct Engine {
+    model: StableDiffusion,
+    styles: StyleBook,
+    loras: LoraCache,
+    /// CLIPSeg for mask prompts, loaded on first use.
+    finder: Option<MaskFinder>,
+}
+
+/// Runs on the worker thread until the queue shuts down.
+pub fn run(shared: Arc<Shared>, loaded: std::sync::mpsc::Sender<Result<Loaded, String>>) {
+    let config = &shared.config;
+    let engine = (|| -> Result<Engine, String> {
+        let device = parse_device(config.device.as_deref())?;
+        if let Device::Cuda(index) = device {
+            if !tch::Cuda::is_available() || index >= tch::Cuda::device_count() as usize {
+                return Err(format!("device cuda:{index} is not available"));
+            }
+        }
+        let dtype = parse_dtype(config.dtype.as_deref(), device)?;
+        let mut options = LoadOptions::new(&config.model);
+        options.device = device;
+        options.dtype = dtype;
+        options.safety = config.safety;
+        options.safety_checker = config.safety_checker.clone();
+        let model = StableDiffusion::load(&options).map_err(|e| e.to_string())?;
+        let styles = match &config.styles_file {
+            Some(path) => StyleBook::with_file(path).map_err(|e| e.to_string())?,
+            None => StyleBook::builtin(),
+        };
+        Ok(Engine {
+            model,
+            styles,
+            loras: LoraCache::new(config.lora_cache_bytes as usize),
+            finder: None,
+        })
+    })();
+    let mut engine = match engine {
+        Ok(engine) => {
+            let _ = loaded.send(Ok(Loaded {
+                model_name: engine.model.name.clone(),
+                native_size: engine.model.native_size() as u32,
+                device: engine.model.device,
+            }));
+            engine
+        }
+        Err(message) => {
+            let _ = loaded.send(Err(message));
+            return;
+        }
+    };
+    shared.worker_alive.store(true, Ordering::SeqCst);
+    while let Some(task) = shared.jobs.next() {
+        shared.metrics.queue_depth.set(shared.jobs.depth() as i64);
+        match task {
+            Err(Control::ValidateLora { file, reply }) => {
+                let result = Lora::load(&file, &engine.model, false)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string());
+                let _ = reply.send(result);
+            }
+            Ok(running) => {
+                // Compatible queued jobs join this one in a UNet batch.
+                let mut batch = vec![running];
+                if let Some(key) = batch[0].work.batch_key.clone() {
+                    let room = shared
+                        .config
+                        .batch_limit
+                        .saturating_sub(batch[0].work.images);
+                    if room > 0 {
+                        batch.extend(shared.jobs.take_batch(&key, room));
+                        shared.metrics.queue_depth.set(shared.jobs.depth() as i64);
+                    }
+                }
+                let keys: Vec<JobKey> = batch.iter().map(|r| r.key.clone()).collect();
+                // A bug must cost its jobs, not the worker (and with it every later job).
+                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    if batch.len() == 1 {
+                        run_job(&shared, &mut engine, batch.remove(0))
+                    } else {
+                        run_batch(&shared, &mut engine, batch)
+                    }
+                }));
+                if ran.is_err() {
+                    for key in keys {
+                        let error =
+                            error_detail(codes::INTERNAL, "the job failed unexpectedly", true);
+                        if let Some((job, webhook)) = shared.jobs.finish(&key, Err(error)) {
+                            super::send_webhook(&shared, job, webhook);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    shared.worker_alive.store(false, Ordering::SeqCst);
+}
+
+fn run_job(shared: &Shared, engine: &mut Engine, running: Running) {
+    let Running {
+        key,
+        work,
+        cancel,
+        deadline,
+        created,
+    } = running;
+    let started = Instant::now();
+    let outcome = if Instant::now() >= deadline {
+        Err(deadline_error())
+    } else {
+        generate(shared, engine, &key, &work, &cancel, deadline)
+    };
+    let steps_done = shared
+        .jobs
+        .get(&key.0, &key.1)
+        .map(|j| j.progress.step)
+        .unwrap_or(0);
+    record_throughput(shared, engine, steps_done * work.images, started);
+    finish(shared, &key, work.mode, created, outcome);
+}
+
+fn record_throughput(shared: &Shared, engine: &Engine, image_steps: u32, started: Instant) {
+    let seconds = started.elapsed().as_secs_f64();
+    if image_steps > 0 && seconds > 0.0 {
+        shared
+            .metrics
+            .denoise_steps_per_second
+            .set(f64::from(image_steps) / seconds);
+        shared.metrics.denoise_steps.inc_by(u64::from(image_steps));
+    }
+    if let Device::Cuda(index) = engine.model.device {
+        if let Some(bytes) = super::metrics::gpu_memory_bytes(index) {
+            shared.metrics.gpu_memory_bytes.set(bytes as i64);
+        }
+    }
+}
+
+/// Records a job's end in the metrics, then in the job table (which answers its client).
+fn finish(
+    shared: &Shared,
+    key: &JobKey,
+    mode: &str,
+    created: Instant,
+    outcome: Result<GenerationResult, ErrorDetail>,
+) {
+    let outcome = outcome.map(super::jobs::Output::Generation);
+    // Metrics first: a client answered by `finish` may read them at once.
+    let state = match &outcome {
+        Ok(_) => "succeeded",
+        Err(e) if e.code == codes::CANCELLED => "cancelled",
+        Err(_) => "failed",
+    };
+    shared
+        .metrics
+        .job_seconds
+        .with_label_values(&[mode, state])
+        .observe(created.elapsed().as_secs_f64());
+    shared.metrics.jobs.with_label_values(&[state]).inc();
+    if let Some((job, webhook)) = shared.jobs.finish(key, outcome) {
+        super::send_webhook(shared, job, webhook);
+    }
+}
+
+/// Loads (or finds cached) the LoRAs of a job for the model.
+fn load_loras(
+    shared: &Shared,
+    engine: &mut Engine,
+    files: &[(std::path::PathBuf, f64)],
+) -> crate::Result<Vec<(Rc<Lora>, f64)>> {
+    let mut loras = Vec::new();
+    for (file, weight) in files {
+        let (len, bytes) = (engine.loras.len(), engine.loras.bytes());
+        let lora = engine.loras.get(file, &engine.model, false)?;
+        if (engine.loras.len(), engine.loras.bytes()) == (len, bytes) {
+            shared.metrics.lora_cache_hits.inc();
+        } else {
+            shared.metrics.lora_cache_misses.inc();
+        }
+        loras.push((lora, *weight));
+    }
+    Ok(loras)
+}
+
+/// Compatible text-to-image jobs in one denoising loop. A member cancelled (or past its
+/// deadline) while the batch runs ends cancelled (or failed) when it is done; the loop
+/// itself stops only when every member has been stopped.
+fn run_batch(shared: &Shared, engine: &mut Engine, batch: Vec<Running>) {
+    let started = Instant::now();
+    let (live, expired): (Vec<Running>, Vec<Running>) =
+        batch.into_iter().partition(|r| Instant::now() < r.deadline);
+    for r in expired {
+        finish(
+            shared,
+            &r.key,
+            r.work.mode,
+            r.created,
+            Err(deadline_error()),
+        );
+    }
+    if live.is_empty() {
+        return;
+    }
+    shared.metrics.batches.inc();
+    shared.metrics.batched_jobs.inc_by(live.len() as u64);
+    let loras = match load_loras(shared, engine, &live[0].work.loras) {
+        Ok(loras) => loras,
+        Err(e) => {
+            let detail = super::error::ApiError::from_engine(&e).detail;
+            for r in &live {
+                finish(shared, &r.key, r.work.mode, r.created, Err(detail.clone()));
+            }
+            return;
+        }
+    };
+    let requests: Vec<_> = live.iter().map(|r| r.work.params.clone()).collect();
+    let all_stopped = AtomicBool::new(false);
+    let mut steps_done = 0;
+    let mut report = |p: crate::Progress| {
+        steps_done = p.step as u32;
+        let now = Instant::now();
+        for r in &live {
+            shared.jobs.progress(&r.key, p.step as u32, p.total as u32);
+            if now >= r.deadline {
+                shared.jobs.stop(&r.key, deadline_error());
+            }
+        }
+        if live.iter().all(|r| r.cancel.load(Ordering::SeqCst)) {
+            all_stopped.store(true, Ordering::SeqCst);
+        }
+    };
+    let outcomes =
+        engine
+            .model
+            .generate_batch(&requests, &loras, &engine.styles, &mut report, &all_stopped);
+    let images: u32 = live.iter().map(|r| r.work.images).sum();
+    record_throughput(shared, engine, steps_done * images, started);
+    match outcomes {
+        Ok(outcomes) => {
+            for (r, outcome) in live.iter().zip(outcomes) {
+                let result = if r.cancel.load(Ordering::SeqCst) {
+                    Err(shared.jobs.cancel_reason(&r.key))
+                } else {
+                    store_outcome(shared, &r.key.0, outcome, r.work.b64)
+                };
+                finish(shared, &r.key, r.work.mode, r.created, result);
+            }
+        }
+        Err(e) => {
+            for r in &live {
+                let detail = match &e {
+                    crate::Error::Cancelled => shared.jobs.cancel_reason(&r.key),
+                    other => super::error::ApiError::from_engine(other).detail,
+                };
+                finish(shared, &r.key, r.work.mode, r.created, Err(detail));
+            }
+        }
+    }
+}
+
+fn generate(
+    shared: &Shared,
+    engine: &mut Engine,
+    key: &JobKey,
+    work: &super::jobs::Work,
+    cancel: &AtomicBool,
+    deadline: Instant,
+) -> Result<GenerationResult, ErrorDetail> {
+    let engine_error = |e: crate::Error| -> ErrorDetail {
+        match e {
+            crate::Error::Cancelled => shared.jobs.cancel_reason(key),
+            other => super::error::ApiError::from_engine(&other).detail,
+        }
+    };
+    let loras = load_loras(shared, engine, &work.loras).map_err(engine_error)?;
+    if work.mask_prompt.is_some() && engine.finder.is_none() {
+        let finder = load_clipseg(
+            &shared.config.mask_model,
+            engine.model.device,
+            engine.model.dtype,
+        )
+        .map_err(|e| {
+            error_detail(
+                codes::INTERNAL,
+                format!("mask prompts need the CLIPSeg model: {e}"),
+                false,
+            )
+        })?;
+        engine.finder = Some(finder);
+    }
+    let inputs = Inputs {
+        image: work.image.clone(),
+        mask: work.mask.clone(),
+        controlnet: None,
+        loras,
+        mask_prompt: match (&work.mask_prompt, &engine.finder) {
+            (Some(prompt), Some(finder)) => Some(MaskPrompt {
+                finder,
+                prompts: vec![prompt.clone()],
+                negative: None,
+                // Grown and blurred by the request's maskGrow/maskBlur like a drawn mask.
+                options: MaskOptions {
+                    grow: 0,
+                    blur: 0.0,
+                    ..MaskOptions::default()
+                },
+            }),
+            _ => None,
+        },
+    };
+    let mut report = |p: crate::Progress| {
+        shared.jobs.progress(key, p.step as u32, p.total as u32);
+        if Instant::now() >= deadline {
+            shared.jobs.stop(key, deadline_error());
+        }
+    };
+    let outcome: GenerationOutcome = engine
+        .model
+        .generate(&work.params, &inputs, &engine.styles, &mut report, cancel)
+        .map_err(engine_error)?;
+    store_outcome(shared, &key.0, outcome, work.b64)
+}
+
+/// Encodes the images as PNG (with their metadata and the AI marking) and stores them.
+fn store_outcome(
+    shared: &Shared,
+    tenant: &str,
+    outcome: GenerationOutcome,
+    b64: bool,
+) -> Result<GenerationResult, ErrorDetail> {
+    let mut images = Vec::new();
+    for generated in &outcome.images {
+        let png = encode_png(&generated.image, &generated.metadata)
+            .map_err(|e| error_detail(codes::INTERNAL, e.to_string(), false))?;
+        let id = random_id();
+        let sha256: String = Sha256::digest(&png)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let path = Store::tenant_path(tenant, &format!("images/{id}.png"));
+        let b64_json = b64.then(|| super::media::base64_encode(&png));
+        shared
+            .runtime
+            .block_on(shared.store.put(&path, Bytes::from(png)))
+            .map_err(|e| error_detail(codes::INTERNAL, e.to_string(), true))?;
+        images.push(ImageResult {
+            url: format!("/v1/images/{id}.png"),
+            id,
+            seed: generated.metadata.seed,
+            sha256,
+            width: generated.image.width(),
+            height: generated.image.height(),
+            b64_json,
+        });
+    }
+    let withheld = outcome
+        .withheld
+        .iter()
+        .map(|w| WithheldImage {
+            index: w.index as u32,
+            seed: w.seed,
+            reason: w.reason.clone(),
+        })
+        .collect();
+    Ok(GenerationResult {
+        images,
+        withheld,
+        timings: Default::default(),
+    })
+}
