@@ -15,11 +15,12 @@ pub struct Auth {
 }
 
 impl Auth {
+    /// `tokens`: token → tenant.
     pub fn new(tokens: &std::collections::BTreeMap<String, String>) -> Self {
         Auth {
             tokens: tokens
                 .iter()
-                .map(|(tenant, token)| (tenant.clone(), Sha256::digest(token.as_bytes()).into()))
+                .map(|(token, tenant)| (tenant.clone(), Sha256::digest(token.as_bytes()).into()))
                 .collect(),
         }
     }
@@ -64,11 +65,13 @@ mod tests {
     #[test]
     fn tokens_map_to_tenants() {
         let mut map = std::collections::BTreeMap::new();
-        map.insert("a".to_string(), "token-aaaa".to_string());
-        map.insert("b".to_string(), "token-bbbb".to_string());
+        map.insert("token-aaaa".to_string(), "a".to_string());
+        map.insert("token-bbbb".to_string(), "b".to_string());
+        map.insert("token-aaa2".to_string(), "a".to_string());
         let auth = Auth::new(&map);
         assert_eq!(auth.tenant(Some("Bearer token-bbbb")).unwrap(), "b");
         assert_eq!(auth.tenant(Some("Bearer token-aaaa")).unwrap(), "a");
+        assert_eq!(auth.tenant(Some("Bearer token-aaa2")).unwrap(), "a");
         assert!(auth.tenant(Some("Bearer token-cccc")).is_err());
         assert!(auth.tenant(Some("token-aaaa")).is_err());
         assert!(auth.tenant(None).is_err());

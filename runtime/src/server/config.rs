@@ -187,7 +187,7 @@ pub struct Config {
     /// Most images per UNet batch (1: no batching).
     pub batch_limit: u32,
     pub limits: Limits,
-    /// tenant → token.
+    /// Token → tenant: a tenant may have several tokens (its clients', the operator's).
     pub tokens: BTreeMap<String, String>,
     pub store: String,
     pub result_ttl_seconds: u64,
@@ -204,13 +204,15 @@ pub struct Config {
     pub url_signing_key: String,
 }
 
-/// Parses `tenant:token` lines (a tokens file) or comma-separated pairs (the env variable).
+/// Parses `tenant:token` lines (a tokens file) or comma-separated pairs (the env variable)
+/// into `tokens` (token → tenant). A tenant may appear several times; one token given to two
+/// tenants is an error, since a request could not be told apart.
 pub fn parse_tokens(
+    tokens: &mut BTreeMap<String, String>,
     text: &str,
     separator: char,
     origin: &str,
-) -> Result<BTreeMap<String, String>, String> {
-    let mut tokens = BTreeMap::new();
+) -> Result<(), String> {
     for (number, entry) in text.split(separator).enumerate() {
         let entry = entry.trim();
         if entry.is_empty() || entry.starts_with('#') {
@@ -229,9 +231,18 @@ pub fn parse_tokens(
                 "{origin}: the token of tenant `{tenant}` is shorter than 8 characters"
             ));
         }
-        tokens.insert(tenant.to_string(), token.to_string());
+        match tokens.get(token) {
+            Some(other) if other != tenant => {
+                return Err(format!(
+                    "{origin}: one token is given to both tenant `{other}` and `{tenant}`"
+                ))
+            }
+            _ => {
+                tokens.insert(token.to_string(), tenant.to_string());
+            }
+        }
     }
-    Ok(tokens)
+    Ok(())
 }
 
 /// Tenants name store folders: a DNS label's characters only.
@@ -255,9 +266,9 @@ fn read_file_config(path: &Path) -> Result<FileConfig, String> {
     serde_yaml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
-fn read_tokens_file(path: &Path) -> Result<BTreeMap<String, String>, String> {
+fn read_tokens_file(tokens: &mut BTreeMap<String, String>, path: &Path) -> Result<(), String> {
     let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    parse_tokens(&text, '\n', &path.display().to_string())
+    parse_tokens(tokens, &text, '\n', &path.display().to_string())
 }
 
 fn is_loopback(addr: &SocketAddr) -> bool {
@@ -282,28 +293,31 @@ impl Config {
         let model = args.model.clone().or(file.model.clone()).ok_or(
             "no model: give --model, IMAGEGEN_MODEL or `model` in the config file".to_string(),
         )?;
-        // Tokens: the flag/env pair list and the tokens file both count; the YAML's map and
-        // file are used when neither flag nor env gave any.
+        // Tokens: the flag/env pair list and the tokens file both count (in a cluster the
+        // operator's token comes in the file, clients' in the env); the YAML's map and file
+        // are used when neither flag nor env gave any.
         let mut tokens = BTreeMap::new();
         let tokens_file = args.tokens_file.clone().or(file.tokens_file.clone());
         if let Some(path) = &tokens_file {
-            tokens.extend(read_tokens_file(path)?);
+            read_tokens_file(&mut tokens, path)?;
         }
         if let Some(list) = &args.tokens {
             // Commas, or lines as in a tokens file.
-            tokens.extend(parse_tokens(
+            parse_tokens(
+                &mut tokens,
                 &list.replace('\n', ","),
                 ',',
                 "IMAGEGEN_TOKENS",
-            )?);
+            )?;
         }
         if args.tokens.is_none() && args.tokens_file.is_none() {
             for (tenant, token) in &file.tokens {
-                tokens.extend(parse_tokens(
+                parse_tokens(
+                    &mut tokens,
                     &format!("{tenant}:{token}"),
                     ',',
                     "config tokens",
-                )?);
+                )?;
             }
         }
         let insecure = args.insecure || file.insecure.unwrap_or(false);
@@ -419,17 +433,26 @@ mod tests {
 
     #[test]
     fn tokens_parse_with_comments_and_blank_lines() {
-        let tokens = parse_tokens(
-            "# team\n\nalice:secret-one\n bob : secret-two \n",
+        let mut tokens = BTreeMap::new();
+        parse_tokens(
+            &mut tokens,
+            "# team\n\nalice:secret-one\n bob : secret-two \nalice:secret-three\n",
             '\n',
             "f",
         )
         .unwrap();
-        assert_eq!(tokens["alice"], "secret-one");
-        assert_eq!(tokens["bob"], "secret-two");
-        assert!(parse_tokens("alice", '\n', "f").is_err());
-        assert!(parse_tokens("Alice:secret-one", '\n', "f").is_err());
-        assert!(parse_tokens("alice:short", '\n', "f").is_err());
+        assert_eq!(tokens["secret-one"], "alice");
+        assert_eq!(tokens["secret-two"], "bob");
+        assert_eq!(
+            tokens["secret-three"], "alice",
+            "a tenant may have several tokens"
+        );
+        let mut fresh = BTreeMap::new();
+        assert!(parse_tokens(&mut fresh, "alice", '\n', "f").is_err());
+        assert!(parse_tokens(&mut fresh, "Alice:secret-one", '\n', "f").is_err());
+        assert!(parse_tokens(&mut fresh, "alice:short", '\n', "f").is_err());
+        let shared = parse_tokens(&mut tokens, "carol:secret-two", '\n', "f").unwrap_err();
+        assert!(shared.contains("both tenant `bob` and `carol`"), "{shared}");
     }
 
     #[test]
@@ -465,7 +488,7 @@ mod tests {
         assert_eq!(c.model, "from-file");
         assert_eq!(c.queue_size, 3);
         assert_eq!(c.limits.max_steps, 10);
-        assert_eq!(c.tokens["t1"], "abcdefgh");
+        assert_eq!(c.tokens["abcdefgh"], "t1");
         a.model = Some("from-flag".into());
         a.queue_size = Some(5);
         let c = Config::resolve(&a).unwrap();
