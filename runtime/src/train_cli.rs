@@ -193,8 +193,10 @@ fn load_and_train(
     let outcome = train(&model, config, &mut |event| match event {
         TrainerEvent::Checkpoint { step, path } => {
             match store.upload_checkpoint(std::path::Path::new(&path)) {
-                Ok(Some(path)) => reporter.emit(&TrainerEvent::Checkpoint { step, path }),
-                Ok(None) => reporter.emit(&TrainerEvent::Checkpoint { step, path }),
+                Ok(stored) => reporter.emit(&TrainerEvent::Checkpoint {
+                    step,
+                    path: stored.unwrap_or(path),
+                }),
                 // Training goes on: the checkpoint only matters if the pod restarts.
                 Err(e) => tracing::warn!(step, error = %e, "uploading a checkpoint failed"),
             }

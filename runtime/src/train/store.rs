@@ -129,7 +129,9 @@ impl TrainStore {
         config.images = images;
 
         if let Some(out) = this.out.clone() {
-            this.local_out = staging.join("out");
+            // Named as in the store: the kohya file is named after the output folder.
+            let name = out.rsplit('/').next().unwrap_or("out");
+            this.local_out = staging.join("out").join(name);
             config.out = this.local_out.clone();
             if config.resume.as_deref() == Some(Path::new(RESUME_LATEST)) {
                 config.resume = this.fetch_latest_checkpoint(&out)?;
