@@ -63,13 +63,29 @@ fn store_with_photos(dir: &Path) -> PathBuf {
 
 /// Child processes run torch on one thread: the tiny models gain nothing from more, and
 /// OpenMP's spinning threads crawl when tests share a few cores.
+/// The child's temp dir (its staging folder) is `<cwd>/../tmp`, to check that it is cleaned.
 fn imagegen(cwd: &Path) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_imagegen"));
     command
         .env("OMP_NUM_THREADS", "1")
+        .env("TMPDIR", child_tmp(cwd))
         .env_remove("IMAGEGEN_STORE")
         .current_dir(cwd);
     command
+}
+
+fn child_tmp(cwd: &Path) -> PathBuf {
+    let tmp = cwd.parent().unwrap().join("tmp");
+    std::fs::create_dir_all(&tmp).unwrap();
+    tmp
+}
+
+fn assert_staging_removed(cwd: &Path) {
+    let left: Vec<_> = std::fs::read_dir(child_tmp(cwd))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert!(left.is_empty(), "staging folders left: {left:?}");
 }
 
 /// Runs `imagegen train` in `cwd`; returns (success, events, stderr).
@@ -220,6 +236,7 @@ fn the_lora_and_checkpoints_go_to_the_store_and_resume_latest_continues_from_it(
         .zip(&second.modules)
         .any(|(a, b)| (&a.up - &b.up).abs().max().double_value(&[]) > 0.0);
     assert!(changed, "the second run overwrote the LoRA in the store");
+    assert_staging_removed(&cwd);
 }
 
 #[test]
@@ -266,6 +283,7 @@ fn missing_store_images_and_dot_dot_paths_are_one_line_errors() {
             matches!(events[0], TrainerEvent::Failed { .. }),
             "{events:?}"
         );
+        assert_staging_removed(&cwd);
     }
     assert!(!store.join("tenants/t/loras").exists());
 }

@@ -102,6 +102,14 @@ impl TrainStore {
     /// Opens the store and rewrites `config`'s store paths to local ones: downloads the
     /// images (and the checkpoint to resume from) and points `out` at a staging folder.
     pub fn prepare(url: &str, config: &mut TrainConfig) -> Result<TrainStore> {
+        // Every path is checked before anything is created or downloaded.
+        let out = store_path("out", &config.out)?;
+        for input in &config.images {
+            store_path("images", input)?;
+        }
+        if let Some(resume) = config.resume.as_deref() {
+            store_path("resume", resume)?;
+        }
         let store = Store::open(url).map_err(TrainStoreError::Open)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -110,7 +118,6 @@ impl TrainStore {
         let staging = std::env::temp_dir().join(format!("imagegen-train-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&staging);
         std::fs::create_dir_all(&staging).map_err(io_error(&staging))?;
-        let out = store_path("out", &config.out)?;
         let mut this = TrainStore {
             store,
             runtime,
