@@ -393,12 +393,15 @@ pub enum TrainerEvent {
     },
     Checkpoint {
         step: u32,
+        /// The checkpoint folder: a store path when `--out` is in the store (`--store`).
         path: String,
     },
     Done {
         step: u32,
         total: u32,
-        /// The LoRA file written.
+        /// The LoRA file written: with `--store` and a relative `--out`, its store path
+        /// (`<out>/pytorch_lora_weights.safetensors`, uploaded before this event), else the
+        /// local file.
         output: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         loss: Option<f64>,

@@ -3,8 +3,8 @@
 //!
 //! The trainer reads its photos from and writes the LoRA to the runtime's store, under the
 //! namespace's tenant root (`tenants/<namespace>/`). Paths passed to it are relative to the
-//! store root; with a `file://` store on a claim the Job runs in [`STORE_MOUNT_PATH`], so they
-//! are plain file paths there.
+//! store root, and the trainer resolves them in the store that `IMAGEGEN_STORE` names (the
+//! claim mounted at [`STORE_MOUNT_PATH`], or S3), downloading the photos and uploading the LoRA.
 
 use std::collections::BTreeMap;
 

@@ -1,8 +1,13 @@
 //! `imagegen train`: DreamBooth-LoRA training from the command line. Progress is one JSON
 //! object per line on stdout (nothing else goes there), logs and the error line on stderr.
+//!
+//! With `--store` (or `IMAGEGEN_STORE`), relative `--images`, `--out` and `--resume` paths
+//! are paths in the store, fetched and uploaded by [`imagegen_runtime::train::store`]; the
+//! `checkpoint` and `done` events then name store paths. Absolute paths stay local files.
 
 use std::path::PathBuf;
 
+use imagegen_runtime::train::store::TrainStore;
 use imagegen_runtime::train::{train, MixedPrecision, ProgressReporter, TrainConfig, TrainerEvent};
 use imagegen_runtime::{LoadOptions, SafetyPolicy, StableDiffusion};
 
@@ -12,6 +17,7 @@ pub struct TrainArgs {
     #[arg(long)]
     model: String,
     /// Instance images: a folder (its png/jpg/jpeg/webp files) or image files; repeatable.
+    /// With --store, relative paths are store paths: one object, or every image under a prefix.
     #[arg(long, required = true, num_args = 1.., value_name = "DIR|FILE")]
     images: Vec<PathBuf>,
     /// The prompt with the subject's unique token, e.g. "a photo of sks dog".
@@ -53,6 +59,7 @@ pub struct TrainArgs {
     checkpoint_every: Option<u32>,
     /// Continue from a checkpoint folder (same rank, alpha and text-encoder choice);
     /// `latest`: the newest checkpoint in --out, or a fresh start when there is none.
+    /// With --store, a relative folder is a store path.
     #[arg(long, value_name = "DIR")]
     resume: Option<PathBuf>,
     /// Instance images per step (with prior preservation, as many class images again).
@@ -88,8 +95,15 @@ pub struct TrainArgs {
     #[arg(long)]
     device: Option<String>,
     /// The output folder (pytorch_lora_weights.safetensors, checkpoints, class images).
+    /// With --store, a relative path is a store folder: the LoRA and each checkpoint are
+    /// uploaded there (class images stay local).
     #[arg(long)]
     out: PathBuf,
+    /// The store that relative --images, --out and --resume paths are in: file:///abs/dir or
+    /// s3://bucket/prefix (credentials from the AWS_* variables) [default: none, all paths
+    /// are local].
+    #[arg(long, env = "IMAGEGEN_STORE", value_name = "URL")]
+    store: Option<String>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -145,7 +159,8 @@ fn config(args: TrainArgs) -> TrainConfig {
 
 fn load_and_train(
     device: Option<String>,
-    config: &TrainConfig,
+    store_url: Option<&str>,
+    config: &mut TrainConfig,
     reporter: &ProgressReporter,
 ) -> Result<(), String> {
     let device = crate::parse_device(device.as_deref())?;
@@ -156,8 +171,12 @@ fn load_and_train(
             ));
         }
     }
-    // Checked before the (slow) model load.
+    // Checked before the (slow) downloads and model load.
     config.validate(device).map_err(|e| e.to_string())?;
+    let store = store_url
+        .map(|url| TrainStore::prepare(url, config))
+        .transpose()
+        .map_err(|e| e.to_string())?;
     imagegen_runtime::train::data::collect_images(&config.images, "images")
         .map_err(|e| e.to_string())?;
     let mut options = LoadOptions::new(&config.model);
@@ -165,15 +184,53 @@ fn load_and_train(
     options.dtype = config.mixed_precision.model_dtype();
     options.safety = SafetyPolicy::Off;
     let model = StableDiffusion::load(&options).map_err(|e| e.to_string())?;
-    train(&model, config, &mut |event| reporter.emit(&event)).map_err(|e| e.to_string())?;
+    let Some(store) = store.filter(|s| s.out().is_some()) else {
+        train(&model, config, &mut |event| reporter.emit(&event)).map_err(|e| e.to_string())?;
+        return Ok(());
+    };
+    // Checkpoints go to the store as they are written; `done` waits for the LoRA's upload.
+    let mut done = None;
+    let outcome = train(&model, config, &mut |event| match event {
+        TrainerEvent::Checkpoint { step, path } => {
+            match store.upload_checkpoint(std::path::Path::new(&path)) {
+                Ok(stored) => reporter.emit(&TrainerEvent::Checkpoint {
+                    step,
+                    path: stored.unwrap_or(path),
+                }),
+                // Training goes on: the checkpoint only matters if the pod restarts.
+                Err(e) => tracing::warn!(step, error = %e, "uploading a checkpoint failed"),
+            }
+        }
+        TrainerEvent::Done { .. } => done = Some(event),
+        other => reporter.emit(&other),
+    })
+    .map_err(|e| e.to_string())?;
+    let uploaded = store
+        .upload_output(&outcome.output, outcome.kohya_output.as_deref())
+        .map_err(|e| e.to_string())?;
+    if let Some(TrainerEvent::Done {
+        step,
+        total,
+        output,
+        loss,
+    }) = done
+    {
+        reporter.emit(&TrainerEvent::Done {
+            step,
+            total,
+            output: uploaded.unwrap_or(output),
+            loss,
+        });
+    }
     Ok(())
 }
 
 pub fn run(args: TrainArgs) -> Result<(), String> {
     let reporter = ProgressReporter::new(args.progress_url.clone());
     let device = args.device.clone();
-    let config = config(args);
-    let result = load_and_train(device, &config, &reporter);
+    let store_url = args.store.clone();
+    let mut config = config(args);
+    let result = load_and_train(device, store_url.as_deref(), &mut config, &reporter);
     if let Err(message) = &result {
         reporter.emit(&TrainerEvent::Failed {
             message: message.clone(),

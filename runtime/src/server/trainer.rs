@@ -50,6 +50,9 @@ pub fn run(shared: Arc<Shared>) {
 fn command(shared: &Shared, work: &TrainingWork) -> Command {
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("imagegen"));
     let mut cmd = Command::new(exe);
+    // Its paths are local scratch folders: the service's store variable must not turn them
+    // into store paths.
+    cmd.env_remove("IMAGEGEN_STORE");
     let p = &work.params;
     cmd.arg("train")
         .arg("--model")

@@ -16,6 +16,7 @@ pub mod data;
 pub mod events;
 pub mod lora_params;
 pub mod optim;
+pub mod store;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
