@@ -5,7 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use memmap2::Mmap;
+use memmap2::{Mmap, UncheckedAdvice};
 use safetensors::{Dtype, SafeTensors};
 use tch::{nn::VarStore, Kind, Tensor};
 
@@ -125,6 +125,20 @@ impl MappedFiles {
         Ok(MappedFiles { maps })
     }
 
+    /// Drops the pages of `bytes` (a tensor of file `index`, already copied into the model)
+    /// from this process's resident memory, so that loading peaks at about one copy of the
+    /// weights instead of two (the model's tensors plus the mapped file). The mapping is
+    /// read-only and private: a later read of these bytes faults them in again from the
+    /// file. Best effort: a refused madvise only costs memory.
+    fn release(&self, index: usize, bytes: &[u8]) {
+        let map = &self.maps[index].1;
+        let offset = bytes.as_ptr() as usize - map.as_ptr() as usize;
+        // SAFETY: the pages were never written (read-only mapping), so dropping them loses
+        // nothing; `bytes` lies within `map` (it is a view safetensors parsed from it).
+        let _ =
+            unsafe { map.unchecked_advise_range(UncheckedAdvice::DontNeed, offset, bytes.len()) };
+    }
+
     fn parse(&self) -> Result<Vec<(&str, SafeTensors<'_>)>> {
         self.maps
             .iter()
@@ -204,6 +218,7 @@ pub fn load_var_store(
             let source =
                 Tensor::f_from_data_size(view.data(), &found, kind)?.f_reshape(&expected)?;
             var.f_copy_(&source)?;
+            mapped.release(location[&stored_name], view.data());
             used.insert(stored_name);
         }
         Ok(())
