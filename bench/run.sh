@@ -5,10 +5,11 @@
 # diffusers').
 #
 #   bench/run.sh cpu   # f32, 256x256, 10 steps, batches 1 and 4
-#   bench/run.sh gpu   # cuda f16, 512x512, 25 steps, batches 1 and 8
+#   bench/run.sh gpu   # cuda f16, 512x512, 25 steps, batches 1 and 8, 20 training steps
 #
 # Environment: PYTHON (default: the project's venv), IMAGEGEN_BIN (an already built binary:
-# no cargo build then), RUNS (timed runs per batch size), SIZE, STEPS, BATCHES, SHAPE
+# no cargo build then), RUNS (timed runs per batch size), SIZE, STEPS, BATCHES, TRAIN_STEPS
+# (DreamBooth-LoRA training steps timed on our side at SIZE; 0 = none), SHAPE
 # (sd15 or tiny), IMAGEGEN_CACHE (the model goes to $IMAGEGEN_CACHE/bench/<shape>).
 set -euo pipefail
 mode="${1:-cpu}"
@@ -18,12 +19,13 @@ cd "$root"
 PYTHON="${PYTHON:-$IMAGEGEN_VENV/bin/python}"
 
 case "$mode" in
-cpu) device=cpu dtype=f32 size=256 steps=10 batches=1,4 runs=2 ;;
-gpu) device=cuda dtype=f16 size=512 steps=25 batches=1,8 runs=3 ;;
+cpu) device=cpu dtype=f32 size=256 steps=10 batches=1,4 runs=2 train_steps=0 ;;
+gpu) device=cuda dtype=f16 size=512 steps=25 batches=1,8 runs=3 train_steps=20 ;;
 *) echo "usage: $0 cpu|gpu" >&2; exit 2 ;;
 esac
 shape="${SHAPE:-sd15}"
 size="${SIZE:-$size}" steps="${STEPS:-$steps}" batches="${BATCHES:-$batches}" runs="${RUNS:-$runs}"
+train_steps="${TRAIN_STEPS:-$train_steps}"
 
 if [ -z "${IMAGEGEN_BIN:-}" ]; then
   cargo build --release -p imagegen-runtime >&2
@@ -42,10 +44,10 @@ common=(--model "$model" --device "$device" --dtype "$dtype" --size "$size" --st
 first=1
 for batch in ${batches//,/ }; do
   # The LoRA switch is timed once per side, with the first batch size.
-  extra=()
-  [ "$first" = 1 ] && extra=(--lora "$lora")
+  extra=() train=()
+  [ "$first" = 1 ] && extra=(--lora "$lora") && train=(--train-steps "$train_steps")
   echo "== imagegen, batch $batch" >&2
-  "$IMAGEGEN_BIN" bench "${common[@]}" --batches "$batch" "${extra[@]}" >>"$results/imagegen.jsonl"
+  "$IMAGEGEN_BIN" bench "${common[@]}" --batches "$batch" "${extra[@]}" "${train[@]}" >>"$results/imagegen.jsonl"
   echo "== diffusers, batch $batch" >&2
   "$PYTHON" bench/compare_diffusers.py "${common[@]}" --batches "$batch" "${extra[@]}" >>"$results/diffusers.jsonl"
   first=0

@@ -19,6 +19,7 @@ def merge(path):
     peaks = [r["peak_rss_mib"] for r in reports if r.get("peak_rss_mib") is not None]
     merged["peak_rss_mib"] = max(peaks) if peaks else None
     merged["lora"] = next((r["lora"] for r in reports if r.get("lora")), None)
+    merged["training"] = next((r["training"] for r in reports if r.get("training")), None)
     return merged
 
 
@@ -46,6 +47,9 @@ def table(ours, theirs):
     lora = lambda rep, key: rep["lora"][key] if rep.get("lora") else None  # noqa: E731
     row("LoRA load (s)", lora(ours, "load_seconds"), lora(theirs, "load_seconds"), ".3f")
     row("LoRA switch (s)", lora(ours, "switch_seconds"), lora(theirs, "switch_seconds"), ".3f")
+    training = ours.get("training")
+    if training:
+        row("training steps/s", training["steps_per_s"], None, ".3f")
     return "\n".join(lines)
 
 

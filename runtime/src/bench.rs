@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use imagegen_crds::GenerationParams;
 use imagegen_runtime::styles::StyleBook;
-use imagegen_runtime::train::{train, TrainConfig, TrainerEvent};
+use imagegen_runtime::train::{train, MixedPrecision, TrainConfig, TrainerEvent};
 use imagegen_runtime::{Inputs, Lora, StableDiffusion};
 use serde::Serialize;
 use tch::{Device, Kind};
@@ -219,6 +219,13 @@ fn training_rate(
     config.steps = steps;
     config.resolution = resolution;
     config.seed = 0;
+    // The trainer expects the frozen model in its mixed precision's dtype: time the
+    // precision the model was loaded in.
+    config.mixed_precision = match model.dtype {
+        tch::Kind::Half => MixedPrecision::Fp16,
+        tch::Kind::BFloat16 => MixedPrecision::Bf16,
+        _ => MixedPrecision::No,
+    };
     let device = model.device;
     let mut step_ends = Vec::new();
     let result = train(model, &config, &mut |event| {
