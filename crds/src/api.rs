@@ -13,6 +13,28 @@ use crate::training::{TrainingParams, MAX_TRAINING_IMAGES};
 /// Longest client-chosen job id.
 pub const MAX_JOB_ID_CHARS: usize = 64;
 
+/// Checks a store path as requests and resources give it (relative to the tenant's root):
+/// 1 to 1024 characters, not absolute, not a URL, no backslash, and no empty, blank, `.`
+/// or `..` segment or control character, so that it can never leave the tenant's folder.
+/// The runtime enforces it on every request; the operator on every resource it reads.
+pub fn check_store_path(path: &str) -> Result<(), String> {
+    if path.is_empty() || path.len() > 1024 {
+        return Err("a store path must have 1 to 1024 characters".into());
+    }
+    if path.starts_with('/') || path.contains('\\') || path.contains("://") {
+        return Err(format!("`{path}` must be relative to the tenant's root"));
+    }
+    for segment in path.split('/') {
+        if segment.trim().is_empty() || segment == "." || segment == ".." {
+            return Err(format!("`{path}` has an empty, `.` or `..` segment"));
+        }
+        if segment.chars().any(|c| c.is_control()) {
+            return Err(format!("`{path}` has control characters"));
+        }
+    }
+    Ok(())
+}
+
 /// An input image: exactly one of a store path (relative to the tenant's root), an upload
 /// id, a URL (fetched only from the configured store or an allow-listed host), or the
 /// image's bytes in base64.

@@ -92,26 +92,15 @@ pub fn container_security_context() -> SecurityContext {
     }
 }
 
-/// Checks a store path relative to the tenant's root, as the runtime does: not empty, not
-/// absolute, no `..` segment, so that a resource never reaches another tenant's files.
+/// Checks a store path relative to the tenant's root with the runtime's own rule
+/// ([`imagegen_crds::api::check_store_path`]), so that a resource never reaches another
+/// tenant's files and never names a path the runtime would refuse.
 pub fn check_store_path(field: &str, path: &str) -> Result<(), Error> {
-    let invalid = |reason: &str| {
-        Err(Error::InvalidStorePath {
-            field: field.into(),
-            path: path.into(),
-            reason: reason.into(),
-        })
-    };
-    if path.trim().is_empty() {
-        return invalid("empty");
-    }
-    if path.starts_with('/') || path.starts_with('\\') || path.contains(':') {
-        return invalid("must be relative to the tenant's root");
-    }
-    if path.split(['/', '\\']).any(|segment| segment == "..") {
-        return invalid("must not contain '..'");
-    }
-    Ok(())
+    imagegen_crds::api::check_store_path(path).map_err(|reason| Error::InvalidStorePath {
+        field: field.into(),
+        path: path.into(),
+        reason,
+    })
 }
 
 #[cfg(test)]

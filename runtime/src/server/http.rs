@@ -22,7 +22,7 @@ use warp::{Buf, Reply};
 use super::error::{json_response, ApiError};
 use super::jobs::{error_detail, random_id, Submission, Work};
 use super::media::{self, Format};
-use super::store::{check_name, check_relative, Store, StoreError};
+use super::store::{check_name, check_store_path, Store, StoreError};
 use super::Shared;
 use crate::lora::DIFFUSERS_LORA_FILE;
 
@@ -615,7 +615,8 @@ pub async fn submit(
         }
         let path = match &lora.path {
             Some(path) => {
-                check_relative(path).map_err(|e| ApiError::invalid(format!("{field}.path"), e))?;
+                check_store_path(path)
+                    .map_err(|e| ApiError::invalid(format!("{field}.path"), e))?;
                 Store::tenant_path(tenant, path)
             }
             None => {
@@ -755,7 +756,7 @@ async fn input_bytes(
     };
     match input {
         ImageInput::Path(path) => {
-            check_relative(path).map_err(|e| ApiError::invalid(field, e))?;
+            check_store_path(path).map_err(|e| ApiError::invalid(field, e))?;
             from_store(
                 Store::tenant_path(tenant, path),
                 format!("no file `{path}`"),

@@ -47,25 +47,7 @@ impl From<StoreError> for ApiError {
     }
 }
 
-/// A path relative to a tenant's root, as a request gives it: no `..`, no absolute paths,
-/// no empty or odd segments.
-pub fn check_relative(path: &str) -> Result<(), String> {
-    if path.is_empty() || path.len() > 1024 {
-        return Err("a store path must have 1 to 1024 characters".into());
-    }
-    if path.starts_with('/') || path.contains('\\') || path.contains("://") {
-        return Err(format!("`{path}` must be relative to the tenant's root"));
-    }
-    for segment in path.split('/') {
-        if segment.is_empty() || segment == "." || segment == ".." {
-            return Err(format!("`{path}` has an empty, `.` or `..` segment"));
-        }
-        if segment.chars().any(|c| c.is_control()) {
-            return Err(format!("`{path}` has control characters"));
-        }
-    }
-    Ok(())
-}
+pub use imagegen_crds::api::check_store_path;
 
 /// Names of uploads, images and LoRAs: `[A-Za-z0-9._-]`, not starting with a dot.
 pub fn check_name(name: &str) -> Result<(), String> {
@@ -133,7 +115,7 @@ impl Store {
         ))
     }
 
-    /// `tenants/<tenant>/<relative>`; `relative` must pass [`check_relative`].
+    /// `tenants/<tenant>/<relative>`; `relative` must pass [`check_store_path`].
     pub fn tenant_path(tenant: &str, relative: &str) -> StorePath {
         StorePath::from(format!("tenants/{tenant}/{relative}"))
     }
@@ -209,7 +191,7 @@ mod tests {
 
     #[test]
     fn relative_paths_stay_inside_the_tenant() {
-        assert!(check_relative("photos/a.png").is_ok());
+        assert!(check_store_path("photos/a.png").is_ok());
         for bad in [
             "",
             "/etc/passwd",
@@ -220,7 +202,7 @@ mod tests {
             "s3://x/y",
             "a\\b",
         ] {
-            assert!(check_relative(bad).is_err(), "{bad}");
+            assert!(check_store_path(bad).is_err(), "{bad}");
         }
         assert!(check_name("alice-v2.1").is_ok());
         for bad in ["", ".hidden", "a/b", "a b", ".."] {

@@ -20,7 +20,7 @@ use object_store::path::Path as StorePath;
 
 use super::{TrainConfig, CHECKPOINT_STATE, RESUME_LATEST};
 use crate::lora::DIFFUSERS_LORA_FILE;
-use crate::server::store::{check_relative, Store, StoreError};
+use crate::server::store::{check_store_path, Store, StoreError};
 
 /// Largest training photo downloaded from the store.
 const MAX_IMAGE_BYTES: u64 = 64 << 20;
@@ -77,7 +77,7 @@ pub fn store_path(flag: &'static str, path: &Path) -> Result<Option<String>> {
         .to_str()
         .ok_or_else(|| refuse("a store path must be UTF-8".into()))?;
     let trimmed = text.trim_end_matches('/');
-    check_relative(trimmed).map_err(|_| {
+    check_store_path(trimmed).map_err(|_| {
         refuse(
             "a store path must be relative to the store root, without `..`, `.` or empty segments"
                 .into(),
