@@ -13,6 +13,16 @@ use crate::training::{TrainingParams, MAX_TRAINING_IMAGES};
 /// Longest client-chosen job id.
 pub const MAX_JOB_ID_CHARS: usize = 64;
 
+/// The environment variable holding the bearer token `imagegen train --progress-url` sends
+/// (the operator fills it from the training's own Secret).
+pub const PROGRESS_TOKEN_ENV: &str = "IMAGEGEN_PROGRESS_TOKEN";
+
+/// A tenant's folder in the store, under which every store path of its requests lies (the
+/// runtime's layout; in a cluster the tenant is the namespace).
+pub fn tenant_root(tenant: &str) -> String {
+    format!("tenants/{tenant}")
+}
+
 /// Checks a store path as requests and resources give it (relative to the tenant's root):
 /// 1 to 1024 characters, not absolute, not a URL, no backslash, and no empty, blank, `.`
 /// or `..` segment or control character, so that it can never leave the tenant's folder.

@@ -87,9 +87,7 @@ pub fn token_secret_name(name: &str) -> String {
 }
 
 /// The tenant's folder in the store (the runtime's layout).
-pub fn tenant_root(namespace: &str) -> String {
-    format!("tenants/{namespace}")
-}
+pub use imagegen_crds::api::tenant_root;
 
 /// Where the LoRA of the training `name` is once trained, relative to the tenant's root: the
 /// path an ImageGeneration passes to the runtime and the status reports.
@@ -279,7 +277,7 @@ pub fn train_args(
 pub fn build_job(training: &ValidTraining, model: &ValidModel, config: &OperatorConfig) -> Job {
     let mut env = vec![
         EnvVar {
-            name: "IMAGEGEN_PROGRESS_TOKEN".into(),
+            name: imagegen_crds::api::PROGRESS_TOKEN_ENV.into(),
             value_from: Some(EnvVarSource {
                 secret_key_ref: Some(SecretKeySelector {
                     name: training.token_secret_name(),

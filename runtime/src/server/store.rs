@@ -117,7 +117,10 @@ impl Store {
 
     /// `tenants/<tenant>/<relative>`; `relative` must pass [`check_store_path`].
     pub fn tenant_path(tenant: &str, relative: &str) -> StorePath {
-        StorePath::from(format!("tenants/{tenant}/{relative}"))
+        StorePath::from(format!(
+            "{}/{relative}",
+            imagegen_crds::api::tenant_root(tenant)
+        ))
     }
 
     pub async fn put(&self, path: &StorePath, bytes: Bytes) -> Result<(), StoreError> {

@@ -11,7 +11,7 @@ use std::time::Duration;
 pub use imagegen_crds::api::TrainerEvent;
 
 /// The env variable holding the bearer token for `--progress-url`.
-pub const PROGRESS_TOKEN_ENV: &str = "IMAGEGEN_PROGRESS_TOKEN";
+pub use imagegen_crds::api::PROGRESS_TOKEN_ENV;
 
 /// How long one POST may take before it is abandoned (and logged).
 const POST_TIMEOUT: Duration = Duration::from_secs(10);
