@@ -8,7 +8,6 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use imagegen_crds::api::{codes, ErrorDetail, GenerationResult, ImageResult, WithheldImage};
-use sha2::{Digest, Sha256};
 use tch::{Device, Kind};
 
 use super::jobs::{deadline_error, error_detail, random_id, Control, JobKey, Running};
@@ -387,10 +386,7 @@ fn store_outcome(
         let png = encode_png(&generated.image, &generated.metadata)
             .map_err(|e| error_detail(codes::INTERNAL, e.to_string(), false))?;
         let id = random_id();
-        let sha256: String = Sha256::digest(&png)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let sha256 = super::http::hex_sha256(&png);
         let path = Store::tenant_path(tenant, &format!("images/{id}.png"));
         let b64_json = b64.then(|| super::media::base64_encode(&png));
         shared
