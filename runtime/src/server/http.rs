@@ -975,10 +975,12 @@ async fn get_image(request: &Request, tenant: &str, name: &str) -> Result<Respon
             StoreError::NotFound => ApiError::not_found(format!("no image `{id}`")),
             other => other.into(),
         })?;
-    let bytes = tokio::task::spawn_blocking(move || media::convert(&png, format))
-        .await
-        .map_err(|e| ApiError::internal(e.to_string()))?
-        .map_err(ApiError::internal)?;
+    let credentials = request.shared.credentials.clone();
+    let bytes =
+        tokio::task::spawn_blocking(move || media::convert(&png, format, credentials.as_deref()))
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?
+            .map_err(ApiError::internal)?;
     let mut response = Response::new(bytes.into());
     let headers = response.headers_mut();
     headers.insert(

@@ -10,6 +10,7 @@ use futures_util::{Stream, StreamExt};
 use image::{DynamicImage, RgbImage};
 use warp::Buf;
 
+use super::credentials::ContentCredentials;
 use super::error::ApiError;
 use crate::output::xmp_packet;
 
@@ -159,18 +160,27 @@ impl Format {
     }
 }
 
-/// Converts a stored PNG to `format`, with the XMP marking.
-pub fn convert(png: &[u8], format: Format) -> Result<Vec<u8>, String> {
+/// Converts a stored PNG to `format`, with the XMP marking, and signs the new image when
+/// `credentials` are given. A stored PNG is returned as it is: it was signed when written.
+pub fn convert(
+    png: &[u8],
+    format: Format,
+    credentials: Option<&ContentCredentials>,
+) -> Result<Vec<u8>, String> {
     if format == Format::Png {
         return Ok(png.to_vec());
     }
     let image = image::load_from_memory_with_format(png, image::ImageFormat::Png)
         .map_err(|e| e.to_string())?
         .to_rgb8();
-    match format {
+    let encoded = match format {
         Format::Png => unreachable!("handled above"),
-        Format::Jpeg => encode_jpeg(&image),
-        Format::Webp => encode_webp(&image),
+        Format::Jpeg => encode_jpeg(&image)?,
+        Format::Webp => encode_webp(&image)?,
+    };
+    match credentials {
+        Some(credentials) => credentials.sign(&encoded, format),
+        None => Ok(encoded),
     }
 }
 

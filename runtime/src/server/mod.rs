@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod credentials;
 pub mod error;
 pub mod http;
 pub mod jobs;
@@ -47,6 +48,8 @@ pub struct Shared {
     pub worker_alive: AtomicBool,
     /// Set once the model is loaded.
     pub model: OnceLock<worker::Loaded>,
+    /// Signs every image handed out with a C2PA manifest, when a certificate is configured.
+    pub credentials: Option<Arc<credentials::ContentCredentials>>,
 }
 
 impl Shared {
@@ -78,13 +81,16 @@ pub fn send_webhook(shared: &Shared, job: Job, url: Option<String>) {
 /// Runs the service until SIGTERM or SIGINT; errors are one line.
 pub fn run(args: ServeArgs) -> Result<(), String> {
     let config = Config::resolve(&args)?;
-    if config.c2pa.is_some() {
-        // Content credentials need the c2pa crate, which this build does not include: say
-        // so rather than serve images the operator believes are signed.
-        return Err(
-            "C2PA signing is not available in this build; unset IMAGEGEN_C2PA_CERT/KEY".into(),
-        );
-    }
+    // A certificate that cannot sign stops the service here, before any image is served
+    // unsigned.
+    let credentials = match &config.c2pa {
+        Some((cert, key)) => {
+            let credentials = credentials::ContentCredentials::from_pem_files(cert, key)?;
+            tracing::info!(alg = %credentials.alg(), "signing images with C2PA manifests");
+            Some(Arc::new(credentials))
+        }
+        None => None,
+    };
     let store = store::Store::open(&config.store)?;
     let styles = match &config.styles_file {
         Some(path) => crate::styles::StyleBook::with_file(path).map_err(|e| e.to_string())?,
@@ -105,6 +111,7 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
         runtime: runtime.handle().clone(),
         worker_alive: AtomicBool::new(false),
         model: OnceLock::new(),
+        credentials,
         config,
     });
     let result = runtime.block_on(serve(shared));

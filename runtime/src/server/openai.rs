@@ -159,10 +159,12 @@ async fn answer(
             }
             (Some(png), true) => {
                 let png = png.clone();
+                let credentials = shared.credentials.clone();
                 let converted = tokio::task::spawn_blocking(move || {
                     let bytes = media::decode_base64(&png, "b64_json", u64::MAX)
                         .map_err(|e| e.detail.message)?;
-                    media::convert(&bytes, format).map(|b| media::base64_encode(&b))
+                    media::convert(&bytes, format, credentials.as_deref())
+                        .map(|b| media::base64_encode(&b))
                 })
                 .await
                 .map_err(|e| ApiError::internal(e.to_string()))?

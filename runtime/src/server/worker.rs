@@ -383,8 +383,14 @@ fn store_outcome(
 ) -> Result<GenerationResult, ErrorDetail> {
     let mut images = Vec::new();
     for generated in &outcome.images {
-        let png = encode_png(&generated.image, &generated.metadata)
+        let mut png = encode_png(&generated.image, &generated.metadata)
             .map_err(|e| error_detail(codes::INTERNAL, e.to_string(), false))?;
+        if let Some(credentials) = &shared.credentials {
+            // Signed before hashing and storing: the sha256 in the result is the file's.
+            png = credentials
+                .sign(&png, super::media::Format::Png)
+                .map_err(|e| error_detail(codes::INTERNAL, e, false))?;
+        }
         let id = random_id();
         let sha256 = super::http::hex_sha256(&png);
         let path = Store::tenant_path(tenant, &format!("images/{id}.png"));

@@ -67,7 +67,7 @@ impl Default for Options {
     }
 }
 
-fn scratch(name: &str) -> PathBuf {
+pub fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "imagegen-serve-test-{}-{name}-{}",
         std::process::id(),
@@ -459,4 +459,50 @@ pub fn png(width: u32, height: u32, hole: bool) -> Vec<u8> {
 /// The venv's python (IMAGEGEN_PYTHON) or python3.
 pub fn python() -> String {
     std::env::var("IMAGEGEN_PYTHON").unwrap_or_else(|_| "python3".to_string())
+}
+
+/// A C2PA signing certificate for tests: a leaf (digitalSignature, emailProtection) issued by
+/// a throwaway CA, as C2PA's certificate profile requires (a self-signed leaf is refused).
+/// Writes `chain.pem` (leaf, then CA), `key.pem` and `ca.pem` into `dir` and returns the paths
+/// of the first two.
+pub fn c2pa_certificate(dir: &std::path::Path) -> (PathBuf, PathBuf) {
+    c2pa_certificate_for(dir, &rcgen::PKCS_ECDSA_P256_SHA256)
+}
+
+/// [`c2pa_certificate`] with a signing key of another algorithm.
+pub fn c2pa_certificate_for(
+    dir: &std::path::Path,
+    alg: &'static rcgen::SignatureAlgorithm,
+) -> (PathBuf, PathBuf) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+        IsCa, KeyPair, KeyUsagePurpose,
+    };
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.distinguished_name
+        .push(DnType::CommonName, "imagegen test CA");
+    ca.distinguished_name
+        .push(DnType::OrganizationName, "imagegen tests");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+    let mut leaf = CertificateParams::new(Vec::<String>::new()).unwrap();
+    leaf.distinguished_name
+        .push(DnType::CommonName, "imagegen test signer");
+    leaf.distinguished_name
+        .push(DnType::OrganizationName, "imagegen tests");
+    leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::EmailProtection];
+    leaf.use_authority_key_identifier_extension = true;
+    let key = KeyPair::generate_for(alg).unwrap();
+    let leaf = leaf.signed_by(&key, &ca).unwrap();
+    let (chain, key_path) = (dir.join("chain.pem"), dir.join("key.pem"));
+    std::fs::write(&chain, format!("{}{}", leaf.pem(), ca.pem())).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    (chain, key_path)
 }
