@@ -41,6 +41,9 @@ pub struct Args {
     /// Safety policy of runtime pods.
     #[arg(long, env = "IMAGEGEN_SAFETY", value_parser = ["block", "blur", "off"])]
     pub safety_policy: Option<String>,
+    /// A Secret with `tls.crt` and `tls.key` (PEM) that runtime pods sign images with (C2PA).
+    #[arg(long, env = "IMAGEGEN_C2PA_SECRET")]
+    pub c2pa_secret: Option<String>,
     /// Namespace to watch; empty: all namespaces.
     #[arg(long, env = "IMAGEGEN_WATCH_NAMESPACE", default_value = "")]
     pub watch_namespace: String,
@@ -79,6 +82,7 @@ impl Args {
             store_claim: non_empty(&self.store_claim),
             operator_url: non_empty(&self.operator_url).unwrap_or(defaults.operator_url),
             safety_policy: non_empty(&self.safety_policy),
+            c2pa_secret: non_empty(&self.c2pa_secret),
             ..defaults
         }
     }
@@ -126,6 +130,8 @@ mod tests {
             "http://op:8080",
             "--safety-policy",
             "blur",
+            "--c2pa-secret",
+            "signing",
             "--watch-namespace",
             "team-a",
         ])
@@ -140,6 +146,7 @@ mod tests {
         assert_eq!(config.store_claim.as_deref(), Some("store"));
         assert_eq!(config.operator_url, "http://op:8080");
         assert_eq!(config.safety_policy.as_deref(), Some("blur"));
+        assert_eq!(config.c2pa_secret.as_deref(), Some("signing"));
         assert_eq!(args.watch_namespace(), Some("team-a"));
         assert_eq!(args.listen.port(), 9000);
     }

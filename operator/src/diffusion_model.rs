@@ -14,7 +14,7 @@ use imagegen_crds::diffusion_model::{
 use imagegen_crds::{DiffusionModel, DiffusionModelStatus};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction, LocalObjectReference,
+    Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction, KeyToPath, LocalObjectReference,
     PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodSpec,
     PodTemplateSpec, Probe, ResourceRequirements, Secret, SecretVolumeSource, Service, ServicePort,
     ServiceSpec, Toleration, Volume, VolumeMount, VolumeResourceRequirements,
@@ -48,6 +48,9 @@ pub const AUTH_SECRET_KEY: &str = "tokens";
 /// Where the runtime auth Secret is mounted.
 pub const AUTH_MOUNT_PATH: &str = "/etc/imagegen/auth";
 const AUTH_VOLUME: &str = "auth";
+/// Where the C2PA signing Secret (`tls.crt`, `tls.key`) is mounted, when there is one.
+pub const C2PA_MOUNT_PATH: &str = "/etc/imagegen/c2pa";
+const C2PA_VOLUME: &str = "c2pa";
 
 /// A DiffusionModel that passed [`validate`], with every default resolved.
 #[derive(Debug, Clone, PartialEq)]
@@ -335,6 +338,40 @@ fn dtype_arg(dtype: Dtype) -> &'static str {
     }
 }
 
+/// The signing Secret's volume (its two PEM keys only, readable by the pod's group) and its
+/// read-only mount at [`C2PA_MOUNT_PATH`]. The Secret must exist: a runtime pod that should
+/// sign never starts without its certificate.
+fn c2pa_volume(secret: &str) -> (Volume, VolumeMount) {
+    let item = |key: &str| KeyToPath {
+        key: key.into(),
+        path: key.into(),
+        mode: None,
+    };
+    (
+        Volume {
+            name: C2PA_VOLUME.into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.into()),
+                items: Some(vec![item("tls.crt"), item("tls.key")]),
+                default_mode: Some(0o440),
+                optional: Some(false),
+            }),
+            ..Volume::default()
+        },
+        read_only_mount(C2PA_VOLUME, C2PA_MOUNT_PATH),
+    )
+}
+
+/// A Secret's mount: nothing in the pod may change its files.
+fn read_only_mount(volume: &str, path: &str) -> VolumeMount {
+    VolumeMount {
+        name: volume.into(),
+        mount_path: path.into(),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    }
+}
+
 /// The Deployment of `imagegen serve` replicas. `replicas` is `spec.replicas.min`.
 pub fn build_deployment(model: &ValidModel, config: &OperatorConfig) -> Deployment {
     let args = [
@@ -367,7 +404,17 @@ pub fn build_deployment(model: &ValidModel, config: &OperatorConfig) -> Deployme
             .iter()
             .map(|policy| workload::env("IMAGEGEN_SAFETY", policy.clone())),
     );
+    env.extend(config.c2pa_secret.iter().flat_map(|_| {
+        [
+            workload::env("IMAGEGEN_C2PA_CERT", format!("{C2PA_MOUNT_PATH}/tls.crt")),
+            workload::env("IMAGEGEN_C2PA_KEY", format!("{C2PA_MOUNT_PATH}/tls.key")),
+        ]
+    }));
     let store = workload::store_volume(config);
+    let c2pa = config
+        .c2pa_secret
+        .as_ref()
+        .map(|secret| c2pa_volume(secret));
     let mut mounts = vec![
         VolumeMount {
             name: "cache".into(),
@@ -379,14 +426,10 @@ pub fn build_deployment(model: &ValidModel, config: &OperatorConfig) -> Deployme
             mount_path: "/tmp".into(),
             ..VolumeMount::default()
         },
-        VolumeMount {
-            name: AUTH_VOLUME.into(),
-            mount_path: AUTH_MOUNT_PATH.into(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        },
+        read_only_mount(AUTH_VOLUME, AUTH_MOUNT_PATH),
     ];
     mounts.extend(store.as_ref().map(|(_, mount)| mount.clone()));
+    mounts.extend(c2pa.as_ref().map(|(_, mount)| mount.clone()));
     let container = Container {
         name: CONTAINER_NAME.into(),
         image: Some(config.runtime_image.clone()),
@@ -445,6 +488,7 @@ pub fn build_deployment(model: &ValidModel, config: &OperatorConfig) -> Deployme
     };
     let mut volumes = vec![cache_volume, tmp_volume, auth_volume];
     volumes.extend(store.map(|(volume, _)| volume));
+    volumes.extend(c2pa.map(|(volume, _)| volume));
     let pod = PodSpec {
         containers: vec![container],
         volumes: Some(volumes),
@@ -1122,7 +1166,57 @@ mod tests {
             .as_ref()
             .unwrap()
             .iter()
-            .all(|v| v.name != "store"));
+            .all(|v| v.name != "store" && v.name != "c2pa"));
+        assert!(env.iter().all(|e| !e.name.starts_with("IMAGEGEN_C2PA")));
+    }
+
+    #[test]
+    fn deployment_mounts_the_c2pa_secret() {
+        let config = OperatorConfig {
+            c2pa_secret: Some("content-credentials".into()),
+            ..OperatorConfig::default()
+        };
+        let d = build_deployment(&validate(&minimal()).unwrap(), &config);
+        let pod = pod_spec(&d);
+        let volume = pod
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == "c2pa")
+            .unwrap();
+        let secret = volume.secret.as_ref().unwrap();
+        assert_eq!(secret.secret_name.as_deref(), Some("content-credentials"));
+        assert_eq!(secret.optional, Some(false));
+        let keys: Vec<&str> = secret
+            .items
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|i| i.path.as_str())
+            .collect();
+        assert_eq!(keys, ["tls.crt", "tls.key"]);
+        let c = &pod.containers[0];
+        let mount = c
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.name == "c2pa")
+            .unwrap();
+        assert_eq!(mount.mount_path, C2PA_MOUNT_PATH);
+        assert_eq!(mount.read_only, Some(true));
+        // The runtime reads exactly the mounted files.
+        let env = c.env.as_ref().unwrap();
+        let var = |name: &str| env.iter().find(|e| e.name == name)?.value.clone();
+        assert_eq!(
+            var("IMAGEGEN_C2PA_CERT").as_deref(),
+            Some("/etc/imagegen/c2pa/tls.crt")
+        );
+        assert_eq!(
+            var("IMAGEGEN_C2PA_KEY").as_deref(),
+            Some("/etc/imagegen/c2pa/tls.key")
+        );
     }
 
     #[test]

@@ -59,6 +59,9 @@ pub struct OperatorConfig {
     /// `IMAGEGEN_SAFETY` of runtime pods (block, blur or off); the runtime's default when
     /// `None`.
     pub safety_policy: Option<String>,
+    /// A Secret with `tls.crt` (PEM certificate chain) and `tls.key` (PEM private key) that
+    /// runtime pods sign every image with (C2PA manifests); unsigned when `None`.
+    pub c2pa_secret: Option<String>,
     /// `backoffLimit` of training Jobs: pod failures retried before the training fails.
     pub training_backoff_limit: i32,
     /// `activeDeadlineSeconds` of training Jobs.
@@ -91,6 +94,7 @@ impl Default for OperatorConfig {
             store_claim: None,
             operator_url: "http://imagegen-operator.imagegen-system.svc:8080".into(),
             safety_policy: None,
+            c2pa_secret: None,
             training_backoff_limit: 2,
             training_deadline_seconds: 6 * 3600,
             max_submissions: 5,

@@ -56,6 +56,7 @@ const OPERATOR_ENV: &[&str] = &[
     "IMAGEGEN_STORE_CLAIM",
     "IMAGEGEN_OPERATOR_URL",
     "IMAGEGEN_SAFETY",
+    "IMAGEGEN_C2PA_SECRET",
     "IMAGEGEN_WATCH_NAMESPACE",
     "IMAGEGEN_LEASE_NAME",
     "POD_NAMESPACE",
@@ -609,6 +610,7 @@ fn values_reach_the_operator_environment() {
     assert_eq!(get(&defaults, "IMAGEGEN_SAFETY").as_deref(), Some("block"));
     assert!(!defaults.contains_key("IMAGEGEN_WATCH_NAMESPACE"));
     assert!(!defaults.contains_key("IMAGEGEN_STORE_SECRET"));
+    assert!(!defaults.contains_key("IMAGEGEN_C2PA_SECRET"));
 
     let cpu = env("cpu");
     assert_eq!(
@@ -618,6 +620,10 @@ fn values_reach_the_operator_environment() {
     assert_eq!(get(&cpu, "IMAGEGEN_SAFETY").as_deref(), Some("off"));
 
     let s3 = env("s3-store");
+    assert_eq!(
+        get(&s3, "IMAGEGEN_C2PA_SECRET").as_deref(),
+        Some("imagegen-c2pa")
+    );
     assert_eq!(
         get(&s3, "IMAGEGEN_STORE_URL").as_deref(),
         Some("s3://imagegen/prod")

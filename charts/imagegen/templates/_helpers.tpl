@@ -141,9 +141,6 @@ both are set they must name the same one).
 
 {{/* Values that cannot be wired: fail with the reason instead of ignoring them. */}}
 {{- define "imagegen.validate" -}}
-{{- if .Values.runtime.c2pa.existingSecret }}
-{{- fail "runtime.c2pa.existingSecret: the operator cannot mount a C2PA certificate into runtime pods yet; leave it empty" }}
-{{- end }}
 {{- $s3Secret := .Values.store.s3.credentials.existingSecret }}
 {{- $authSecret := .Values.runtime.auth.existingSecret }}
 {{- if and (eq .Values.store.type "s3") $s3Secret $authSecret (ne $s3Secret $authSecret) }}
