@@ -81,6 +81,8 @@ fn kind_script_says_where_it_runs_and_the_workflow_runs_it() {
         "--for=jsonpath='{.status.phase}'=Succeeded",
         "loratraining/e2e-person",
         "helm test",
+        "scripts/c2pa-test-cert.sh",
+        "caBX",
         "kind delete cluster",
     ] {
         assert!(script.contains(step), "kind.sh lacks {step}");

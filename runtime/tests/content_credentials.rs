@@ -125,6 +125,31 @@ fn the_key_decides_the_algorithm() {
     }
 }
 
+/// scripts/c2pa-test-cert.sh (openssl), which the README and the kind test use, makes a
+/// certificate that signs, and whose chain a reader trusting its CA finds complete.
+#[test]
+fn the_test_certificate_script_makes_a_working_certificate() {
+    let dir = scratch("script-cert");
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/c2pa-test-cert.sh");
+    let status = Command::new("bash")
+        .arg(&script)
+        .arg(&dir)
+        .status()
+        .unwrap();
+    assert!(status.success(), "{}", script.display());
+    let credentials =
+        ContentCredentials::from_pem_files(&dir.join("chain.pem"), &dir.join("key.pem")).unwrap();
+    assert_eq!(credentials.alg(), c2pa::SigningAlg::Es256);
+    let signed = credentials
+        .sign(&media::encode_webp(&picture()).unwrap(), Format::Webp)
+        .unwrap();
+    assert_signed_by_us(&read(&signed, Format::Webp, None).unwrap(), "script");
+    let ca = std::fs::read_to_string(dir.join("ca.pem")).unwrap();
+    let trusted = read(&signed, Format::Webp, Some(&ca)).unwrap();
+    assert_eq!(trusted.state, c2pa::ValidationState::Trusted, "{trusted:?}");
+}
+
 #[test]
 fn a_changed_byte_breaks_the_signature() {
     let (credentials, _dir) = credentials("tamper");
@@ -247,6 +272,13 @@ fn the_service_signs_what_it_serves() {
         .to_string();
     let webp = media::decode_base64(&b64, "b64", u64::MAX).unwrap();
     assert_signed_by_us(&read(&webp, Format::Webp, None).unwrap(), "OpenAI webp");
+    // The log says signing is on, once, and nothing else about C2PA.
+    let log = server.log_text();
+    assert!(
+        log.contains("images are signed with C2PA manifests (es256)"),
+        "{log}"
+    );
+    assert!(!log.contains("WARN"), "{log}");
 }
 
 fn subdir(dir: &std::path::Path, name: &str) -> std::path::PathBuf {

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # End to end on a throw-away kind cluster: build both images, load them, install the chart
-# with a tiny model, run a text-to-image ImageGeneration, a LoraTraining and an inpainting
+# with a tiny model and a C2PA signing certificate, run a text-to-image ImageGeneration, a LoraTraining and an inpainting
 # with the trained LoRA, wait for each to succeed, fetch the image through the runtime's HTTP
-# API, run `helm test`, and delete the cluster.
+# API (signed: it carries a C2PA manifest), run `helm test`, and delete the cluster.
 #
 #   tests/e2e/kind.sh            (KEEP_CLUSTER=1 to keep the cluster for a look afterwards)
 #
@@ -24,7 +24,7 @@ release=imagegen
 work="$(mktemp -d)"
 wait_timeout="${E2E_TIMEOUT:-20m}"
 
-for tool in docker kind kubectl helm python3 curl; do
+for tool in docker kind kubectl helm python3 curl openssl; do
     command -v "$tool" >/dev/null 2>&1 || { echo "kind.sh: $tool is not installed" >&2; exit 1; }
 done
 docker info >/dev/null 2>&1 || { echo "kind.sh: no Docker engine answers" >&2; exit 1; }
@@ -119,6 +119,11 @@ kubectl -n "$namespace" cp "$work/seed/uploads/e2e" "store-seed:/store/tenants/$
 kubectl -n "$namespace" exec store-seed -- ls -R /store
 kubectl -n "$namespace" delete pod store-seed --wait=true
 
+step "C2PA signing certificate (runtime.c2pa.existingSecret in values-kind.yaml)"
+"$root/scripts/c2pa-test-cert.sh" "$work/c2pa" 2
+kubectl -n "$namespace" create secret tls imagegen-c2pa \
+    --cert="$work/c2pa/chain.pem" --key="$work/c2pa/key.pem"
+
 step "helm install"
 helm install "$release" "$root/charts/imagegen" --namespace "$namespace" \
     -f "$root/tests/e2e/values-kind.yaml" --wait --timeout 5m
@@ -153,6 +158,8 @@ case "$url" in *://*) path="/${url#*://*/}" ;; *) path="$url" ;; esac
 curl -fsS -H "Authorization: Bearer $token" "http://127.0.0.1:18080$path" -o "$work/apple.png"
 head -c 8 "$work/apple.png" | od -An -tx1 | tr -d ' \n' | grep -q '^89504e470d0a1a0a$' ||
     { echo "kind.sh: $url is not a PNG" >&2; exit 1; }
+# Signed: the runtime embeds its C2PA manifest in a PNG `caBX` chunk.
+grep -q -a caBX "$work/apple.png" || { echo "kind.sh: $url carries no C2PA manifest" >&2; exit 1; }
 got="$(sha256sum "$work/apple.png" | cut -d' ' -f1)"
 [ "$got" = "$sha" ] || { echo "kind.sh: sha256 $got, the status says $sha" >&2; exit 1; }
 echo "kind.sh: fetched $url ($(wc -c <"$work/apple.png") bytes, sha256 matches)" >&2

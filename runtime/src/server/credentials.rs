@@ -160,11 +160,13 @@ pub fn read(
     })
 }
 
-/// Settings for both sides: nothing fetched from the network.
+/// Settings for both sides: nothing fetched from the network, and no thumbnail (the
+/// manifest vouches for the image itself; a copy of it inside would only add bytes).
 fn context() -> Result<Context, String> {
     Context::new()
         .with_settings(serde_json::json!({
             "verify": { "remote_manifest_fetch": false, "ocsp_fetch": false },
+            "builder": { "thumbnail": { "enabled": false } },
         }))
         .map_err(|e| format!("C2PA settings: {e}"))
 }

@@ -86,7 +86,10 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
     let credentials = match &config.c2pa {
         Some((cert, key)) => {
             let credentials = credentials::ContentCredentials::from_pem_files(cert, key)?;
-            tracing::info!(alg = %credentials.alg(), "signing images with C2PA manifests");
+            eprintln!(
+                "imagegen: images are signed with C2PA manifests ({})",
+                credentials.alg()
+            );
             Some(Arc::new(credentials))
         }
         None => None,
