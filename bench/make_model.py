@@ -77,21 +77,16 @@ def write_lora(unet, path: Path, seed: int = 900):
     return len(state) // 2
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--shape", choices=("sd15", "tiny"), default="sd15")
-    args = ap.parse_args()
-    out: Path = args.out.resolve()
+def write_model(out: Path, shape: str):
+    """Builds the model and its LoRA aside, then renames the folder into place at `out`.
+    Returns the number of LoRA modules, or None when `out` already holds a model."""
     if (out / "model_index.json").is_file():
-        print(f"{out} already exists", flush=True)
-        return
-    t0 = time.time()
+        return None
     with tempfile.TemporaryDirectory() as tmp:
         tok_src = Path(tmp) / "tokenizer"
         mf.write_tokenizer_files(tok_src)
         tok = mf.load_tokenizer(tok_src)
-        te, unet, vae = build(args.shape, tok)
+        te, unet, vae = build(shape, tok)
         pipe = mf.build_pipeline(tok, te, unet, vae, mf.sd15_pndm())
         if out.exists():
             shutil.rmtree(out)
@@ -104,6 +99,20 @@ def main():
         mf.rewrite_text_encoder_hub_layout(partial / "text_encoder")
         modules = write_lora(unet, partial / "lora" / "pytorch_lora_weights.safetensors")
         partial.rename(out)
+    return modules
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--shape", choices=("sd15", "tiny"), default="sd15")
+    args = ap.parse_args()
+    out: Path = args.out.resolve()
+    t0 = time.time()
+    modules = write_model(out, args.shape)
+    if modules is None:
+        print(f"{out} already exists", flush=True)
+        return
     print(f"{args.shape} model in {out} ({modules} LoRA modules), {time.time() - t0:.1f}s", flush=True)
 
 

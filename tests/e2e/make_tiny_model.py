@@ -1,6 +1,7 @@
 """Writes what the kind end-to-end test puts into the store: a tiny random-weight SD 1.x model
-in diffusers' layout (safetensors, built exactly as the parity fixtures' tiny-sd1, so the
-runtime is known to load it) and a few small photos and an inpainting mask.
+in diffusers' layout (safetensors; `bench/make_model.py --shape tiny`, the shapes of the
+parity fixtures' tiny-sd1, which the runtime is known to load) and a few small photos and an
+inpainting mask.
 
     python tests/e2e/make_tiny_model.py OUT_DIR
 
@@ -13,41 +14,15 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "fixtures"))
-import make_fixtures as fx  # noqa: E402  (the fixture generator's model builders)
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import make_model  # noqa: E402  (the benchmarks' seeded model builder)
 
 
 def tiny_model(out: Path):
-    tok_src = out / "tokenizer-src"
-    fx.fresh_dir(tok_src)
-    fx.write_tokenizer_files(tok_src)
-    tok = fx.load_tokenizer(tok_src)
-    text_encoder = fx.make_text_encoder(tok, 100, 32, 37, 3, 4, "quick_gelu")
-    torch.manual_seed(101)
-    unet = fx.UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    ).eval()
-    vae = fx.make_vae(102, (16, 16, 32, 32), 1, 8, 64)
-    pipe = fx.build_pipeline(tok, text_encoder, unet, vae, fx.sd15_pndm())
     model_dir = out / "models" / "tiny-sd1"
-    fx.fresh_dir(model_dir)
-    pipe.save_pretrained(str(model_dir), safe_serialization=True)
-    fx.overwrite_sd15_scheduler_config(model_dir)
-    fx.copy_tokenizer_sources(tok_src, model_dir / "tokenizer")
-    fx.rewrite_text_encoder_hub_layout(model_dir / "text_encoder")
-    fx.shutil.rmtree(tok_src)
+    make_model.write_model(model_dir, "tiny")
     return model_dir
 
 
