@@ -552,6 +552,17 @@ pub fn lora_path(tenant: &str, name: &str) -> StorePath {
     Store::tenant_path(tenant, &format!("loras/{name}/{DIFFUSERS_LORA_FILE}"))
 }
 
+/// A digest of a request, which a re-submission of its job id must match; only a request
+/// that names its job id is ever compared, so the others (which may carry megabytes of
+/// base64) are not serialized and hashed for nothing.
+fn fingerprint<T: serde::Serialize>(body: &T, has_job_id: bool) -> String {
+    if has_job_id {
+        hex_sha256(&serde_json::to_vec(body).unwrap_or_default())
+    } else {
+        String::new()
+    }
+}
+
 /// Validates, resolves inputs and queues a generation.
 pub async fn submit(
     shared: &Arc<Shared>,
@@ -572,8 +583,7 @@ pub async fn submit(
         &shared.config.webhook_hosts,
         &body,
     )?;
-    // A digest: the request may carry megabytes of base64.
-    let fingerprint = hex_sha256(&serde_json::to_vec(&body).unwrap_or_default());
+    let fingerprint = fingerprint(&body, body.job_id.is_some());
     // A re-submitted job id answers with the existing job before any input is read.
     if let Some(id) = &body.job_id {
         if let Some(existing) = shared.jobs.resubmit(tenant, id, &fingerprint) {
@@ -1054,7 +1064,7 @@ async fn post_training(request: &mut Request, tenant: &str) -> Result<Response, 
             ));
         }
     }
-    let fingerprint = hex_sha256(&serde_json::to_vec(&body).unwrap_or_default());
+    let fingerprint = fingerprint(&body, body.job_id.is_some());
     if let Some(id) = &body.job_id {
         let valid = id.len() <= MAX_JOB_ID_CHARS
             && !id.is_empty()
