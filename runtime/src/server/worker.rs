@@ -223,9 +223,8 @@ fn load_loras(
 ) -> crate::Result<Vec<(Rc<Lora>, f64)>> {
     let mut loras = Vec::new();
     for (file, weight) in files {
-        let (len, bytes) = (engine.loras.len(), engine.loras.bytes());
-        let lora = engine.loras.get(file, &engine.model, false)?;
-        if (engine.loras.len(), engine.loras.bytes()) == (len, bytes) {
+        let (lora, hit) = engine.loras.get_or_load(file, &engine.model, false)?;
+        if hit {
             shared.metrics.lora_cache_hits.inc();
         } else {
             shared.metrics.lora_cache_misses.inc();
