@@ -85,14 +85,7 @@ fn command(shared: &Shared, work: &TrainingWork) -> Command {
     flag("--lr", p.learning_rate.map(|v| v.to_string()));
     flag("--resolution", p.resolution.map(|v| v.to_string()));
     flag("--seed", p.seed.map(|v| v.to_string()));
-    flag(
-        "--device",
-        shared
-            .config
-            .device
-            .clone()
-            .filter(|d| d.as_str() != "auto"),
-    );
+    flag("--device", shared.config.device.clone());
     if p.train_text_encoder == Some(true) {
         cmd.arg("--train-text-encoder");
     }

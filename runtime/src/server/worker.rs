@@ -8,11 +8,12 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use imagegen_crds::api::{codes, ErrorDetail, GenerationResult, ImageResult, WithheldImage};
-use tch::{Device, Kind};
+use tch::Device;
 
 use super::jobs::{deadline_error, error_detail, random_id, Control, JobKey, Running};
 use super::store::Store;
 use super::Shared;
+use crate::engine::{check_device, parse_device, parse_dtype};
 use crate::generate::MaskPrompt;
 use crate::mask_prompt::{load_clipseg, MaskFinder, MaskOptions};
 use crate::output::encode_png;
@@ -24,33 +25,6 @@ pub struct Loaded {
     pub model_name: String,
     pub native_size: u32,
     pub device: Device,
-}
-
-pub fn parse_device(text: Option<&str>) -> Result<Device, String> {
-    match text {
-        None | Some("auto") => Ok(Device::cuda_if_available()),
-        Some("cpu") => Ok(Device::Cpu),
-        Some("cuda") => Ok(Device::Cuda(0)),
-        Some(other) => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(index)) => Ok(Device::Cuda(index)),
-            _ => Err(format!(
-                "invalid device `{other}` (expected cpu, cuda, cuda:N or auto)"
-            )),
-        },
-    }
-}
-
-pub fn parse_dtype(text: Option<&str>, device: Device) -> Result<Kind, String> {
-    match text {
-        None if device.is_cuda() => Ok(Kind::Half),
-        None => Ok(Kind::Float),
-        Some("f32" | "fp32" | "float32") => Ok(Kind::Float),
-        Some("f16" | "fp16" | "float16") => Ok(Kind::Half),
-        Some("bf16" | "bfloat16") => Ok(Kind::BFloat16),
-        Some(other) => Err(format!(
-            "invalid dtype `{other}` (expected f32, f16 or bf16)"
-        )),
-    }
 }
 
 struct Engine {
@@ -65,13 +39,9 @@ struct Engine {
 pub fn run(shared: Arc<Shared>, loaded: std::sync::mpsc::Sender<Result<Loaded, String>>) {
     let config = &shared.config;
     let engine = (|| -> Result<Engine, String> {
-        let device = parse_device(config.device.as_deref())?;
-        if let Device::Cuda(index) = device {
-            if !tch::Cuda::is_available() || index >= tch::Cuda::device_count() as usize {
-                return Err(format!("device cuda:{index} is not available"));
-            }
-        }
-        let dtype = parse_dtype(config.dtype.as_deref(), device)?;
+        let device = parse_device(config.device.as_deref(), "device")?;
+        check_device(device, "device")?;
+        let dtype = parse_dtype(config.dtype.as_deref(), device, "dtype")?;
         let mut options = LoadOptions::new(&config.model);
         options.device = device;
         options.dtype = dtype;
