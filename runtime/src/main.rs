@@ -368,7 +368,7 @@ fn generate(args: GenerateArgs) -> Result<(), String> {
         only_masked_padding: args.only_masked_padding,
         outpaint: args.outpaint,
     };
-    let styles = style_book(args.styles_file.as_deref())?;
+    let styles = StyleBook::load(args.styles_file.as_deref()).map_err(|e| e.to_string())?;
     // Inputs are read and checked before the (slow) model load.
     let limits = ImageLimits::default();
     let read = |path: &Path| load_image_file(path, &limits).map_err(|e| e.to_string());
@@ -490,15 +490,8 @@ fn find_mask(args: MaskArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn style_book(file: Option<&Path>) -> Result<StyleBook, String> {
-    match file {
-        Some(path) => StyleBook::with_file(path).map_err(|e| e.to_string()),
-        None => Ok(StyleBook::builtin()),
-    }
-}
-
 fn list_styles(args: StylesArgs) -> Result<(), String> {
-    let book = style_book(args.styles_file.as_deref())?;
+    let book = StyleBook::load(args.styles_file.as_deref()).map_err(|e| e.to_string())?;
     if args.json {
         let json = serde_json::to_string_pretty(book.list()).map_err(|e| e.to_string())?;
         println!("{json}");

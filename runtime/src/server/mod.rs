@@ -95,10 +95,8 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
         None => None,
     };
     let store = store::Store::open(&config.store)?;
-    let styles = match &config.styles_file {
-        Some(path) => crate::styles::StyleBook::with_file(path).map_err(|e| e.to_string())?,
-        None => crate::styles::StyleBook::builtin(),
-    };
+    let styles =
+        crate::styles::StyleBook::load(config.styles_file.as_deref()).map_err(|e| e.to_string())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("imagegen-http")

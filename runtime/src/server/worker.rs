@@ -17,7 +17,6 @@ use crate::engine::{check_device, parse_device, parse_dtype};
 use crate::generate::MaskPrompt;
 use crate::mask_prompt::{load_clipseg, MaskFinder, MaskOptions};
 use crate::output::encode_png;
-use crate::styles::StyleBook;
 use crate::{GenerationOutcome, Inputs, LoadOptions, Lora, LoraCache, StableDiffusion};
 
 /// What the worker tells the server once the model is loaded (or failed to load).
@@ -29,7 +28,6 @@ pub struct Loaded {
 
 struct Engine {
     model: StableDiffusion,
-    styles: StyleBook,
     loras: LoraCache,
     /// CLIPSeg for mask prompts, loaded on first use.
     finder: Option<MaskFinder>,
@@ -48,13 +46,8 @@ pub fn run(shared: Arc<Shared>, loaded: std::sync::mpsc::Sender<Result<Loaded, S
         options.safety = config.safety;
         options.safety_checker = config.safety_checker.clone();
         let model = StableDiffusion::load(&options).map_err(|e| e.to_string())?;
-        let styles = match &config.styles_file {
-            Some(path) => StyleBook::with_file(path).map_err(|e| e.to_string())?,
-            None => StyleBook::builtin(),
-        };
         Ok(Engine {
             model,
-            styles,
             loras: LoraCache::new(config.lora_cache_bytes as usize),
             finder: None,
         })
@@ -254,7 +247,7 @@ fn run_batch(shared: &Shared, engine: &mut Engine, batch: Vec<Running>) {
     let outcomes =
         engine
             .model
-            .generate_batch(&requests, &loras, &engine.styles, &mut report, &all_stopped);
+            .generate_batch(&requests, &loras, &shared.styles, &mut report, &all_stopped);
     let images: u32 = live.iter().map(|r| r.work.images).sum();
     record_throughput(shared, engine, steps_done * images, started);
     match outcomes {
@@ -338,7 +331,7 @@ fn generate(
     };
     let outcome: GenerationOutcome = engine
         .model
-        .generate(&work.params, &inputs, &engine.styles, &mut report, cancel)
+        .generate(&work.params, &inputs, &shared.styles, &mut report, cancel)
         .map_err(engine_error)?;
     store_outcome(shared, &key.0, outcome, work.b64)
 }
