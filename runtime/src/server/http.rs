@@ -313,7 +313,8 @@ pub fn status_of(code: &str) -> StatusCode {
     }
 }
 
-fn job_error(job: &Job) -> ApiError {
+/// The error a job that did not succeed answers with (Retry-After when it may be retried).
+pub fn job_error(job: &Job) -> ApiError {
     let detail = job.error.clone().unwrap_or_else(|| {
         error_detail(codes::INTERNAL, format!("job ended {:?}", job.state), false)
     });
@@ -357,11 +358,7 @@ async fn post_generation(mut request: Request, tenant: String) -> Result<Respons
     let shared = request.shared.clone();
     let (job, rx, new) = submit(&shared, &tenant, body, None).await?;
     if prefer_async {
-        let mut response = json_with_status(&job, StatusCode::ACCEPTED);
-        if let Ok(location) = header::HeaderValue::from_str(&format!("/v1/jobs/{}", job.id)) {
-            response.headers_mut().insert(header::LOCATION, location);
-        }
-        return Ok(response);
+        return Ok(accepted(&job, "jobs"));
     }
     let job = wait_for(&shared, &tenant, job, rx, new).await?;
     match job.state {
@@ -387,9 +384,7 @@ pub async fn wait_for(
     if !job.state.is_finished() {
         loop {
             match rx.recv().await {
-                Ok(
-                    JobEvent::Succeeded { .. } | JobEvent::Failed { .. } | JobEvent::Cancelled {},
-                ) => break,
+                Ok(event) if event.is_final() => break,
                 Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(broadcast::error::RecvError::Closed) => break,
             }
@@ -862,10 +857,7 @@ fn events<W>(jobs: &super::jobs::Jobs<W>, tenant: &str, id: &str) -> Result<Resp
         (Some(first), rx, done),
         |(pending, mut rx, done)| async move {
             if let Some(event) = pending {
-                let finished = matches!(
-                    event,
-                    JobEvent::Succeeded { .. } | JobEvent::Failed { .. } | JobEvent::Cancelled {}
-                );
+                let finished = event.is_final();
                 return Some((
                     Ok::<_, std::convert::Infallible>(sse_event(&event)),
                     (None, rx, done || finished),
@@ -877,12 +869,7 @@ fn events<W>(jobs: &super::jobs::Jobs<W>, tenant: &str, id: &str) -> Result<Resp
             loop {
                 match rx.recv().await {
                     Ok(event) => {
-                        let finished = matches!(
-                            event,
-                            JobEvent::Succeeded { .. }
-                                | JobEvent::Failed { .. }
-                                | JobEvent::Cancelled {}
-                        );
+                        let finished = event.is_final();
                         return Some((Ok(sse_event(&event)), (None, rx, finished)));
                     }
                     Err(broadcast::error::RecvError::Lagged(_)) => continue,

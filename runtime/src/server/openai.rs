@@ -135,18 +135,10 @@ async fn answer(
     base: &str,
 ) -> Result<Response, ApiError> {
     if job.state != JobState::Succeeded {
-        let detail = job.error.clone().unwrap_or_else(|| {
-            super::jobs::error_detail(
-                imagegen_crds::api::codes::INTERNAL,
-                format!("job ended {:?}", job.state),
-                false,
-            )
-        });
-        return Err(ApiError {
-            status: super::http::status_of(&detail.code),
-            retry_after: None,
-            detail,
-        });
+        // OpenAI's error answers carry no Retry-After.
+        let mut error = super::http::job_error(job);
+        error.retry_after = None;
+        return Err(error);
     }
     let created = time::OffsetDateTime::now_utc().unix_timestamp();
     // OpenAI's URLs open without credentials: ours are signed until the result expires.
