@@ -195,47 +195,17 @@ async fn route(path: &str, mut request: Request) -> Result<Response, ApiError> {
     let tenant = request.tenant()?;
     match (segments.as_slice(), method) {
         (["v1", "generations"], Method::POST) => post_generation(request, tenant).await,
-        (["v1", "jobs", id], Method::GET) => {
-            let job = request
-                .shared
-                .jobs
-                .get(&tenant, id)
-                .ok_or_else(|| ApiError::not_found(format!("no job `{id}`")))?;
-            Ok(json_ok(&job))
-        }
+        (["v1", "jobs", id], Method::GET) => get_job(&request.shared.jobs, &tenant, id, "job"),
         (["v1", "jobs", id], Method::DELETE) => {
-            let (job, finished) = request.shared.jobs.cancel(&tenant, id, None)?;
-            if let Some((job, url)) = finished {
-                super::send_webhook(&request.shared, job, url);
-            }
-            let status = if job.state.is_finished() {
-                StatusCode::OK
-            } else {
-                StatusCode::ACCEPTED
-            };
-            Ok(json_with_status(&job, status))
+            cancel_job(&request.shared, &request.shared.jobs, &tenant, id)
         }
         (["v1", "jobs", id, "events"], Method::GET) => events(&request.shared.jobs, &tenant, id),
         (["v1", "trainings"], Method::POST) => post_training(&mut request, &tenant).await,
         (["v1", "trainings", id], Method::GET) => {
-            let job = request
-                .shared
-                .trainings
-                .get(&tenant, id)
-                .ok_or_else(|| ApiError::not_found(format!("no training `{id}`")))?;
-            Ok(json_ok(&job))
+            get_job(&request.shared.trainings, &tenant, id, "training")
         }
         (["v1", "trainings", id], Method::DELETE) => {
-            let (job, finished) = request.shared.trainings.cancel(&tenant, id, None)?;
-            if let Some((job, url)) = finished {
-                super::send_webhook(&request.shared, job, url);
-            }
-            let status = if job.state.is_finished() {
-                StatusCode::OK
-            } else {
-                StatusCode::ACCEPTED
-            };
-            Ok(json_with_status(&job, status))
+            cancel_job(&request.shared, &request.shared.trainings, &tenant, id)
         }
         (["v1", "trainings", id, "events"], Method::GET) => {
             events(&request.shared.trainings, &tenant, id)
@@ -503,23 +473,9 @@ pub fn check_limits(
             .map_err(|e| ApiError::invalid("style", e.to_string()))?;
     }
     if let Some(id) = &body.job_id {
-        let valid = !id.is_empty()
-            && id.len() <= MAX_JOB_ID_CHARS
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-        if !valid {
-            return Err(ApiError::invalid("jobId", "must match [a-z0-9-]{1,64}"));
-        }
+        check_job_id(id)?;
     }
-    if let Some(url) = &body.webhook_url {
-        if !super::webhook::allowed(url, webhook_hosts) {
-            return Err(ApiError::invalid(
-                "webhookUrl",
-                "the webhook's host is not on the deployment's allow-list",
-            ));
-        }
-    }
+    check_webhook_url(body.webhook_url.as_deref(), webhook_hosts)?;
     if body.deadline_seconds == Some(0) {
         return Err(ApiError::invalid("deadlineSeconds", "must be at least 1"));
     }
@@ -533,6 +489,30 @@ pub fn check_limits(
         ));
     }
     Ok(())
+}
+
+/// A client's job id: `[a-z0-9-]{1,64}`.
+fn check_job_id(id: &str) -> Result<(), ApiError> {
+    let valid = !id.is_empty()
+        && id.len() <= MAX_JOB_ID_CHARS
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !valid {
+        return Err(ApiError::invalid("jobId", "must match [a-z0-9-]{1,64}"));
+    }
+    Ok(())
+}
+
+/// A webhook, when given, must go to a host on the deployment's allow-list.
+fn check_webhook_url(url: Option<&str>, webhook_hosts: &[String]) -> Result<(), ApiError> {
+    match url {
+        Some(url) if !super::webhook::allowed(url, webhook_hosts) => Err(ApiError::invalid(
+            "webhookUrl",
+            "the webhook's host is not on the deployment's allow-list",
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// The served model's names: what the config gave, and its last path segment.
@@ -846,6 +826,38 @@ fn snapshot_event(job: &Job) -> JobEvent {
     }
 }
 
+/// `GET` of a job or training; `what` names its kind in the 404.
+fn get_job<W>(
+    jobs: &super::jobs::Jobs<W>,
+    tenant: &str,
+    id: &str,
+    what: &str,
+) -> Result<Response, ApiError> {
+    let job = jobs
+        .get(tenant, id)
+        .ok_or_else(|| ApiError::not_found(format!("no {what} `{id}`")))?;
+    Ok(json_ok(&job))
+}
+
+/// `DELETE` of a job or training: 200 when it has ended, 202 while it is stopping.
+fn cancel_job<W>(
+    shared: &Shared,
+    jobs: &super::jobs::Jobs<W>,
+    tenant: &str,
+    id: &str,
+) -> Result<Response, ApiError> {
+    let (job, finished) = jobs.cancel(tenant, id, None)?;
+    if let Some((job, url)) = finished {
+        super::send_webhook(shared, job, url);
+    }
+    let status = if job.state.is_finished() {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok(json_with_status(&job, status))
+}
+
 fn events<W>(jobs: &super::jobs::Jobs<W>, tenant: &str, id: &str) -> Result<Response, ApiError> {
     let (job, rx) = jobs
         .subscribe(tenant, id)
@@ -1043,24 +1055,10 @@ async fn post_training(request: &mut Request, tenant: &str) -> Result<Response, 
             return Err(ApiError::invalid(field, "must be a positive number"));
         }
     }
-    if let Some(url) = &body.webhook_url {
-        if !super::webhook::allowed(url, &shared.config.webhook_hosts) {
-            return Err(ApiError::invalid(
-                "webhookUrl",
-                "the webhook's host is not on the deployment's allow-list",
-            ));
-        }
-    }
+    check_webhook_url(body.webhook_url.as_deref(), &shared.config.webhook_hosts)?;
     let fingerprint = fingerprint(&body, body.job_id.is_some());
     if let Some(id) = &body.job_id {
-        let valid = id.len() <= MAX_JOB_ID_CHARS
-            && !id.is_empty()
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-        if !valid {
-            return Err(ApiError::invalid("jobId", "must match [a-z0-9-]{1,64}"));
-        }
+        check_job_id(id)?;
         if let Some(existing) = shared.trainings.resubmit(tenant, id, &fingerprint) {
             let (job, _, _) = existing?;
             return Ok(accepted(&job, "trainings"));
