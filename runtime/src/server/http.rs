@@ -522,9 +522,24 @@ pub fn serves_model(shared: &Shared, name: &str) -> bool {
     name == served || name == short
 }
 
+/// A LoRA's file within its tenant's folder of the store (what a training reports).
+pub fn lora_file(name: &str) -> String {
+    format!("loras/{name}/{DIFFUSERS_LORA_FILE}")
+}
+
 /// The store path of a tenant's LoRA by name.
 pub fn lora_path(tenant: &str, name: &str) -> StorePath {
-    Store::tenant_path(tenant, &format!("loras/{name}/{DIFFUSERS_LORA_FILE}"))
+    Store::tenant_path(tenant, &lora_file(name))
+}
+
+/// The store path of the description of a tenant's LoRA.
+pub fn info_path(tenant: &str, name: &str) -> StorePath {
+    Store::tenant_path(tenant, &format!("loras/{name}/info.json"))
+}
+
+/// The store path of a generated image (always kept as PNG).
+pub fn image_path(tenant: &str, id: &str) -> StorePath {
+    Store::tenant_path(tenant, &format!("images/{id}.png"))
 }
 
 /// A digest of a request, which a re-submission of its job id must match; only a request
@@ -760,11 +775,7 @@ async fn input_bytes(
             if let Some(name) = own_image_name(url) {
                 check_name(name).map_err(|e| ApiError::invalid(field, e))?;
                 let id = name.split('.').next().unwrap_or(name);
-                return from_store(
-                    Store::tenant_path(tenant, &format!("images/{id}.png")),
-                    format!("no image `{id}`"),
-                )
-                .await;
+                return from_store(image_path(tenant, id), format!("no image `{id}`")).await;
             }
             if !super::webhook::allowed(url, &shared.config.url_hosts) {
                 return Err(ApiError::invalid(
@@ -976,7 +987,7 @@ async fn get_image(request: &Request, tenant: &str, name: &str) -> Result<Respon
         .shared
         .store
         .get(
-            &Store::tenant_path(tenant, &format!("images/{id}.png")),
+            &image_path(tenant, id),
             request.shared.config.limits.max_body_bytes.max(256 << 20),
         )
         .await
@@ -1125,7 +1136,7 @@ fn accepted(job: &Job, collection: &str) -> Response {
 async fn delete_image(shared: &Shared, tenant: &str, name: &str) -> Result<Response, ApiError> {
     let id = name.split('.').next().unwrap_or(name);
     check_name(id).map_err(|_| ApiError::not_found(format!("no image `{id}`")))?;
-    let path = Store::tenant_path(tenant, &format!("images/{id}.png"));
+    let path = image_path(tenant, id);
     shared.store.head(&path).await.map_err(|e| match e {
         StoreError::NotFound => ApiError::not_found(format!("no image `{id}`")),
         other => other.into(),
@@ -1137,10 +1148,6 @@ async fn delete_image(shared: &Shared, tenant: &str, name: &str) -> Result<Respo
 }
 
 // ---------------------------------------------------------------- LoRAs
-
-fn info_path(tenant: &str, name: &str) -> StorePath {
-    Store::tenant_path(tenant, &format!("loras/{name}/info.json"))
-}
 
 async fn list_loras(shared: &Shared, tenant: &str) -> Result<Response, ApiError> {
     let objects = shared

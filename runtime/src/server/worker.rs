@@ -11,7 +11,6 @@ use imagegen_crds::api::{codes, ErrorDetail, GenerationResult, ImageResult, With
 use tch::Device;
 
 use super::jobs::{deadline_error, error_detail, random_id, Control, JobKey, Running};
-use super::store::Store;
 use super::Shared;
 use crate::engine::{check_device, parse_device, parse_dtype};
 use crate::generate::MaskPrompt;
@@ -355,7 +354,7 @@ fn store_outcome(
         }
         let id = random_id();
         let sha256 = super::http::hex_sha256(&png);
-        let path = Store::tenant_path(tenant, &format!("images/{id}.png"));
+        let path = super::http::image_path(tenant, &id);
         let b64_json = b64.then(|| super::media::base64_encode(&png));
         shared
             .runtime
