@@ -134,6 +134,15 @@ impl Format {
         }
     }
 
+    /// The file extension of an image URL in this format.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Format::Png => "png",
+            Format::Jpeg => "jpg",
+            Format::Webp => "webp",
+        }
+    }
+
     /// The first of PNG, JPEG or WebP an `Accept` header names (PNG for `*/*` or none).
     pub fn from_accept(accept: Option<&str>) -> Option<Format> {
         let Some(accept) = accept else {

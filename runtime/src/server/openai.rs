@@ -94,21 +94,13 @@ fn b64_wanted(format: Option<&str>) -> Result<bool, ApiError> {
 
 fn output_format(format: Option<&str>) -> Result<Format, ApiError> {
     match format {
-        None | Some("png") => Ok(Format::Png),
-        Some("jpeg" | "jpg") => Ok(Format::Jpeg),
-        Some("webp") => Ok(Format::Webp),
-        Some(other) => Err(ApiError::invalid(
-            "output_format",
-            format!("`{other}` is not png, jpeg or webp"),
-        )),
-    }
-}
-
-fn extension(format: Format) -> &'static str {
-    match format {
-        Format::Png => "png",
-        Format::Jpeg => "jpg",
-        Format::Webp => "webp",
+        None => Ok(Format::Png),
+        Some(text) => Format::from_extension(text).ok_or_else(|| {
+            ApiError::invalid(
+                "output_format",
+                format!("`{text}` is not png, jpeg or webp"),
+            )
+        }),
     }
 }
 
@@ -173,7 +165,7 @@ async fn answer(
                 let url = format!(
                     "{base}/v1/images/{}.{}?{query}",
                     image.id,
-                    extension(format)
+                    format.extension()
                 );
                 data.push(serde_json::json!({ "url": url }));
             }
