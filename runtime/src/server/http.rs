@@ -9,8 +9,8 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use image::DynamicImage;
 use imagegen_crds::api::{
-    codes, ErrorBody, ErrorDetail, GenerationRequest, ImageInput, Job, JobEvent, JobState,
-    LoraInfo, LoraSource, ResponseFormat, Upload, MAX_JOB_ID_CHARS,
+    codes, GenerationRequest, ImageInput, Job, JobEvent, JobState, LoraInfo, LoraSource,
+    ResponseFormat, Upload, MAX_JOB_ID_CHARS,
 };
 use object_store::path::Path as StorePath;
 use sha2::{Digest, Sha256};
@@ -1284,11 +1284,6 @@ async fn delete_lora(shared: &Shared, tenant: &str, name: &str) -> Result<Respon
     let mut response = Response::new(Vec::new().into());
     *response.status_mut() = StatusCode::NO_CONTENT;
     Ok(response)
-}
-
-/// An error body for tests and the OpenAI adapter.
-pub fn error_body(detail: ErrorDetail) -> ErrorBody {
-    ErrorBody { error: detail }
 }
 
 #[cfg(test)]

@@ -239,7 +239,8 @@ async fn shutdown_signal() {
 async fn sweeper(shared: Arc<Shared>) {
     let ttl = Duration::from_secs(shared.config.result_ttl_seconds);
     let period = (ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
-    let mut tick = tokio::time::interval(period.min(Duration::from_secs(1)));
+    // Every second for the queued jobs' deadlines; the rest every `period`.
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last_store_sweep = std::time::Instant::now();
     loop {
         tick.tick().await;

@@ -21,7 +21,6 @@ use crate::{GenerationOutcome, Inputs, LoadOptions, Lora, LoraCache, StableDiffu
 /// What the worker tells the server once the model is loaded (or failed to load).
 pub struct Loaded {
     pub model_name: String,
-    pub native_size: u32,
     pub device: Device,
 }
 
@@ -55,7 +54,6 @@ pub fn run(shared: Arc<Shared>, loaded: std::sync::mpsc::Sender<Result<Loaded, S
         Ok(engine) => {
             let _ = loaded.send(Ok(Loaded {
                 model_name: engine.model.name.clone(),
-                native_size: engine.model.native_size() as u32,
                 device: engine.model.device,
             }));
             engine
@@ -262,13 +260,18 @@ fn run_batch(shared: &Shared, engine: &mut Engine, batch: Vec<Running>) {
         }
         Err(e) => {
             for r in &live {
-                let detail = match &e {
-                    crate::Error::Cancelled => shared.jobs.cancel_reason(&r.key),
-                    other => super::error::ApiError::from_engine(other).detail,
-                };
+                let detail = engine_error(shared, &r.key, &e);
                 finish(shared, &r.key, r.work.mode, r.created, Err(detail));
             }
         }
+    }
+}
+
+/// A job's error for the engine's: a stopped run ends with the reason it was stopped for.
+fn engine_error(shared: &Shared, key: &JobKey, error: &crate::Error) -> ErrorDetail {
+    match error {
+        crate::Error::Cancelled => shared.jobs.cancel_reason(key),
+        other => super::error::ApiError::from_engine(other).detail,
     }
 }
 
@@ -280,12 +283,7 @@ fn generate(
     cancel: &AtomicBool,
     deadline: Instant,
 ) -> Result<GenerationResult, ErrorDetail> {
-    let engine_error = |e: crate::Error| -> ErrorDetail {
-        match e {
-            crate::Error::Cancelled => shared.jobs.cancel_reason(key),
-            other => super::error::ApiError::from_engine(&other).detail,
-        }
-    };
+    let engine_error = |e: crate::Error| engine_error(shared, key, &e);
     let loras = load_loras(shared, engine, &work.loras).map_err(engine_error)?;
     if work.mask_prompt.is_some() && engine.finder.is_none() {
         let finder = load_clipseg(
