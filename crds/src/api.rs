@@ -330,6 +330,14 @@ impl JobEvent {
             JobEvent::Cancelled {} => "cancelled",
         }
     }
+
+    /// Whether this event ends the job (no event follows it).
+    pub fn is_final(&self) -> bool {
+        matches!(
+            self,
+            JobEvent::Succeeded { .. } | JobEvent::Failed { .. } | JobEvent::Cancelled {}
+        )
+    }
 }
 
 /// Every error response of the HTTP service (but the OpenAI-compatible endpoints, which

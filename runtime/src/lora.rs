@@ -566,6 +566,16 @@ impl LoraCache {
     /// The LoRA at `path` (file or diffusers folder), loaded for `model` unless cached with
     /// the file's current modification time.
     pub fn get(&mut self, path: &Path, model: &StableDiffusion, lenient: bool) -> Result<Rc<Lora>> {
+        self.get_or_load(path, model, lenient).map(|(lora, _)| lora)
+    }
+
+    /// As [`LoraCache::get`], and whether it was a hit (true) or had to be loaded (false).
+    pub fn get_or_load(
+        &mut self,
+        path: &Path,
+        model: &StableDiffusion,
+        lenient: bool,
+    ) -> Result<(Rc<Lora>, bool)> {
         let file = lora_file(path);
         let io = |source| Error::Io {
             path: file.clone(),
@@ -583,7 +593,7 @@ impl LoraCache {
             .find(|e| e.path == canonical && e.modified == modified && e.lenient == lenient)
         {
             entry.last_used = now;
-            return Ok(entry.lora.clone());
+            return Ok((entry.lora.clone(), true));
         }
         // A changed file replaces its stale entry.
         self.entries.retain(|e| e.path != canonical);
@@ -607,7 +617,7 @@ impl LoraCache {
                 .expect("over budget means not empty");
             self.entries.swap_remove(oldest);
         }
-        Ok(lora)
+        Ok((lora, false))
     }
 
     /// Bytes of the cached LoRAs' tensors.

@@ -73,7 +73,7 @@ struct MaskArgs {
     /// Gaussian blur of the mask's edge (sigma, pixels).
     #[arg(long, default_value_t = 0.0)]
     blur: f32,
-    /// cpu, cuda or cuda:N [default: cuda when available].
+    /// cpu, cuda, cuda:N or auto [default: auto, cuda when available].
     #[arg(long)]
     device: Option<String>,
     /// f32, f16 or bf16 [default: f16 on cuda, f32 on cpu].
@@ -197,7 +197,7 @@ struct GenerateArgs {
     /// Skip (with a warning) LoRA keys that match no module of the model instead of failing.
     #[arg(long)]
     lora_lenient: bool,
-    /// cpu, cuda or cuda:N [default: cuda when available].
+    /// cpu, cuda, cuda:N or auto [default: auto, cuda when available].
     #[arg(long)]
     device: Option<String>,
     /// f32, f16 or bf16 [default: f16 on cuda, f32 on cpu].
@@ -316,30 +316,11 @@ fn parse_lora(text: &str) -> Result<(PathBuf, f64), String> {
 }
 
 fn parse_device(text: Option<&str>) -> Result<Device, String> {
-    match text {
-        None => Ok(Device::cuda_if_available()),
-        Some("cpu") => Ok(Device::Cpu),
-        Some("cuda") => Ok(Device::Cuda(0)),
-        Some(other) => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(index)) => Ok(Device::Cuda(index)),
-            _ => Err(format!(
-                "invalid --device `{other}` (expected cpu, cuda or cuda:N)"
-            )),
-        },
-    }
+    imagegen_runtime::engine::parse_device(text, "--device")
 }
 
 fn parse_dtype(text: Option<&str>, device: Device) -> Result<Kind, String> {
-    match text {
-        None if device.is_cuda() => Ok(Kind::Half),
-        None => Ok(Kind::Float),
-        Some("f32" | "fp32" | "float32") => Ok(Kind::Float),
-        Some("f16" | "fp16" | "float16") => Ok(Kind::Half),
-        Some("bf16" | "bfloat16") => Ok(Kind::BFloat16),
-        Some(other) => Err(format!(
-            "invalid --dtype `{other}` (expected f32, f16 or bf16)"
-        )),
-    }
+    imagegen_runtime::engine::parse_dtype(text, device, "--dtype")
 }
 
 /// `out.png` for one image; `out-0.png`, `out-1.png`, ... for several.
@@ -355,13 +336,7 @@ fn output_paths(out: &Path, count: usize) -> Vec<PathBuf> {
 
 fn generate(args: GenerateArgs) -> Result<(), String> {
     let device = parse_device(args.device.as_deref())?;
-    if let Device::Cuda(index) = device {
-        if !tch::Cuda::is_available() || index >= tch::Cuda::device_count() as usize {
-            return Err(format!(
-                "--device cuda:{index} is not available on this machine"
-            ));
-        }
-    }
+    imagegen_runtime::engine::check_device(device, "--device")?;
     let dtype = parse_dtype(args.dtype.as_deref(), device)?;
     let mut options = LoadOptions::new(&args.model);
     options.device = device;
@@ -393,7 +368,7 @@ fn generate(args: GenerateArgs) -> Result<(), String> {
         only_masked_padding: args.only_masked_padding,
         outpaint: args.outpaint,
     };
-    let styles = style_book(args.styles_file.as_deref())?;
+    let styles = StyleBook::load(args.styles_file.as_deref()).map_err(|e| e.to_string())?;
     // Inputs are read and checked before the (slow) model load.
     let limits = ImageLimits::default();
     let read = |path: &Path| load_image_file(path, &limits).map_err(|e| e.to_string());
@@ -515,15 +490,8 @@ fn find_mask(args: MaskArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn style_book(file: Option<&Path>) -> Result<StyleBook, String> {
-    match file {
-        Some(path) => StyleBook::with_file(path).map_err(|e| e.to_string()),
-        None => Ok(StyleBook::builtin()),
-    }
-}
-
 fn list_styles(args: StylesArgs) -> Result<(), String> {
-    let book = style_book(args.styles_file.as_deref())?;
+    let book = StyleBook::load(args.styles_file.as_deref()).map_err(|e| e.to_string())?;
     if args.json {
         let json = serde_json::to_string_pretty(book.list()).map_err(|e| e.to_string())?;
         println!("{json}");

@@ -136,6 +136,15 @@ impl StyleBook {
         StyleBook { styles }
     }
 
+    /// The presets with a deployment's file over them when one is given (the `--styles-file`
+    /// of every command), else the built-in ones.
+    pub fn load(file: Option<&Path>) -> Result<StyleBook> {
+        match file {
+            Some(path) => StyleBook::with_file(path),
+            None => Ok(StyleBook::builtin()),
+        }
+    }
+
     /// The built-in presets with a deployment's file over them: a style with a new id is
     /// added, one with a built-in id replaces that preset.
     pub fn with_file(path: &Path) -> Result<StyleBook> {

@@ -164,13 +164,7 @@ fn load_and_train(
     reporter: &ProgressReporter,
 ) -> Result<(), String> {
     let device = crate::parse_device(device.as_deref())?;
-    if let tch::Device::Cuda(index) = device {
-        if !tch::Cuda::is_available() || index >= tch::Cuda::device_count() as usize {
-            return Err(format!(
-                "--device cuda:{index} is not available on this machine"
-            ));
-        }
-    }
+    imagegen_runtime::engine::check_device(device, "--device")?;
     // Checked before the (slow) downloads and model load.
     config.validate(device).map_err(|e| e.to_string())?;
     let store = store_url

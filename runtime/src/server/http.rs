@@ -9,8 +9,8 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use image::DynamicImage;
 use imagegen_crds::api::{
-    codes, ErrorBody, ErrorDetail, GenerationRequest, ImageInput, Job, JobEvent, JobState,
-    LoraInfo, LoraSource, ResponseFormat, Upload, MAX_JOB_ID_CHARS,
+    codes, GenerationRequest, ImageInput, Job, JobEvent, JobState, LoraInfo, LoraSource,
+    ResponseFormat, Upload, MAX_JOB_ID_CHARS,
 };
 use object_store::path::Path as StorePath;
 use sha2::{Digest, Sha256};
@@ -195,47 +195,17 @@ async fn route(path: &str, mut request: Request) -> Result<Response, ApiError> {
     let tenant = request.tenant()?;
     match (segments.as_slice(), method) {
         (["v1", "generations"], Method::POST) => post_generation(request, tenant).await,
-        (["v1", "jobs", id], Method::GET) => {
-            let job = request
-                .shared
-                .jobs
-                .get(&tenant, id)
-                .ok_or_else(|| ApiError::not_found(format!("no job `{id}`")))?;
-            Ok(json_ok(&job))
-        }
+        (["v1", "jobs", id], Method::GET) => get_job(&request.shared.jobs, &tenant, id, "job"),
         (["v1", "jobs", id], Method::DELETE) => {
-            let (job, finished) = request.shared.jobs.cancel(&tenant, id, None)?;
-            if let Some((job, url)) = finished {
-                super::send_webhook(&request.shared, job, url);
-            }
-            let status = if job.state.is_finished() {
-                StatusCode::OK
-            } else {
-                StatusCode::ACCEPTED
-            };
-            Ok(json_with_status(&job, status))
+            cancel_job(&request.shared, &request.shared.jobs, &tenant, id)
         }
         (["v1", "jobs", id, "events"], Method::GET) => events(&request.shared.jobs, &tenant, id),
         (["v1", "trainings"], Method::POST) => post_training(&mut request, &tenant).await,
         (["v1", "trainings", id], Method::GET) => {
-            let job = request
-                .shared
-                .trainings
-                .get(&tenant, id)
-                .ok_or_else(|| ApiError::not_found(format!("no training `{id}`")))?;
-            Ok(json_ok(&job))
+            get_job(&request.shared.trainings, &tenant, id, "training")
         }
         (["v1", "trainings", id], Method::DELETE) => {
-            let (job, finished) = request.shared.trainings.cancel(&tenant, id, None)?;
-            if let Some((job, url)) = finished {
-                super::send_webhook(&request.shared, job, url);
-            }
-            let status = if job.state.is_finished() {
-                StatusCode::OK
-            } else {
-                StatusCode::ACCEPTED
-            };
-            Ok(json_with_status(&job, status))
+            cancel_job(&request.shared, &request.shared.trainings, &tenant, id)
         }
         (["v1", "trainings", id, "events"], Method::GET) => {
             events(&request.shared.trainings, &tenant, id)
@@ -313,7 +283,8 @@ pub fn status_of(code: &str) -> StatusCode {
     }
 }
 
-fn job_error(job: &Job) -> ApiError {
+/// The error a job that did not succeed answers with (Retry-After when it may be retried).
+pub fn job_error(job: &Job) -> ApiError {
     let detail = job.error.clone().unwrap_or_else(|| {
         error_detail(codes::INTERNAL, format!("job ended {:?}", job.state), false)
     });
@@ -357,11 +328,7 @@ async fn post_generation(mut request: Request, tenant: String) -> Result<Respons
     let shared = request.shared.clone();
     let (job, rx, new) = submit(&shared, &tenant, body, None).await?;
     if prefer_async {
-        let mut response = json_with_status(&job, StatusCode::ACCEPTED);
-        if let Ok(location) = header::HeaderValue::from_str(&format!("/v1/jobs/{}", job.id)) {
-            response.headers_mut().insert(header::LOCATION, location);
-        }
-        return Ok(response);
+        return Ok(accepted(&job, "jobs"));
     }
     let job = wait_for(&shared, &tenant, job, rx, new).await?;
     match job.state {
@@ -387,9 +354,7 @@ pub async fn wait_for(
     if !job.state.is_finished() {
         loop {
             match rx.recv().await {
-                Ok(
-                    JobEvent::Succeeded { .. } | JobEvent::Failed { .. } | JobEvent::Cancelled {},
-                ) => break,
+                Ok(event) if event.is_final() => break,
                 Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
                 Err(broadcast::error::RecvError::Closed) => break,
             }
@@ -508,23 +473,9 @@ pub fn check_limits(
             .map_err(|e| ApiError::invalid("style", e.to_string()))?;
     }
     if let Some(id) = &body.job_id {
-        let valid = !id.is_empty()
-            && id.len() <= MAX_JOB_ID_CHARS
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-        if !valid {
-            return Err(ApiError::invalid("jobId", "must match [a-z0-9-]{1,64}"));
-        }
+        check_job_id(id)?;
     }
-    if let Some(url) = &body.webhook_url {
-        if !super::webhook::allowed(url, webhook_hosts) {
-            return Err(ApiError::invalid(
-                "webhookUrl",
-                "the webhook's host is not on the deployment's allow-list",
-            ));
-        }
-    }
+    check_webhook_url(body.webhook_url.as_deref(), webhook_hosts)?;
     if body.deadline_seconds == Some(0) {
         return Err(ApiError::invalid("deadlineSeconds", "must be at least 1"));
     }
@@ -540,6 +491,30 @@ pub fn check_limits(
     Ok(())
 }
 
+/// A client's job id: `[a-z0-9-]{1,64}`.
+fn check_job_id(id: &str) -> Result<(), ApiError> {
+    let valid = !id.is_empty()
+        && id.len() <= MAX_JOB_ID_CHARS
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if !valid {
+        return Err(ApiError::invalid("jobId", "must match [a-z0-9-]{1,64}"));
+    }
+    Ok(())
+}
+
+/// A webhook, when given, must go to a host on the deployment's allow-list.
+fn check_webhook_url(url: Option<&str>, webhook_hosts: &[String]) -> Result<(), ApiError> {
+    match url {
+        Some(url) if !super::webhook::allowed(url, webhook_hosts) => Err(ApiError::invalid(
+            "webhookUrl",
+            "the webhook's host is not on the deployment's allow-list",
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The served model's names: what the config gave, and its last path segment.
 pub fn serves_model(shared: &Shared, name: &str) -> bool {
     let served = shared.config.model.trim_end_matches('/');
@@ -547,9 +522,35 @@ pub fn serves_model(shared: &Shared, name: &str) -> bool {
     name == served || name == short
 }
 
+/// A LoRA's file within its tenant's folder of the store (what a training reports).
+pub fn lora_file(name: &str) -> String {
+    format!("loras/{name}/{DIFFUSERS_LORA_FILE}")
+}
+
 /// The store path of a tenant's LoRA by name.
 pub fn lora_path(tenant: &str, name: &str) -> StorePath {
-    Store::tenant_path(tenant, &format!("loras/{name}/{DIFFUSERS_LORA_FILE}"))
+    Store::tenant_path(tenant, &lora_file(name))
+}
+
+/// The store path of the description of a tenant's LoRA.
+pub fn info_path(tenant: &str, name: &str) -> StorePath {
+    Store::tenant_path(tenant, &format!("loras/{name}/info.json"))
+}
+
+/// The store path of a generated image (always kept as PNG).
+pub fn image_path(tenant: &str, id: &str) -> StorePath {
+    Store::tenant_path(tenant, &format!("images/{id}.png"))
+}
+
+/// A digest of a request, which a re-submission of its job id must match; only a request
+/// that names its job id is ever compared, so the others (which may carry megabytes of
+/// base64) are not serialized and hashed for nothing.
+fn fingerprint<T: serde::Serialize>(body: &T, has_job_id: bool) -> String {
+    if has_job_id {
+        hex_sha256(&serde_json::to_vec(body).unwrap_or_default())
+    } else {
+        String::new()
+    }
 }
 
 /// Validates, resolves inputs and queues a generation.
@@ -572,8 +573,7 @@ pub async fn submit(
         &shared.config.webhook_hosts,
         &body,
     )?;
-    // A digest: the request may carry megabytes of base64.
-    let fingerprint = hex_sha256(&serde_json::to_vec(&body).unwrap_or_default());
+    let fingerprint = fingerprint(&body, body.job_id.is_some());
     // A re-submitted job id answers with the existing job before any input is read.
     if let Some(id) = &body.job_id {
         if let Some(existing) = shared.jobs.resubmit(tenant, id, &fingerprint) {
@@ -775,11 +775,7 @@ async fn input_bytes(
             if let Some(name) = own_image_name(url) {
                 check_name(name).map_err(|e| ApiError::invalid(field, e))?;
                 let id = name.split('.').next().unwrap_or(name);
-                return from_store(
-                    Store::tenant_path(tenant, &format!("images/{id}.png")),
-                    format!("no image `{id}`"),
-                )
-                .await;
+                return from_store(image_path(tenant, id), format!("no image `{id}`")).await;
             }
             if !super::webhook::allowed(url, &shared.config.url_hosts) {
                 return Err(ApiError::invalid(
@@ -841,6 +837,38 @@ fn snapshot_event(job: &Job) -> JobEvent {
     }
 }
 
+/// `GET` of a job or training; `what` names its kind in the 404.
+fn get_job<W>(
+    jobs: &super::jobs::Jobs<W>,
+    tenant: &str,
+    id: &str,
+    what: &str,
+) -> Result<Response, ApiError> {
+    let job = jobs
+        .get(tenant, id)
+        .ok_or_else(|| ApiError::not_found(format!("no {what} `{id}`")))?;
+    Ok(json_ok(&job))
+}
+
+/// `DELETE` of a job or training: 200 when it has ended, 202 while it is stopping.
+fn cancel_job<W>(
+    shared: &Shared,
+    jobs: &super::jobs::Jobs<W>,
+    tenant: &str,
+    id: &str,
+) -> Result<Response, ApiError> {
+    let (job, finished) = jobs.cancel(tenant, id, None)?;
+    if let Some((job, url)) = finished {
+        super::send_webhook(shared, job, url);
+    }
+    let status = if job.state.is_finished() {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok(json_with_status(&job, status))
+}
+
 fn events<W>(jobs: &super::jobs::Jobs<W>, tenant: &str, id: &str) -> Result<Response, ApiError> {
     let (job, rx) = jobs
         .subscribe(tenant, id)
@@ -852,10 +880,7 @@ fn events<W>(jobs: &super::jobs::Jobs<W>, tenant: &str, id: &str) -> Result<Resp
         (Some(first), rx, done),
         |(pending, mut rx, done)| async move {
             if let Some(event) = pending {
-                let finished = matches!(
-                    event,
-                    JobEvent::Succeeded { .. } | JobEvent::Failed { .. } | JobEvent::Cancelled {}
-                );
+                let finished = event.is_final();
                 return Some((
                     Ok::<_, std::convert::Infallible>(sse_event(&event)),
                     (None, rx, done || finished),
@@ -867,12 +892,7 @@ fn events<W>(jobs: &super::jobs::Jobs<W>, tenant: &str, id: &str) -> Result<Resp
             loop {
                 match rx.recv().await {
                     Ok(event) => {
-                        let finished = matches!(
-                            event,
-                            JobEvent::Succeeded { .. }
-                                | JobEvent::Failed { .. }
-                                | JobEvent::Cancelled {}
-                        );
+                        let finished = event.is_final();
                         return Some((Ok(sse_event(&event)), (None, rx, finished)));
                     }
                     Err(broadcast::error::RecvError::Lagged(_)) => continue,
@@ -967,7 +987,7 @@ async fn get_image(request: &Request, tenant: &str, name: &str) -> Result<Respon
         .shared
         .store
         .get(
-            &Store::tenant_path(tenant, &format!("images/{id}.png")),
+            &image_path(tenant, id),
             request.shared.config.limits.max_body_bytes.max(256 << 20),
         )
         .await
@@ -1046,24 +1066,10 @@ async fn post_training(request: &mut Request, tenant: &str) -> Result<Response, 
             return Err(ApiError::invalid(field, "must be a positive number"));
         }
     }
-    if let Some(url) = &body.webhook_url {
-        if !super::webhook::allowed(url, &shared.config.webhook_hosts) {
-            return Err(ApiError::invalid(
-                "webhookUrl",
-                "the webhook's host is not on the deployment's allow-list",
-            ));
-        }
-    }
-    let fingerprint = hex_sha256(&serde_json::to_vec(&body).unwrap_or_default());
+    check_webhook_url(body.webhook_url.as_deref(), &shared.config.webhook_hosts)?;
+    let fingerprint = fingerprint(&body, body.job_id.is_some());
     if let Some(id) = &body.job_id {
-        let valid = id.len() <= MAX_JOB_ID_CHARS
-            && !id.is_empty()
-            && id
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-        if !valid {
-            return Err(ApiError::invalid("jobId", "must match [a-z0-9-]{1,64}"));
-        }
+        check_job_id(id)?;
         if let Some(existing) = shared.trainings.resubmit(tenant, id, &fingerprint) {
             let (job, _, _) = existing?;
             return Ok(accepted(&job, "trainings"));
@@ -1130,7 +1136,7 @@ fn accepted(job: &Job, collection: &str) -> Response {
 async fn delete_image(shared: &Shared, tenant: &str, name: &str) -> Result<Response, ApiError> {
     let id = name.split('.').next().unwrap_or(name);
     check_name(id).map_err(|_| ApiError::not_found(format!("no image `{id}`")))?;
-    let path = Store::tenant_path(tenant, &format!("images/{id}.png"));
+    let path = image_path(tenant, id);
     shared.store.head(&path).await.map_err(|e| match e {
         StoreError::NotFound => ApiError::not_found(format!("no image `{id}`")),
         other => other.into(),
@@ -1142,10 +1148,6 @@ async fn delete_image(shared: &Shared, tenant: &str, name: &str) -> Result<Respo
 }
 
 // ---------------------------------------------------------------- LoRAs
-
-fn info_path(tenant: &str, name: &str) -> StorePath {
-    Store::tenant_path(tenant, &format!("loras/{name}/info.json"))
-}
 
 async fn list_loras(shared: &Shared, tenant: &str) -> Result<Response, ApiError> {
     let objects = shared
@@ -1282,11 +1284,6 @@ async fn delete_lora(shared: &Shared, tenant: &str, name: &str) -> Result<Respon
     let mut response = Response::new(Vec::new().into());
     *response.status_mut() = StatusCode::NO_CONTENT;
     Ok(response)
-}
-
-/// An error body for tests and the OpenAI adapter.
-pub fn error_body(detail: ErrorDetail) -> ErrorBody {
-    ErrorBody { error: detail }
 }
 
 #[cfg(test)]

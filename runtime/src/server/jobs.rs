@@ -203,10 +203,6 @@ impl<W> Jobs<W> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
     pub fn depth(&self) -> usize {
         self.lock().queue.len()
     }
@@ -477,16 +473,15 @@ impl<W> Jobs<W> {
             .collect()
     }
 
-    /// Forgets finished jobs older than `ttl`; returns how many.
     /// Inline images (`b64Json`) of a finished job are dropped after this long (its URLs
     /// stay until the TTL): they are the bulk of a job's memory.
     pub const INLINE_KEPT: Duration = Duration::from_secs(600);
     /// At most this many finished jobs are remembered (the oldest go first).
     pub const MAX_FINISHED: usize = 10_000;
 
-    pub fn sweep(&self, ttl: Duration) -> usize {
+    /// Forgets finished jobs older than `ttl` (and the oldest past [`Self::MAX_FINISHED`]).
+    pub fn sweep(&self, ttl: Duration) {
         let mut state = self.lock();
-        let before = state.entries.len();
         state
             .entries
             .retain(|_, e| e.finished.is_none_or(|t| t.elapsed() < ttl));
@@ -509,7 +504,6 @@ impl<W> Jobs<W> {
                 state.entries.remove(&key);
             }
         }
-        before - state.entries.len()
     }
 
     /// Jobs queued past their deadline fail without running.

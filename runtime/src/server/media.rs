@@ -2,8 +2,6 @@
 //! output formats (PNG as generated; JPEG and WebP converted on request, each with the
 //! AI-generated XMP marking).
 
-use std::io::Cursor;
-
 use base64::Engine as _;
 use bytes::{Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
@@ -52,7 +50,6 @@ where
 pub struct Part {
     pub name: String,
     pub filename: Option<String>,
-    pub content_type: Option<String>,
     pub data: Bytes,
 }
 
@@ -82,7 +79,6 @@ pub async fn parse_multipart(content_type: &str, body: Bytes) -> Result<Vec<Part
         }
         let name = field.name().unwrap_or_default().to_string();
         let filename = field.file_name().map(str::to_string);
-        let content_type = field.content_type().map(|m| m.to_string());
         let data = field
             .bytes()
             .await
@@ -90,7 +86,6 @@ pub async fn parse_multipart(content_type: &str, body: Bytes) -> Result<Vec<Part
         parts.push(Part {
             name,
             filename,
-            content_type,
             data,
         });
     }
@@ -131,6 +126,15 @@ impl Format {
             "jpg" | "jpeg" => Some(Format::Jpeg),
             "webp" => Some(Format::Webp),
             _ => None,
+        }
+    }
+
+    /// The file extension of an image URL in this format.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Format::Png => "png",
+            Format::Jpeg => "jpg",
+            Format::Webp => "webp",
         }
     }
 
@@ -275,16 +279,11 @@ pub fn decode(
     crate::input::decode_image(bytes, limits).map_err(|e| ApiError::invalid(field, e.to_string()))
 }
 
-/// Width and height from a PNG's header, for responses.
-pub fn png_size(png: &[u8]) -> Option<(u32, u32)> {
-    let reader = image::ImageReader::with_format(Cursor::new(png), image::ImageFormat::Png);
-    reader.into_dimensions().ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::io::Cursor;
 
     fn rt() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()

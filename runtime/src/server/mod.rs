@@ -95,10 +95,8 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
         None => None,
     };
     let store = store::Store::open(&config.store)?;
-    let styles = match &config.styles_file {
-        Some(path) => crate::styles::StyleBook::with_file(path).map_err(|e| e.to_string())?,
-        None => crate::styles::StyleBook::builtin(),
-    };
+    let styles =
+        crate::styles::StyleBook::load(config.styles_file.as_deref()).map_err(|e| e.to_string())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("imagegen-http")
@@ -241,7 +239,8 @@ async fn shutdown_signal() {
 async fn sweeper(shared: Arc<Shared>) {
     let ttl = Duration::from_secs(shared.config.result_ttl_seconds);
     let period = (ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
-    let mut tick = tokio::time::interval(period.min(Duration::from_secs(1)));
+    // Every second for the queued jobs' deadlines; the rest every `period`.
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut last_store_sweep = std::time::Instant::now();
     loop {
         tick.tick().await;

@@ -94,21 +94,13 @@ fn b64_wanted(format: Option<&str>) -> Result<bool, ApiError> {
 
 fn output_format(format: Option<&str>) -> Result<Format, ApiError> {
     match format {
-        None | Some("png") => Ok(Format::Png),
-        Some("jpeg" | "jpg") => Ok(Format::Jpeg),
-        Some("webp") => Ok(Format::Webp),
-        Some(other) => Err(ApiError::invalid(
-            "output_format",
-            format!("`{other}` is not png, jpeg or webp"),
-        )),
-    }
-}
-
-fn extension(format: Format) -> &'static str {
-    match format {
-        Format::Png => "png",
-        Format::Jpeg => "jpg",
-        Format::Webp => "webp",
+        None => Ok(Format::Png),
+        Some(text) => Format::from_extension(text).ok_or_else(|| {
+            ApiError::invalid(
+                "output_format",
+                format!("`{text}` is not png, jpeg or webp"),
+            )
+        }),
     }
 }
 
@@ -135,18 +127,10 @@ async fn answer(
     base: &str,
 ) -> Result<Response, ApiError> {
     if job.state != JobState::Succeeded {
-        let detail = job.error.clone().unwrap_or_else(|| {
-            super::jobs::error_detail(
-                imagegen_crds::api::codes::INTERNAL,
-                format!("job ended {:?}", job.state),
-                false,
-            )
-        });
-        return Err(ApiError {
-            status: super::http::status_of(&detail.code),
-            retry_after: None,
-            detail,
-        });
+        // OpenAI's error answers carry no Retry-After.
+        let mut error = super::http::job_error(job);
+        error.retry_after = None;
+        return Err(error);
     }
     let created = time::OffsetDateTime::now_utc().unix_timestamp();
     // OpenAI's URLs open without credentials: ours are signed until the result expires.
@@ -181,7 +165,7 @@ async fn answer(
                 let url = format!(
                     "{base}/v1/images/{}.{}?{query}",
                     image.id,
-                    extension(format)
+                    format.extension()
                 );
                 data.push(serde_json::json!({ "url": url }));
             }

@@ -276,28 +276,13 @@ pub fn document() -> Value {
                         content(job.clone()),
                     ),
                 );
-                responses.extend(error_responses(
-                    &error,
-                    &[
-                        "400", "401", "404", "409", "413", "415", "422", "429", "503",
-                    ],
-                ));
+                responses.extend(error_responses(&error, &all_errors));
             }
             ("get" | "delete", "/v1/trainings/{id}") => {
                 responses.insert("200".into(), ok("the training's job", content(job.clone())));
                 responses.extend(error_responses(&error, &["401", "404", "409"]));
             }
-            ("get", "/v1/trainings/{id}/events") => {
-                responses.insert(
-                    "200".into(),
-                    ok(
-                        "events: `event:` the type, `data:` a JobEvent",
-                        json!({"text/event-stream": {"schema": event.clone()}}),
-                    ),
-                );
-                responses.extend(error_responses(&error, &["401", "404"]));
-            }
-            ("get", "/v1/jobs/{id}/events") => {
+            ("get", "/v1/jobs/{id}/events" | "/v1/trainings/{id}/events") => {
                 responses.insert(
                     "200".into(),
                     ok(
@@ -350,11 +335,7 @@ pub fn document() -> Value {
                     &["401", "409", "413", "415", "422"],
                 ));
             }
-            ("delete", "/v1/images/{id}") => {
-                responses.insert("204".into(), json!({"description": "deleted"}));
-                responses.extend(error_responses(&error, &["401", "404"]));
-            }
-            ("delete", "/v1/loras/{name}") => {
+            ("delete", "/v1/images/{id}" | "/v1/loras/{name}") => {
                 responses.insert("204".into(), json!({"description": "deleted"}));
                 responses.extend(error_responses(&error, &["401", "404"]));
             }

@@ -14,9 +14,7 @@ use imagegen_crds::api::{codes, ErrorDetail, LoraInfo, LoraSource, TrainerEvent,
 use imagegen_crds::TrainingParams;
 
 use super::jobs::{error_detail, now_rfc3339, Output, Running};
-use super::store::Store;
 use super::Shared;
-use crate::lora::DIFFUSERS_LORA_FILE;
 
 /// A training ready to run: its photos written to `dir/images`.
 pub struct TrainingWork {
@@ -85,14 +83,7 @@ fn command(shared: &Shared, work: &TrainingWork) -> Command {
     flag("--lr", p.learning_rate.map(|v| v.to_string()));
     flag("--resolution", p.resolution.map(|v| v.to_string()));
     flag("--seed", p.seed.map(|v| v.to_string()));
-    flag(
-        "--device",
-        shared
-            .config
-            .device
-            .clone()
-            .filter(|d| d.as_str() != "auto"),
-    );
+    flag("--device", shared.config.device.clone());
     if p.train_text_encoder == Some(true) {
         cmd.arg("--train-text-encoder");
     }
@@ -174,7 +165,7 @@ fn train(shared: &Shared, running: &Running<TrainingWork>) -> Result<Output, Err
     let bytes = std::fs::read(&output).map_err(|e| internal(format!("{output}: {e}")))?;
     let sha256 = super::http::hex_sha256(&bytes);
     let tenant = &running.key.0;
-    let relative = format!("loras/{}/{DIFFUSERS_LORA_FILE}", work.name);
+    let relative = super::http::lora_file(&work.name);
     let info = LoraInfo {
         name: work.name.clone(),
         size_bytes: bytes.len() as u64,
@@ -187,11 +178,14 @@ fn train(shared: &Shared, running: &Running<TrainingWork>) -> Result<Output, Err
         .runtime
         .block_on(async {
             store
-                .put(&Store::tenant_path(tenant, &relative), Bytes::from(bytes))
+                .put(
+                    &super::http::lora_path(tenant, &work.name),
+                    Bytes::from(bytes),
+                )
                 .await?;
             store
                 .put(
-                    &Store::tenant_path(tenant, &format!("loras/{}/info.json", work.name)),
+                    &super::http::info_path(tenant, &work.name),
                     Bytes::from(serde_json::to_vec(&info).unwrap_or_default()),
                 )
                 .await

@@ -8,54 +8,24 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use imagegen_crds::api::{codes, ErrorDetail, GenerationResult, ImageResult, WithheldImage};
-use tch::{Device, Kind};
+use tch::Device;
 
 use super::jobs::{deadline_error, error_detail, random_id, Control, JobKey, Running};
-use super::store::Store;
 use super::Shared;
+use crate::engine::{check_device, parse_device, parse_dtype};
 use crate::generate::MaskPrompt;
 use crate::mask_prompt::{load_clipseg, MaskFinder, MaskOptions};
 use crate::output::encode_png;
-use crate::styles::StyleBook;
 use crate::{GenerationOutcome, Inputs, LoadOptions, Lora, LoraCache, StableDiffusion};
 
 /// What the worker tells the server once the model is loaded (or failed to load).
 pub struct Loaded {
     pub model_name: String,
-    pub native_size: u32,
     pub device: Device,
-}
-
-pub fn parse_device(text: Option<&str>) -> Result<Device, String> {
-    match text {
-        None | Some("auto") => Ok(Device::cuda_if_available()),
-        Some("cpu") => Ok(Device::Cpu),
-        Some("cuda") => Ok(Device::Cuda(0)),
-        Some(other) => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(index)) => Ok(Device::Cuda(index)),
-            _ => Err(format!(
-                "invalid device `{other}` (expected cpu, cuda, cuda:N or auto)"
-            )),
-        },
-    }
-}
-
-pub fn parse_dtype(text: Option<&str>, device: Device) -> Result<Kind, String> {
-    match text {
-        None if device.is_cuda() => Ok(Kind::Half),
-        None => Ok(Kind::Float),
-        Some("f32" | "fp32" | "float32") => Ok(Kind::Float),
-        Some("f16" | "fp16" | "float16") => Ok(Kind::Half),
-        Some("bf16" | "bfloat16") => Ok(Kind::BFloat16),
-        Some(other) => Err(format!(
-            "invalid dtype `{other}` (expected f32, f16 or bf16)"
-        )),
-    }
 }
 
 struct Engine {
     model: StableDiffusion,
-    styles: StyleBook,
     loras: LoraCache,
     /// CLIPSeg for mask prompts, loaded on first use.
     finder: Option<MaskFinder>,
@@ -65,26 +35,17 @@ struct Engine {
 pub fn run(shared: Arc<Shared>, loaded: std::sync::mpsc::Sender<Result<Loaded, String>>) {
     let config = &shared.config;
     let engine = (|| -> Result<Engine, String> {
-        let device = parse_device(config.device.as_deref())?;
-        if let Device::Cuda(index) = device {
-            if !tch::Cuda::is_available() || index >= tch::Cuda::device_count() as usize {
-                return Err(format!("device cuda:{index} is not available"));
-            }
-        }
-        let dtype = parse_dtype(config.dtype.as_deref(), device)?;
+        let device = parse_device(config.device.as_deref(), "device")?;
+        check_device(device, "device")?;
+        let dtype = parse_dtype(config.dtype.as_deref(), device, "dtype")?;
         let mut options = LoadOptions::new(&config.model);
         options.device = device;
         options.dtype = dtype;
         options.safety = config.safety;
         options.safety_checker = config.safety_checker.clone();
         let model = StableDiffusion::load(&options).map_err(|e| e.to_string())?;
-        let styles = match &config.styles_file {
-            Some(path) => StyleBook::with_file(path).map_err(|e| e.to_string())?,
-            None => StyleBook::builtin(),
-        };
         Ok(Engine {
             model,
-            styles,
             loras: LoraCache::new(config.lora_cache_bytes as usize),
             finder: None,
         })
@@ -93,7 +54,6 @@ pub fn run(shared: Arc<Shared>, loaded: std::sync::mpsc::Sender<Result<Loaded, S
         Ok(engine) => {
             let _ = loaded.send(Ok(Loaded {
                 model_name: engine.model.name.clone(),
-                native_size: engine.model.native_size() as u32,
                 device: engine.model.device,
             }));
             engine
@@ -223,9 +183,8 @@ fn load_loras(
 ) -> crate::Result<Vec<(Rc<Lora>, f64)>> {
     let mut loras = Vec::new();
     for (file, weight) in files {
-        let (len, bytes) = (engine.loras.len(), engine.loras.bytes());
-        let lora = engine.loras.get(file, &engine.model, false)?;
-        if (engine.loras.len(), engine.loras.bytes()) == (len, bytes) {
+        let (lora, hit) = engine.loras.get_or_load(file, &engine.model, false)?;
+        if hit {
             shared.metrics.lora_cache_hits.inc();
         } else {
             shared.metrics.lora_cache_misses.inc();
@@ -285,7 +244,7 @@ fn run_batch(shared: &Shared, engine: &mut Engine, batch: Vec<Running>) {
     let outcomes =
         engine
             .model
-            .generate_batch(&requests, &loras, &engine.styles, &mut report, &all_stopped);
+            .generate_batch(&requests, &loras, &shared.styles, &mut report, &all_stopped);
     let images: u32 = live.iter().map(|r| r.work.images).sum();
     record_throughput(shared, engine, steps_done * images, started);
     match outcomes {
@@ -301,13 +260,18 @@ fn run_batch(shared: &Shared, engine: &mut Engine, batch: Vec<Running>) {
         }
         Err(e) => {
             for r in &live {
-                let detail = match &e {
-                    crate::Error::Cancelled => shared.jobs.cancel_reason(&r.key),
-                    other => super::error::ApiError::from_engine(other).detail,
-                };
+                let detail = engine_error(shared, &r.key, &e);
                 finish(shared, &r.key, r.work.mode, r.created, Err(detail));
             }
         }
+    }
+}
+
+/// A job's error for the engine's: a stopped run ends with the reason it was stopped for.
+fn engine_error(shared: &Shared, key: &JobKey, error: &crate::Error) -> ErrorDetail {
+    match error {
+        crate::Error::Cancelled => shared.jobs.cancel_reason(key),
+        other => super::error::ApiError::from_engine(other).detail,
     }
 }
 
@@ -319,12 +283,7 @@ fn generate(
     cancel: &AtomicBool,
     deadline: Instant,
 ) -> Result<GenerationResult, ErrorDetail> {
-    let engine_error = |e: crate::Error| -> ErrorDetail {
-        match e {
-            crate::Error::Cancelled => shared.jobs.cancel_reason(key),
-            other => super::error::ApiError::from_engine(&other).detail,
-        }
-    };
+    let engine_error = |e: crate::Error| engine_error(shared, key, &e);
     let loras = load_loras(shared, engine, &work.loras).map_err(engine_error)?;
     if work.mask_prompt.is_some() && engine.finder.is_none() {
         let finder = load_clipseg(
@@ -369,7 +328,7 @@ fn generate(
     };
     let outcome: GenerationOutcome = engine
         .model
-        .generate(&work.params, &inputs, &engine.styles, &mut report, cancel)
+        .generate(&work.params, &inputs, &shared.styles, &mut report, cancel)
         .map_err(engine_error)?;
     store_outcome(shared, &key.0, outcome, work.b64)
 }
@@ -393,7 +352,7 @@ fn store_outcome(
         }
         let id = random_id();
         let sha256 = super::http::hex_sha256(&png);
-        let path = Store::tenant_path(tenant, &format!("images/{id}.png"));
+        let path = super::http::image_path(tenant, &id);
         let b64_json = b64.then(|| super::media::base64_encode(&png));
         shared
             .runtime
