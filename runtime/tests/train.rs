@@ -558,8 +558,7 @@ fn a_trained_lora_gives_diffusers_image() {
     ];
     let cases_file = dir.join("cases.json");
     std::fs::write(&cases_file, serde_json::to_string(&cases).unwrap()).unwrap();
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/check_trained_lora.py");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/check_trained_lora.py");
     let status = single_threaded(Command::new(python()))
         .arg(&script)
         .arg(&cases_file)
