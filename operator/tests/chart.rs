@@ -25,19 +25,29 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Deserialize;
 use serde_json::Value;
 
-/// The values files the script renders, by folder name: charts/imagegen/ci/*-values.yaml and
-/// the kind end-to-end test's tests/e2e/values-kind.yaml.
-const VALUES: [&str; 9] = [
-    "defaults",
-    "s3-store",
-    "s3-existing-secret",
-    "cpu",
-    "auth",
-    "auth-existing-secret",
-    "network-policy",
-    "models",
-    "e2e-kind",
-];
+/// The values sets chart-check.sh rendered, by folder name: one per
+/// charts/imagegen/ci/*-values.yaml, and `e2e-kind` for tests/e2e/values-kind.yaml. Read from
+/// the rendered folder (which the script empties first), so a new values file is tested too.
+fn value_sets() -> Vec<String> {
+    let dir = rendered_dir();
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("the rendered chart folder is readable")
+        .filter_map(|entry| {
+            let entry = entry.ok()?;
+            let is_dir = entry.file_type().ok()?.is_dir();
+            is_dir.then(|| entry.file_name().to_string_lossy().into_owned())
+        })
+        .collect();
+    names.sort();
+    for expected in ["defaults", "e2e-kind"] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{} lacks {expected}: run scripts/chart-check.sh",
+            dir.display()
+        );
+    }
+    names
+}
 
 /// The namespace chart-check.sh renders the release into.
 const RELEASE_NAMESPACE: &str = "imagegen-system";
@@ -335,7 +345,7 @@ fn env_of(container: &Container) -> BTreeMap<String, Option<String>> {
 #[test]
 fn every_document_parses_into_its_type() {
     let mut kinds = BTreeSet::new();
-    for values in VALUES {
+    for values in &value_sets() {
         let docs = documents(values);
         for doc in &docs {
             kinds.insert(check_typed(doc));
@@ -386,7 +396,7 @@ fn rendered_crds_are_the_generated_ones() {
         .into_iter()
         .map(|(_, crd)| (crd.metadata.name.clone().unwrap_or_default(), crd))
         .collect();
-    for values in VALUES {
+    for values in &value_sets() {
         let rendered: BTreeMap<String, CustomResourceDefinition> =
             all_of(&documents(values), "CustomResourceDefinition")
                 .map(|doc| (doc.name().to_string(), typed(doc)))
@@ -444,7 +454,7 @@ fn expected_grants(rules: &[(&str, &[&str], &[&str])]) -> BTreeSet<(String, Stri
 
 #[test]
 fn rbac_is_exactly_what_the_operator_needs() {
-    for values in VALUES {
+    for values in &value_sets() {
         let docs = documents(values);
         let deployment = operator_deployment(&docs);
         let pod = deployment.spec.unwrap().template.spec.unwrap();
@@ -523,7 +533,7 @@ fn rbac_is_exactly_what_the_operator_needs() {
 #[test]
 fn operator_environment_is_what_its_flags_read() {
     let known: BTreeSet<&str> = OPERATOR_ENV.iter().copied().collect();
-    for values in VALUES {
+    for values in &value_sets() {
         let docs = documents(values);
         let container = operator_container(&operator_deployment(&docs));
         let env = env_of(&container);
@@ -683,7 +693,7 @@ fn values_reach_the_operator_environment() {
 
 #[test]
 fn operator_pod_is_locked_down_and_probed() {
-    for values in VALUES {
+    for values in &value_sets() {
         let deployment = operator_deployment(&documents(values));
         let spec = deployment.spec.as_ref().unwrap();
         let pod = spec.template.spec.as_ref().unwrap();

@@ -241,10 +241,7 @@ fn the_service_signs_what_it_serves() {
     let png = get(&server, &format!("/v1/images/{id}.png"), Some(TOKEN_A)).body;
     assert_signed_by_us(&read(&png, Format::Png, None).unwrap(), "served PNG");
     // The result's sha256 and inline copy are of the signed file.
-    assert_eq!(
-        image["sha256"].as_str().unwrap(),
-        imagegen_runtime::server::http::hex_sha256(&png)
-    );
+    assert_eq!(image["sha256"].as_str().unwrap(), hex_sha256(&png));
     let inline = media::decode_base64(image["b64Json"].as_str().unwrap(), "b64", u64::MAX).unwrap();
     assert_eq!(inline, png);
     for (ext, format) in [("jpg", Format::Jpeg), ("webp", Format::Webp)] {

@@ -37,17 +37,16 @@ struct Case {
     mask: Option<String>,
 }
 
-fn index() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(fixtures_dir().join("index.json")).unwrap())
-        .unwrap()
-}
-
 fn cases() -> Vec<Case> {
-    serde_json::from_value(index()["lora"]["cases"].clone()).unwrap()
+    serde_json::from_value(common::fixture_index()["lora"]["cases"].clone()).unwrap()
 }
 
 fn lora_path(name: &str) -> PathBuf {
-    fixtures_dir().join(index()["lora"]["files"][name].as_str().unwrap())
+    fixtures_dir().join(
+        common::fixture_index()["lora"]["files"][name]
+            .as_str()
+            .unwrap(),
+    )
 }
 
 fn model(name: &str) -> StableDiffusion {

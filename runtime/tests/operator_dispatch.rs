@@ -23,7 +23,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::ByteString;
 use serde_json::json;
 use serve_support::*;
-use sha2::Digest;
 
 const NS: &str = "team-a";
 const OTHER_NS: &str = "team-b";
@@ -33,13 +32,6 @@ const MAX_SUBMISSIONS: u32 = 3;
 
 fn now() -> Time {
     Time(k8s_openapi::jiff::Timestamp::now())
-}
-
-fn hex_sha256(bytes: &[u8]) -> String {
-    sha2::Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// A token shaped like the operator's random ones (64 hex digits), distinct per namespace.
@@ -93,15 +85,7 @@ fn runtime_target(server: &Server, namespace: &str) -> Target {
 /// `imagegen serve` on tiny-sd1 whose tokens file holds the auth Secrets of two namespaces'
 /// models (one runtime serving both, so the tenants' separation can be checked).
 fn start(name: &str) -> Server {
-    let dir = std::env::temp_dir().join(format!(
-        "imagegen-dispatch-{}-{name}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch(&format!("dispatch-{name}"));
     let tokens = dir.join("tokens");
     let text = [NS, OTHER_NS]
         .map(|ns| tokens_file_text(&auth_secret(ns)))
@@ -157,14 +141,6 @@ async fn wait_job_running(runtime: &HttpRuntime, target: &Target, id: &str) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-fn metric(server: &Server, line_start: &str) -> f64 {
-    let text = String::from_utf8(get(server, "/metrics", None).body).unwrap();
-    text.lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.split_whitespace().last())
-        .map_or(0.0, |v| v.parse().unwrap())
 }
 
 fn files_in(dir: &Path) -> usize {

@@ -44,14 +44,7 @@ fn generations_jobs_events_and_images() {
     let png = get(&server, url, a);
     assert_eq!(png.status, 200);
     assert_eq!(png.header("content-type"), Some("image/png"));
-    let sha: String = {
-        use sha2::Digest;
-        sha2::Sha256::digest(&png.body)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
-    };
-    assert_eq!(image["sha256"], sha);
+    assert_eq!(image["sha256"], hex_sha256(&png.body));
     assert!(has_mark(&png.body), "PNG carries the XMP marking");
     let meta = imagegen_runtime::output::read_metadata(&png.body).unwrap();
     assert_eq!(meta["prompt"], "a cat");
@@ -166,13 +159,7 @@ fn generations_jobs_events_and_images() {
     );
 
     // Image-to-image and inpainting from an upload, base64 and a store path.
-    let upload = request(
-        "POST",
-        &server.url("/v1/uploads"),
-        a,
-        &[("Content-Type", "image/png")],
-        Some(&png_bytes(64, 64)),
-    );
+    let upload = post_upload(&server, a, "image/png", &png(64, 64, false));
     assert_eq!(
         upload.status,
         201,
@@ -184,14 +171,13 @@ fn generations_jobs_events_and_images() {
         (upload["width"].as_u64(), upload["contentType"].as_str()),
         (Some(64), Some("image/png"))
     );
-    let (ct, form) = multipart(&[("file", Some("x.png"), Some("image/png"), &png_bytes(64, 64))]);
-    let multi = request(
-        "POST",
-        &server.url("/v1/uploads"),
-        a,
-        &[("Content-Type", &ct)],
-        Some(&form),
-    );
+    let (ct, form) = multipart(&[(
+        "file",
+        Some("x.png"),
+        Some("image/png"),
+        &png(64, 64, false),
+    )]);
+    let multi = post_upload(&server, a, &ct, &form);
     assert_eq!(multi.status, 201);
     let mut i2i = small("a cat", 4);
     i2i["image"] = json!({"uploadId": upload["id"]});
@@ -199,14 +185,14 @@ fn generations_jobs_events_and_images() {
     let r = post_json(&server, "/v1/generations", a, &i2i);
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     let mut inpaint = small("a cat", 4);
-    inpaint["image"] = json!({"base64": base64_encode(&png_bytes(64, 64))});
+    inpaint["image"] = json!({"base64": base64_encode(&png(64, 64, false))});
     inpaint["mask"] = json!({"uploadId": multi.json()["id"]});
     let r = post_json(&server, "/v1/generations", a, &inpaint);
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     std::fs::create_dir_all(server.store.join("tenants/alice/photos")).unwrap();
     std::fs::write(
         server.store.join("tenants/alice/photos/p.png"),
-        png_bytes(64, 64),
+        png(64, 64, false),
     )
     .unwrap();
     let mut by_path = small("a cat", 3);
@@ -222,10 +208,6 @@ fn generations_jobs_events_and_images() {
         post_json(&server, "/v1/generations", a, &chained).status,
         200
     );
-}
-
-fn png_bytes(w: u32, h: u32) -> Vec<u8> {
-    png(w, h, false)
 }
 
 fn base64_encode(bytes: &[u8]) -> String {
@@ -298,13 +280,7 @@ fn every_error_has_its_code_and_status() {
         Some(b"{}"),
     );
     assert_eq!(r.error(415).0, "unsupported_media_type");
-    let r = request(
-        "POST",
-        &server.url("/v1/uploads"),
-        a,
-        &[("Content-Type", "image/png")],
-        Some(b"GIF89a not an image"),
-    );
+    let r = post_upload(&server, a, "image/png", b"GIF89a not an image");
     assert_eq!(r.error(415).0, "unsupported_media_type");
     // 413
     // Refused from Content-Length alone, before the body is read.
@@ -513,14 +489,7 @@ fn tenants_see_only_their_own_things() {
         .as_str()
         .unwrap()
         .to_string();
-    let upload = request(
-        "POST",
-        &server.url("/v1/uploads"),
-        a,
-        &[("Content-Type", "image/png")],
-        Some(&png(64, 64, false)),
-    )
-    .json();
+    let upload = post_upload(&server, a, "image/png", &png(64, 64, false)).json();
     let lora = std::fs::read(lora_fixture()).unwrap();
     let r = request(
         "POST",
@@ -658,15 +627,8 @@ fn loras_upload_list_use_delete() {
         post_json(&server, "/v1/generations", a, &by_path).status,
         200
     );
-    let metrics = String::from_utf8(get(&server, "/metrics", None).body).unwrap();
-    let hits: f64 = metrics
-        .lines()
-        .find(|l| l.starts_with("imagegen_lora_cache_hits_total"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .unwrap()
-        .parse()
-        .unwrap();
-    assert!(hits >= 1.0, "{metrics}");
+    let hits = metric(&server, "imagegen_lora_cache_hits_total");
+    assert!(hits >= 1.0, "LoRA cache hits: {hits}");
 
     assert_eq!(delete(&server, "/v1/loras/style-a", a).status, 204);
     assert_eq!(get(&server, "/v1/loras", a).json(), json!([]));
@@ -971,14 +933,7 @@ fn results_expire_after_the_ttl() {
         .as_str()
         .unwrap()
         .to_string();
-    let upload = request(
-        "POST",
-        &server.url("/v1/uploads"),
-        a,
-        &[("Content-Type", "image/png")],
-        Some(&png(8, 8, false)),
-    )
-    .json();
+    let upload = post_upload(&server, a, "image/png", &png(8, 8, false)).json();
     let started = std::time::Instant::now();
     loop {
         let gone = get(&server, &url, a).status == 404
@@ -1099,13 +1054,7 @@ fn yaml_config_with_flags_and_environment_on_top() {
     );
     post_json(&server, "/v1/generations", None, &small("x", 1)).error(401);
     post_json(&server, "/v1/generations", Some(TOKEN_A), &small("x", 1)).error(401);
-    let r = request(
-        "POST",
-        &server.url("/v1/uploads"),
-        carol,
-        &[("Content-Type", "image/png")],
-        Some(&[0u8; 2000]),
-    );
+    let r = post_upload(&server, carol, "image/png", &[0u8; 2000]);
     assert_eq!(r.error(413).0, "payload_too_large");
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -1153,40 +1102,19 @@ fn compatible_queued_requests_share_a_unet_batch() {
         };
         let batched = pixels(image["url"].as_str().unwrap());
         let single = pixels(single["result"]["images"][0]["url"].as_str().unwrap());
-        let close = batched
-            .iter()
-            .zip(&single)
-            .filter(|(x, y)| x.abs_diff(**y) <= 1)
-            .count() as f64
-            / batched.len() as f64;
+        let (close, _) = compare_u8(&batched, &single);
         assert!(close >= 0.999, "{id}: {close}");
     }
     assert_eq!(wait_job(&server, a, "odd")["state"], "succeeded");
-    let metrics = String::from_utf8(get(&server, "/metrics", None).body).unwrap();
-    let value = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
-    };
-    assert_eq!(value("imagegen_batches_total"), 1.0, "{metrics}");
-    assert_eq!(value("imagegen_batched_jobs_total"), 3.0, "{metrics}");
+    assert_eq!(metric(&server, "imagegen_batches_total"), 1.0);
+    assert_eq!(metric(&server, "imagegen_batched_jobs_total"), 3.0);
 }
 
 #[test]
 fn trainings_run_imagegen_train_and_make_a_lora() {
     let server = Server::start("training", Options::default());
     let (a, b) = (Some(TOKEN_A), Some(TOKEN_B));
-    let upload = request(
-        "POST",
-        &server.url("/v1/uploads"),
-        a,
-        &[("Content-Type", "image/png")],
-        Some(&png(64, 64, false)),
-    )
-    .json();
+    let upload = post_upload(&server, a, "image/png", &png(64, 64, false)).json();
     let body = json!({
         "name": "sks-dog",
         "images": [{"uploadId": upload["id"]}, {"base64": base64_encode(&png(48, 64, false))}],

@@ -35,7 +35,8 @@ fn request_body(job_id: &str) -> serde_json::Value {
 }
 
 /// Engine call alone vs the same request through HTTP, sequentially, same model and steps.
-fn overhead(server: &Server) {
+/// Returns how many images it had the service generate (warm-ups included).
+fn overhead(server: &Server) -> usize {
     const RUNS: usize = 30;
     // The server runs libtorch on one thread (OMP_NUM_THREADS=1): so does this process.
     tch::set_num_threads(1);
@@ -100,6 +101,7 @@ fn overhead(server: &Server) {
         (http - engine) * 1e3,
         (http - worker) * 1e3
     );
+    RUNS + 2
 }
 
 #[test]
@@ -111,7 +113,7 @@ fn bounded_load_every_request_answered_once() {
             ..Default::default()
         },
     );
-    overhead(&server);
+    let earlier = overhead(&server);
     let rss_before = server.rss();
 
     let started = Instant::now();
@@ -175,7 +177,6 @@ fn bounded_load_every_request_answered_once() {
     let stored = std::fs::read_dir(server.store.join("tenants/alice/images"))
         .unwrap()
         .count();
-    let earlier = 30 + 2; // the overhead run's requests
     assert_eq!(
         stored,
         ok_latencies.len() + earlier,

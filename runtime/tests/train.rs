@@ -2,7 +2,6 @@
 //! diffusers expects (and diffusers gives our image with it), resume continues from the
 //! checkpoint's step, v-prediction and prior preservation train, CLI errors are one line.
 
-#[macro_use]
 mod common;
 
 use std::collections::BTreeMap;
@@ -11,8 +10,7 @@ use std::process::Command;
 use std::rc::Rc;
 use std::sync::atomic::AtomicBool;
 
-use common::{assert_images_match, fixtures_dir};
-use image::{Rgb, RgbImage};
+use common::{assert_images_match, fixtures_dir, python, step_numbers, subject_photo, temp_dir};
 use imagegen_runtime::lora::Lora;
 use imagegen_runtime::styles::StyleBook;
 use imagegen_runtime::train::{train, TrainConfig, TrainOutcome, TrainerEvent};
@@ -26,28 +24,15 @@ fn model(name: &str) -> StableDiffusion {
     StableDiffusion::load_dir(&fixtures_dir().join(name), name, Device::Cpu, Kind::Float).unwrap()
 }
 
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("imagegen-train-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 /// Three synthetic "photos" of one subject (a yellow disc on different backgrounds), of a
 /// non-square size so that the crop is exercised.
 fn instance_images(dir: &Path) -> PathBuf {
     let images = dir.join("images");
     std::fs::create_dir_all(&images).unwrap();
     for i in 0..3u32 {
-        let image = RgbImage::from_fn(80, 64, |x, y| {
-            let (dx, dy) = (x as i32 - 30 - 5 * i as i32, y as i32 - 30);
-            if dx * dx + dy * dy < 18 * 18 {
-                Rgb([250, 200, 30])
-            } else {
-                Rgb([(30 + 60 * i) as u8, (x * 2) as u8, (200 - 50 * i - y) as u8])
-            }
-        });
-        image.save(images.join(format!("{i}.png"))).unwrap();
+        subject_photo(i)
+            .save(images.join(format!("{i}.png")))
+            .unwrap();
     }
     images
 }
@@ -87,19 +72,9 @@ fn assert_loss_falls(what: &str, losses: &[f64], k: usize) {
     );
 }
 
-fn step_numbers(events: &[TrainerEvent]) -> Vec<u32> {
-    events
-        .iter()
-        .filter_map(|e| match e {
-            TrainerEvent::Step { step, .. } => Some(*step),
-            _ => None,
-        })
-        .collect()
-}
-
 #[test]
 fn loss_falls_and_events_follow_the_contract() {
-    let dir = temp_dir("loss");
+    let dir = temp_dir("train", "loss");
     let images = instance_images(&dir);
     let model = model("tiny-sd1");
     let mut c = config("tiny-sd1", &images, &dir.join("out"));
@@ -157,7 +132,7 @@ fn read_header(path: &Path) -> (BTreeMap<String, Vec<usize>>, BTreeMap<String, S
 
 #[test]
 fn the_file_has_diffusers_keys_shapes_and_metadata() {
-    let dir = temp_dir("file");
+    let dir = temp_dir("train", "file");
     let images = instance_images(&dir);
     let model = model("tiny-sd1");
     let mut c = config("tiny-sd1", &images, &dir.join("out"));
@@ -236,7 +211,7 @@ fn the_file_has_diffusers_keys_shapes_and_metadata() {
 
 #[test]
 fn resume_continues_from_the_checkpoint_step() {
-    let dir = temp_dir("resume");
+    let dir = temp_dir("train", "resume");
     let images = instance_images(&dir);
     let model = model("tiny-sd1");
     let mut c = config("tiny-sd1", &images, &dir.join("full"));
@@ -280,7 +255,7 @@ fn resume_continues_from_the_checkpoint_step() {
 
 #[test]
 fn a_v_prediction_model_trains() {
-    let dir = temp_dir("vpred");
+    let dir = temp_dir("train", "vpred");
     let images = instance_images(&dir);
     let model = model("tiny-sd2");
     let mut c = config("tiny-sd2", &images, &dir.join("out"));
@@ -293,7 +268,7 @@ fn a_v_prediction_model_trains() {
 
 #[test]
 fn prior_preservation_generates_and_reuses_class_images() {
-    let dir = temp_dir("prior");
+    let dir = temp_dir("train", "prior");
     let images = instance_images(&dir);
     let model = model("tiny-sd1");
     let mut c = config("tiny-sd1", &images, &dir.join("out"));
@@ -352,7 +327,7 @@ fn train_cli(args: &[&str]) -> (bool, Vec<String>, String) {
 
 #[test]
 fn cli_errors_are_one_line_and_a_failed_event() {
-    let dir = temp_dir("cli-errors");
+    let dir = temp_dir("train", "cli-errors");
     let images = instance_images(&dir);
     let empty = dir.join("empty");
     std::fs::create_dir_all(&empty).unwrap();
@@ -407,10 +382,6 @@ fn cli_errors_are_one_line_and_a_failed_event() {
         let event: TrainerEvent = serde_json::from_str(&stdout[0]).unwrap();
         assert!(matches!(event, TrainerEvent::Failed { .. }), "{event:?}");
     }
-}
-
-fn python() -> String {
-    std::env::var("IMAGEGEN_PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
 #[derive(serde::Serialize, Clone)]
@@ -502,7 +473,7 @@ fn changed_fraction(a: &GeneratedImage, b: &GeneratedImage) -> f64 {
 /// conv_in: the LoRA's attention weights apply, conv_in is left alone).
 #[test]
 fn a_trained_lora_gives_diffusers_image() {
-    let dir = temp_dir("parity");
+    let dir = temp_dir("train", "parity");
     let images = instance_images(&dir);
     let out = dir.join("sks");
     let tiny_sd1 = fixtures_dir().join("tiny-sd1");
@@ -587,8 +558,7 @@ fn a_trained_lora_gives_diffusers_image() {
     ];
     let cases_file = dir.join("cases.json");
     std::fs::write(&cases_file, serde_json::to_string(&cases).unwrap()).unwrap();
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/check_trained_lora.py");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/check_trained_lora.py");
     let status = single_threaded(Command::new(python()))
         .arg(&script)
         .arg(&cases_file)
@@ -636,7 +606,7 @@ fn a_trained_lora_gives_diffusers_image() {
 
 #[test]
 fn bf16_mixed_precision_trains_on_the_cpu_with_float32_lora_weights() {
-    let dir = temp_dir("bf16");
+    let dir = temp_dir("train", "bf16");
     let images = instance_images(&dir);
     let model = StableDiffusion::load_dir(
         &fixtures_dir().join("tiny-sd1"),
@@ -720,7 +690,7 @@ fn progress_endpoint() -> (String, Received) {
 
 #[test]
 fn progress_is_posted_with_the_bearer_token_and_a_dead_url_does_not_stop_training() {
-    let dir = temp_dir("progress");
+    let dir = temp_dir("train", "progress");
     let images = instance_images(&dir);
     let (url, seen) = progress_endpoint();
     let tiny_sd1 = fixtures_dir().join("tiny-sd1");
@@ -771,7 +741,7 @@ fn progress_is_posted_with_the_bearer_token_and_a_dead_url_does_not_stop_trainin
 #[test]
 fn unfused_training_adapters_equal_the_fused_file() {
     use imagegen_runtime::train::lora_params::{write_tensors, TrainableLora};
-    let dir = temp_dir("unfused");
+    let dir = temp_dir("train", "unfused");
     let model = model("tiny-sd1");
     let lora = TrainableLora::new(&model, 4, 8.0, true, 5);
     tch::no_grad(|| {

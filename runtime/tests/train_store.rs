@@ -3,42 +3,18 @@
 //! working directory than the `file://` store's, so relative paths only work through the
 //! store (`object_store`), as they would with S3.
 
-#[macro_use]
 mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::fixtures_dir;
-use image::{Rgb, RgbImage};
+use common::{fixtures_dir, step_numbers, subject_photo, temp_dir};
 use imagegen_runtime::lora::Lora;
 use imagegen_runtime::train::TrainerEvent;
 use imagegen_runtime::StableDiffusion;
 use tch::{Device, Kind};
 
 const OUT: &str = "tenants/t/loras/cat";
-
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "imagegen-train-store-{name}-{}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// A synthetic "photo" of the subject (a yellow disc) on background `i`.
-fn photo(i: u32) -> RgbImage {
-    RgbImage::from_fn(80, 64, |x, y| {
-        let (dx, dy) = (x as i32 - 30 - 5 * i as i32, y as i32 - 30);
-        if dx * dx + dy * dy < 18 * 18 {
-            Rgb([250, 200, 30])
-        } else {
-            Rgb([(30 + 60 * i) as u8, (x * 2) as u8, (200 - 50 * i - y) as u8])
-        }
-    })
-}
 
 /// A `file://` store holding a folder of two photos (and a non-image, which is skipped) at
 /// `tenants/t/uploads/photos/`, and one upload object without an extension at
@@ -48,13 +24,13 @@ fn store_with_photos(dir: &Path) -> PathBuf {
     let uploads = store.join("tenants/t/uploads");
     std::fs::create_dir_all(uploads.join("photos")).unwrap();
     for i in 0..2 {
-        photo(i)
+        subject_photo(i)
             .save(uploads.join("photos").join(format!("{i}.png")))
             .unwrap();
     }
     std::fs::write(uploads.join("photos/notes.txt"), "not a photo").unwrap();
     let mut png = Vec::new();
-    photo(2)
+    subject_photo(2)
         .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
         .unwrap();
     std::fs::write(uploads.join("single"), png).unwrap();
@@ -131,16 +107,6 @@ fn refs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
 }
 
-fn step_numbers(events: &[TrainerEvent]) -> Vec<u32> {
-    events
-        .iter()
-        .filter_map(|e| match e {
-            TrainerEvent::Step { step, .. } => Some(*step),
-            _ => None,
-        })
-        .collect()
-}
-
 fn checkpoint_paths(events: &[TrainerEvent]) -> Vec<(u32, String)> {
     events
         .iter()
@@ -160,7 +126,7 @@ fn done_output(events: &[TrainerEvent]) -> String {
 
 #[test]
 fn the_lora_and_checkpoints_go_to_the_store_and_resume_latest_continues_from_it() {
-    let dir = temp_dir("roundtrip");
+    let dir = temp_dir("train-store", "roundtrip");
     let store = store_with_photos(&dir);
     let cwd = dir.join("elsewhere");
     std::fs::create_dir_all(&cwd).unwrap();
@@ -241,7 +207,7 @@ fn the_lora_and_checkpoints_go_to_the_store_and_resume_latest_continues_from_it(
 
 #[test]
 fn missing_store_images_and_dot_dot_paths_are_one_line_errors() {
-    let dir = temp_dir("errors");
+    let dir = temp_dir("train-store", "errors");
     let store = store_with_photos(&dir);
     let cwd = dir.join("elsewhere");
     std::fs::create_dir_all(&cwd).unwrap();

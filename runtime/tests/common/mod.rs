@@ -12,6 +12,8 @@ macro_rules! parity_tests {
     };
 }
 
+use image::{Rgb, RgbImage};
+use imagegen_runtime::train::TrainerEvent;
 use tch::Tensor;
 
 /// The folder written by `tests/fixtures/make_fixtures.py`. `scripts/test.sh` generates it
@@ -27,6 +29,49 @@ pub fn fixtures_dir() -> PathBuf {
         dir.display()
     );
     dir
+}
+
+/// The fixture folder's `index.json`: which models, files and cases it holds.
+pub fn fixture_index() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fixtures_dir().join("index.json")).unwrap())
+        .unwrap()
+}
+
+/// The venv's python (IMAGEGEN_PYTHON) or python3, for the diffusers-side checks.
+pub fn python() -> String {
+    std::env::var("IMAGEGEN_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// An empty folder `imagegen-<prefix>-<name>-<pid>` under the system temp dir.
+pub fn temp_dir(prefix: &str, name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("imagegen-{prefix}-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A synthetic "photo" of one training subject (a yellow disc) on background `i`, of a
+/// non-square size so that the training crop is exercised.
+pub fn subject_photo(i: u32) -> RgbImage {
+    RgbImage::from_fn(80, 64, |x, y| {
+        let (dx, dy) = (x as i32 - 30 - 5 * i as i32, y as i32 - 30);
+        if dx * dx + dy * dy < 18 * 18 {
+            Rgb([250, 200, 30])
+        } else {
+            Rgb([(30 + 60 * i) as u8, (x * 2) as u8, (200 - 50 * i - y) as u8])
+        }
+    })
+}
+
+/// The step numbers of a training's step events, in order.
+pub fn step_numbers(events: &[TrainerEvent]) -> Vec<u32> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            TrainerEvent::Step { step, .. } => Some(*step),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Loads every tensor of a reference safetensors file, by name.

@@ -11,24 +11,9 @@ use std::time::{Duration, Instant};
 pub const TOKEN_A: &str = "token-tenant-a-0001";
 pub const TOKEN_B: &str = "token-tenant-b-0002";
 
-/// The fixture folder (see tests/common/mod.rs).
-pub fn fixtures_dir() -> PathBuf {
-    let dir = match std::env::var_os("IMAGEGEN_FIXTURES") {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/generated"),
-    };
-    assert!(
-        dir.join("index.json").is_file(),
-        "fixtures not found in {}: run scripts/test.sh",
-        dir.display()
-    );
-    dir
-}
-
-pub fn fixture_index() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(fixtures_dir().join("index.json")).unwrap())
-        .unwrap()
-}
+#[path = "../common/mod.rs"]
+mod common;
+pub use common::{compare_u8, fixture_index, fixtures_dir, python};
 
 /// A LoRA file of the fixture model tiny-sd1.
 pub fn lora_fixture() -> PathBuf {
@@ -456,9 +441,34 @@ pub fn png(width: u32, height: u32, hole: bool) -> Vec<u8> {
     bytes
 }
 
-/// The venv's python (IMAGEGEN_PYTHON) or python3.
-pub fn python() -> String {
-    std::env::var("IMAGEGEN_PYTHON").unwrap_or_else(|_| "python3".to_string())
+/// Hex SHA-256, computed here rather than with the runtime's own helper under test.
+pub fn hex_sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The value of the first `/metrics` line starting with `line_start` (a name, or a name
+/// and its labels); 0 when there is none.
+pub fn metric(server: &Server, line_start: &str) -> f64 {
+    let text = String::from_utf8(get(server, "/metrics", None).body).unwrap();
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.split_whitespace().last())
+        .map_or(0.0, |v| v.parse().unwrap())
+}
+
+/// `POST /v1/uploads` with a raw body.
+pub fn post_upload(server: &Server, token: Option<&str>, content_type: &str, body: &[u8]) -> Reply {
+    request(
+        "POST",
+        &server.url("/v1/uploads"),
+        token,
+        &[("Content-Type", content_type)],
+        Some(body),
+    )
 }
 
 /// A C2PA signing certificate for tests: a leaf (digitalSignature, emailProtection) issued by
