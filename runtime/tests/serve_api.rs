@@ -159,7 +159,7 @@ fn generations_jobs_events_and_images() {
     );
 
     // Image-to-image and inpainting from an upload, base64 and a store path.
-    let upload = post_upload(&server, a, "image/png", &png(64, 64, false));
+    let upload = post_upload(&server, a, "image/png", &serve_support::png(64, 64, false));
     assert_eq!(
         upload.status,
         201,
@@ -175,7 +175,7 @@ fn generations_jobs_events_and_images() {
         "file",
         Some("x.png"),
         Some("image/png"),
-        &png(64, 64, false),
+        &serve_support::png(64, 64, false),
     )]);
     let multi = post_upload(&server, a, &ct, &form);
     assert_eq!(multi.status, 201);
@@ -185,14 +185,14 @@ fn generations_jobs_events_and_images() {
     let r = post_json(&server, "/v1/generations", a, &i2i);
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     let mut inpaint = small("a cat", 4);
-    inpaint["image"] = json!({"base64": base64_encode(&png(64, 64, false))});
+    inpaint["image"] = json!({"base64": base64_encode(&serve_support::png(64, 64, false))});
     inpaint["mask"] = json!({"uploadId": multi.json()["id"]});
     let r = post_json(&server, "/v1/generations", a, &inpaint);
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     std::fs::create_dir_all(server.store.join("tenants/alice/photos")).unwrap();
     std::fs::write(
         server.store.join("tenants/alice/photos/p.png"),
-        png(64, 64, false),
+        serve_support::png(64, 64, false),
     )
     .unwrap();
     let mut by_path = small("a cat", 3);

@@ -13,6 +13,8 @@ pub const TOKEN_B: &str = "token-tenant-b-0002";
 
 #[path = "../common/mod.rs"]
 mod common;
+// Each test file uses some of these.
+#[allow(unused_imports)]
 pub use common::{compare_u8, fixture_index, fixtures_dir, python};
 
 /// A LoRA file of the fixture model tiny-sd1.
