@@ -156,4 +156,6 @@ pub enum Error {
 }
 
 #[cfg(test)]
+mod mock_api;
+#[cfg(test)]
 mod mock_tests;
