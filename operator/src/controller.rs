@@ -15,9 +15,7 @@ use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use imagegen_crds::{
-    DiffusionModel, ImageGeneration, ImageGenerationStatus, LoraTraining, LoraTrainingStatus, Phase,
-};
+use imagegen_crds::{DiffusionModel, ImageGeneration, ImageGenerationStatus, LoraTraining, Phase};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret, Service};
@@ -170,6 +168,34 @@ impl Context {
         if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {
             warn!(error = %e, reason, "cannot publish event");
         }
+    }
+}
+
+/// Publishes a phase change of `obj` from `old` to `new` (nothing when it stayed): a Warning
+/// `failed_reason` when it failed, otherwise a Normal event named after the new phase; the
+/// note is the status `message`.
+async fn phase_event<K: Resource<DynamicType = ()>>(
+    ctx: &Context,
+    obj: &K,
+    old: Option<Phase>,
+    new: Option<Phase>,
+    message: Option<&str>,
+    failed_reason: &str,
+) {
+    if old == new {
+        return;
+    }
+    let message = message.unwrap_or_default().to_string();
+    match new {
+        Some(Phase::Failed) => {
+            ctx.event(obj, EventType::Warning, failed_reason, message)
+                .await
+        }
+        Some(phase) => {
+            ctx.event(obj, EventType::Normal, &format!("{phase:?}"), message)
+                .await
+        }
+        None => {}
     }
 }
 
@@ -391,29 +417,6 @@ pub async fn reconcile_training(
     Ok(action)
 }
 
-async fn training_event(
-    ctx: &Context,
-    training: &LoraTraining,
-    old: Option<&LoraTrainingStatus>,
-    new: &LoraTrainingStatus,
-) {
-    if old.and_then(|s| s.phase) == new.phase {
-        return;
-    }
-    let message = new.message.clone().unwrap_or_default();
-    match new.phase {
-        Some(Phase::Failed) => {
-            ctx.event(training, EventType::Warning, "TrainingFailed", message)
-                .await
-        }
-        Some(phase) => {
-            ctx.event(training, EventType::Normal, &format!("{phase:?}"), message)
-                .await
-        }
-        None => {}
-    }
-}
-
 async fn apply_training(training: &LoraTraining, ctx: &Context) -> Result<Action, Error> {
     if training
         .status
@@ -444,7 +447,15 @@ async fn apply_training(training: &LoraTraining, ctx: &Context) -> Result<Action
     }
     if training.status.as_ref() != Some(&status) {
         apply_status(&trainings, training, &status).await?;
-        training_event(ctx, training, training.status.as_ref(), &status).await;
+        phase_event(
+            ctx,
+            training,
+            training.status.as_ref().and_then(|s| s.phase),
+            status.phase,
+            status.message.as_deref(),
+            "TrainingFailed",
+        )
+        .await;
     }
     Ok(match status.phase {
         Some(phase) if phase.is_finished() => Action::await_change(),
@@ -783,25 +794,15 @@ async fn apply_generation(generation: &ImageGeneration, ctx: &Context) -> Result
 
     if old != Some(&status) {
         apply_status(&generations, generation, &status).await?;
-        if old.and_then(|s| s.phase) != status.phase {
-            let message = status.message.clone().unwrap_or_default();
-            match status.phase {
-                Some(Phase::Failed) => {
-                    ctx.event(generation, EventType::Warning, "GenerationFailed", message)
-                        .await
-                }
-                Some(phase) => {
-                    ctx.event(
-                        generation,
-                        EventType::Normal,
-                        &format!("{phase:?}"),
-                        message,
-                    )
-                    .await
-                }
-                None => {}
-            }
-        }
+        phase_event(
+            ctx,
+            generation,
+            old.and_then(|s| s.phase),
+            status.phase,
+            status.message.as_deref(),
+            "GenerationFailed",
+        )
+        .await;
         let submitted = |s: Option<&ImageGenerationStatus>| {
             s.and_then(|s| crate::conditions::find(&s.conditions, ig::SUBMITTED))
                 .map(|c| c.status == "True")
