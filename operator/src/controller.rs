@@ -804,8 +804,7 @@ async fn apply_generation(generation: &ImageGeneration, ctx: &Context) -> Result
         )
         .await;
         let submitted = |s: Option<&ImageGenerationStatus>| {
-            s.and_then(|s| crate::conditions::find(&s.conditions, ig::SUBMITTED))
-                .map(|c| c.status == "True")
+            s.and_then(|s| crate::conditions::is_true(&s.conditions, ig::SUBMITTED))
         };
         match (submitted(old), submitted(Some(&status))) {
             (Some(true), Some(false)) => {

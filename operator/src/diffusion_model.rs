@@ -107,8 +107,8 @@ pub fn is_ready(model: &DiffusionModel) -> bool {
     model
         .status
         .as_ref()
-        .and_then(|s| crate::conditions::find(&s.conditions, READY))
-        .is_some_and(|c| c.status == "True")
+        .and_then(|s| crate::conditions::is_true(&s.conditions, READY))
+        .unwrap_or(false)
 }
 
 /// Why `model` cannot serve yet, in words, or `None` when it is ready.

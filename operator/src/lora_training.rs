@@ -9,7 +9,6 @@
 use std::collections::BTreeMap;
 
 use imagegen_crds::api::TrainerEvent;
-use imagegen_crds::common::condition_types::{COMPLETE, FAILED};
 use imagegen_crds::diffusion_model::{Dtype, DEFAULT_GPU_RESOURCE};
 use imagegen_crds::lora_training::Artifact;
 use imagegen_crds::{ImageRef, LoraTraining, LoraTrainingStatus, Phase, Progress, TrainingParams};
@@ -23,7 +22,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 use kube::{Resource, ResourceExt};
 
-use crate::conditions::{condition, set_condition};
+use crate::conditions::set_outcome;
 use crate::diffusion_model::{ValidModel, CACHE_MOUNT_PATH};
 use crate::{workload, Error, OperatorConfig, STORE_MOUNT_PATH};
 
@@ -503,14 +502,6 @@ pub fn status_from(
         progress: (report.total > 0).then(|| Progress::new(report.step, report.total)),
         ..LoraTrainingStatus::default()
     };
-    let set = |conditions: &mut Vec<_>, type_, value, reason, message: &str| {
-        set_condition(
-            conditions,
-            condition(type_, value, reason, message, generation),
-            now.clone(),
-        )
-    };
-
     let (phase, reason, message) = match (job, blocked) {
         (None, Some(Blocked::Invalid(message))) => (Phase::Failed, "InvalidSpec", message.clone()),
         (None, Some(Blocked::WaitingForModel(message))) => {
@@ -566,26 +557,22 @@ pub fn status_from(
         }
     };
 
-    match phase {
-        Phase::Succeeded => {
-            set(&mut status.conditions, COMPLETE, true, reason, &message);
-            set(&mut status.conditions, FAILED, false, reason, "");
-            status.artifact = Some(Artifact {
-                path: artifact_path(&training.name_any()),
-                url: None,
-                sha256: None,
-            });
-            if let Some(p) = status.progress {
-                status.progress = Some(Progress::new(p.total, p.total));
-            }
-        }
-        Phase::Failed => {
-            set(&mut status.conditions, COMPLETE, true, reason, &message);
-            set(&mut status.conditions, FAILED, true, reason, &message);
-        }
-        Phase::Pending | Phase::Running => {
-            set(&mut status.conditions, COMPLETE, false, reason, &message);
-            set(&mut status.conditions, FAILED, false, reason, "");
+    set_outcome(
+        &mut status.conditions,
+        phase,
+        reason,
+        &message,
+        generation,
+        now.clone(),
+    );
+    if phase == Phase::Succeeded {
+        status.artifact = Some(Artifact {
+            path: artifact_path(&training.name_any()),
+            url: None,
+            sha256: None,
+        });
+        if let Some(p) = status.progress {
+            status.progress = Some(Progress::new(p.total, p.total));
         }
     }
     if let Some(job) = job {
@@ -607,6 +594,7 @@ mod tests {
     use super::*;
     use crate::conditions::find;
     use crate::diffusion_model;
+    use imagegen_crds::common::condition_types::{COMPLETE, FAILED};
     use imagegen_crds::DiffusionModel;
     use k8s_openapi::api::batch::v1::{JobCondition, JobStatus};
     use k8s_openapi::jiff::Timestamp;
