@@ -493,15 +493,9 @@ async fn start_training(
     jobs: &Api<Job>,
 ) -> Result<(Option<Job>, Option<TrainingBlocked>), Error> {
     let models: Api<DiffusionModel> = Api::namespaced(ctx.client.clone(), &valid.namespace);
-    let model = models.get_opt(&valid.model_name).await?;
-    if let Some(why) = dm::not_ready_reason(model.as_ref()) {
-        return Ok((None, Some(TrainingBlocked::WaitingForModel(why))));
-    }
-    let Some(model) = model else {
-        return Ok((
-            None,
-            Some(TrainingBlocked::WaitingForModel("no model".into())),
-        ));
+    let model = match dm::ready(models.get_opt(&valid.model_name).await?) {
+        Ok(model) => model,
+        Err(why) => return Ok((None, Some(TrainingBlocked::WaitingForModel(why)))),
     };
     let valid_model = match dm::validate(&model) {
         Ok(v) => v,
@@ -532,8 +526,7 @@ async fn cleanup_training(training: &LoraTraining, ctx: &Context) -> Result<Acti
         return Ok(Action::await_change());
     }
     let namespace = training.namespace().unwrap_or_default();
-    let models: Api<DiffusionModel> = Api::namespaced(ctx.client.clone(), &namespace);
-    let Some(model) = models.get_opt(&training.spec.model_ref.name).await? else {
+    let Some(target) = model_target(ctx, &namespace, &training.spec.model_ref.name).await? else {
         ctx.event(
             training,
             EventType::Warning,
@@ -543,7 +536,6 @@ async fn cleanup_training(training: &LoraTraining, ctx: &Context) -> Result<Acti
         .await;
         return Ok(Action::await_change());
     };
-    let target = runtime_target(ctx, &model).await?;
     ctx.runtime
         .delete_lora(&target, &training.name_any())
         .await?;
@@ -595,14 +587,9 @@ async fn prepare_submission(
     valid: &ig::ValidGeneration,
 ) -> Result<Result<(Target, imagegen_crds::api::GenerationRequest), GenerationBlocked>, Error> {
     let models: Api<DiffusionModel> = Api::namespaced(ctx.client.clone(), &valid.namespace);
-    let model = models.get_opt(&valid.model_name).await?;
-    let model = match (dm::not_ready_reason(model.as_ref()), model) {
-        (None, Some(model)) => model,
-        (why, _) => {
-            return Ok(Err(GenerationBlocked::WaitingForModel(
-                why.unwrap_or_default(),
-            )))
-        }
+    let model = match dm::ready(models.get_opt(&valid.model_name).await?) {
+        Ok(model) => model,
+        Err(why) => return Ok(Err(GenerationBlocked::WaitingForModel(why))),
     };
     let trainings_api: Api<LoraTraining> = Api::namespaced(ctx.client.clone(), &valid.namespace);
     let mut trainings = Vec::with_capacity(valid.loras.len());

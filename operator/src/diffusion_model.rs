@@ -120,6 +120,14 @@ pub fn not_ready_reason(model: Option<&DiffusionModel>) -> Option<String> {
     }
 }
 
+/// `model` when it is ready to serve, otherwise why not (see [`not_ready_reason`]).
+pub fn ready(model: Option<DiffusionModel>) -> Result<DiffusionModel, String> {
+    match (not_ready_reason(model.as_ref()), model) {
+        (None, Some(model)) => Ok(model),
+        (why, _) => Err(why.unwrap_or_default()),
+    }
+}
+
 /// Name of the Secret holding the runtime's tokens file of the model `name`: one token, for
 /// the tenant named like the namespace, which the operator uses to call the runtime.
 pub fn auth_secret_name(name: &str) -> String {
@@ -1272,6 +1280,16 @@ mod tests {
         m.status = Some(status_from(&m, Some(&d), at(2)));
         assert!(!is_ready(&m));
         assert!(not_ready_reason(Some(&m)).unwrap().contains("not Ready"));
+    }
+
+    #[test]
+    fn ready_hands_back_only_a_ready_model() {
+        let mut m = minimal();
+        assert_eq!(ready(None), Err(not_ready_reason(None).unwrap()));
+        assert!(ready(Some(m.clone())).unwrap_err().contains("not Ready"));
+        let d = deployment(1, 1, 1, 1, vec![]);
+        m.status = Some(status_from(&m, Some(&d), at(1)));
+        assert_eq!(ready(Some(m.clone())).map(|r| r.status), Ok(m.status));
     }
 
     #[test]
