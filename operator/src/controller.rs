@@ -98,9 +98,7 @@ impl Backoff {
         let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         let n = failures.entry(key.to_string()).or_insert(0);
         *n = n.saturating_add(1);
-        ERROR_BASE_DELAY
-            .saturating_mul(1 << (*n - 1).min(16))
-            .min(ERROR_MAX_DELAY)
+        crate::doubling_delay(*n, ERROR_BASE_DELAY, ERROR_MAX_DELAY)
     }
 
     /// Forgets the failures of `key` after a success.

@@ -204,10 +204,7 @@ pub fn submissions(generation: &ImageGeneration) -> u32 {
 
 /// Delay before resubmitting after `submissions` submissions: 5 s, 10 s, 20 s, … up to 5 min.
 pub fn resubmit_delay(submissions: u32) -> Duration {
-    let doublings = submissions.saturating_sub(1).min(16);
-    RESUBMIT_BASE_DELAY
-        .saturating_mul(1 << doublings)
-        .min(RESUBMIT_MAX_DELAY)
+    crate::doubling_delay(submissions, RESUBMIT_BASE_DELAY, RESUBMIT_MAX_DELAY)
 }
 
 /// What to do once the runtime lost the job.
