@@ -1,6 +1,8 @@
 //! metav1 conditions as the API conventions want them: one per type, and a
 //! `lastTransitionTime` that moves only when the status does.
 
+use imagegen_crds::common::condition_types::{COMPLETE, FAILED};
+use imagegen_crds::Phase;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 /// A condition of `type_` with `status` `"True"` or `"False"`, describing `generation`. Its
@@ -45,6 +47,41 @@ pub fn set_condition(conditions: &mut Vec<Condition>, mut new: Condition, now: T
 /// The condition of `type_`, if any.
 pub fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
     conditions.iter().find(|c| c.type_ == type_)
+}
+
+/// Whether the condition of `type_` is True, or `None` when there is none.
+pub fn is_true(conditions: &[Condition], type_: &str) -> Option<bool> {
+    find(conditions, type_).map(|c| c.status == "True")
+}
+
+/// Stores the Complete and Failed conditions of a resource in `phase`, both with `reason`:
+/// Complete is True once it finished, Failed once it failed. `message` goes with Complete,
+/// and with Failed only when it is True.
+pub fn set_outcome(
+    conditions: &mut Vec<Condition>,
+    phase: Phase,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: Time,
+) {
+    let failed = phase == Phase::Failed;
+    set_condition(
+        conditions,
+        condition(COMPLETE, phase.is_finished(), reason, message, generation),
+        now.clone(),
+    );
+    set_condition(
+        conditions,
+        condition(
+            FAILED,
+            failed,
+            reason,
+            if failed { message } else { "" },
+            generation,
+        ),
+        now,
+    );
 }
 
 #[cfg(test)]
@@ -117,5 +154,30 @@ mod tests {
             find(&conditions, "Other").unwrap().last_transition_time,
             at(15)
         );
+    }
+
+    #[test]
+    fn outcome_sets_complete_and_failed_per_phase() {
+        let state = |conditions: &[Condition], type_| {
+            let c = find(conditions, type_).unwrap();
+            (c.status.clone(), c.reason.clone(), c.message.clone())
+        };
+        let s = |status: &str, reason: &str, message: &str| {
+            (status.to_string(), reason.to_string(), message.to_string())
+        };
+        for (phase, complete, failed) in [
+            (Phase::Pending, s("False", "R", "m"), s("False", "R", "")),
+            (Phase::Running, s("False", "R", "m"), s("False", "R", "")),
+            (Phase::Succeeded, s("True", "R", "m"), s("False", "R", "")),
+            (Phase::Failed, s("True", "R", "m"), s("True", "R", "m")),
+        ] {
+            let mut conditions = Vec::new();
+            set_outcome(&mut conditions, phase, "R", "m", Some(3), at(10));
+            assert_eq!(state(&conditions, COMPLETE), complete, "{phase:?}");
+            assert_eq!(state(&conditions, FAILED), failed, "{phase:?}");
+            assert_eq!(is_true(&conditions, FAILED), Some(phase == Phase::Failed));
+            assert!(conditions.iter().all(|c| c.observed_generation == Some(3)));
+        }
+        assert_eq!(is_true(&[], COMPLETE), None);
     }
 }

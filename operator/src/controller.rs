@@ -15,9 +15,7 @@ use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use imagegen_crds::{
-    DiffusionModel, ImageGeneration, ImageGenerationStatus, LoraTraining, LoraTrainingStatus, Phase,
-};
+use imagegen_crds::{DiffusionModel, ImageGeneration, ImageGenerationStatus, LoraTraining, Phase};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret, Service};
@@ -100,9 +98,7 @@ impl Backoff {
         let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         let n = failures.entry(key.to_string()).or_insert(0);
         *n = n.saturating_add(1);
-        ERROR_BASE_DELAY
-            .saturating_mul(1 << (*n - 1).min(16))
-            .min(ERROR_MAX_DELAY)
+        crate::doubling_delay(*n, ERROR_BASE_DELAY, ERROR_MAX_DELAY)
     }
 
     /// Forgets the failures of `key` after a success.
@@ -170,6 +166,34 @@ impl Context {
         if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {
             warn!(error = %e, reason, "cannot publish event");
         }
+    }
+}
+
+/// Publishes a phase change of `obj` from `old` to `new` (nothing when it stayed): a Warning
+/// `failed_reason` when it failed, otherwise a Normal event named after the new phase; the
+/// note is the status `message`.
+async fn phase_event<K: Resource<DynamicType = ()>>(
+    ctx: &Context,
+    obj: &K,
+    old: Option<Phase>,
+    new: Option<Phase>,
+    message: Option<&str>,
+    failed_reason: &str,
+) {
+    if old == new {
+        return;
+    }
+    let message = message.unwrap_or_default().to_string();
+    match new {
+        Some(Phase::Failed) => {
+            ctx.event(obj, EventType::Warning, failed_reason, message)
+                .await
+        }
+        Some(phase) => {
+            ctx.event(obj, EventType::Normal, &format!("{phase:?}"), message)
+                .await
+        }
+        None => {}
     }
 }
 
@@ -391,29 +415,6 @@ pub async fn reconcile_training(
     Ok(action)
 }
 
-async fn training_event(
-    ctx: &Context,
-    training: &LoraTraining,
-    old: Option<&LoraTrainingStatus>,
-    new: &LoraTrainingStatus,
-) {
-    if old.and_then(|s| s.phase) == new.phase {
-        return;
-    }
-    let message = new.message.clone().unwrap_or_default();
-    match new.phase {
-        Some(Phase::Failed) => {
-            ctx.event(training, EventType::Warning, "TrainingFailed", message)
-                .await
-        }
-        Some(phase) => {
-            ctx.event(training, EventType::Normal, &format!("{phase:?}"), message)
-                .await
-        }
-        None => {}
-    }
-}
-
 async fn apply_training(training: &LoraTraining, ctx: &Context) -> Result<Action, Error> {
     if training
         .status
@@ -444,7 +445,15 @@ async fn apply_training(training: &LoraTraining, ctx: &Context) -> Result<Action
     }
     if training.status.as_ref() != Some(&status) {
         apply_status(&trainings, training, &status).await?;
-        training_event(ctx, training, training.status.as_ref(), &status).await;
+        phase_event(
+            ctx,
+            training,
+            training.status.as_ref().and_then(|s| s.phase),
+            status.phase,
+            status.message.as_deref(),
+            "TrainingFailed",
+        )
+        .await;
     }
     Ok(match status.phase {
         Some(phase) if phase.is_finished() => Action::await_change(),
@@ -482,15 +491,9 @@ async fn start_training(
     jobs: &Api<Job>,
 ) -> Result<(Option<Job>, Option<TrainingBlocked>), Error> {
     let models: Api<DiffusionModel> = Api::namespaced(ctx.client.clone(), &valid.namespace);
-    let model = models.get_opt(&valid.model_name).await?;
-    if let Some(why) = dm::not_ready_reason(model.as_ref()) {
-        return Ok((None, Some(TrainingBlocked::WaitingForModel(why))));
-    }
-    let Some(model) = model else {
-        return Ok((
-            None,
-            Some(TrainingBlocked::WaitingForModel("no model".into())),
-        ));
+    let model = match dm::ready(models.get_opt(&valid.model_name).await?) {
+        Ok(model) => model,
+        Err(why) => return Ok((None, Some(TrainingBlocked::WaitingForModel(why)))),
     };
     let valid_model = match dm::validate(&model) {
         Ok(v) => v,
@@ -521,8 +524,7 @@ async fn cleanup_training(training: &LoraTraining, ctx: &Context) -> Result<Acti
         return Ok(Action::await_change());
     }
     let namespace = training.namespace().unwrap_or_default();
-    let models: Api<DiffusionModel> = Api::namespaced(ctx.client.clone(), &namespace);
-    let Some(model) = models.get_opt(&training.spec.model_ref.name).await? else {
+    let Some(target) = model_target(ctx, &namespace, &training.spec.model_ref.name).await? else {
         ctx.event(
             training,
             EventType::Warning,
@@ -532,7 +534,6 @@ async fn cleanup_training(training: &LoraTraining, ctx: &Context) -> Result<Acti
         .await;
         return Ok(Action::await_change());
     };
-    let target = runtime_target(ctx, &model).await?;
     ctx.runtime
         .delete_lora(&target, &training.name_any())
         .await?;
@@ -584,14 +585,9 @@ async fn prepare_submission(
     valid: &ig::ValidGeneration,
 ) -> Result<Result<(Target, imagegen_crds::api::GenerationRequest), GenerationBlocked>, Error> {
     let models: Api<DiffusionModel> = Api::namespaced(ctx.client.clone(), &valid.namespace);
-    let model = models.get_opt(&valid.model_name).await?;
-    let model = match (dm::not_ready_reason(model.as_ref()), model) {
-        (None, Some(model)) => model,
-        (why, _) => {
-            return Ok(Err(GenerationBlocked::WaitingForModel(
-                why.unwrap_or_default(),
-            )))
-        }
+    let model = match dm::ready(models.get_opt(&valid.model_name).await?) {
+        Ok(model) => model,
+        Err(why) => return Ok(Err(GenerationBlocked::WaitingForModel(why))),
     };
     let trainings_api: Api<LoraTraining> = Api::namespaced(ctx.client.clone(), &valid.namespace);
     let mut trainings = Vec::with_capacity(valid.loras.len());
@@ -665,6 +661,146 @@ async fn submit(
     }
 }
 
+/// What polling a submitted generation's job leads to.
+enum Polled {
+    /// Write this status, and look again after `wait` (the phase's own delay when `None`).
+    Write {
+        status: Box<ImageGenerationStatus>,
+        wait: Option<Duration>,
+    },
+    /// Leave the status as it is and look again after this long.
+    Requeue(Duration),
+}
+
+/// One reconciliation of a valid generation: what submitting and polling it share.
+struct GenerationStep<'a> {
+    ctx: &'a Context,
+    generations: &'a Api<ImageGeneration>,
+    generation: &'a ImageGeneration,
+    valid: &'a ig::ValidGeneration,
+    now: &'a Time,
+}
+
+impl GenerationStep<'_> {
+    /// Submits the generation as submission `count` once its model and LoRAs are ready: the
+    /// status that follows, or what stands in the way.
+    async fn submit_next(
+        &self,
+        count: u32,
+    ) -> Result<Result<ImageGenerationStatus, GenerationBlocked>, Error> {
+        let (target, request) =
+            match prepare_submission(self.ctx, self.generation, self.valid).await? {
+                Ok(prepared) => prepared,
+                Err(blocked) => return Ok(Err(blocked)),
+            };
+        let status = submit(
+            self.ctx,
+            self.generations,
+            self.generation,
+            count,
+            &target,
+            &request,
+            self.now.clone(),
+        );
+        Ok(Ok(status.await?))
+    }
+
+    /// Polls the job of the generation, submitted `submitted` times. A job the runtime lost
+    /// is recorded first, then submitted again after the backoff, until the submissions are
+    /// used up.
+    async fn poll(&self, submitted: u32) -> Result<Polled, Error> {
+        let (ctx, generation, now) = (self.ctx, self.generation, self.now);
+        let target = model_target(ctx, &self.valid.namespace, &self.valid.model_name).await?;
+        let polled = match &target {
+            Some(target) => ctx.runtime.job(target, &self.valid.job_id).await,
+            None => Err(RuntimeError::Unreachable(
+                "the DiffusionModel is gone".into(),
+            )),
+        };
+        let lost = match polled {
+            Ok(job) => {
+                let base_url = target.as_ref().map_or("", |t| t.base_url.as_str());
+                let status = ig::status_from_job(generation, &job, base_url, now.clone());
+                return Ok(Polled::Write {
+                    status: Box::new(status),
+                    wait: None,
+                });
+            }
+            Err(e) if e.job_lost() => e,
+            Err(e) => return Err(e.into()),
+        };
+        let max = ctx.config.max_submissions;
+        let lost_status =
+            || ig::status_lost(generation, submitted, max, &lost.to_string(), now.clone());
+        let Some(lost_at) = ig::lost_at(generation) else {
+            // Just noticed: record when, then back off.
+            return Ok(Polled::Write {
+                status: Box::new(lost_status()),
+                wait: Some(ig::resubmit_delay(submitted)),
+            });
+        };
+        let status = match ig::after_loss(submitted, max, &lost_at, now) {
+            AfterLoss::GiveUp => lost_status(),
+            AfterLoss::Wait(left) => return Ok(Polled::Requeue(left)),
+            AfterLoss::Resubmit => match self.submit_next(submitted + 1).await? {
+                Ok(status) => status,
+                // The model is down: wait for it, still counting.
+                Err(GenerationBlocked::WaitingForModel(_)) => {
+                    return Ok(Polled::Requeue(WAIT_RECHECK))
+                }
+                Err(blocked) => ig::status_blocked(generation, &blocked, now.clone()),
+            },
+        };
+        Ok(Polled::Write {
+            status: Box::new(status),
+            wait: None,
+        })
+    }
+}
+
+/// The events of a generation's status change from `old` to `new`: the phase change, and the
+/// job lost or submitted again.
+async fn generation_events(
+    ctx: &Context,
+    generation: &ImageGeneration,
+    old: Option<&ImageGenerationStatus>,
+    new: &ImageGenerationStatus,
+) {
+    phase_event(
+        ctx,
+        generation,
+        old.and_then(|s| s.phase),
+        new.phase,
+        new.message.as_deref(),
+        "GenerationFailed",
+    )
+    .await;
+    let submitted = |s: Option<&ImageGenerationStatus>| {
+        s.and_then(|s| crate::conditions::is_true(&s.conditions, ig::SUBMITTED))
+    };
+    match (submitted(old), submitted(Some(new))) {
+        (Some(true), Some(false)) => {
+            ctx.event(
+                generation,
+                EventType::Warning,
+                "JobLost",
+                new.message.clone().unwrap_or_default(),
+            )
+            .await
+        }
+        (Some(false), Some(true)) => {
+            ctx.event(
+                generation,
+                EventType::Normal,
+                "Resubmitted",
+                format!("submission {}", ig::submissions(generation) + 1),
+            )
+            .await
+        }
+        _ => {}
+    }
+}
+
 async fn apply_generation(generation: &ImageGeneration, ctx: &Context) -> Result<Action, Error> {
     let namespace = generation.namespace().unwrap_or_default();
     let generations: Api<ImageGeneration> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -684,149 +820,41 @@ async fn apply_generation(generation: &ImageGeneration, ctx: &Context) -> Result
         };
     }
 
-    let mut wait = None;
-    let status = match ig::validate(generation) {
-        Err(error) => ig::status_blocked(
-            generation,
-            &GenerationBlocked::Invalid(error.to_string()),
-            now.clone(),
+    let (status, wait) = match ig::validate(generation) {
+        Err(error) => (
+            ig::status_blocked(
+                generation,
+                &GenerationBlocked::Invalid(error.to_string()),
+                now.clone(),
+            ),
+            None,
         ),
         Ok(valid) => {
-            let submitted = ig::submissions(generation);
-            if submitted == 0 {
-                match prepare_submission(ctx, generation, &valid).await? {
-                    Err(blocked) => ig::status_blocked(generation, &blocked, now.clone()),
-                    Ok((target, request)) => {
-                        submit(
-                            ctx,
-                            &generations,
-                            generation,
-                            1,
-                            &target,
-                            &request,
-                            now.clone(),
-                        )
-                        .await?
-                    }
+            let step = GenerationStep {
+                ctx,
+                generations: &generations,
+                generation,
+                valid: &valid,
+                now: &now,
+            };
+            match ig::submissions(generation) {
+                0 => {
+                    let status = step.submit_next(1).await?.unwrap_or_else(|blocked| {
+                        ig::status_blocked(generation, &blocked, now.clone())
+                    });
+                    (status, None)
                 }
-            } else {
-                let target = model_target(ctx, &namespace, &valid.model_name).await?;
-                let polled = match &target {
-                    Some(target) => ctx.runtime.job(target, &valid.job_id).await,
-                    None => Err(RuntimeError::Unreachable(
-                        "the DiffusionModel is gone".into(),
-                    )),
-                };
-                match polled {
-                    Ok(job) => ig::status_from_job(
-                        generation,
-                        &job,
-                        target.as_ref().map_or("", |t| t.base_url.as_str()),
-                        now.clone(),
-                    ),
-                    Err(e) if e.job_lost() => match ig::lost_at(generation) {
-                        // Just noticed: record when, then back off.
-                        None => {
-                            wait = Some(ig::resubmit_delay(submitted));
-                            ig::status_lost(
-                                generation,
-                                submitted,
-                                ctx.config.max_submissions,
-                                &e.to_string(),
-                                now.clone(),
-                            )
-                        }
-                        Some(lost_at) => match ig::after_loss(
-                            submitted,
-                            ctx.config.max_submissions,
-                            &lost_at,
-                            &now,
-                        ) {
-                            AfterLoss::GiveUp => ig::status_lost(
-                                generation,
-                                submitted,
-                                ctx.config.max_submissions,
-                                &e.to_string(),
-                                now.clone(),
-                            ),
-                            AfterLoss::Wait(left) => return Ok(Action::requeue(left)),
-                            AfterLoss::Resubmit => {
-                                match prepare_submission(ctx, generation, &valid).await? {
-                                    // The model is down: wait for it, still counting.
-                                    Err(GenerationBlocked::WaitingForModel(_)) => {
-                                        return Ok(Action::requeue(WAIT_RECHECK))
-                                    }
-                                    Err(blocked) => {
-                                        ig::status_blocked(generation, &blocked, now.clone())
-                                    }
-                                    Ok((target, request)) => {
-                                        submit(
-                                            ctx,
-                                            &generations,
-                                            generation,
-                                            submitted + 1,
-                                            &target,
-                                            &request,
-                                            now.clone(),
-                                        )
-                                        .await?
-                                    }
-                                }
-                            }
-                        },
-                    },
-                    Err(e) => return Err(e.into()),
-                }
+                submitted => match step.poll(submitted).await? {
+                    Polled::Write { status, wait } => (*status, wait),
+                    Polled::Requeue(after) => return Ok(Action::requeue(after)),
+                },
             }
         }
     };
 
     if old != Some(&status) {
         apply_status(&generations, generation, &status).await?;
-        if old.and_then(|s| s.phase) != status.phase {
-            let message = status.message.clone().unwrap_or_default();
-            match status.phase {
-                Some(Phase::Failed) => {
-                    ctx.event(generation, EventType::Warning, "GenerationFailed", message)
-                        .await
-                }
-                Some(phase) => {
-                    ctx.event(
-                        generation,
-                        EventType::Normal,
-                        &format!("{phase:?}"),
-                        message,
-                    )
-                    .await
-                }
-                None => {}
-            }
-        }
-        let submitted = |s: Option<&ImageGenerationStatus>| {
-            s.and_then(|s| crate::conditions::find(&s.conditions, ig::SUBMITTED))
-                .map(|c| c.status == "True")
-        };
-        match (submitted(old), submitted(Some(&status))) {
-            (Some(true), Some(false)) => {
-                ctx.event(
-                    generation,
-                    EventType::Warning,
-                    "JobLost",
-                    status.message.clone().unwrap_or_default(),
-                )
-                .await
-            }
-            (Some(false), Some(true)) => {
-                ctx.event(
-                    generation,
-                    EventType::Normal,
-                    "Resubmitted",
-                    format!("submission {}", ig::submissions(generation) + 1),
-                )
-                .await
-            }
-            _ => {}
-        }
+        generation_events(ctx, generation, old, &status).await;
     }
     Ok(match status.phase {
         Some(phase) if phase.is_finished() => {

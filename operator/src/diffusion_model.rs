@@ -14,12 +14,10 @@ use imagegen_crds::diffusion_model::{
 use imagegen_crds::{DiffusionModel, DiffusionModelStatus};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction, KeyToPath, LocalObjectReference,
-    PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodSpec,
-    PodTemplateSpec, Probe, ResourceRequirements, Secret, SecretVolumeSource, Service, ServicePort,
-    ServiceSpec, Toleration, Volume, VolumeMount, VolumeResourceRequirements,
+    Container, ContainerPort, HTTPGetAction, KeyToPath, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PodTemplateSpec, Probe, Secret, SecretVolumeSource, Service,
+    ServicePort, ServiceSpec, Toleration, Volume, VolumeMount, VolumeResourceRequirements,
 };
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
     LabelSelector, ObjectMeta, OwnerReference, Time,
 };
@@ -107,8 +105,8 @@ pub fn is_ready(model: &DiffusionModel) -> bool {
     model
         .status
         .as_ref()
-        .and_then(|s| crate::conditions::find(&s.conditions, READY))
-        .is_some_and(|c| c.status == "True")
+        .and_then(|s| crate::conditions::is_true(&s.conditions, READY))
+        .unwrap_or(false)
 }
 
 /// Why `model` cannot serve yet, in words, or `None` when it is ready.
@@ -117,6 +115,14 @@ pub fn not_ready_reason(model: Option<&DiffusionModel>) -> Option<String> {
         None => Some("the DiffusionModel does not exist".into()),
         Some(m) if is_ready(m) => None,
         Some(m) => Some(format!("the DiffusionModel {} is not Ready", m.name_any())),
+    }
+}
+
+/// `model` when it is ready to serve, otherwise why not (see [`not_ready_reason`]).
+pub fn ready(model: Option<DiffusionModel>) -> Result<DiffusionModel, String> {
+    match (not_ready_reason(model.as_ref()), model) {
+        (None, Some(model)) => Ok(model),
+        (why, _) => Err(why.unwrap_or_default()),
     }
 }
 
@@ -385,18 +391,11 @@ pub fn build_deployment(model: &ValidModel, config: &OperatorConfig) -> Deployme
     ]
     .map(String::from)
     .to_vec();
-    let limits = BTreeMap::from([(
-        model.gpu_resource_name.clone(),
-        Quantity(model.gpus.to_string()),
-    )]);
-    let mut env = vec![
-        workload::env("HF_HOME", CACHE_MOUNT_PATH),
-        workload::env("HOME", "/tmp"),
-        workload::env(
-            "IMAGEGEN_TOKENS_FILE",
-            format!("{AUTH_MOUNT_PATH}/{AUTH_SECRET_KEY}"),
-        ),
-    ];
+    let mut env = workload::cache_env().to_vec();
+    env.push(workload::env(
+        "IMAGEGEN_TOKENS_FILE",
+        format!("{AUTH_MOUNT_PATH}/{AUTH_SECRET_KEY}"),
+    ));
     env.extend(workload::store_env(config));
     env.extend(
         config
@@ -415,69 +414,9 @@ pub fn build_deployment(model: &ValidModel, config: &OperatorConfig) -> Deployme
         .c2pa_secret
         .as_ref()
         .map(|secret| c2pa_volume(secret));
-    let mut mounts = vec![
-        VolumeMount {
-            name: "cache".into(),
-            mount_path: CACHE_MOUNT_PATH.into(),
-            ..VolumeMount::default()
-        },
-        VolumeMount {
-            name: "tmp".into(),
-            mount_path: "/tmp".into(),
-            ..VolumeMount::default()
-        },
-        read_only_mount(AUTH_VOLUME, AUTH_MOUNT_PATH),
-    ];
-    mounts.extend(store.as_ref().map(|(_, mount)| mount.clone()));
-    mounts.extend(c2pa.as_ref().map(|(_, mount)| mount.clone()));
-    let container = Container {
-        name: CONTAINER_NAME.into(),
-        image: Some(config.runtime_image.clone()),
-        image_pull_policy: Some(config.image_pull_policy.clone()),
-        command: Some(vec!["imagegen".into()]),
-        args: Some(args),
-        ports: Some(vec![ContainerPort {
-            name: Some("http".into()),
-            container_port: RUNTIME_PORT,
-            protocol: Some("TCP".into()),
-            ..ContainerPort::default()
-        }]),
-        env: Some(env),
-        env_from: workload::store_env_from(config),
-        resources: Some(ResourceRequirements {
-            limits: Some(limits),
-            ..ResourceRequirements::default()
-        }),
-        volume_mounts: Some(mounts),
-        // Downloading and loading weights takes minutes: the startup probe holds liveness
-        // off for up to 30 minutes.
-        startup_probe: Some(http_probe("/healthz", 10, 180)),
-        liveness_probe: Some(http_probe("/healthz", 10, 3)),
-        readiness_probe: Some(http_probe("/readyz", 5, 3)),
-        security_context: Some(workload::container_security_context()),
-        ..Container::default()
-    };
-    let cache_volume = match &model.cache {
-        Some(_) => Volume {
-            name: "cache".into(),
-            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                claim_name: model.cache_claim_name(),
-                ..PersistentVolumeClaimVolumeSource::default()
-            }),
-            ..Volume::default()
-        },
-        None => Volume {
-            name: "cache".into(),
-            empty_dir: Some(EmptyDirVolumeSource::default()),
-            ..Volume::default()
-        },
-    };
-    let tmp_volume = Volume {
-        name: "tmp".into(),
-        empty_dir: Some(EmptyDirVolumeSource::default()),
-        ..Volume::default()
-    };
-    let auth_volume = Volume {
+    let (mut volumes, mut mounts) =
+        workload::cache_and_tmp(model.cache.as_ref().map(|_| model.cache_claim_name()));
+    let auth = Volume {
         name: AUTH_VOLUME.into(),
         secret: Some(SecretVolumeSource {
             secret_name: Some(auth_secret_name(&model.name)),
@@ -486,25 +425,26 @@ pub fn build_deployment(model: &ValidModel, config: &OperatorConfig) -> Deployme
         }),
         ..Volume::default()
     };
-    let mut volumes = vec![cache_volume, tmp_volume, auth_volume];
-    volumes.extend(store.map(|(volume, _)| volume));
-    volumes.extend(c2pa.map(|(volume, _)| volume));
-    let pod = PodSpec {
-        containers: vec![container],
-        volumes: Some(volumes),
-        node_selector: (!model.node_selector.is_empty()).then(|| model.node_selector.clone()),
-        tolerations: (!model.tolerations.is_empty()).then(|| model.tolerations.clone()),
-        service_account_name: config.service_account_name.clone(),
-        image_pull_secrets: (!config.image_pull_secrets.is_empty()).then(|| {
-            config
-                .image_pull_secrets
-                .iter()
-                .map(|name| LocalObjectReference { name: name.clone() })
-                .collect()
-        }),
-        security_context: Some(workload::pod_security_context(config)),
-        ..PodSpec::default()
+    let auth = (auth, read_only_mount(AUTH_VOLUME, AUTH_MOUNT_PATH));
+    for (volume, mount) in [Some(auth), store, c2pa].into_iter().flatten() {
+        volumes.push(volume);
+        mounts.push(mount);
+    }
+    let container = Container {
+        ports: Some(vec![ContainerPort {
+            name: Some("http".into()),
+            container_port: RUNTIME_PORT,
+            protocol: Some("TCP".into()),
+            ..ContainerPort::default()
+        }]),
+        // Downloading and loading weights takes minutes: the startup probe holds liveness
+        // off for up to 30 minutes.
+        startup_probe: Some(http_probe("/healthz", 10, 180)),
+        liveness_probe: Some(http_probe("/healthz", 10, 3)),
+        readiness_probe: Some(http_probe("/readyz", 5, 3)),
+        ..workload::runtime_container(CONTAINER_NAME, config, model, args, env, mounts)
     };
+    let pod = workload::runtime_pod(container, volumes, model, config);
     Deployment {
         metadata: metadata(model, model.name.clone()),
         spec: Some(DeploymentSpec {
@@ -740,6 +680,8 @@ mod tests {
     use crate::conditions::find;
     use imagegen_crds::common::Condition;
     use k8s_openapi::api::apps::v1::{DeploymentCondition, DeploymentStatus};
+    use k8s_openapi::api::core::v1::PodSpec;
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
     use k8s_openapi::jiff::Timestamp;
     use serde_json::json;
 
@@ -1272,6 +1214,16 @@ mod tests {
         m.status = Some(status_from(&m, Some(&d), at(2)));
         assert!(!is_ready(&m));
         assert!(not_ready_reason(Some(&m)).unwrap().contains("not Ready"));
+    }
+
+    #[test]
+    fn ready_hands_back_only_a_ready_model() {
+        let mut m = minimal();
+        assert_eq!(ready(None), Err(not_ready_reason(None).unwrap()));
+        assert!(ready(Some(m.clone())).unwrap_err().contains("not Ready"));
+        let d = deployment(1, 1, 1, 1, vec![]);
+        m.status = Some(status_from(&m, Some(&d), at(1)));
+        assert_eq!(ready(Some(m.clone())).map(|r| r.status), Ok(m.status));
     }
 
     #[test]

@@ -13,13 +13,13 @@ use std::time::Duration;
 use imagegen_crds::api::{
     GenerationRequest, ImageInput, Job as RuntimeJob, JobState, LoraInput, ResponseFormat,
 };
-use imagegen_crds::common::condition_types::{COMPLETE, FAILED};
+use imagegen_crds::common::condition_types::COMPLETE;
 use imagegen_crds::image_generation::{GeneratedImage, LoraRef, Timings};
 use imagegen_crds::{ImageGeneration, ImageGenerationStatus, ImageRef, LoraTraining, Mode, Phase};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 
-use crate::conditions::{condition, find, set_condition};
+use crate::conditions::{condition, find, set_condition, set_outcome};
 use crate::{workload, Error};
 
 /// Condition type: the runtime holds the job (True), or lost it (False, reason `JobLost`;
@@ -204,10 +204,7 @@ pub fn submissions(generation: &ImageGeneration) -> u32 {
 
 /// Delay before resubmitting after `submissions` submissions: 5 s, 10 s, 20 s, … up to 5 min.
 pub fn resubmit_delay(submissions: u32) -> Duration {
-    let doublings = submissions.saturating_sub(1).min(16);
-    RESUBMIT_BASE_DELAY
-        .saturating_mul(1 << doublings)
-        .min(RESUBMIT_MAX_DELAY)
+    crate::doubling_delay(submissions, RESUBMIT_BASE_DELAY, RESUBMIT_MAX_DELAY)
 }
 
 /// What to do once the runtime lost the job.
@@ -303,20 +300,14 @@ impl<'a> StatusBuilder<'a> {
     }
 
     fn finish(mut self, phase: Phase, reason: &str, message: String) -> ImageGenerationStatus {
-        match phase {
-            Phase::Succeeded => {
-                self.set(COMPLETE, true, reason, &message);
-                self.set(FAILED, false, reason, "");
-            }
-            Phase::Failed => {
-                self.set(COMPLETE, true, reason, &message);
-                self.set(FAILED, true, reason, &message);
-            }
-            Phase::Pending | Phase::Running => {
-                self.set(COMPLETE, false, reason, &message);
-                self.set(FAILED, false, reason, "");
-            }
-        }
+        set_outcome(
+            &mut self.status.conditions,
+            phase,
+            reason,
+            &message,
+            self.generation.metadata.generation,
+            self.now.clone(),
+        );
         if phase.is_finished() {
             let timings = self.status.timings.get_or_insert_with(Timings::default);
             if timings.completion_time.is_none() {
@@ -494,6 +485,7 @@ mod tests {
     use imagegen_crds::api::{
         ErrorDetail, GenerationResult, ImageResult, JobKind, JobTimings, WithheldImage,
     };
+    use imagegen_crds::common::condition_types::FAILED;
     use imagegen_crds::Progress;
     use k8s_openapi::jiff::Timestamp;
     use serde_json::json;

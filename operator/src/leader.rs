@@ -213,9 +213,10 @@ pub async fn campaign(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::{Method, Request, Response};
+    use crate::mock_api::{self, answer, api_error, Handle};
+    use http::{Method, Response};
     use kube::client::Body;
-    use serde_json::{json, Value};
+    use serde_json::Value;
 
     fn t(second: i64) -> Timestamp {
         Timestamp::from_second(second).unwrap()
@@ -317,36 +318,10 @@ mod tests {
         assert_eq!(created.spec.unwrap().lease_transitions, Some(0));
     }
 
-    type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
-
-    async fn answer(
-        handle: &mut Handle,
-        method: Method,
-        path: &str,
-        status: u16,
-        reply: Value,
-    ) -> Value {
-        let (request, respond) = handle.next_request().await.expect("a call");
-        assert_eq!((request.method(), request.uri().path()), (&method, path));
-        let body = request.into_body().collect_bytes().await.unwrap();
-        respond.send_response(
-            Response::builder()
-                .status(status)
-                .body(Body::from(serde_json::to_vec(&reply).unwrap()))
-                .unwrap(),
-        );
-        if body.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&body).unwrap()
-        }
-    }
-
     const PATH: &str = "/apis/coordination.k8s.io/v1/namespaces/imagegen-system/leases";
 
     fn elector(identity: &str) -> (LeaderElector, Handle) {
-        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let client = kube::Client::new(service, "default");
+        let (client, handle) = mock_api::client("default");
         (
             LeaderElector::new(client, "imagegen-system", "imagegen-operator", identity),
             handle,
@@ -354,30 +329,28 @@ mod tests {
     }
 
     fn status(code: u16, reason: &str) -> Value {
-        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "message": reason, "code": code})
+        api_error(code, reason, reason)
+    }
+
+    /// Answers a Lease lookup that finds none, then its creation by `holder`; returns the
+    /// Lease the elector sent.
+    async fn lease_created(handle: &mut Handle, holder: &str) -> Value {
+        answer(
+            handle,
+            &Method::GET,
+            &format!("{PATH}/imagegen-operator"),
+            404,
+            &status(404, "NotFound"),
+        )
+        .await;
+        let reply = serde_json::to_value(lease(Some(holder), 100)).unwrap();
+        answer(handle, &Method::POST, PATH, 201, &reply).await.body
     }
 
     #[tokio::test]
     async fn first_replica_creates_the_lease() {
         let (elector, mut handle) = elector("pod-a");
-        let server = tokio::spawn(async move {
-            answer(
-                &mut handle,
-                Method::GET,
-                &format!("{PATH}/imagegen-operator"),
-                404,
-                status(404, "NotFound"),
-            )
-            .await;
-            answer(
-                &mut handle,
-                Method::POST,
-                PATH,
-                201,
-                serde_json::to_value(lease(Some("pod-a"), 100)).unwrap(),
-            )
-            .await
-        });
+        let server = tokio::spawn(async move { lease_created(&mut handle, "pod-a").await });
         assert!(elector.try_lead(t(100)).await.unwrap());
         let created = server.await.unwrap();
         assert_eq!(created["spec"]["holderIdentity"], "pod-a");
@@ -390,10 +363,10 @@ mod tests {
         let server = tokio::spawn(async move {
             answer(
                 &mut handle,
-                Method::GET,
+                &Method::GET,
                 &format!("{PATH}/imagegen-operator"),
                 200,
-                serde_json::to_value(lease(Some("pod-a"), 95)).unwrap(),
+                &serde_json::to_value(lease(Some("pod-a"), 95)).unwrap(),
             )
             .await;
             // No write may follow.
@@ -411,10 +384,10 @@ mod tests {
             let server = tokio::spawn(async move {
                 answer(
                     &mut handle,
-                    Method::GET,
+                    &Method::GET,
                     &format!("{PATH}/imagegen-operator"),
                     200,
-                    serde_json::to_value(lease(Some("pod-a"), 50)).unwrap(),
+                    &serde_json::to_value(lease(Some("pod-a"), 50)).unwrap(),
                 )
                 .await;
                 let reply = if code == 200 {
@@ -424,12 +397,13 @@ mod tests {
                 };
                 answer(
                     &mut handle,
-                    Method::PUT,
+                    &Method::PUT,
                     &format!("{PATH}/imagegen-operator"),
                     code,
-                    reply,
+                    &reply,
                 )
                 .await
+                .body
             });
             assert_eq!(elector.try_lead(t(100)).await.unwrap(), leads);
             let written = server.await.unwrap();
@@ -446,25 +420,17 @@ mod tests {
         let (tx, mut leading) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(campaign(std::sync::Arc::new(elector), health.clone(), tx));
         let get = format!("{PATH}/imagegen-operator");
-        answer(&mut handle, Method::GET, &get, 404, status(404, "NotFound")).await;
-        answer(
-            &mut handle,
-            Method::POST,
-            PATH,
-            201,
-            serde_json::to_value(lease(Some("pod-a"), 100)).unwrap(),
-        )
-        .await;
+        lease_created(&mut handle, "pod-a").await;
         leading.wait_for(|l| *l).await.unwrap();
         assert!(health.is_leader());
         // The API server stops answering. Within the Lease's duration it still leads (the
         // next call comes only after the error was handled)...
         answer(
             &mut handle,
-            Method::GET,
+            &Method::GET,
             &get,
             500,
-            status(500, "InternalError"),
+            &status(500, "InternalError"),
         )
         .await;
         let (request, respond) = handle.next_request().await.expect("a call");
@@ -490,27 +456,28 @@ mod tests {
         let server = tokio::spawn(async move {
             answer(
                 &mut handle,
-                Method::GET,
+                &Method::GET,
                 &get,
                 200,
-                serde_json::to_value(lease(Some("pod-a"), 95)).unwrap(),
+                &serde_json::to_value(lease(Some("pod-a"), 95)).unwrap(),
             )
             .await;
             let written = answer(
                 &mut handle,
-                Method::PUT,
+                &Method::PUT,
                 &get,
                 200,
-                serde_json::to_value(lease(None, 95)).unwrap(),
+                &serde_json::to_value(lease(None, 95)).unwrap(),
             )
-            .await;
+            .await
+            .body;
             // Someone else's: nothing is written.
             answer(
                 &mut handle,
-                Method::GET,
+                &Method::GET,
                 &get,
                 200,
-                serde_json::to_value(lease(Some("pod-b"), 95)).unwrap(),
+                &serde_json::to_value(lease(Some("pod-b"), 95)).unwrap(),
             )
             .await;
             written
@@ -528,10 +495,10 @@ mod tests {
         let server = tokio::spawn(async move {
             answer(
                 &mut handle,
-                Method::GET,
+                &Method::GET,
                 &format!("{PATH}/imagegen-operator"),
                 403,
-                status(403, "Forbidden"),
+                &status(403, "Forbidden"),
             )
             .await;
         });

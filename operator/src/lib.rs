@@ -34,6 +34,8 @@ pub mod runtime_client;
 pub mod server;
 pub mod workload;
 
+use std::time::Duration;
+
 pub use imagegen_crds as api;
 
 /// Where the store claim is mounted in runtime pods and training Jobs.
@@ -41,6 +43,13 @@ pub const STORE_MOUNT_PATH: &str = "/store";
 
 /// The field manager of every server-side apply made by the operator.
 pub const FIELD_MANAGER: &str = "imagegen-operator";
+
+/// The delay after the `n`th try of something retried with exponential backoff: `base` after
+/// the first, doubling with each one after, never more than `max`.
+pub fn doubling_delay(n: u32, base: Duration, max: Duration) -> Duration {
+    base.saturating_mul(1 << n.saturating_sub(1).min(16))
+        .min(max)
+}
 
 /// Settings of the operator itself, the same for every resource it manages.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,5 +164,22 @@ pub enum Error {
     },
 }
 
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn doubling_delay_doubles_up_to_its_maximum() {
+        let s = Duration::from_secs;
+        let delays: Vec<_> = (0..8)
+            .map(|n| super::doubling_delay(n, s(5), s(100)))
+            .collect();
+        assert_eq!(delays, [5, 5, 10, 20, 40, 80, 100, 100].map(s));
+        assert_eq!(super::doubling_delay(u32::MAX, s(5), s(100)), s(100));
+    }
+}
+
+#[cfg(test)]
+mod mock_api;
 #[cfg(test)]
 mod mock_tests;

@@ -9,22 +9,18 @@
 use std::collections::BTreeMap;
 
 use imagegen_crds::api::TrainerEvent;
-use imagegen_crds::common::condition_types::{COMPLETE, FAILED};
 use imagegen_crds::diffusion_model::{Dtype, DEFAULT_GPU_RESOURCE};
 use imagegen_crds::lora_training::Artifact;
 use imagegen_crds::{ImageRef, LoraTraining, LoraTrainingStatus, Phase, Progress, TrainingParams};
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, LocalObjectReference,
-    PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, ResourceRequirements, Secret,
-    SecretKeySelector, Volume, VolumeMount,
+    Container, EnvVar, EnvVarSource, PodSpec, PodTemplateSpec, Secret, SecretKeySelector,
 };
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
 use kube::{Resource, ResourceExt};
 
-use crate::conditions::{condition, set_condition};
-use crate::diffusion_model::{ValidModel, CACHE_MOUNT_PATH};
+use crate::conditions::set_outcome;
+use crate::diffusion_model::ValidModel;
 use crate::{workload, Error, OperatorConfig, STORE_MOUNT_PATH};
 
 /// Label naming the LoraTraining a Job or Secret belongs to.
@@ -275,102 +271,42 @@ pub fn train_args(
 /// The Job that trains the LoRA: one pod of `imagegen train` on the model's GPUs, retried
 /// `backoffLimit` times, stopped after `activeDeadlineSeconds`.
 pub fn build_job(training: &ValidTraining, model: &ValidModel, config: &OperatorConfig) -> Job {
-    let mut env = vec![
-        EnvVar {
-            name: imagegen_crds::api::PROGRESS_TOKEN_ENV.into(),
-            value_from: Some(EnvVarSource {
-                secret_key_ref: Some(SecretKeySelector {
-                    name: training.token_secret_name(),
-                    key: TOKEN_KEY.into(),
-                    optional: Some(false),
-                }),
-                ..EnvVarSource::default()
+    let mut env = vec![EnvVar {
+        name: imagegen_crds::api::PROGRESS_TOKEN_ENV.into(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: training.token_secret_name(),
+                key: TOKEN_KEY.into(),
+                optional: Some(false),
             }),
-            ..EnvVar::default()
-        },
-        workload::env("HF_HOME", CACHE_MOUNT_PATH),
-        workload::env("HOME", "/tmp"),
-    ];
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }];
+    env.extend(workload::cache_env());
     env.extend(workload::store_env(config));
     let store = workload::store_volume(config);
     // Replicas of a model that may scale share its cache claim (ReadWriteMany), so the
     // trainer can too; a ReadWriteOnce claim stays the Deployment's.
-    let cache_volume = match &model.cache {
-        Some(_) if model.max_replicas > 1 => Volume {
-            name: "cache".into(),
-            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
-                claim_name: model.cache_claim_name(),
-                ..PersistentVolumeClaimVolumeSource::default()
-            }),
-            ..Volume::default()
-        },
-        _ => Volume {
-            name: "cache".into(),
-            empty_dir: Some(EmptyDirVolumeSource::default()),
-            ..Volume::default()
-        },
-    };
-    let mut volumes = vec![
-        cache_volume,
-        Volume {
-            name: "tmp".into(),
-            empty_dir: Some(EmptyDirVolumeSource::default()),
-            ..Volume::default()
-        },
-    ];
-    let mut mounts = vec![
-        VolumeMount {
-            name: "cache".into(),
-            mount_path: CACHE_MOUNT_PATH.into(),
-            ..VolumeMount::default()
-        },
-        VolumeMount {
-            name: "tmp".into(),
-            mount_path: "/tmp".into(),
-            ..VolumeMount::default()
-        },
-    ];
+    let shared_cache = model
+        .cache
+        .as_ref()
+        .filter(|_| model.max_replicas > 1)
+        .map(|_| model.cache_claim_name());
+    let (mut volumes, mut mounts) = workload::cache_and_tmp(shared_cache);
     let working_dir = store.as_ref().map(|_| STORE_MOUNT_PATH.to_string());
     if let Some((volume, mount)) = store {
         volumes.push(volume);
         mounts.push(mount);
     }
+    let args = train_args(training, model, config);
     let container = Container {
-        name: CONTAINER_NAME.into(),
-        image: Some(config.runtime_image.clone()),
-        image_pull_policy: Some(config.image_pull_policy.clone()),
-        command: Some(vec!["imagegen".into()]),
-        args: Some(train_args(training, model, config)),
-        env: Some(env),
-        env_from: workload::store_env_from(config),
         working_dir,
-        resources: Some(ResourceRequirements {
-            limits: Some(BTreeMap::from([(
-                model.gpu_resource_name.clone(),
-                Quantity(model.gpus.to_string()),
-            )])),
-            ..ResourceRequirements::default()
-        }),
-        volume_mounts: Some(mounts),
-        security_context: Some(workload::container_security_context()),
-        ..Container::default()
+        ..workload::runtime_container(CONTAINER_NAME, config, model, args, env, mounts)
     };
     let pod = PodSpec {
-        containers: vec![container],
         restart_policy: Some("Never".into()),
-        volumes: Some(volumes),
-        node_selector: (!model.node_selector.is_empty()).then(|| model.node_selector.clone()),
-        tolerations: (!model.tolerations.is_empty()).then(|| model.tolerations.clone()),
-        service_account_name: config.service_account_name.clone(),
-        image_pull_secrets: (!config.image_pull_secrets.is_empty()).then(|| {
-            config
-                .image_pull_secrets
-                .iter()
-                .map(|name| LocalObjectReference { name: name.clone() })
-                .collect()
-        }),
-        security_context: Some(workload::pod_security_context(config)),
-        ..PodSpec::default()
+        ..workload::runtime_pod(container, volumes, model, config)
     };
     Job {
         metadata: metadata(training, training.job_name()),
@@ -503,14 +439,6 @@ pub fn status_from(
         progress: (report.total > 0).then(|| Progress::new(report.step, report.total)),
         ..LoraTrainingStatus::default()
     };
-    let set = |conditions: &mut Vec<_>, type_, value, reason, message: &str| {
-        set_condition(
-            conditions,
-            condition(type_, value, reason, message, generation),
-            now.clone(),
-        )
-    };
-
     let (phase, reason, message) = match (job, blocked) {
         (None, Some(Blocked::Invalid(message))) => (Phase::Failed, "InvalidSpec", message.clone()),
         (None, Some(Blocked::WaitingForModel(message))) => {
@@ -566,26 +494,22 @@ pub fn status_from(
         }
     };
 
-    match phase {
-        Phase::Succeeded => {
-            set(&mut status.conditions, COMPLETE, true, reason, &message);
-            set(&mut status.conditions, FAILED, false, reason, "");
-            status.artifact = Some(Artifact {
-                path: artifact_path(&training.name_any()),
-                url: None,
-                sha256: None,
-            });
-            if let Some(p) = status.progress {
-                status.progress = Some(Progress::new(p.total, p.total));
-            }
-        }
-        Phase::Failed => {
-            set(&mut status.conditions, COMPLETE, true, reason, &message);
-            set(&mut status.conditions, FAILED, true, reason, &message);
-        }
-        Phase::Pending | Phase::Running => {
-            set(&mut status.conditions, COMPLETE, false, reason, &message);
-            set(&mut status.conditions, FAILED, false, reason, "");
+    set_outcome(
+        &mut status.conditions,
+        phase,
+        reason,
+        &message,
+        generation,
+        now.clone(),
+    );
+    if phase == Phase::Succeeded {
+        status.artifact = Some(Artifact {
+            path: artifact_path(&training.name_any()),
+            url: None,
+            sha256: None,
+        });
+        if let Some(p) = status.progress {
+            status.progress = Some(Progress::new(p.total, p.total));
         }
     }
     if let Some(job) = job {
@@ -607,8 +531,10 @@ mod tests {
     use super::*;
     use crate::conditions::find;
     use crate::diffusion_model;
+    use imagegen_crds::common::condition_types::{COMPLETE, FAILED};
     use imagegen_crds::DiffusionModel;
     use k8s_openapi::api::batch::v1::{JobCondition, JobStatus};
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
     use k8s_openapi::jiff::Timestamp;
     use serde_json::json;
 

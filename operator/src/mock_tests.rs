@@ -7,20 +7,23 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use http::{Method, Request, Response};
+use http::Method;
 use imagegen_crds::api::{GenerationRequest, Job as RuntimeJob, JobKind, JobState};
 use imagegen_crds::{DiffusionModel, ImageGeneration, LoraTraining, Phase, Progress};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentStatus};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::client::Body;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::Client;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use serde_json::{json, Value};
+use tokio::task::JoinHandle;
 
 use crate::controller::{self, Context, Error};
 use crate::metrics::Metrics;
+use crate::mock_api::{self, api_error, Handle, Sent};
 use crate::runtime_client::{RuntimeApi, RuntimeError, Target};
 use crate::{diffusion_model as dm, image_generation as ig, OperatorConfig};
 
@@ -36,8 +39,6 @@ fn at(second: i64) -> Time {
 }
 
 // ---- the mock API server ----
-
-type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
 /// One call the reconciliation must make, and the answer it gets.
 struct Call {
@@ -56,51 +57,50 @@ fn call(method: Method, path: &str, status: u16, reply: Value) -> Call {
     }
 }
 
-fn not_found() -> Value {
-    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound",
-           "message": "not found", "code": 404})
+fn to_json(obj: impl Serialize) -> Value {
+    serde_json::to_value(obj).unwrap()
 }
 
-/// What a call sent: its query string and JSON body.
-#[derive(Debug, Clone)]
-struct Sent {
-    query: String,
-    body: Value,
+/// A GET of `path` answered with `reply`.
+fn get(path: &str, reply: impl Serialize) -> Call {
+    call(Method::GET, path, 200, to_json(reply))
+}
+
+/// A GET of `path` that finds nothing.
+fn get_missing(path: &str) -> Call {
+    call(Method::GET, path, 404, not_found())
+}
+
+/// A PATCH of `path` (server-side apply, merge or JSON patch) answered with `reply`.
+fn patch(path: &str, reply: impl Serialize) -> Call {
+    call(Method::PATCH, path, 200, to_json(reply))
+}
+
+/// A POST to `path` that creates `reply`.
+fn create(path: &str, reply: impl Serialize) -> Call {
+    call(Method::POST, path, 201, to_json(reply))
+}
+
+/// The POST that publishes one event.
+fn event() -> Call {
+    create(&events(), json!({}))
+}
+
+/// The calls of `parts`, one part after the other.
+fn calls<const N: usize>(parts: [Vec<Call>; N]) -> Vec<Call> {
+    parts.into_iter().flatten().collect()
+}
+
+fn not_found() -> Value {
+    api_error(404, "NotFound", "not found")
 }
 
 /// Serves `calls` in order and returns what each one sent. Panics on a different call, and
 /// on any call after the last one (the client is dropped when the reconciliation is done).
 async fn serve(mut handle: Handle, calls: Vec<Call>) -> Vec<Sent> {
     let mut sent = Vec::new();
-    for expected in calls {
-        let Some((request, respond)) = handle.next_request().await else {
-            panic!(
-                "expected {} {}, but no more calls came",
-                expected.method, expected.path
-            );
-        };
-        let (parts, body) = request.into_parts();
-        assert_eq!(
-            (&parts.method, parts.uri.path()),
-            (&expected.method, expected.path.as_str()),
-            "unexpected call"
-        );
-        let bytes = body.collect_bytes().await.unwrap();
-        let body = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).unwrap()
-        };
-        sent.push(Sent {
-            query: parts.uri.query().unwrap_or_default().to_string(),
-            body,
-        });
-        let response = Response::builder()
-            .status(expected.status)
-            .header("content-type", "application/json")
-            .body(Body::from(serde_json::to_vec(&expected.reply).unwrap()))
-            .unwrap();
-        respond.send_response(response);
+    for c in calls {
+        sent.push(mock_api::answer(&mut handle, &c.method, &c.path, c.status, &c.reply).await);
     }
     if let Some((request, _)) = handle.next_request().await {
         panic!(
@@ -110,6 +110,20 @@ async fn serve(mut handle: Handle, calls: Vec<Call>) -> Vec<Sent> {
         );
     }
     sent
+}
+
+/// A client on the mock API serving `calls`, and the server's task.
+fn serving(calls: Vec<Call>) -> (Client, JoinHandle<Vec<Sent>>) {
+    let (client, handle) = mock_api::client(NS);
+    (client, tokio::spawn(serve(handle, calls)))
+}
+
+/// What each call sent, once every client of the server is dropped.
+async fn sent(server: JoinHandle<Vec<Sent>>) -> Vec<Sent> {
+    tokio::time::timeout(Duration::from_secs(10), server)
+        .await
+        .expect("the mock API server timed out")
+        .expect("the mock API server saw a wrong call")
 }
 
 // ---- the fake runtime ----
@@ -204,20 +218,8 @@ impl RuntimeApi for FakeRuntime {
     }
 }
 
-/// Runs `reconcile` against the mock API serving `calls`; returns its result and what each
-/// call sent.
-async fn run<K, F, Fut>(
-    obj: K,
-    runtime: Arc<FakeRuntime>,
-    calls: Vec<Call>,
-    reconcile: F,
-) -> (Result<Action, Error>, Vec<Sent>)
-where
-    F: FnOnce(Arc<K>, Arc<Context>) -> Fut,
-    Fut: std::future::Future<Output = Result<Action, Error>>,
-{
-    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let client = Client::new(service, NS);
+/// A context on `client` with the fake `runtime` and the fixed clock.
+fn context(client: Client, runtime: Arc<FakeRuntime>) -> Context {
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -233,13 +235,24 @@ where
         recorder,
     );
     ctx.now = now;
-    let server = tokio::spawn(serve(handle, calls));
-    let result = reconcile(Arc::new(obj), Arc::new(ctx)).await;
-    let sent = tokio::time::timeout(Duration::from_secs(10), server)
-        .await
-        .expect("the mock API server timed out")
-        .expect("the mock API server saw a wrong call");
-    (result, sent)
+    ctx
+}
+
+/// Runs `reconcile` against the mock API serving `calls`; returns its result and what each
+/// call sent.
+async fn run<K, F, Fut>(
+    obj: K,
+    runtime: Arc<FakeRuntime>,
+    calls: Vec<Call>,
+    reconcile: F,
+) -> (Result<Action, Error>, Vec<Sent>)
+where
+    F: FnOnce(Arc<K>, Arc<Context>) -> Fut,
+    Fut: std::future::Future<Output = Result<Action, Error>>,
+{
+    let (client, server) = serving(calls);
+    let result = reconcile(Arc::new(obj), Arc::new(context(client, runtime))).await;
+    (result, sent(server).await)
 }
 
 fn path(kind_path: &str, name: &str) -> String {
@@ -293,7 +306,7 @@ fn deployment(ready: i32) -> Deployment {
 fn ready_model() -> DiffusionModel {
     let m = model(None);
     let status = dm::status_from(&m, Some(&deployment(1)), at(10));
-    model(Some(serde_json::to_value(status).unwrap()))
+    model(Some(to_json(status)))
 }
 
 fn auth_secret() -> Value {
@@ -305,41 +318,69 @@ fn auth_secret() -> Value {
     })
 }
 
+/// `obj` with a deletion timestamp: being deleted.
+fn deleting<K: Serialize + DeserializeOwned>(obj: K) -> K {
+    let mut value = to_json(obj);
+    value["metadata"]["deletionTimestamp"] = json!("1970-01-12T13:46:40Z");
+    serde_json::from_value(value).unwrap()
+}
+
+fn model_path() -> String {
+    cr("diffusionmodels", "sd15")
+}
+
+fn auth_secret_path() -> String {
+    path("api/v1", "secrets/sd15-runtime-auth")
+}
+
+/// Looking up the model's runtime: the Ready model, then its auth Secret.
+fn model_target() -> Vec<Call> {
+    vec![
+        get(&model_path(), ready_model()),
+        get(&auth_secret_path(), auth_secret()),
+    ]
+}
+
+/// Applying the model's Deployment (answered with `d`) and its Service.
+fn deployment_and_service(d: Deployment) -> Vec<Call> {
+    vec![
+        patch(&path("apis/apps/v1", "deployments/sd15"), d),
+        patch(
+            &path("api/v1", "services/sd15"),
+            json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "sd15"}}),
+        ),
+    ]
+}
+
+/// The children of a model whose auth Secret exists: the Secret, the Deployment (answered
+/// with `d`) and the Service.
+fn model_children(d: Deployment) -> Vec<Call> {
+    calls([
+        vec![get(&auth_secret_path(), auth_secret())],
+        deployment_and_service(d),
+    ])
+}
+
+/// The patch of the model's status.
+fn model_status() -> Call {
+    patch(&cr("diffusionmodels", "sd15/status"), model(None))
+}
+
 // ---- DiffusionModel ----
 
 #[tokio::test]
 async fn model_create_makes_the_secret_deployment_service_and_status() {
-    let deployments = path("apis/apps/v1", "deployments/sd15");
     let (result, sent) = run(
         model(None),
         FakeRuntime::answering(vec![]),
-        vec![
-            call(
-                Method::GET,
-                &path("api/v1", "secrets/sd15-runtime-auth"),
-                404,
-                not_found(),
-            ),
-            call(Method::POST, &path("api/v1", "secrets"), 201, auth_secret()),
-            call(
-                Method::PATCH,
-                &deployments,
-                200,
-                serde_json::to_value(deployment(0)).unwrap(),
-            ),
-            call(
-                Method::PATCH,
-                &path("api/v1", "services/sd15"),
-                200,
-                json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "sd15"}}),
-            ),
-            call(
-                Method::PATCH,
-                &cr("diffusionmodels", "sd15/status"),
-                200,
-                serde_json::to_value(model(None)).unwrap(),
-            ),
-        ],
+        calls([
+            vec![
+                get_missing(&auth_secret_path()),
+                create(&path("api/v1", "secrets"), auth_secret()),
+            ],
+            deployment_and_service(deployment(0)),
+            vec![model_status()],
+        ]),
         controller::reconcile_model,
     )
     .await;
@@ -368,39 +409,15 @@ async fn model_create_makes_the_secret_deployment_service_and_status() {
 
 #[tokio::test]
 async fn model_becoming_ready_patches_status_and_publishes_an_event() {
-    let m = model(Some(
-        serde_json::to_value(dm::status_from(&model(None), Some(&deployment(0)), at(5))).unwrap(),
-    ));
+    let m = model(Some(to_json(dm::status_from(
+        &model(None),
+        Some(&deployment(0)),
+        at(5),
+    ))));
     let (result, sent) = run(
         m,
         FakeRuntime::answering(vec![]),
-        vec![
-            call(
-                Method::GET,
-                &path("api/v1", "secrets/sd15-runtime-auth"),
-                200,
-                auth_secret(),
-            ),
-            call(
-                Method::PATCH,
-                &path("apis/apps/v1", "deployments/sd15"),
-                200,
-                serde_json::to_value(deployment(1)).unwrap(),
-            ),
-            call(
-                Method::PATCH,
-                &path("api/v1", "services/sd15"),
-                200,
-                json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "sd15"}}),
-            ),
-            call(
-                Method::PATCH,
-                &cr("diffusionmodels", "sd15/status"),
-                200,
-                serde_json::to_value(model(None)).unwrap(),
-            ),
-            call(Method::POST, &events(), 201, json!({})),
-        ],
+        calls([model_children(deployment(1)), vec![model_status(), event()]]),
         controller::reconcile_model,
     )
     .await;
@@ -424,26 +441,7 @@ async fn model_unchanged_makes_no_status_patch() {
     let (result, _) = run(
         m,
         FakeRuntime::answering(vec![]),
-        vec![
-            call(
-                Method::GET,
-                &path("api/v1", "secrets/sd15-runtime-auth"),
-                200,
-                auth_secret(),
-            ),
-            call(
-                Method::PATCH,
-                &path("apis/apps/v1", "deployments/sd15"),
-                200,
-                serde_json::to_value(deployment(1)).unwrap(),
-            ),
-            call(
-                Method::PATCH,
-                &path("api/v1", "services/sd15"),
-                200,
-                json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "sd15"}}),
-            ),
-        ],
+        model_children(deployment(1)),
         controller::reconcile_model,
     )
     .await;
@@ -457,15 +455,7 @@ async fn model_invalid_spec_is_reported_without_children() {
     let (result, sent) = run(
         m,
         FakeRuntime::answering(vec![]),
-        vec![
-            call(
-                Method::PATCH,
-                &cr("diffusionmodels", "sd15/status"),
-                200,
-                serde_json::to_value(model(None)).unwrap(),
-            ),
-            call(Method::POST, &events(), 201, json!({})),
-        ],
+        vec![model_status(), event()],
         controller::reconcile_model,
     )
     .await;
@@ -491,9 +481,9 @@ async fn model_api_failure_is_an_error_with_backoff() {
         FakeRuntime::answering(vec![]),
         vec![call(
             Method::GET,
-            &path("api/v1", "secrets/sd15-runtime-auth"),
+            &auth_secret_path(),
             500,
-            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "etcd", "reason": "InternalError", "code": 500}),
+            api_error(500, "InternalError", "etcd"),
         )],
         controller::reconcile_model,
     )
@@ -501,21 +491,8 @@ async fn model_api_failure_is_an_error_with_backoff() {
     let err = result.unwrap_err();
     assert!(matches!(err, Error::Kube(_)), "{err}");
     // error_policy backs off exponentially per object.
-    let (service, _handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let client = Client::new(service, NS);
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        OperatorConfig::default(),
-        FakeRuntime::answering(vec![]),
-        Metrics::new().unwrap(),
-        Recorder::new(
-            client,
-            Reporter {
-                controller: "t".into(),
-                instance: None,
-            },
-        ),
-    ));
+    let (client, _handle) = mock_api::client(NS);
+    let ctx = Arc::new(context(client, FakeRuntime::answering(vec![])));
     let m = Arc::new(model(None));
     assert_eq!(
         controller::error_policy(m.clone(), &err, ctx.clone()),
@@ -562,17 +539,37 @@ fn training_job(active: i32, complete: bool) -> Value {
     job
 }
 
+fn training_job_path() -> String {
+    path("apis/batch/v1", "jobs/alice-train")
+}
+
+/// The patch of the training's status.
+fn training_status() -> Call {
+    patch(&cr("loratrainings", "alice/status"), training(true, None))
+}
+
+/// The patch that removes the training's finalizer.
+fn training_released() -> Call {
+    patch(&cr("loratrainings", "alice"), training(false, None))
+}
+
+/// A Succeeded training whose LoRA is stored.
+fn trained(finalized: bool) -> LoraTraining {
+    training(
+        finalized,
+        Some(json!({
+            "phase": "Succeeded",
+            "artifact": {"path": "loras/alice/pytorch_lora_weights.safetensors"}
+        })),
+    )
+}
+
 #[tokio::test]
 async fn training_first_sight_adds_the_finalizer() {
     let (result, sent) = run(
         training(false, None),
         FakeRuntime::answering(vec![]),
-        vec![call(
-            Method::PATCH,
-            &cr("loratrainings", "alice"),
-            200,
-            serde_json::to_value(training(true, None)).unwrap(),
-        )],
+        vec![patch(&cr("loratrainings", "alice"), training(true, None))],
         controller::reconcile_training,
     )
     .await;
@@ -587,25 +584,10 @@ async fn training_waits_for_its_model() {
         training(true, None),
         FakeRuntime::answering(vec![]),
         vec![
-            call(
-                Method::GET,
-                &path("apis/batch/v1", "jobs/alice-train"),
-                404,
-                not_found(),
-            ),
-            call(
-                Method::GET,
-                &cr("diffusionmodels", "sd15"),
-                404,
-                not_found(),
-            ),
-            call(
-                Method::PATCH,
-                &cr("loratrainings", "alice/status"),
-                200,
-                serde_json::to_value(training(true, None)).unwrap(),
-            ),
-            call(Method::POST, &events(), 201, json!({})),
+            get_missing(&training_job_path()),
+            get_missing(&model_path()),
+            training_status(),
+            event(),
         ],
         controller::reconcile_training,
     )
@@ -624,13 +606,16 @@ async fn training_creates_the_token_secret_and_the_job() {
         training(true, None),
         FakeRuntime::answering(vec![]),
         vec![
-            call(Method::GET, &path("apis/batch/v1", "jobs/alice-train"), 404, not_found()),
-            call(Method::GET, &cr("diffusionmodels", "sd15"), 200, serde_json::to_value(ready_model()).unwrap()),
-            call(Method::GET, &path("api/v1", "secrets/alice-progress"), 404, not_found()),
-            call(Method::POST, &path("api/v1", "secrets"), 201, json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "alice-progress"}})),
-            call(Method::PATCH, &path("apis/batch/v1", "jobs/alice-train"), 200, training_job(0, false)),
-            call(Method::PATCH, &cr("loratrainings", "alice/status"), 200, serde_json::to_value(training(true, None)).unwrap()),
-            call(Method::POST, &events(), 201, json!({})),
+            get_missing(&training_job_path()),
+            get(&model_path(), ready_model()),
+            get_missing(&path("api/v1", "secrets/alice-progress")),
+            create(
+                &path("api/v1", "secrets"),
+                json!({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "alice-progress"}}),
+            ),
+            patch(&training_job_path(), training_job(0, false)),
+            training_status(),
+            event(),
         ],
         controller::reconcile_training,
     )
@@ -676,34 +661,12 @@ async fn training_follows_its_job_to_success() {
     let (result, sent) = run(
         running,
         runtime.clone(),
-        vec![
-            call(
-                Method::GET,
-                &path("apis/batch/v1", "jobs/alice-train"),
-                200,
-                training_job(0, true),
-            ),
+        calls([
+            vec![get(&training_job_path(), training_job(0, true))],
             // The LoRA's checksum, from the model's runtime.
-            call(
-                Method::GET,
-                &cr("diffusionmodels", "sd15"),
-                200,
-                serde_json::to_value(ready_model()).unwrap(),
-            ),
-            call(
-                Method::GET,
-                &path("api/v1", "secrets/sd15-runtime-auth"),
-                200,
-                auth_secret(),
-            ),
-            call(
-                Method::PATCH,
-                &cr("loratrainings", "alice/status"),
-                200,
-                serde_json::to_value(training(true, None)).unwrap(),
-            ),
-            call(Method::POST, &events(), 201, json!({})),
-        ],
+            model_target(),
+            vec![training_status(), event()],
+        ]),
         controller::reconcile_training,
     )
     .await;
@@ -728,25 +691,10 @@ async fn training_success_without_the_runtime_still_succeeds() {
         running,
         FakeRuntime::answering(vec![]),
         vec![
-            call(
-                Method::GET,
-                &path("apis/batch/v1", "jobs/alice-train"),
-                200,
-                training_job(0, true),
-            ),
-            call(
-                Method::GET,
-                &cr("diffusionmodels", "sd15"),
-                404,
-                not_found(),
-            ),
-            call(
-                Method::PATCH,
-                &cr("loratrainings", "alice/status"),
-                200,
-                serde_json::to_value(training(true, None)).unwrap(),
-            ),
-            call(Method::POST, &events(), 201, json!({})),
+            get(&training_job_path(), training_job(0, true)),
+            get_missing(&model_path()),
+            training_status(),
+            event(),
         ],
         controller::reconcile_training,
     )
@@ -776,9 +724,9 @@ async fn training_job_read_failure_is_an_error() {
         FakeRuntime::answering(vec![]),
         vec![call(
             Method::GET,
-            &path("apis/batch/v1", "jobs/alice-train"),
+            &training_job_path(),
             403,
-            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": "forbidden", "reason": "Forbidden", "code": 403}),
+            api_error(403, "Forbidden", "forbidden"),
         )],
         controller::reconcile_training,
     )
@@ -786,46 +734,13 @@ async fn training_job_read_failure_is_an_error() {
     assert!(matches!(result, Err(Error::Kube(_))));
 }
 
-fn deleting(mut value: Value) -> Value {
-    value["metadata"]["deletionTimestamp"] = json!("1970-01-12T13:46:40Z");
-    value
-}
-
 #[tokio::test]
 async fn training_deletion_deletes_the_lora_then_the_finalizer() {
-    let t = training(
-        true,
-        Some(
-            json!({"phase": "Succeeded", "artifact": {"path": "loras/alice/pytorch_lora_weights.safetensors"}}),
-        ),
-    );
-    let t: LoraTraining =
-        serde_json::from_value(deleting(serde_json::to_value(t).unwrap())).unwrap();
     let runtime = FakeRuntime::answering(vec![]);
     let (result, sent) = run(
-        t,
+        deleting(trained(true)),
         runtime.clone(),
-        vec![
-            call(
-                Method::GET,
-                &cr("diffusionmodels", "sd15"),
-                200,
-                serde_json::to_value(ready_model()).unwrap(),
-            ),
-            call(
-                Method::GET,
-                &path("api/v1", "secrets/sd15-runtime-auth"),
-                200,
-                auth_secret(),
-            ),
-            call(Method::POST, &events(), 201, json!({})),
-            call(
-                Method::PATCH,
-                &cr("loratrainings", "alice"),
-                200,
-                serde_json::to_value(training(false, None)).unwrap(),
-            ),
-        ],
+        calls([model_target(), vec![event(), training_released()]]),
         controller::reconcile_training,
     )
     .await;
@@ -844,33 +759,11 @@ async fn training_deletion_deletes_the_lora_then_the_finalizer() {
 
 #[tokio::test]
 async fn training_deletion_without_the_model_keeps_the_lora_and_releases() {
-    let t = training(
-        true,
-        Some(
-            json!({"phase": "Succeeded", "artifact": {"path": "loras/alice/pytorch_lora_weights.safetensors"}}),
-        ),
-    );
-    let t: LoraTraining =
-        serde_json::from_value(deleting(serde_json::to_value(t).unwrap())).unwrap();
     let runtime = FakeRuntime::answering(vec![]);
     let (result, sent) = run(
-        t,
+        deleting(trained(true)),
         runtime.clone(),
-        vec![
-            call(
-                Method::GET,
-                &cr("diffusionmodels", "sd15"),
-                404,
-                not_found(),
-            ),
-            call(Method::POST, &events(), 201, json!({})),
-            call(
-                Method::PATCH,
-                &cr("loratrainings", "alice"),
-                200,
-                serde_json::to_value(training(false, None)).unwrap(),
-            ),
-        ],
+        vec![get_missing(&model_path()), event(), training_released()],
         controller::reconcile_training,
     )
     .await;
@@ -902,17 +795,6 @@ fn generation(submissions: Option<u32>, status: Option<Value>) -> ImageGeneratio
     serde_json::from_value(value).unwrap()
 }
 
-fn succeeded_training() -> Value {
-    serde_json::to_value(training(
-        true,
-        Some(json!({
-            "phase": "Succeeded",
-            "artifact": {"path": "loras/alice/pytorch_lora_weights.safetensors"}
-        })),
-    ))
-    .unwrap()
-}
-
 fn runtime_job(state: JobState) -> RuntimeJob {
     RuntimeJob {
         id: ig::job_id(UID),
@@ -929,33 +811,42 @@ fn runtime_job(state: JobState) -> RuntimeJob {
     }
 }
 
+fn generation_path() -> String {
+    cr("imagegenerations", "avatar")
+}
+
+/// The patch of the generation's status (answered with `submissions` counted).
+fn generation_status(submissions: Option<u32>) -> Call {
+    patch(
+        &cr("imagegenerations", "avatar/status"),
+        generation(submissions, None),
+    )
+}
+
+/// The calls of a submission: its references, the runtime's token, the count.
 fn submission_calls(annotate_to: u32) -> Vec<Call> {
     vec![
-        call(
-            Method::GET,
-            &cr("diffusionmodels", "sd15"),
-            200,
-            serde_json::to_value(ready_model()).unwrap(),
-        ),
-        call(
-            Method::GET,
-            &cr("loratrainings", "alice"),
-            200,
-            succeeded_training(),
-        ),
-        call(
-            Method::GET,
-            &path("api/v1", "secrets/sd15-runtime-auth"),
-            200,
-            auth_secret(),
-        ),
-        call(
-            Method::PATCH,
-            &cr("imagegenerations", "avatar"),
-            200,
-            serde_json::to_value(generation(Some(annotate_to), None)).unwrap(),
-        ),
+        get(&model_path(), ready_model()),
+        get(&cr("loratrainings", "alice"), trained(true)),
+        get(&auth_secret_path(), auth_secret()),
+        patch(&generation_path(), generation(Some(annotate_to), None)),
     ]
+}
+
+/// A submission answered by the runtime, and the status and event it leads to.
+fn submitted_calls() -> Vec<Call> {
+    calls([
+        submission_calls(1),
+        vec![generation_status(Some(1)), event()],
+    ])
+}
+
+/// The model's runtime looked up, the job polled, the status written with an event.
+fn polled_with_status_calls(submissions: u32) -> Vec<Call> {
+    calls([
+        model_target(),
+        vec![generation_status(Some(submissions)), event()],
+    ])
 }
 
 fn conditions(sent: &Sent) -> BTreeMap<String, (String, String)> {
@@ -978,18 +869,10 @@ fn conditions(sent: &Sent) -> BTreeMap<String, (String, String)> {
 #[tokio::test]
 async fn generation_submits_once_references_are_ready() {
     let runtime = FakeRuntime::answering(vec![Ok(runtime_job(JobState::Queued))]);
-    let mut calls = submission_calls(1);
-    calls.push(call(
-        Method::PATCH,
-        &cr("imagegenerations", "avatar/status"),
-        200,
-        serde_json::to_value(generation(Some(1), None)).unwrap(),
-    ));
-    calls.push(call(Method::POST, &events(), 201, json!({})));
     let (result, sent) = run(
         generation(None, None),
         runtime.clone(),
-        calls,
+        submitted_calls(),
         controller::reconcile_generation,
     )
     .await;
@@ -1018,31 +901,17 @@ async fn generation_submits_once_references_are_ready() {
 
 #[tokio::test]
 async fn generation_waits_for_an_unfinished_lora() {
-    let running_lora =
-        serde_json::to_value(training(true, Some(json!({"phase": "Running"})))).unwrap();
     let (result, sent) = run(
         generation(None, None),
         FakeRuntime::answering(vec![]),
         vec![
-            call(
-                Method::GET,
-                &cr("diffusionmodels", "sd15"),
-                200,
-                serde_json::to_value(ready_model()).unwrap(),
-            ),
-            call(
-                Method::GET,
+            get(&model_path(), ready_model()),
+            get(
                 &cr("loratrainings", "alice"),
-                200,
-                running_lora,
+                training(true, Some(json!({"phase": "Running"}))),
             ),
-            call(
-                Method::PATCH,
-                &cr("imagegenerations", "avatar/status"),
-                200,
-                serde_json::to_value(generation(None, None)).unwrap(),
-            ),
-            call(Method::POST, &events(), 201, json!({})),
+            generation_status(None),
+            event(),
         ],
         controller::reconcile_generation,
     )
@@ -1054,6 +923,16 @@ async fn generation_waits_for_an_unfinished_lora() {
     );
 }
 
+/// `status` with the Submitted condition's transition `seconds_ago`.
+fn submitted_changed_at(mut status: Value, seconds_ago: i64) -> Value {
+    for c in status["conditions"].as_array_mut().unwrap() {
+        if c["type"] == "Submitted" {
+            c["lastTransitionTime"] = json!(to_json(at(NOW - seconds_ago)));
+        }
+    }
+    status
+}
+
 #[tokio::test]
 async fn generation_follows_the_job_and_resubmits_when_lost() {
     // Polled: running.
@@ -1061,27 +940,7 @@ async fn generation_follows_the_job_and_resubmits_when_lost() {
     let (result, sent) = run(
         generation(Some(1), None),
         runtime.clone(),
-        vec![
-            call(
-                Method::GET,
-                &cr("diffusionmodels", "sd15"),
-                200,
-                serde_json::to_value(ready_model()).unwrap(),
-            ),
-            call(
-                Method::GET,
-                &path("api/v1", "secrets/sd15-runtime-auth"),
-                200,
-                auth_secret(),
-            ),
-            call(
-                Method::PATCH,
-                &cr("imagegenerations", "avatar/status"),
-                200,
-                serde_json::to_value(generation(Some(1), None)).unwrap(),
-            ),
-            call(Method::POST, &events(), 201, json!({})),
-        ],
+        polled_with_status_calls(1),
         controller::reconcile_generation,
     )
     .await;
@@ -1105,20 +964,7 @@ async fn generation_follows_the_job_and_resubmits_when_lost() {
     let (result, _) = run(
         generation(Some(1), Some(running_status.clone())),
         runtime,
-        vec![
-            call(
-                Method::GET,
-                &cr("diffusionmodels", "sd15"),
-                200,
-                serde_json::to_value(ready_model()).unwrap(),
-            ),
-            call(
-                Method::GET,
-                &path("api/v1", "secrets/sd15-runtime-auth"),
-                200,
-                auth_secret(),
-            ),
-        ],
+        model_target(),
         controller::reconcile_generation,
     )
     .await;
@@ -1132,27 +978,7 @@ async fn generation_follows_the_job_and_resubmits_when_lost() {
     let (result, sent) = run(
         generation(Some(1), Some(running_status.clone())),
         runtime,
-        vec![
-            call(
-                Method::GET,
-                &cr("diffusionmodels", "sd15"),
-                200,
-                serde_json::to_value(ready_model()).unwrap(),
-            ),
-            call(
-                Method::GET,
-                &path("api/v1", "secrets/sd15-runtime-auth"),
-                200,
-                auth_secret(),
-            ),
-            call(
-                Method::PATCH,
-                &cr("imagegenerations", "avatar/status"),
-                200,
-                serde_json::to_value(generation(Some(1), None)).unwrap(),
-            ),
-            call(Method::POST, &events(), 201, json!({})),
-        ],
+        polled_with_status_calls(1),
         controller::reconcile_generation,
     )
     .await;
@@ -1164,75 +990,33 @@ async fn generation_follows_the_job_and_resubmits_when_lost() {
     );
     assert_eq!(sent[3].body["type"], "Warning");
     assert_eq!(sent[3].body["reason"], "JobLost");
-    let mut lost_status = sent[2].body["status"].clone();
+    let lost_status = sent[2].body["status"].clone();
 
     // Before the backoff elapsed: nothing but the poll.
-    for c in lost_status["conditions"].as_array_mut().unwrap() {
-        if c["type"] == "Submitted" {
-            c["lastTransitionTime"] = json!(serde_json::to_value(at(NOW - 2)).unwrap());
-        }
-    }
     let runtime = FakeRuntime::answering(vec![Err(RuntimeError::Unreachable("refused".into()))]);
     let (result, _) = run(
-        generation(Some(1), Some(lost_status.clone())),
+        generation(Some(1), Some(submitted_changed_at(lost_status.clone(), 2))),
         runtime,
-        vec![
-            call(
-                Method::GET,
-                &cr("diffusionmodels", "sd15"),
-                200,
-                serde_json::to_value(ready_model()).unwrap(),
-            ),
-            call(
-                Method::GET,
-                &path("api/v1", "secrets/sd15-runtime-auth"),
-                200,
-                auth_secret(),
-            ),
-        ],
+        model_target(),
         controller::reconcile_generation,
     )
     .await;
     assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(3)));
 
     // After it: the same request (same jobId) is submitted again, counted as the second.
-    for c in lost_status["conditions"].as_array_mut().unwrap() {
-        if c["type"] == "Submitted" {
-            c["lastTransitionTime"] = json!(serde_json::to_value(at(NOW - 60)).unwrap());
-        }
-    }
     let runtime = FakeRuntime::answering(vec![
         Err(RuntimeError::NotFound),
         Ok(runtime_job(JobState::Queued)),
     ]);
-    let mut calls = vec![
-        call(
-            Method::GET,
-            &cr("diffusionmodels", "sd15"),
-            200,
-            serde_json::to_value(ready_model()).unwrap(),
-        ),
-        call(
-            Method::GET,
-            &path("api/v1", "secrets/sd15-runtime-auth"),
-            200,
-            auth_secret(),
-        ),
-    ];
-    calls.extend(submission_calls(2));
-    calls.push(call(
-        Method::PATCH,
-        &cr("imagegenerations", "avatar/status"),
-        200,
-        serde_json::to_value(generation(Some(2), None)).unwrap(),
-    ));
-    // Running → Pending (queued again), then Resubmitted.
-    calls.push(call(Method::POST, &events(), 201, json!({})));
-    calls.push(call(Method::POST, &events(), 201, json!({})));
     let (result, sent) = run(
-        generation(Some(1), Some(lost_status)),
+        generation(Some(1), Some(submitted_changed_at(lost_status, 60))),
         runtime.clone(),
-        calls,
+        calls([
+            model_target(),
+            submission_calls(2),
+            // Running → Pending (queued again), then Resubmitted.
+            vec![generation_status(Some(2)), event(), event()],
+        ]),
         controller::reconcile_generation,
     )
     .await;
@@ -1259,34 +1043,14 @@ async fn generation_follows_the_job_and_resubmits_when_lost() {
 async fn generation_fails_when_resubmissions_are_used_up() {
     let mut status = json!({"phase": "Running", "conditions": [{
         "type": "Submitted", "status": "False", "reason": "JobLost", "message": "404",
-        "lastTransitionTime": serde_json::to_value(at(NOW - 3600)).unwrap()
+        "lastTransitionTime": to_json(at(NOW - 3600))
     }]});
     status["observedGeneration"] = json!(1);
     let runtime = FakeRuntime::answering(vec![Err(RuntimeError::NotFound)]);
     let (result, sent) = run(
         generation(Some(5), Some(status)),
         runtime,
-        vec![
-            call(
-                Method::GET,
-                &cr("diffusionmodels", "sd15"),
-                200,
-                serde_json::to_value(ready_model()).unwrap(),
-            ),
-            call(
-                Method::GET,
-                &path("api/v1", "secrets/sd15-runtime-auth"),
-                200,
-                auth_secret(),
-            ),
-            call(
-                Method::PATCH,
-                &cr("imagegenerations", "avatar/status"),
-                200,
-                serde_json::to_value(generation(Some(5), None)).unwrap(),
-            ),
-            call(Method::POST, &events(), 201, json!({})),
-        ],
+        polled_with_status_calls(5),
         controller::reconcile_generation,
     )
     .await;
@@ -1304,8 +1068,13 @@ fn finished_status(completed_at: i64) -> Value {
     json!({
         "phase": "Succeeded",
         "images": [{"url": "http://sd15.team-a.svc:80/v1/images/img-1.png", "seed": 1, "sha256": "aa"}],
-        "timings": {"completionTime": serde_json::to_value(at(completed_at)).unwrap()}
+        "timings": {"completionTime": to_json(at(completed_at))}
     })
+}
+
+/// The patch that removes the generation's finalizer.
+fn generation_released() -> Call {
+    patch(&generation_path(), generation(Some(1), None))
 }
 
 #[tokio::test]
@@ -1315,9 +1084,9 @@ async fn generation_is_deleted_after_its_ttl() {
         FakeRuntime::answering(vec![]),
         vec![call(
             Method::DELETE,
-            &cr("imagegenerations", "avatar"),
+            &generation_path(),
             200,
-            serde_json::to_value(generation(Some(1), None)).unwrap(),
+            to_json(generation(Some(1), None)),
         )],
         controller::reconcile_generation,
     )
@@ -1338,33 +1107,11 @@ async fn generation_is_deleted_after_its_ttl() {
 
 #[tokio::test]
 async fn generation_deletion_removes_its_images() {
-    let g = generation(Some(1), Some(finished_status(NOW - 5)));
-    let g: ImageGeneration =
-        serde_json::from_value(deleting(serde_json::to_value(g).unwrap())).unwrap();
     let runtime = FakeRuntime::answering(vec![]);
     let (result, sent) = run(
-        g,
+        deleting(generation(Some(1), Some(finished_status(NOW - 5)))),
         runtime.clone(),
-        vec![
-            call(
-                Method::GET,
-                &cr("diffusionmodels", "sd15"),
-                200,
-                serde_json::to_value(ready_model()).unwrap(),
-            ),
-            call(
-                Method::GET,
-                &path("api/v1", "secrets/sd15-runtime-auth"),
-                200,
-                auth_secret(),
-            ),
-            call(
-                Method::PATCH,
-                &cr("imagegenerations", "avatar"),
-                200,
-                serde_json::to_value(generation(Some(1), None)).unwrap(),
-            ),
-        ],
+        calls([model_target(), vec![generation_released()]]),
         controller::reconcile_generation,
     )
     .await;
@@ -1378,33 +1125,11 @@ async fn generation_deletion_removes_its_images() {
 
 #[tokio::test]
 async fn generation_deletion_while_running_cancels_the_job() {
-    let g = generation(Some(1), Some(json!({"phase": "Running"})));
-    let g: ImageGeneration =
-        serde_json::from_value(deleting(serde_json::to_value(g).unwrap())).unwrap();
     let runtime = FakeRuntime::answering(vec![]);
     let (result, _) = run(
-        g,
+        deleting(generation(Some(1), Some(json!({"phase": "Running"})))),
         runtime.clone(),
-        vec![
-            call(
-                Method::GET,
-                &cr("diffusionmodels", "sd15"),
-                200,
-                serde_json::to_value(ready_model()).unwrap(),
-            ),
-            call(
-                Method::GET,
-                &path("api/v1", "secrets/sd15-runtime-auth"),
-                200,
-                auth_secret(),
-            ),
-            call(
-                Method::PATCH,
-                &cr("imagegenerations", "avatar"),
-                200,
-                serde_json::to_value(generation(Some(1), None)).unwrap(),
-            ),
-        ],
+        calls([model_target(), vec![generation_released()]]),
         controller::reconcile_generation,
     )
     .await;
@@ -1422,20 +1147,7 @@ async fn generation_runtime_error_is_retried() {
     let (result, _) = run(
         generation(Some(1), None),
         runtime,
-        vec![
-            call(
-                Method::GET,
-                &cr("diffusionmodels", "sd15"),
-                200,
-                serde_json::to_value(ready_model()).unwrap(),
-            ),
-            call(
-                Method::GET,
-                &path("api/v1", "secrets/sd15-runtime-auth"),
-                200,
-                auth_secret(),
-            ),
-        ],
+        model_target(),
         controller::reconcile_generation,
     )
     .await;
@@ -1463,14 +1175,9 @@ mod progress {
         F: FnOnce(KubeProgress) -> Fut,
         Fut: std::future::Future<Output = T>,
     {
-        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let server = tokio::spawn(serve(handle, calls));
-        let out = body(KubeProgress::new(Client::new(service, NS))).await;
-        let sent = tokio::time::timeout(Duration::from_secs(10), server)
-            .await
-            .expect("the mock API server timed out")
-            .expect("the mock API server saw a wrong call");
-        (out, sent)
+        let (client, server) = serving(calls);
+        let out = body(KubeProgress::new(client)).await;
+        (out, sent(server).await)
     }
 
     fn token_secret(owner: Option<&str>) -> Value {
@@ -1493,10 +1200,10 @@ mod progress {
         let secret = path("api/v1", "secrets/alice-progress");
         let (tokens, _) = with_sink(
             vec![
-                call(Method::GET, &secret, 200, token_secret(Some("alice"))),
-                call(Method::GET, &secret, 200, token_secret(None)),
-                call(Method::GET, &secret, 200, token_secret(Some("mallory"))),
-                call(Method::GET, &secret, 404, not_found()),
+                get(&secret, token_secret(Some("alice"))),
+                get(&secret, token_secret(None)),
+                get(&secret, token_secret(Some("mallory"))),
+                get_missing(&secret),
             ],
             |sink| async move {
                 let mut tokens = Vec::new();
@@ -1512,19 +1219,12 @@ mod progress {
 
     #[tokio::test]
     async fn reports_are_written_into_the_status_throttled() {
-        let status = cr("loratrainings", "alice/status");
-        let reply = serde_json::to_value(training(true, None)).unwrap();
         let (_, sent) = with_sink(
             vec![
-                call(
-                    Method::GET,
-                    &cr("loratrainings", "alice"),
-                    200,
-                    reply.clone(),
-                ),
-                call(Method::PATCH, &status, 200, reply.clone()),
+                get(&cr("loratrainings", "alice"), training(true, None)),
+                training_status(),
                 // The step right after is throttled; done is always written.
-                call(Method::PATCH, &status, 200, reply),
+                training_status(),
             ],
             |sink| async move {
                 sink.record(
@@ -1583,38 +1283,17 @@ async fn model_with_a_cache_applies_its_claim_first() {
     let (result, sent) = run(
         m,
         FakeRuntime::answering(vec![]),
-        vec![
-            call(
-                Method::GET,
-                &path("api/v1", "secrets/sd15-runtime-auth"),
-                200,
-                auth_secret(),
-            ),
-            call(
-                Method::PATCH,
-                &path("api/v1", "persistentvolumeclaims/sd15-cache"),
-                200,
-                json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "sd15-cache"}}),
-            ),
-            call(
-                Method::PATCH,
-                &path("apis/apps/v1", "deployments/sd15"),
-                200,
-                serde_json::to_value(deployment(0)).unwrap(),
-            ),
-            call(
-                Method::PATCH,
-                &path("api/v1", "services/sd15"),
-                200,
-                json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "sd15"}}),
-            ),
-            call(
-                Method::PATCH,
-                &cr("diffusionmodels", "sd15/status"),
-                200,
-                serde_json::to_value(model(None)).unwrap(),
-            ),
-        ],
+        calls([
+            vec![
+                get(&auth_secret_path(), auth_secret()),
+                patch(
+                    &path("api/v1", "persistentvolumeclaims/sd15-cache"),
+                    json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "sd15-cache"}}),
+                ),
+            ],
+            deployment_and_service(deployment(0)),
+            vec![model_status()],
+        ]),
         controller::reconcile_model,
     )
     .await;
@@ -1635,18 +1314,10 @@ async fn generation_refused_by_the_runtime_fails() {
         code: "invalid_field".into(),
         message: "width must be a multiple of 8".into(),
     })]);
-    let mut calls = submission_calls(1);
-    calls.push(call(
-        Method::PATCH,
-        &cr("imagegenerations", "avatar/status"),
-        200,
-        serde_json::to_value(generation(Some(1), None)).unwrap(),
-    ));
-    calls.push(call(Method::POST, &events(), 201, json!({})));
     let (result, sent) = run(
         generation(None, None),
         runtime,
-        calls,
+        submitted_calls(),
         controller::reconcile_generation,
     )
     .await;
@@ -1667,8 +1338,6 @@ async fn generation_deletion_is_not_blocked_by_a_runtime_without_image_deletion(
     let mut g = generation(Some(1), Some(finished_status(NOW - 5)));
     let status = g.status.as_mut().unwrap();
     status.images.push(status.images[0].clone());
-    let g: ImageGeneration =
-        serde_json::from_value(deleting(serde_json::to_value(g).unwrap())).unwrap();
     let runtime = Arc::new(FakeRuntime {
         delete_image: Some(RuntimeError::Api {
             status: 405,
@@ -1678,29 +1347,9 @@ async fn generation_deletion_is_not_blocked_by_a_runtime_without_image_deletion(
         ..FakeRuntime::default()
     });
     let (result, sent) = run(
-        g,
+        deleting(g),
         runtime.clone(),
-        vec![
-            call(
-                Method::GET,
-                &cr("diffusionmodels", "sd15"),
-                200,
-                serde_json::to_value(ready_model()).unwrap(),
-            ),
-            call(
-                Method::GET,
-                &path("api/v1", "secrets/sd15-runtime-auth"),
-                200,
-                auth_secret(),
-            ),
-            call(Method::POST, &events(), 201, json!({})),
-            call(
-                Method::PATCH,
-                &cr("imagegenerations", "avatar"),
-                200,
-                serde_json::to_value(generation(Some(1), None)).unwrap(),
-            ),
-        ],
+        calls([model_target(), vec![event(), generation_released()]]),
         controller::reconcile_generation,
     )
     .await;
@@ -1713,10 +1362,8 @@ async fn generation_deletion_is_not_blocked_by_a_runtime_without_image_deletion(
 
 #[tokio::test]
 async fn model_being_deleted_makes_no_calls() {
-    let m: DiffusionModel =
-        serde_json::from_value(deleting(serde_json::to_value(ready_model()).unwrap())).unwrap();
     let (result, sent) = run(
-        m,
+        deleting(ready_model()),
         FakeRuntime::answering(vec![]),
         vec![],
         controller::reconcile_model,

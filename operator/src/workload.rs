@@ -1,12 +1,18 @@
-//! Pieces every pod the operator builds shares: the store settings, the security contexts
-//! and store-path checks. Runtime replicas and training Jobs read and write the same store,
-//! so both get it the same way.
+//! Pieces every pod the operator builds shares: the `imagegen` container on the model's GPUs,
+//! its cache and scratch volumes, the pod's placement, the store settings, the security
+//! contexts and store-path checks. Runtime replicas and training Jobs run the same image on
+//! the same nodes and read and write the same store, so both get them the same way.
+
+use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, EnvFromSource, EnvVar, PersistentVolumeClaimVolumeSource, PodSecurityContext,
+    Capabilities, Container, EmptyDirVolumeSource, EnvFromSource, EnvVar, LocalObjectReference,
+    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, ResourceRequirements,
     SeccompProfile, SecretEnvSource, SecurityContext, Volume, VolumeMount,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
+use crate::diffusion_model::{ValidModel, CACHE_MOUNT_PATH};
 use crate::{Error, OperatorConfig, STORE_MOUNT_PATH};
 
 /// Name of the store volume in pod specs.
@@ -89,6 +95,99 @@ pub fn container_security_context() -> SecurityContext {
             ..Capabilities::default()
         }),
         ..SecurityContext::default()
+    }
+}
+
+/// `HF_HOME` on the cache volume, and `HOME` on the scratch volume (the root file system
+/// is read-only).
+pub fn cache_env() -> [EnvVar; 2] {
+    [env("HF_HOME", CACHE_MOUNT_PATH), env("HOME", "/tmp")]
+}
+
+/// The cache volume (the claim `cache_claim`, or an emptyDir without one) and the `/tmp`
+/// scratch emptyDir, and their mounts.
+pub fn cache_and_tmp(cache_claim: Option<String>) -> (Vec<Volume>, Vec<VolumeMount>) {
+    let empty_dir = |name: &str| Volume {
+        name: name.into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Volume::default()
+    };
+    let cache = match cache_claim {
+        Some(claim_name) => Volume {
+            name: "cache".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name,
+                ..PersistentVolumeClaimVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        None => empty_dir("cache"),
+    };
+    let mount = |name: &str, path: &str| VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        ..VolumeMount::default()
+    };
+    (
+        vec![cache, empty_dir("tmp")],
+        vec![mount("cache", CACHE_MOUNT_PATH), mount("tmp", "/tmp")],
+    )
+}
+
+/// The container `name` running `imagegen <args>` from the runtime image on `model`'s GPUs,
+/// with the store's credentials and the locked-down security context.
+pub fn runtime_container(
+    name: &str,
+    config: &OperatorConfig,
+    model: &ValidModel,
+    args: Vec<String>,
+    env: Vec<EnvVar>,
+    mounts: Vec<VolumeMount>,
+) -> Container {
+    Container {
+        name: name.into(),
+        image: Some(config.runtime_image.clone()),
+        image_pull_policy: Some(config.image_pull_policy.clone()),
+        command: Some(vec!["imagegen".into()]),
+        args: Some(args),
+        env: Some(env),
+        env_from: store_env_from(config),
+        resources: Some(ResourceRequirements {
+            limits: Some(BTreeMap::from([(
+                model.gpu_resource_name.clone(),
+                Quantity(model.gpus.to_string()),
+            )])),
+            ..ResourceRequirements::default()
+        }),
+        volume_mounts: Some(mounts),
+        security_context: Some(container_security_context()),
+        ..Container::default()
+    }
+}
+
+/// The pod of `container` on the nodes `model` runs on (its node selector and tolerations),
+/// with the operator's service account and image pull Secrets, non-root.
+pub fn runtime_pod(
+    container: Container,
+    volumes: Vec<Volume>,
+    model: &ValidModel,
+    config: &OperatorConfig,
+) -> PodSpec {
+    PodSpec {
+        containers: vec![container],
+        volumes: Some(volumes),
+        node_selector: (!model.node_selector.is_empty()).then(|| model.node_selector.clone()),
+        tolerations: (!model.tolerations.is_empty()).then(|| model.tolerations.clone()),
+        service_account_name: config.service_account_name.clone(),
+        image_pull_secrets: (!config.image_pull_secrets.is_empty()).then(|| {
+            config
+                .image_pull_secrets
+                .iter()
+                .map(|name| LocalObjectReference { name: name.clone() })
+                .collect()
+        }),
+        security_context: Some(pod_security_context(config)),
+        ..PodSpec::default()
     }
 }
 
