@@ -494,9 +494,7 @@ pub fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
 }
 
 fn read_checkpoint_state(dir: &Path) -> Result<CheckpointState> {
-    let path = dir.join(CHECKPOINT_STATE);
-    let text = std::fs::read_to_string(&path).map_err(io_error(&path))?;
-    serde_json::from_str(&text).map_err(|source| Error::Json { path, source })
+    crate::error::read_json(&dir.join(CHECKPOINT_STATE))
 }
 
 fn check_resume(state: &CheckpointState, config: &TrainConfig) -> Result<()> {
