@@ -34,13 +34,6 @@ pub struct TrainableLora {
     pub modules: Vec<TrainableModule>,
 }
 
-fn prefix(component: Component) -> &'static str {
-    match component {
-        Component::Unet => "unet",
-        Component::TextEncoder => "text_encoder",
-    }
-}
-
 fn targets(model: &StableDiffusion, text_encoder: bool) -> Vec<(Component, &AdaptableLinear)> {
     let unet = model
         .unet
@@ -148,7 +141,7 @@ impl TrainableLora {
         self.modules
             .iter()
             .flat_map(|m| {
-                let p = prefix(m.component);
+                let p = m.component.prefix();
                 [
                     (format!("{p}.{}.lora_A.weight", m.path), m.down.detach()),
                     (format!("{p}.{}.lora_B.weight", m.path), m.up.detach()),
@@ -163,10 +156,7 @@ impl TrainableLora {
         self.modules
             .iter()
             .flat_map(|m| {
-                let p = match m.component {
-                    Component::Unet => "lora_unet",
-                    Component::TextEncoder => "lora_te",
-                };
+                let p = m.component.kohya_prefix();
                 let name = format!("{p}_{}", m.path.replace('.', "_"));
                 [
                     (format!("{name}.lora_down.weight"), m.down.detach()),
@@ -189,7 +179,7 @@ impl TrainableLora {
             if !self.modules.iter().any(|m| m.component == component) {
                 continue;
             }
-            let p = prefix(component);
+            let p = component.prefix();
             map.insert(format!("{p}.r"), self.rank.into());
             map.insert(format!("{p}.lora_alpha"), self.alpha.into());
             map.insert(format!("{p}.target_modules"), targets.into());
