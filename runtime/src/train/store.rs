@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use object_store::path::Path as StorePath;
 
+use super::data::is_image_extension;
 use super::{TrainConfig, CHECKPOINT_STATE, RESUME_LATEST};
 use crate::lora::DIFFUSERS_LORA_FILE;
 use crate::server::store::{check_store_path, Store, StoreError};
@@ -27,8 +28,6 @@ const MAX_IMAGE_BYTES: u64 = 64 << 20;
 /// Largest checkpoint file downloaded from the store (rank-1024 LoRAs with their optimizer
 /// moments are a few GB).
 const MAX_CHECKPOINT_FILE_BYTES: u64 = 16 << 30;
-
-const IMAGE_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainStoreError {
@@ -191,11 +190,7 @@ impl TrainStore {
             .runtime
             .block_on(self.store.list(&location))
             .map_err(|e| self.store_error(path, e))?;
-        objects.retain(|meta| {
-            meta.location
-                .extension()
-                .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
-        });
+        objects.retain(|meta| meta.location.extension().is_some_and(is_image_extension));
         if objects.is_empty() {
             return Err(TrainStoreError::Path {
                 flag: "images",
