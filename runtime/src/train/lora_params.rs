@@ -204,32 +204,41 @@ impl TrainableLora {
                 ),
             ));
         }
-        let params = self.params();
-        tch::no_grad(|| -> Result<()> {
-            for ((key, want), param) in expected.iter().zip(params) {
-                let value = stored.get(key).ok_or_else(|| {
-                    Error::invalid(
-                        "resume",
-                        format!("{} has no tensor `{key}`", path.display()),
-                    )
-                })?;
-                if value.size() != want.size() {
-                    return Err(Error::invalid(
-                        "resume",
-                        format!(
-                            "{}: `{key}` is {:?}, this training needs {:?}",
-                            path.display(),
-                            value.size(),
-                            want.size()
-                        ),
-                    ));
-                }
-                let mut param = param;
-                param.f_copy_(value)?;
-            }
-            Ok(())
-        })
+        for ((key, _), mut param) in expected.iter().zip(self.params()) {
+            restore_tensor(&stored, path, key, &mut param)?;
+        }
+        Ok(())
     }
+}
+
+/// Copies `stored[key]` (read from `path`) into `target` in place, for resuming: a missing
+/// key or a shape other than `target`'s is an error naming the file and the key.
+pub fn restore_tensor(
+    stored: &BTreeMap<String, Tensor>,
+    path: &Path,
+    key: &str,
+    target: &mut Tensor,
+) -> Result<()> {
+    let value = stored.get(key).ok_or_else(|| {
+        Error::invalid(
+            "resume",
+            format!("{} has no tensor `{key}`", path.display()),
+        )
+    })?;
+    if value.size() != target.size() {
+        return Err(Error::invalid(
+            "resume",
+            format!(
+                "{}: `{key}` is {:?}, this training needs {:?}",
+                path.display(),
+                value.size(),
+                target.size()
+            ),
+        ));
+    }
+    // A trainable parameter is a leaf that requires grad: copying into it must not record.
+    tch::no_grad(|| target.f_copy_(value))?;
+    Ok(())
 }
 
 /// Reads every tensor of a safetensors file.

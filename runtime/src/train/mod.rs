@@ -30,7 +30,7 @@ use crate::error::{catch_torch, Error, Result};
 use crate::lora::DIFFUSERS_LORA_FILE;
 use crate::schedulers::{training_alphas_cumprod, PredictionType};
 pub use events::{ProgressReporter, TrainerEvent};
-use lora_params::{read_tensors, write_tensors, TrainableLora};
+use lora_params::{read_tensors, restore_tensor, write_tensors, TrainableLora};
 use optim::{AdamW, AdamWConfig, LossScaler};
 
 /// Where generated class images are kept (and reused) inside the output folder.
@@ -699,7 +699,7 @@ fn run(
     }
 
     let output = c.out.join(DIFFUSERS_LORA_FILE);
-    write_diffusers(&output, &lora, c, last_loss)?;
+    write_diffusers(&output, &lora, &lora.diffusers_tensors(), c, last_loss)?;
     let kohya_output = if c.kohya {
         let name = c
             .out
@@ -767,12 +767,16 @@ fn diffusers_metadata(lora: &TrainableLora, c: &TrainConfig, loss: f64) -> HashM
     m
 }
 
-fn write_diffusers(path: &Path, lora: &TrainableLora, c: &TrainConfig, loss: f64) -> Result<()> {
-    write_tensors(
-        path,
-        &lora.diffusers_tensors(),
-        diffusers_metadata(lora, c, loss),
-    )
+/// Writes `tensors` (the LoRA's [`TrainableLora::diffusers_tensors`]) with diffusers'
+/// metadata.
+fn write_diffusers(
+    path: &Path,
+    lora: &TrainableLora,
+    tensors: &[(String, Tensor)],
+    c: &TrainConfig,
+    loss: f64,
+) -> Result<()> {
+    write_tensors(path, tensors, diffusers_metadata(lora, c, loss))
 }
 
 /// kohya's `ss_*` training keys, as A1111 and ComfyUI show them.
@@ -805,9 +809,15 @@ fn save_checkpoint(
 ) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(io_error(dir))?;
     // A complete LoRA file, so that a checkpoint folder also works as `--lora`.
-    write_diffusers(&dir.join(DIFFUSERS_LORA_FILE), lora, c, state.loss)?;
-    let keys = lora.diffusers_tensors();
-    let moments: Vec<(String, Tensor)> = keys
+    let tensors = lora.diffusers_tensors();
+    write_diffusers(
+        &dir.join(DIFFUSERS_LORA_FILE),
+        lora,
+        &tensors,
+        c,
+        state.loss,
+    )?;
+    let moments: Vec<(String, Tensor)> = tensors
         .iter()
         .zip(optimizer.exp_avg.iter().zip(&optimizer.exp_avg_sq))
         .flat_map(|((key, _), (m, v))| {
@@ -826,28 +836,13 @@ fn save_checkpoint(
 fn load_optimizer(optimizer: &mut AdamW, lora: &TrainableLora, path: &Path) -> Result<()> {
     let stored = read_tensors(path)?;
     let keys = lora.diffusers_tensors();
-    tch::no_grad(|| -> Result<()> {
-        for (i, (key, param)) in keys.iter().enumerate() {
-            for (suffix, target) in [
-                ("exp_avg", &mut optimizer.exp_avg[i]),
-                ("exp_avg_sq", &mut optimizer.exp_avg_sq[i]),
-            ] {
-                let name = format!("{key}.{suffix}");
-                let value = stored.get(&name).ok_or_else(|| {
-                    Error::invalid(
-                        "resume",
-                        format!("{} has no tensor `{name}`", path.display()),
-                    )
-                })?;
-                if value.size() != param.size() {
-                    return Err(Error::invalid(
-                        "resume",
-                        format!("{}: `{name}` has the wrong shape", path.display()),
-                    ));
-                }
-                target.f_copy_(value)?;
-            }
+    for (i, (key, _)) in keys.iter().enumerate() {
+        for (suffix, target) in [
+            ("exp_avg", &mut optimizer.exp_avg[i]),
+            ("exp_avg_sq", &mut optimizer.exp_avg_sq[i]),
+        ] {
+            restore_tensor(&stored, path, &format!("{key}.{suffix}"), target)?;
         }
-        Ok(())
-    })
+    }
+    Ok(())
 }
