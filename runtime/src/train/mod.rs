@@ -265,9 +265,9 @@ fn draw(seed: u64, batch: i64, latent: &[i64], num_train_timesteps: i64) -> Draw
     })
 }
 
-/// diffusers' `compute_snr`: `alpha_bar / (1 - alpha_bar)` at each timestep.
-fn snr(alpha_bar: &Tensor) -> Tensor {
-    alpha_bar / (alpha_bar.ones_like() - alpha_bar)
+/// diffusers' `compute_snr`: `alpha_bar / (1 - alpha_bar)` at each timestep, given both.
+fn snr(alpha_bar: &Tensor, one_minus_alpha_bar: &Tensor) -> Tensor {
+    alpha_bar / one_minus_alpha_bar
 }
 
 /// Mean squared error per sample, `[batch]`.
@@ -288,6 +288,9 @@ struct Setup<'a> {
     /// Token ids (with the text encoder trained) or embeddings, `[1, ...]`.
     instance_text: TextInput,
     class_text: Option<TextInput>,
+    /// The UNet's context when the text encoder is frozen: the same for every micro-batch,
+    /// so built once.
+    fixed_context: Option<Tensor>,
     order: Vec<usize>,
 }
 
@@ -303,6 +306,29 @@ impl TextInput {
             TextInput::Embedding(e) => e.shallow_clone(),
         }
     }
+
+    fn is_fixed(&self) -> bool {
+        matches!(self, TextInput::Embedding(_))
+    }
+}
+
+/// The UNet's context for one micro-batch, in the model's dtype: the instance prompt's
+/// `batch` rows, then (prior preservation) the class prompt's.
+fn unet_context(
+    model: &StableDiffusion,
+    batch: i64,
+    instance: &TextInput,
+    class: Option<&TextInput>,
+) -> Tensor {
+    let instance_context = instance.context(model).repeat([batch, 1, 1]);
+    let context = match class {
+        Some(class) => Tensor::cat(
+            &[instance_context, class.context(model).repeat([batch, 1, 1])],
+            0,
+        ),
+        None => instance_context,
+    };
+    context.to_kind(model.dtype)
 }
 
 impl Setup<'_> {
@@ -352,29 +378,23 @@ impl Setup<'_> {
             .index_select(0, &timesteps)
             .view([-1, 1, 1, 1]);
         let signal = alpha_bar.sqrt();
-        let sigma = (alpha_bar.ones_like() - &alpha_bar).sqrt();
+        let one_minus_alpha_bar = alpha_bar.ones_like() - &alpha_bar;
+        let sigma = one_minus_alpha_bar.sqrt();
         let noisy = &signal * &latents + &sigma * &noise;
         let target = match self.prediction {
             PredictionType::VPrediction => &signal * &noise - &sigma * &latents,
             _ => noise,
         };
 
-        let instance_context = self.instance_text.context(model).repeat([bs, 1, 1]);
-        let context = match &self.class_text {
-            Some(class) => Tensor::cat(
-                &[instance_context, class.context(model).repeat([bs, 1, 1])],
-                0,
-            ),
-            None => instance_context,
+        // With the text encoder trained, its LoRA changes the context every step.
+        let context = match &self.fixed_context {
+            Some(context) => context.shallow_clone(),
+            None => unet_context(model, bs, &self.instance_text, self.class_text.as_ref()),
         };
         let pred = model
             .unet
             .model
-            .forward_timesteps(
-                &noisy.to_kind(model.dtype),
-                &timesteps,
-                &context.to_kind(model.dtype),
-            )
+            .forward_timesteps(&noisy.to_kind(model.dtype), &timesteps, &context)
             .to_kind(Kind::Float);
 
         let (pred, pred_prior, target, target_prior) = if prior {
@@ -396,7 +416,7 @@ impl Setup<'_> {
                 // Min-SNR-γ (diffusers' train_text_to_image_lora.py): min(snr, γ) / snr for
                 // noise prediction, min(snr, γ) / (snr + 1) for v-prediction.
                 let ab = alpha_bar.view([-1]).narrow(0, 0, bs);
-                let snr = snr(&ab);
+                let snr = snr(&ab, &one_minus_alpha_bar.view([-1]).narrow(0, 0, bs));
                 let clipped = snr.clamp_max(gamma);
                 let weights = match self.prediction {
                     PredictionType::VPrediction => clipped / (snr + 1.0),
@@ -590,6 +610,18 @@ fn run(
         }
         None => (Vec::new(), None),
     };
+    let instance_text = text_input(model, &c.instance_prompt, c.train_text_encoder)?;
+    // A frozen text encoder gives the same UNet context every step.
+    let frozen_text =
+        instance_text.is_fixed() && class_text.as_ref().is_none_or(TextInput::is_fixed);
+    let fixed_context = frozen_text.then(|| {
+        unet_context(
+            model,
+            c.batch_size as i64,
+            &instance_text,
+            class_text.as_ref(),
+        )
+    });
     let setup = Setup {
         model,
         config: c,
@@ -598,8 +630,9 @@ fn run(
         order: seeded_order(instance.len(), c.seed),
         instance,
         class,
-        instance_text: text_input(model, &c.instance_prompt, c.train_text_encoder)?,
+        instance_text,
         class_text,
+        fixed_context,
     };
 
     let lora = TrainableLora::new(model, c.rank, c.alpha, c.train_text_encoder, c.seed);
