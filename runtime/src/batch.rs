@@ -15,7 +15,9 @@ use crate::error::{catch_torch, Error, Result};
 use crate::generate::{apply_style, resolve_mode, Inputs};
 use crate::lora::Lora;
 use crate::noise::{DrawPlan, ImageNoise};
-use crate::pipeline::{draw_noises, stack_noise, to_rgb, GeneratedImage, Progress, Resolved};
+use crate::pipeline::{
+    draw_noises, stack_noise, step_draws, to_rgb, GeneratedImage, Progress, Resolved,
+};
 use crate::safety::GenerationOutcome;
 use crate::schedulers::{self, Scheduler};
 use crate::styles::StyleBook;
@@ -117,11 +119,7 @@ impl StableDiffusion {
             shape: &shape,
             kind: self.dtype,
             vae_sample: None,
-            steps: if scheduler.needs_noise() {
-                scheduler.timesteps().len()
-            } else {
-                0
-            },
+            steps: step_draws(scheduler.as_ref(), 0),
         };
         let noises: Vec<ImageNoise> = resolved
             .iter()

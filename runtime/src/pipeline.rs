@@ -196,6 +196,16 @@ impl Resolved {
     }
 }
 
+/// How many step noises a denoising loop that begins at loop index `start` draws per
+/// image: one per step taken for a stochastic scheduler, none otherwise.
+pub fn step_draws(scheduler: &dyn Scheduler, start: usize) -> usize {
+    if scheduler.needs_noise() {
+        scheduler.timesteps().len() - start
+    } else {
+        0
+    }
+}
+
 /// Draws every image's noise as `plan` says, image `i` from seed `seed + i`.
 pub fn draw_noises(r: &Resolved, plan: &DrawPlan) -> Vec<ImageNoise> {
     (0..r.count)

@@ -10,7 +10,7 @@ use tch::Tensor;
 use crate::engine::StableDiffusion;
 use crate::error::{catch_torch, Result};
 use crate::noise::DrawPlan;
-use crate::pipeline::{draw_noises, stack_noise};
+use crate::pipeline::{draw_noises, stack_noise, step_draws};
 pub use crate::pipeline::{
     to_rgb, GeneratedImage, Progress, Resolved, DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_COUNT,
     MAX_SIDE, MAX_STEPS,
@@ -67,11 +67,7 @@ impl StableDiffusion {
                 shape: &shape,
                 kind: self.dtype,
                 vae_sample: None,
-                steps: if scheduler.needs_noise() {
-                    scheduler.timesteps().len()
-                } else {
-                    0
-                },
+                steps: step_draws(scheduler.as_ref(), 0),
             },
         );
         let latents =
