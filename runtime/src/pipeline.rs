@@ -312,17 +312,7 @@ impl StableDiffusion {
         latents: &Tensor,
         metadata: impl Fn(usize) -> ImageMetadata,
     ) -> Result<Vec<GeneratedImage>> {
-        let pixels = self.decode(latents);
-        (0..r.count)
-            .map(|i| {
-                Ok(GeneratedImage {
-                    image: to_rgb(&pixels.get(i as i64))?,
-                    metadata: metadata(i),
-                    index: i,
-                    flagged: None,
-                })
-            })
-            .collect()
+        generated_images(&self.decode(latents), 0, r, metadata)
     }
 
     /// Latents to pixel values in [0, 1] (`[batch, 3, h, w]`, float32 on the CPU).
@@ -334,6 +324,26 @@ impl StableDiffusion {
             .to_kind(Kind::Float)
             .to_device(Device::Cpu)
     }
+}
+
+/// `r`'s images from decoded `pixels` (`[batch, 3, h, w]`), whose rows `first..first +
+/// r.count` are `r`'s; `metadata(i)` describes image `i` of `r`.
+pub(crate) fn generated_images(
+    pixels: &Tensor,
+    first: usize,
+    r: &Resolved,
+    metadata: impl Fn(usize) -> ImageMetadata,
+) -> Result<Vec<GeneratedImage>> {
+    (0..r.count)
+        .map(|i| {
+            Ok(GeneratedImage {
+                image: to_rgb(&pixels.get((first + i) as i64))?,
+                metadata: metadata(i),
+                index: i,
+                flagged: None,
+            })
+        })
+        .collect()
 }
 
 /// `[3, h, w]` in [0, 1] to 8-bit RGB, rounding as diffusers' `numpy_to_pil` does.
