@@ -211,11 +211,8 @@ pub struct TrainOutcome {
     /// `<out>/pytorch_lora_weights.safetensors`.
     pub output: PathBuf,
     pub kohya_output: Option<PathBuf>,
-    /// The last step's loss.
-    pub loss: f64,
     /// The loss of every step this run took, in order (index 0 = the first step run).
     pub losses: Vec<f64>,
-    pub steps: u32,
 }
 
 /// A checkpoint's `state.json`.
@@ -495,18 +492,18 @@ pub fn train(
 /// fresh start when there is none (what a restarted training job wants).
 pub const RESUME_LATEST: &str = "latest";
 
+/// The step of a `checkpoint-<step>` folder name; `None` for any other name.
+pub(crate) fn checkpoint_step(name: &str) -> Option<u32> {
+    name.strip_prefix("checkpoint-")?.parse().ok()
+}
+
 /// The `checkpoint-<step>` folder of `out` with the highest step that has a state file.
 pub fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
     std::fs::read_dir(out)
         .ok()?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter_map(|p| {
-            let step: u32 = p
-                .file_name()?
-                .to_str()?
-                .strip_prefix("checkpoint-")?
-                .parse()
-                .ok()?;
+            let step = checkpoint_step(p.file_name()?.to_str()?)?;
             p.join(CHECKPOINT_STATE).is_file().then_some((step, p))
         })
         .max_by_key(|(step, _)| *step)
@@ -759,9 +756,7 @@ fn run(
     Ok(TrainOutcome {
         output,
         kohya_output,
-        loss: last_loss,
         losses,
-        steps: c.steps,
     })
 }
 
