@@ -7,19 +7,14 @@
 use std::rc::Rc;
 use std::sync::atomic::AtomicBool;
 
-use imagegen_crds::{GenerationParams, Mode};
-use tch::Tensor;
-
 use crate::engine::StableDiffusion;
 use crate::error::{catch_torch, Error, Result};
 use crate::generate::{apply_style, resolve_mode, Inputs};
 use crate::lora::Lora;
-use crate::noise::{DrawPlan, ImageNoise};
-use crate::pipeline::{draw_noises, stack_noise, to_rgb, GeneratedImage, Progress, Resolved};
+use crate::pipeline::{Progress, Resolved};
 use crate::safety::GenerationOutcome;
-use crate::schedulers::{self, Scheduler};
 use crate::styles::StyleBook;
-use crate::text_to_image::apply_guidance;
+use imagegen_crds::{GenerationParams, Mode};
 
 /// What must be equal for requests to share a batch.
 fn batch_shape(r: &Resolved) -> (u32, u32, usize, String, u64, usize) {
@@ -72,7 +67,7 @@ impl StableDiffusion {
         } else {
             Some(self.fuse_loras(loras)?)
         };
-        let images = catch_torch(|| tch::no_grad(|| self.run_batch(&resolved, progress, cancel)))?;
+        let images = catch_torch(|| tch::no_grad(|| self.run(&resolved, progress, cancel)))?;
         Ok(images
             .into_iter()
             .zip(styled)
@@ -85,80 +80,5 @@ impl StableDiffusion {
                 self.safety.apply(images)
             })
             .collect())
-    }
-
-    fn run_batch(
-        &self,
-        resolved: &[Resolved],
-        progress: &mut dyn FnMut(Progress),
-        cancel: &AtomicBool,
-    ) -> Result<Vec<Vec<GeneratedImage>>> {
-        let first = &resolved[0];
-        let guided = first.guided();
-        // Context rows in the order of the latents: every request's images, then (guided)
-        // the same again with the negative prompts first, as the single pipeline does.
-        let mut conds = Vec::new();
-        let mut unconds = Vec::new();
-        for r in resolved {
-            let (cond, uncond) = self.encode_prompts(r, guided)?;
-            conds.push(cond);
-            unconds.extend(uncond);
-        }
-        let cond = Tensor::cat(&conds, 0);
-        let context = if guided {
-            Tensor::cat(&[Tensor::cat(&unconds, 0), cond], 0)
-        } else {
-            cond
-        };
-        let mut scheduler =
-            schedulers::build(first.scheduler, &self.scheduler_config, first.steps)?;
-        let shape = first.latent_shape(self, self.vae.model.config.latent_channels);
-        let plan = DrawPlan {
-            shape: &shape,
-            kind: self.dtype,
-            vae_sample: None,
-            steps: if scheduler.needs_noise() {
-                scheduler.timesteps().len()
-            } else {
-                0
-            },
-        };
-        let noises: Vec<ImageNoise> = resolved
-            .iter()
-            .flat_map(|r| draw_noises(r, &plan))
-            .collect();
-        let latents =
-            stack_noise(&noises, self.device, |n| &n.initial) * scheduler.init_noise_sigma();
-        let unet = &self.unet.model;
-        let latents = self.denoise(
-            scheduler.as_mut(),
-            latents,
-            0,
-            &noises,
-            &|scheduler: &dyn Scheduler, latents: &Tensor, i, t| {
-                let model_input = scheduler.scale_model_input(&first.guidance_batch(latents), i);
-                apply_guidance(first, unet.forward(&model_input, t, &context))
-            },
-            progress,
-            cancel,
-        )?;
-        let pixels = self.decode(&latents);
-        let mut offset = 0;
-        let mut out = Vec::with_capacity(resolved.len());
-        for r in resolved {
-            let images = (0..r.count)
-                .map(|i| {
-                    Ok(GeneratedImage {
-                        image: to_rgb(&pixels.get((offset + i) as i64))?,
-                        metadata: r.metadata(self, i),
-                        index: i,
-                        flagged: None,
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            offset += r.count;
-            out.push(images);
-        }
-        Ok(out)
     }
 }

@@ -226,12 +226,16 @@ fn training_rate(
         tch::Kind::BFloat16 => MixedPrecision::Bf16,
         _ => MixedPrecision::No,
     };
+    // Timed here as `timed_call` does: the trainer's own `elapsed` is read before the
+    // event, so a sync in the callback could not hold it back.
     let device = model.device;
     let mut step_ends = Vec::new();
+    sync(device);
+    let start = Instant::now();
     let result = train(model, &config, &mut |event| {
-        if let TrainerEvent::Step { elapsed, .. } = event {
+        if let TrainerEvent::Step { .. } = event {
             sync(device);
-            step_ends.push(elapsed);
+            step_ends.push(start.elapsed().as_secs_f64());
         }
     });
     let _ = std::fs::remove_dir_all(&dir);

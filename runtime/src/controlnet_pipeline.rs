@@ -13,7 +13,7 @@ use crate::canny::{canny_edges, check_thresholds, DEFAULT_HIGH, DEFAULT_LOW};
 use crate::engine::StableDiffusion;
 use crate::error::{catch_torch, Error, Result};
 use crate::models::controlnet::ControlNetModel;
-use crate::text_to_image::{GeneratedImage, Progress, Resolved};
+use crate::text_to_image::{only_request, GeneratedImage, Progress, Resolved};
 
 /// diffusers' default `controlnet_conditioning_scale`.
 pub const DEFAULT_CONTROL_SCALE: f64 = 1.0;
@@ -69,7 +69,7 @@ impl StableDiffusion {
             tch::no_grad(|| {
                 let image = self.control_condition(control_image, &request, controlnet.kind())?;
                 self.run_with(
-                    &request,
+                    std::slice::from_ref(&request),
                     &|input, t, context| {
                         let residuals = controlnet.forward(input, t, context, &image, scale);
                         unet.forward_with_control(input, t, context, Some(&residuals))
@@ -77,6 +77,7 @@ impl StableDiffusion {
                     progress,
                     cancel,
                 )
+                .map(only_request)
             })
         })
     }

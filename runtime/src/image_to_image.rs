@@ -23,7 +23,8 @@ use crate::error::{catch_torch, Error, Result};
 use crate::image_processor::resize_rgb;
 use crate::noise::DrawPlan;
 use crate::pipeline::{
-    draw_noises, from_rgb, stack_noise, GeneratedImage, Progress, Resolved, SIDE_MULTIPLE,
+    draw_noises, from_rgb, stack_noise, step_draws, GeneratedImage, Progress, Resolved,
+    SIDE_MULTIPLE,
 };
 use crate::schedulers::{self, Scheduler};
 
@@ -143,11 +144,7 @@ impl StableDiffusion {
                 shape: &shape,
                 kind: self.dtype,
                 vae_sample: Some(self.vae_dtype),
-                steps: if scheduler.needs_noise() {
-                    scheduler.timesteps().len() - start
-                } else {
-                    0
-                },
+                steps: step_draws(scheduler.as_ref(), start),
             },
         );
         let samples: Vec<Tensor> = noises
@@ -256,11 +253,7 @@ impl StableDiffusion {
                 shape: &shape,
                 kind: self.dtype,
                 vae_sample: None,
-                steps: if scheduler.needs_noise() {
-                    scheduler.timesteps().len()
-                } else {
-                    0
-                },
+                steps: step_draws(scheduler.as_ref(), 0),
             },
         );
         let latents =

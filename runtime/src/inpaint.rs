@@ -20,6 +20,7 @@ use crate::engine::StableDiffusion;
 use crate::error::{catch_torch, Error, Result};
 use crate::image_processor;
 use crate::noise::{self, Draw};
+use crate::pipeline::step_draws;
 use crate::schedulers;
 use crate::text_to_image::{GeneratedImage, Progress, Resolved};
 
@@ -156,11 +157,7 @@ impl StableDiffusion {
         };
         let strength_max = job.strength == 1.0;
         let needs_image_latents = job.route == InpaintRoute::Blend || !strength_max;
-        let step_draws = if scheduler.needs_noise() {
-            loop_steps
-        } else {
-            0
-        };
+        let step_noises = step_draws(scheduler.as_ref(), job.start);
         let mut image_sample = None;
         let mut masked_sample = None;
         let mut per_image = Vec::with_capacity(r.count);
@@ -174,7 +171,7 @@ impl StableDiffusion {
             if first {
                 plan.push(draw(self.vae_dtype));
             }
-            plan.extend((0..step_draws).map(|_| draw(self.dtype)));
+            plan.extend((0..step_noises).map(|_| draw(self.dtype)));
             let mut drawn = noise::draw_sequence(r.seed.wrapping_add(i as u64), &plan).into_iter();
             if first && needs_image_latents {
                 image_sample = drawn.next();

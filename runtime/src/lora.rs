@@ -52,10 +52,19 @@ pub enum Component {
 }
 
 impl Component {
-    fn prefix(self) -> &'static str {
+    /// The key prefix of this component's modules in diffusers' layout.
+    pub(crate) fn prefix(self) -> &'static str {
         match self {
             Component::Unet => "unet",
             Component::TextEncoder => "text_encoder",
+        }
+    }
+
+    /// The key prefix of this component's modules in kohya's layout (followed by `_`).
+    pub(crate) fn kohya_prefix(self) -> &'static str {
+        match self {
+            Component::Unet => "lora_unet",
+            Component::TextEncoder => "lora_te",
         }
     }
 }

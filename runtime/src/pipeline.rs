@@ -196,6 +196,16 @@ impl Resolved {
     }
 }
 
+/// How many step noises a denoising loop that begins at loop index `start` draws per
+/// image: one per step taken for a stochastic scheduler, none otherwise.
+pub fn step_draws(scheduler: &dyn Scheduler, start: usize) -> usize {
+    if scheduler.needs_noise() {
+        scheduler.timesteps().len() - start
+    } else {
+        0
+    }
+}
+
 /// Draws every image's noise as `plan` says, image `i` from seed `seed + i`.
 pub fn draw_noises(r: &Resolved, plan: &DrawPlan) -> Vec<ImageNoise> {
     (0..r.count)
@@ -302,17 +312,7 @@ impl StableDiffusion {
         latents: &Tensor,
         metadata: impl Fn(usize) -> ImageMetadata,
     ) -> Result<Vec<GeneratedImage>> {
-        let pixels = self.decode(latents);
-        (0..r.count)
-            .map(|i| {
-                Ok(GeneratedImage {
-                    image: to_rgb(&pixels.get(i as i64))?,
-                    metadata: metadata(i),
-                    index: i,
-                    flagged: None,
-                })
-            })
-            .collect()
+        generated_images(&self.decode(latents), 0, r, metadata)
     }
 
     /// Latents to pixel values in [0, 1] (`[batch, 3, h, w]`, float32 on the CPU).
@@ -324,6 +324,26 @@ impl StableDiffusion {
             .to_kind(Kind::Float)
             .to_device(Device::Cpu)
     }
+}
+
+/// `r`'s images from decoded `pixels` (`[batch, 3, h, w]`), whose rows `first..first +
+/// r.count` are `r`'s; `metadata(i)` describes image `i` of `r`.
+pub(crate) fn generated_images(
+    pixels: &Tensor,
+    first: usize,
+    r: &Resolved,
+    metadata: impl Fn(usize) -> ImageMetadata,
+) -> Result<Vec<GeneratedImage>> {
+    (0..r.count)
+        .map(|i| {
+            Ok(GeneratedImage {
+                image: to_rgb(&pixels.get((first + i) as i64))?,
+                metadata: metadata(i),
+                index: i,
+                flagged: None,
+            })
+        })
+        .collect()
 }
 
 /// `[3, h, w]` in [0, 1] to 8-bit RGB, rounding as diffusers' `numpy_to_pil` does.

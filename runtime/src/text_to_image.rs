@@ -9,8 +9,8 @@ use tch::Tensor;
 
 use crate::engine::StableDiffusion;
 use crate::error::{catch_torch, Result};
-use crate::noise::DrawPlan;
-use crate::pipeline::{draw_noises, stack_noise};
+use crate::noise::{DrawPlan, ImageNoise};
+use crate::pipeline::{draw_noises, generated_images, stack_noise, step_draws};
 pub use crate::pipeline::{
     to_rgb, GeneratedImage, Progress, Resolved, DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_COUNT,
     MAX_SIDE, MAX_STEPS,
@@ -28,52 +28,58 @@ impl StableDiffusion {
     ) -> Result<Vec<GeneratedImage>> {
         let request = Resolved::new(params, self)?;
         self.require_plain_unet("text-to-image")?;
-        catch_torch(|| tch::no_grad(|| self.run(&request, progress, cancel)))
+        catch_torch(|| tch::no_grad(|| self.run(std::slice::from_ref(&request), progress, cancel)))
+            .map(only_request)
     }
 
-    fn run(
+    /// Text-to-image for `requests` in one denoising loop; each request's images, in order.
+    /// The requests must agree on what [`Self::run_with`] takes from the first.
+    pub(crate) fn run(
         &self,
-        r: &Resolved,
+        requests: &[Resolved],
         progress: &mut dyn FnMut(Progress),
         cancel: &AtomicBool,
-    ) -> Result<Vec<GeneratedImage>> {
+    ) -> Result<Vec<Vec<GeneratedImage>>> {
         let unet = &self.unet.model;
         self.run_with(
-            r,
+            requests,
             &|input, t, context| unet.forward(input, t, context),
             progress,
             cancel,
         )
     }
 
-    /// The text-to-image loop with the raw noise prediction supplied by the caller:
-    /// `predict(model_input, timestep, context)` gets the scaled latents (doubled for
-    /// classifier-free guidance, unconditional half first) and returns the UNet's output
-    /// for them (the ControlNet pipeline adds its residuals there).
+    /// The text-to-image loop for the images of every request (a batch when several share
+    /// it: the size, steps, scheduler, guidance and clip skip are the first request's), with
+    /// the raw noise prediction supplied by the caller: `predict(model_input, timestep,
+    /// context)` gets the scaled latents (doubled for classifier-free guidance,
+    /// unconditional half first) and returns the UNet's output for them (the ControlNet
+    /// pipeline adds its residuals there). Each image keeps the noise of its own seed.
     pub(crate) fn run_with(
         &self,
-        r: &Resolved,
+        requests: &[Resolved],
         predict: &dyn Fn(&Tensor, f64, &Tensor) -> Tensor,
         progress: &mut dyn FnMut(Progress),
         cancel: &AtomicBool,
-    ) -> Result<Vec<GeneratedImage>> {
-        let context = self.text_context(r)?;
+    ) -> Result<Vec<Vec<GeneratedImage>>> {
+        let Some(first) = requests.first() else {
+            return Ok(Vec::new());
+        };
+        let context = self.batch_text_context(requests)?;
 
-        let mut scheduler = schedulers::build(r.scheduler, &self.scheduler_config, r.steps)?;
-        let shape = r.latent_shape(self, self.vae.model.config.latent_channels);
-        let noises = draw_noises(
-            r,
-            &DrawPlan {
-                shape: &shape,
-                kind: self.dtype,
-                vae_sample: None,
-                steps: if scheduler.needs_noise() {
-                    scheduler.timesteps().len()
-                } else {
-                    0
-                },
-            },
-        );
+        let mut scheduler =
+            schedulers::build(first.scheduler, &self.scheduler_config, first.steps)?;
+        let shape = first.latent_shape(self, self.vae.model.config.latent_channels);
+        let plan = DrawPlan {
+            shape: &shape,
+            kind: self.dtype,
+            vae_sample: None,
+            steps: step_draws(scheduler.as_ref(), 0),
+        };
+        let noises: Vec<ImageNoise> = requests
+            .iter()
+            .flat_map(|r| draw_noises(r, &plan))
+            .collect();
         let latents =
             stack_noise(&noises, self.device, |n| &n.initial) * scheduler.init_noise_sigma();
         let latents = self.denoise(
@@ -82,22 +88,47 @@ impl StableDiffusion {
             0,
             &noises,
             &|scheduler: &dyn Scheduler, latents: &Tensor, i, t| {
-                let model_input = scheduler.scale_model_input(&r.guidance_batch(latents), i);
-                apply_guidance(r, predict(&model_input, t, &context))
+                let model_input = scheduler.scale_model_input(&first.guidance_batch(latents), i);
+                apply_guidance(first, predict(&model_input, t, &context))
             },
             progress,
             cancel,
         )?;
-        self.finish(r, &latents, |i| r.metadata(self, i))
+        let pixels = self.decode(&latents);
+        let mut offset = 0;
+        requests
+            .iter()
+            .map(|r| {
+                let images = generated_images(&pixels, offset, r, |i| r.metadata(self, i));
+                offset += r.count;
+                images
+            })
+            .collect()
     }
 
     /// The UNet's text context for `r.count` images: `[uncond..., cond...]` when guided
     /// (diffusers' order).
     pub(crate) fn text_context(&self, r: &Resolved) -> Result<Tensor> {
-        let (cond, uncond) = self.encode_prompts(r, r.guided())?;
-        Ok(match uncond {
-            Some(uncond) => Tensor::cat(&[uncond, cond], 0),
-            None => cond,
+        self.batch_text_context(std::slice::from_ref(r))
+    }
+
+    /// The text context for the images of every request, in the order of their latents:
+    /// every request's conditional rows, preceded when guided by all their unconditional
+    /// rows in the same order (as one request's context is laid out).
+    fn batch_text_context(&self, requests: &[Resolved]) -> Result<Tensor> {
+        let guided = requests.first().is_some_and(Resolved::guided);
+        let mut conds = Vec::with_capacity(requests.len());
+        let mut unconds = Vec::with_capacity(requests.len());
+        for r in requests {
+            let (cond, uncond) = self.encode_prompts(r, guided)?;
+            conds.push(cond);
+            unconds.extend(uncond);
+        }
+        let cond = Tensor::cat(&conds, 0);
+        Ok(if guided {
+            Tensor::cat(&[Tensor::cat(&unconds, 0), cond], 0)
+        } else {
+            cond
         })
     }
 
@@ -127,6 +158,11 @@ impl StableDiffusion {
     ) -> Tensor {
         apply_guidance(r, self.unet.model.forward(model_input, t, context))
     }
+}
+
+/// The images of a run of one request.
+pub(crate) fn only_request(per_request: Vec<Vec<GeneratedImage>>) -> Vec<GeneratedImage> {
+    per_request.into_iter().flatten().collect()
 }
 
 /// Classifier-free guidance on a prediction for the doubled batch (unconditional half

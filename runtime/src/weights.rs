@@ -191,7 +191,8 @@ pub fn load_var_store(
                         name: name.clone(),
                     })?
             };
-            let (file, st) = &parsed[location[&stored_name]];
+            let file_index = location[&stored_name];
+            let (file, st) = &parsed[file_index];
             let view = st.tensor(&stored_name).map_err(|e| Error::Safetensors {
                 file: file.to_string(),
                 message: e.to_string(),
@@ -218,7 +219,7 @@ pub fn load_var_store(
             let source =
                 Tensor::f_from_data_size(view.data(), &found, kind)?.f_reshape(&expected)?;
             var.f_copy_(&source)?;
-            mapped.release(location[&stored_name], view.data());
+            mapped.release(file_index, view.data());
             used.insert(stored_name);
         }
         Ok(())

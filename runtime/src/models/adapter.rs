@@ -47,17 +47,9 @@ impl AdaptableLinear {
         (size[0], size[1])
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.linear.ws
-    }
-
-    /// Sets (or with `None` removes) the adapter; returns the previous one.
-    pub fn set_adapter(&self, adapter: Option<LinearAdapter>) -> Option<LinearAdapter> {
-        self.adapter.replace(adapter)
-    }
-
-    pub fn has_adapter(&self) -> bool {
-        self.adapter.borrow().is_some()
+    /// Sets (or with `None` removes) the adapter.
+    pub fn set_adapter(&self, adapter: Option<LinearAdapter>) {
+        *self.adapter.borrow_mut() = adapter;
     }
 }
 

@@ -21,10 +21,25 @@ const CLASS_IMAGE_STEPS: u32 = 25;
 
 const IMAGE_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
 
-fn is_image(path: &Path) -> bool {
-    path.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+/// Whether a file extension (any case) is one of the image formats training reads.
+pub(crate) fn is_image_extension(extension: &str) -> bool {
+    IMAGE_EXTENSIONS.contains(&extension.to_ascii_lowercase().as_str())
+}
+
+/// The image files directly in `dir`, sorted by name.
+fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(super::io_error(dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.is_file()
+                && p.extension()
+                    .and_then(|e| e.to_str())
+                    .is_some_and(is_image_extension)
+        })
+        .collect();
+    files.sort();
+    Ok(files)
 }
 
 /// The image files of `inputs`: each folder's images (sorted by name), and files as given.
@@ -33,15 +48,7 @@ pub fn collect_images(inputs: &[PathBuf], field: &'static str) -> Result<Vec<Pat
     let mut files = Vec::new();
     for input in inputs {
         if input.is_dir() {
-            let entries = std::fs::read_dir(input).map_err(|source| Error::Io {
-                path: input.clone(),
-                source,
-            })?;
-            let mut found: Vec<PathBuf> = entries
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.is_file() && is_image(p))
-                .collect();
-            found.sort();
+            let found = image_files(input)?;
             if found.is_empty() {
                 return Err(Error::invalid(
                     field,
@@ -137,19 +144,7 @@ pub fn ensure_class_images(
         path: dir.to_path_buf(),
         source,
     })?;
-    let existing = |dir: &Path| -> Result<Vec<PathBuf>> {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|source| Error::Io {
-                path: dir.to_path_buf(),
-                source,
-            })?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_file() && is_image(p))
-            .collect();
-        files.sort();
-        Ok(files)
-    };
-    let have = existing(dir)?;
+    let have = image_files(dir)?;
     if have.len() < count {
         let missing = count - have.len();
         tracing::info!(missing, dir = %dir.display(), "generating class images");
@@ -173,7 +168,7 @@ pub fn ensure_class_images(
             }
         }
     }
-    let mut files = existing(dir)?;
+    let mut files = image_files(dir)?;
     files.truncate(count);
     Ok(files)
 }

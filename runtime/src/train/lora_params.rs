@@ -34,13 +34,6 @@ pub struct TrainableLora {
     pub modules: Vec<TrainableModule>,
 }
 
-fn prefix(component: Component) -> &'static str {
-    match component {
-        Component::Unet => "unet",
-        Component::TextEncoder => "text_encoder",
-    }
-}
-
 fn targets(model: &StableDiffusion, text_encoder: bool) -> Vec<(Component, &AdaptableLinear)> {
     let unet = model
         .unet
@@ -148,7 +141,7 @@ impl TrainableLora {
         self.modules
             .iter()
             .flat_map(|m| {
-                let p = prefix(m.component);
+                let p = m.component.prefix();
                 [
                     (format!("{p}.{}.lora_A.weight", m.path), m.down.detach()),
                     (format!("{p}.{}.lora_B.weight", m.path), m.up.detach()),
@@ -163,10 +156,7 @@ impl TrainableLora {
         self.modules
             .iter()
             .flat_map(|m| {
-                let p = match m.component {
-                    Component::Unet => "lora_unet",
-                    Component::TextEncoder => "lora_te",
-                };
+                let p = m.component.kohya_prefix();
                 let name = format!("{p}_{}", m.path.replace('.', "_"));
                 [
                     (format!("{name}.lora_down.weight"), m.down.detach()),
@@ -189,7 +179,7 @@ impl TrainableLora {
             if !self.modules.iter().any(|m| m.component == component) {
                 continue;
             }
-            let p = prefix(component);
+            let p = component.prefix();
             map.insert(format!("{p}.r"), self.rank.into());
             map.insert(format!("{p}.lora_alpha"), self.alpha.into());
             map.insert(format!("{p}.target_modules"), targets.into());
@@ -214,32 +204,41 @@ impl TrainableLora {
                 ),
             ));
         }
-        let params = self.params();
-        tch::no_grad(|| -> Result<()> {
-            for ((key, want), param) in expected.iter().zip(params) {
-                let value = stored.get(key).ok_or_else(|| {
-                    Error::invalid(
-                        "resume",
-                        format!("{} has no tensor `{key}`", path.display()),
-                    )
-                })?;
-                if value.size() != want.size() {
-                    return Err(Error::invalid(
-                        "resume",
-                        format!(
-                            "{}: `{key}` is {:?}, this training needs {:?}",
-                            path.display(),
-                            value.size(),
-                            want.size()
-                        ),
-                    ));
-                }
-                let mut param = param;
-                param.f_copy_(value)?;
-            }
-            Ok(())
-        })
+        for ((key, _), mut param) in expected.iter().zip(self.params()) {
+            restore_tensor(&stored, path, key, &mut param)?;
+        }
+        Ok(())
     }
+}
+
+/// Copies `stored[key]` (read from `path`) into `target` in place, for resuming: a missing
+/// key or a shape other than `target`'s is an error naming the file and the key.
+pub fn restore_tensor(
+    stored: &BTreeMap<String, Tensor>,
+    path: &Path,
+    key: &str,
+    target: &mut Tensor,
+) -> Result<()> {
+    let value = stored.get(key).ok_or_else(|| {
+        Error::invalid(
+            "resume",
+            format!("{} has no tensor `{key}`", path.display()),
+        )
+    })?;
+    if value.size() != target.size() {
+        return Err(Error::invalid(
+            "resume",
+            format!(
+                "{}: `{key}` is {:?}, this training needs {:?}",
+                path.display(),
+                value.size(),
+                target.size()
+            ),
+        ));
+    }
+    // A trainable parameter is a leaf that requires grad: copying into it must not record.
+    tch::no_grad(|| target.f_copy_(value))?;
+    Ok(())
 }
 
 /// Reads every tensor of a safetensors file.

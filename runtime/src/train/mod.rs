@@ -30,7 +30,7 @@ use crate::error::{catch_torch, Error, Result};
 use crate::lora::DIFFUSERS_LORA_FILE;
 use crate::schedulers::{training_alphas_cumprod, PredictionType};
 pub use events::{ProgressReporter, TrainerEvent};
-use lora_params::{read_tensors, write_tensors, TrainableLora};
+use lora_params::{read_tensors, restore_tensor, write_tensors, TrainableLora};
 use optim::{AdamW, AdamWConfig, LossScaler};
 
 /// Where generated class images are kept (and reused) inside the output folder.
@@ -211,11 +211,8 @@ pub struct TrainOutcome {
     /// `<out>/pytorch_lora_weights.safetensors`.
     pub output: PathBuf,
     pub kohya_output: Option<PathBuf>,
-    /// The last step's loss.
-    pub loss: f64,
     /// The loss of every step this run took, in order (index 0 = the first step run).
     pub losses: Vec<f64>,
-    pub steps: u32,
 }
 
 /// A checkpoint's `state.json`.
@@ -265,9 +262,9 @@ fn draw(seed: u64, batch: i64, latent: &[i64], num_train_timesteps: i64) -> Draw
     })
 }
 
-/// diffusers' `compute_snr`: `alpha_bar / (1 - alpha_bar)` at each timestep.
-fn snr(alpha_bar: &Tensor) -> Tensor {
-    alpha_bar / (alpha_bar.ones_like() - alpha_bar)
+/// diffusers' `compute_snr`: `alpha_bar / (1 - alpha_bar)` at each timestep, given both.
+fn snr(alpha_bar: &Tensor, one_minus_alpha_bar: &Tensor) -> Tensor {
+    alpha_bar / one_minus_alpha_bar
 }
 
 /// Mean squared error per sample, `[batch]`.
@@ -288,6 +285,9 @@ struct Setup<'a> {
     /// Token ids (with the text encoder trained) or embeddings, `[1, ...]`.
     instance_text: TextInput,
     class_text: Option<TextInput>,
+    /// The UNet's context when the text encoder is frozen: the same for every micro-batch,
+    /// so built once.
+    fixed_context: Option<Tensor>,
     order: Vec<usize>,
 }
 
@@ -303,6 +303,29 @@ impl TextInput {
             TextInput::Embedding(e) => e.shallow_clone(),
         }
     }
+
+    fn is_fixed(&self) -> bool {
+        matches!(self, TextInput::Embedding(_))
+    }
+}
+
+/// The UNet's context for one micro-batch, in the model's dtype: the instance prompt's
+/// `batch` rows, then (prior preservation) the class prompt's.
+fn unet_context(
+    model: &StableDiffusion,
+    batch: i64,
+    instance: &TextInput,
+    class: Option<&TextInput>,
+) -> Tensor {
+    let instance_context = instance.context(model).repeat([batch, 1, 1]);
+    let context = match class {
+        Some(class) => Tensor::cat(
+            &[instance_context, class.context(model).repeat([batch, 1, 1])],
+            0,
+        ),
+        None => instance_context,
+    };
+    context.to_kind(model.dtype)
 }
 
 impl Setup<'_> {
@@ -352,29 +375,23 @@ impl Setup<'_> {
             .index_select(0, &timesteps)
             .view([-1, 1, 1, 1]);
         let signal = alpha_bar.sqrt();
-        let sigma = (alpha_bar.ones_like() - &alpha_bar).sqrt();
+        let one_minus_alpha_bar = alpha_bar.ones_like() - &alpha_bar;
+        let sigma = one_minus_alpha_bar.sqrt();
         let noisy = &signal * &latents + &sigma * &noise;
         let target = match self.prediction {
             PredictionType::VPrediction => &signal * &noise - &sigma * &latents,
             _ => noise,
         };
 
-        let instance_context = self.instance_text.context(model).repeat([bs, 1, 1]);
-        let context = match &self.class_text {
-            Some(class) => Tensor::cat(
-                &[instance_context, class.context(model).repeat([bs, 1, 1])],
-                0,
-            ),
-            None => instance_context,
+        // With the text encoder trained, its LoRA changes the context every step.
+        let context = match &self.fixed_context {
+            Some(context) => context.shallow_clone(),
+            None => unet_context(model, bs, &self.instance_text, self.class_text.as_ref()),
         };
         let pred = model
             .unet
             .model
-            .forward_timesteps(
-                &noisy.to_kind(model.dtype),
-                &timesteps,
-                &context.to_kind(model.dtype),
-            )
+            .forward_timesteps(&noisy.to_kind(model.dtype), &timesteps, &context)
             .to_kind(Kind::Float);
 
         let (pred, pred_prior, target, target_prior) = if prior {
@@ -396,7 +413,7 @@ impl Setup<'_> {
                 // Min-SNR-γ (diffusers' train_text_to_image_lora.py): min(snr, γ) / snr for
                 // noise prediction, min(snr, γ) / (snr + 1) for v-prediction.
                 let ab = alpha_bar.view([-1]).narrow(0, 0, bs);
-                let snr = snr(&ab);
+                let snr = snr(&ab, &one_minus_alpha_bar.view([-1]).narrow(0, 0, bs));
                 let clipped = snr.clamp_max(gamma);
                 let weights = match self.prediction {
                     PredictionType::VPrediction => clipped / (snr + 1.0),
@@ -475,18 +492,18 @@ pub fn train(
 /// fresh start when there is none (what a restarted training job wants).
 pub const RESUME_LATEST: &str = "latest";
 
+/// The step of a `checkpoint-<step>` folder name; `None` for any other name.
+pub(crate) fn checkpoint_step(name: &str) -> Option<u32> {
+    name.strip_prefix("checkpoint-")?.parse().ok()
+}
+
 /// The `checkpoint-<step>` folder of `out` with the highest step that has a state file.
 pub fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
     std::fs::read_dir(out)
         .ok()?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter_map(|p| {
-            let step: u32 = p
-                .file_name()?
-                .to_str()?
-                .strip_prefix("checkpoint-")?
-                .parse()
-                .ok()?;
+            let step = checkpoint_step(p.file_name()?.to_str()?)?;
             p.join(CHECKPOINT_STATE).is_file().then_some((step, p))
         })
         .max_by_key(|(step, _)| *step)
@@ -494,9 +511,7 @@ pub fn latest_checkpoint(out: &Path) -> Option<PathBuf> {
 }
 
 fn read_checkpoint_state(dir: &Path) -> Result<CheckpointState> {
-    let path = dir.join(CHECKPOINT_STATE);
-    let text = std::fs::read_to_string(&path).map_err(io_error(&path))?;
-    serde_json::from_str(&text).map_err(|source| Error::Json { path, source })
+    crate::error::read_json(&dir.join(CHECKPOINT_STATE))
 }
 
 fn check_resume(state: &CheckpointState, config: &TrainConfig) -> Result<()> {
@@ -592,6 +607,18 @@ fn run(
         }
         None => (Vec::new(), None),
     };
+    let instance_text = text_input(model, &c.instance_prompt, c.train_text_encoder)?;
+    // A frozen text encoder gives the same UNet context every step.
+    let frozen_text =
+        instance_text.is_fixed() && class_text.as_ref().is_none_or(TextInput::is_fixed);
+    let fixed_context = frozen_text.then(|| {
+        unet_context(
+            model,
+            c.batch_size as i64,
+            &instance_text,
+            class_text.as_ref(),
+        )
+    });
     let setup = Setup {
         model,
         config: c,
@@ -600,8 +627,9 @@ fn run(
         order: seeded_order(instance.len(), c.seed),
         instance,
         class,
-        instance_text: text_input(model, &c.instance_prompt, c.train_text_encoder)?,
+        instance_text,
         class_text,
+        fixed_context,
     };
 
     let lora = TrainableLora::new(model, c.rank, c.alpha, c.train_text_encoder, c.seed);
@@ -701,7 +729,7 @@ fn run(
     }
 
     let output = c.out.join(DIFFUSERS_LORA_FILE);
-    write_diffusers(&output, &lora, c, last_loss)?;
+    write_diffusers(&output, &lora, &lora.diffusers_tensors(), c, last_loss)?;
     let kohya_output = if c.kohya {
         let name = c
             .out
@@ -728,9 +756,7 @@ fn run(
     Ok(TrainOutcome {
         output,
         kohya_output,
-        loss: last_loss,
         losses,
-        steps: c.steps,
     })
 }
 
@@ -769,12 +795,16 @@ fn diffusers_metadata(lora: &TrainableLora, c: &TrainConfig, loss: f64) -> HashM
     m
 }
 
-fn write_diffusers(path: &Path, lora: &TrainableLora, c: &TrainConfig, loss: f64) -> Result<()> {
-    write_tensors(
-        path,
-        &lora.diffusers_tensors(),
-        diffusers_metadata(lora, c, loss),
-    )
+/// Writes `tensors` (the LoRA's [`TrainableLora::diffusers_tensors`]) with diffusers'
+/// metadata.
+fn write_diffusers(
+    path: &Path,
+    lora: &TrainableLora,
+    tensors: &[(String, Tensor)],
+    c: &TrainConfig,
+    loss: f64,
+) -> Result<()> {
+    write_tensors(path, tensors, diffusers_metadata(lora, c, loss))
 }
 
 /// kohya's `ss_*` training keys, as A1111 and ComfyUI show them.
@@ -807,9 +837,15 @@ fn save_checkpoint(
 ) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(io_error(dir))?;
     // A complete LoRA file, so that a checkpoint folder also works as `--lora`.
-    write_diffusers(&dir.join(DIFFUSERS_LORA_FILE), lora, c, state.loss)?;
-    let keys = lora.diffusers_tensors();
-    let moments: Vec<(String, Tensor)> = keys
+    let tensors = lora.diffusers_tensors();
+    write_diffusers(
+        &dir.join(DIFFUSERS_LORA_FILE),
+        lora,
+        &tensors,
+        c,
+        state.loss,
+    )?;
+    let moments: Vec<(String, Tensor)> = tensors
         .iter()
         .zip(optimizer.exp_avg.iter().zip(&optimizer.exp_avg_sq))
         .flat_map(|((key, _), (m, v))| {
@@ -828,28 +864,13 @@ fn save_checkpoint(
 fn load_optimizer(optimizer: &mut AdamW, lora: &TrainableLora, path: &Path) -> Result<()> {
     let stored = read_tensors(path)?;
     let keys = lora.diffusers_tensors();
-    tch::no_grad(|| -> Result<()> {
-        for (i, (key, param)) in keys.iter().enumerate() {
-            for (suffix, target) in [
-                ("exp_avg", &mut optimizer.exp_avg[i]),
-                ("exp_avg_sq", &mut optimizer.exp_avg_sq[i]),
-            ] {
-                let name = format!("{key}.{suffix}");
-                let value = stored.get(&name).ok_or_else(|| {
-                    Error::invalid(
-                        "resume",
-                        format!("{} has no tensor `{name}`", path.display()),
-                    )
-                })?;
-                if value.size() != param.size() {
-                    return Err(Error::invalid(
-                        "resume",
-                        format!("{}: `{name}` has the wrong shape", path.display()),
-                    ));
-                }
-                target.f_copy_(value)?;
-            }
+    for (i, (key, _)) in keys.iter().enumerate() {
+        for (suffix, target) in [
+            ("exp_avg", &mut optimizer.exp_avg[i]),
+            ("exp_avg_sq", &mut optimizer.exp_avg_sq[i]),
+        ] {
+            restore_tensor(&stored, path, &format!("{key}.{suffix}"), target)?;
         }
-        Ok(())
-    })
+    }
+    Ok(())
 }

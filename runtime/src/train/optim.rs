@@ -118,14 +118,17 @@ pub fn scale_grads(params: &[Tensor], factor: f64) {
     });
 }
 
-/// Whether every gradient is finite.
+/// Whether every gradient is finite. The per-gradient checks are combined on the device
+/// and read back once, so a float16 step waits for the GPU once rather than per parameter.
 pub fn grads_finite(params: &[Tensor]) -> bool {
     tch::no_grad(|| {
-        params
+        let per_grad: Vec<Tensor> = params
             .iter()
             .map(Tensor::grad)
             .filter(Tensor::defined)
-            .all(|g| g.isfinite().all().int64_value(&[]) != 0)
+            .map(|g| g.isfinite().all())
+            .collect();
+        per_grad.is_empty() || Tensor::stack(&per_grad, 0).all().int64_value(&[]) != 0
     })
 }
 
@@ -218,5 +221,21 @@ mod tests {
         let before = clip_grad_norm(std::slice::from_ref(&p), 1.0);
         assert!((before - 5.0).abs() < 1e-5);
         assert!((grad_norm(std::slice::from_ref(&p)) - 1.0).abs() < 1e-5);
+    }
+
+    #[test]
+    fn one_non_finite_gradient_makes_the_step_non_finite() {
+        let grads_of = |values: [f32; 2]| {
+            let p = Tensor::from_slice(&[1.0f32, 1.0]).set_requires_grad(true);
+            let q = Tensor::from_slice(&[1.0f32]).set_requires_grad(true);
+            let loss = (&p * Tensor::from_slice(&values)).sum(Kind::Float) + q.sum(Kind::Float);
+            loss.backward();
+            [p, q]
+        };
+        assert!(grads_finite(&grads_of([0.5, 2.0])));
+        assert!(!grads_finite(&grads_of([0.5, f32::INFINITY])));
+        assert!(!grads_finite(&grads_of([f32::NAN, 2.0])));
+        let no_grad = Tensor::from_slice(&[1.0f32]);
+        assert!(grads_finite(&[no_grad]));
     }
 }

@@ -18,7 +18,8 @@ use std::path::{Path, PathBuf};
 use bytes::Bytes;
 use object_store::path::Path as StorePath;
 
-use super::{TrainConfig, CHECKPOINT_STATE, RESUME_LATEST};
+use super::data::is_image_extension;
+use super::{checkpoint_step, TrainConfig, CHECKPOINT_STATE, RESUME_LATEST};
 use crate::lora::DIFFUSERS_LORA_FILE;
 use crate::server::store::{check_store_path, Store, StoreError};
 
@@ -27,8 +28,6 @@ const MAX_IMAGE_BYTES: u64 = 64 << 20;
 /// Largest checkpoint file downloaded from the store (rank-1024 LoRAs with their optimizer
 /// moments are a few GB).
 const MAX_CHECKPOINT_FILE_BYTES: u64 = 16 << 30;
-
-const IMAGE_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainStoreError {
@@ -104,12 +103,16 @@ impl TrainStore {
     pub fn prepare(url: &str, config: &mut TrainConfig) -> Result<TrainStore> {
         // Every path is checked before anything is created or downloaded.
         let out = store_path("out", &config.out)?;
-        for input in &config.images {
-            store_path("images", input)?;
-        }
-        if let Some(resume) = config.resume.as_deref() {
-            store_path("resume", resume)?;
-        }
+        let image_paths = config
+            .images
+            .iter()
+            .map(|input| store_path("images", input))
+            .collect::<Result<Vec<_>>>()?;
+        // `latest` is resolved against `--out` below, not fetched as a folder of its own.
+        let resume_path = match config.resume.as_deref() {
+            Some(resume) if resume != Path::new(RESUME_LATEST) => store_path("resume", resume)?,
+            _ => None,
+        };
         let store = Store::open(url).map_err(TrainStoreError::Open)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -127,8 +130,8 @@ impl TrainStore {
         };
 
         let mut images = Vec::with_capacity(config.images.len());
-        for (index, input) in config.images.iter().enumerate() {
-            match store_path("images", input)? {
+        for (index, (input, path)) in config.images.iter().zip(image_paths).enumerate() {
+            match path {
                 Some(path) => images.push(this.fetch_images(&path, index)?),
                 None => images.push(input.clone()),
             }
@@ -147,14 +150,10 @@ impl TrainStore {
                 }
             }
         }
-        if let Some(resume) = config.resume.clone() {
-            if resume != Path::new(RESUME_LATEST) {
-                if let Some(path) = store_path("resume", &resume)? {
-                    let local = staging.join("resume");
-                    this.download_folder(&path, &local)?;
-                    config.resume = Some(local);
-                }
-            }
+        if let Some(path) = resume_path {
+            let local = staging.join("resume");
+            this.download_folder(&path, &local)?;
+            config.resume = Some(local);
         }
         Ok(this)
     }
@@ -191,11 +190,7 @@ impl TrainStore {
             .runtime
             .block_on(self.store.list(&location))
             .map_err(|e| self.store_error(path, e))?;
-        objects.retain(|meta| {
-            meta.location
-                .extension()
-                .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
-        });
+        objects.retain(|meta| meta.location.extension().is_some_and(is_image_extension));
         if objects.is_empty() {
             return Err(TrainStoreError::Path {
                 flag: "images",
@@ -268,7 +263,7 @@ impl TrainStore {
             .filter_map(|meta| {
                 let rest = meta.location.as_ref().strip_prefix(&prefix)?;
                 let (folder, file) = rest.split_once('/')?;
-                let step: u32 = folder.strip_prefix("checkpoint-")?.parse().ok()?;
+                let step = checkpoint_step(folder)?;
                 (file == CHECKPOINT_STATE).then_some((step, folder.to_string()))
             })
             .max_by_key(|(step, _)| *step);
