@@ -3,6 +3,9 @@
 //! under one lock: seed, then draw everything that image will need in the order diffusers
 //! draws them (a [`DrawPlan`]). Pre-drawing gives the same numbers because nothing else
 //! touches that image's generator in between.
+//!
+//! Every draw from torch's generator, in this crate and in its tests, goes through here: one
+//! draw made outside the lock, on any thread, shifts the sequence of a seeded run beside it.
 
 use std::sync::Mutex;
 

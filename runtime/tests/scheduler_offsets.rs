@@ -54,15 +54,18 @@ fn image_to_image_starts_match_diffusers() {
                 &r[&format!("start{start}_noisy")],
             );
             // Ancestral noise: the generator seeded once, drawing one tensor per step taken.
-            tch::manual_seed(123);
+            let total = scheduler.timesteps().len();
+            let mut draws = imagegen_runtime::noise::with_seed(123, || {
+                (start..total)
+                    .map(|_| Tensor::randn(noisy.size(), (Kind::Float, Device::Cpu)))
+                    .collect::<Vec<_>>()
+            })
+            .into_iter();
             let mut latents = noisy;
             let expected = &r[&format!("start{start}_prev_samples")];
-            let total = scheduler.timesteps().len();
             for (i, step) in (start..total).enumerate() {
                 let _ = scheduler.scale_model_input(&latents, step);
-                let noise = scheduler
-                    .needs_noise()
-                    .then(|| Tensor::randn(latents.size(), (Kind::Float, Device::Cpu)));
+                let noise = draws.next().filter(|_| scheduler.needs_noise());
                 latents = scheduler.step(
                     &r["model_outputs"].get(step as i64),
                     step,

@@ -253,6 +253,22 @@ fn resume_continues_from_the_checkpoint_step() {
     assert_eq!(step_numbers(&events), (1..=25).collect::<Vec<_>>());
 }
 
+/// Loading a model draws nothing from torch's generator (layers start as zeros, not random
+/// inits): a load on one thread, e.g. the service loading a model while a training runs,
+/// must not shift a seeded sequence on another.
+#[test]
+fn loading_a_model_leaves_the_generator_alone() {
+    use imagegen_runtime::noise::with_seed;
+    let draw = || tch::Tensor::randn([64], (Kind::Float, Device::Cpu));
+    let alone = with_seed(9, draw);
+    let after_loads = with_seed(9, || {
+        let _ = model("tiny-sd1");
+        let _ = model("tiny-sd2");
+        draw()
+    });
+    assert!(after_loads.equal(&alone));
+}
+
 #[test]
 fn a_v_prediction_model_trains() {
     let dir = temp_dir("train", "vpred");
@@ -744,13 +760,17 @@ fn unfused_training_adapters_equal_the_fused_file() {
     let dir = temp_dir("train", "unfused");
     let model = model("tiny-sd1");
     let lora = TrainableLora::new(&model, 4, 8.0, true, 5);
-    tch::no_grad(|| {
-        for m in &lora.modules {
-            let mut up = m.up.shallow_clone();
-            let _ = up.normal_(0.0, 0.2);
-        }
+    // Draws go through the generator's lock: a draw outside it would shift the sequence of
+    // a seeded training running beside this test.
+    let sample = imagegen_runtime::noise::with_seed(5, || {
+        tch::no_grad(|| {
+            for m in &lora.modules {
+                let mut up = m.up.shallow_clone();
+                let _ = up.normal_(0.0, 0.2);
+            }
+        });
+        tch::Tensor::randn([1, 4, 8, 8], (Kind::Float, Device::Cpu))
     });
-    let sample = tch::Tensor::randn([1, 4, 8, 8], (Kind::Float, Device::Cpu));
     let ids = model.tokenizer.encode("a photo of sks cat").unwrap();
     let ids = tch::Tensor::from_slice(&ids).unsqueeze(0);
     let forward = || {
