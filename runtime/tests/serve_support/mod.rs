@@ -334,7 +334,7 @@ pub fn head_only(server: &Server, head: &str) -> String {
     let address = server.base.trim_start_matches("http://").to_string();
     let mut stream = std::net::TcpStream::connect(&address).unwrap();
     stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
+        .set_read_timeout(Some(Duration::from_secs(120)))
         .unwrap();
     // Written from another thread: the server may answer (and stop reading) first.
     let mut writer = stream.try_clone().unwrap();
