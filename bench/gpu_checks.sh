@@ -6,6 +6,11 @@
 #
 #   IMAGEGEN_BIN=... TINY_MODEL=<tiny-sd1 folder> LOG_DIR=... bench/gpu_checks.sh
 #
+# Where the machine has torch but no diffusers and no network, carry the pinned wheels and
+# install them beside torch, not over it:
+#   python3 -m pip install --no-deps --no-index --target /tmp/pylib wheels/*.whl
+#   PYTHONPATH=/tmp/pylib IMAGEGEN_BIN=... bench/gpu_checks.sh
+#
 # 1. bench/gpu.sh: throughput against diffusers (f16, 512², 25 steps, batches 1 and 8), the
 #    LoRA switch and 20 DreamBooth-LoRA training steps, on SD 1.5 shapes.
 # 2. bench/gpu_parity.py: our images against diffusers' on the GPU, f32 and f16, on the tiny
