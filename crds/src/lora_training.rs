@@ -91,6 +91,11 @@ pub struct LoraTrainingStatus {
     /// A human-readable word on the current phase (the error, when Failed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The failure the trainer itself last reported, in its words. Kept while the Job retries
+    /// (a new attempt that starts clears it) so that a Failed training's message names it
+    /// rather than the Job's generic reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trainer_error: Option<String>,
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,

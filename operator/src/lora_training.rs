@@ -353,7 +353,7 @@ impl TrainerReport {
             total: progress.total,
             loss: status.loss,
             seed: status.seed,
-            failure: None,
+            failure: status.trainer_error.clone(),
         }
     }
 
@@ -365,6 +365,8 @@ impl TrainerReport {
                 self.total = *total;
                 self.seed = Some(*seed);
                 self.step = 0;
+                // A new attempt: an earlier pod's failure no longer describes the training.
+                self.failure = None;
             }
             TrainerEvent::Step {
                 step, total, loss, ..
@@ -436,6 +438,7 @@ pub fn status_from(
         start_time: old.start_time.clone(),
         seed: report.seed.or(old.seed),
         loss: report.loss.or(old.loss),
+        trainer_error: report.failure.clone(),
         progress: (report.total > 0).then(|| Progress::new(report.step, report.total)),
         ..LoraTrainingStatus::default()
     };
@@ -479,9 +482,11 @@ pub fn status_from(
                 > 0
                 || report.total > 0
             {
-                let message = match status.progress {
-                    Some(p) => format!("step {} of {}", p.step, p.total),
-                    None => "the trainer is starting".into(),
+                let message = match (&report.failure, status.progress) {
+                    // Until the Job retries or gives up.
+                    (Some(failure), _) => format!("the trainer failed: {failure}"),
+                    (None, Some(p)) => format!("step {} of {}", p.step, p.total),
+                    (None, None) => "the trainer is starting".into(),
                 };
                 (Phase::Running, "Training", message)
             } else {
@@ -1131,5 +1136,55 @@ mod tests {
             at(10),
         );
         assert_eq!(s.message.as_deref(), Some("CUDA out of memory"));
+    }
+
+    /// The trainer's failure reaches the final status through the status itself: the sink
+    /// writes `trainerError`, and the reconciler, which reads its report from the status,
+    /// names it when the Job fails. A retried pod's `started` clears it.
+    #[test]
+    fn the_trainers_failure_survives_into_the_failed_status() {
+        let mut t = minimal();
+        let mut report = TrainerReport::default();
+        report.apply(&TrainerEvent::Started {
+            total: 400,
+            seed: 1,
+        });
+        report.apply(&TrainerEvent::Failed {
+            message: "CUDA out of memory".into(),
+        });
+        // The pod has died; the Job has not yet decided.
+        let s = status_from(&t, Some(&job(0, None)), None, &report, at(10));
+        assert_eq!(s.phase, Some(Phase::Running));
+        assert_eq!(s.trainer_error.as_deref(), Some("CUDA out of memory"));
+        assert_eq!(
+            s.message.as_deref(),
+            Some("the trainer failed: CUDA out of memory")
+        );
+        t.status = Some(s);
+
+        // The next reconcile knows only the status.
+        let from_status = TrainerReport::from_status(t.status.as_ref());
+        assert_eq!(from_status.failure.as_deref(), Some("CUDA out of memory"));
+        let s = status_from(
+            &t,
+            Some(&job(0, Some(("Failed", "BackoffLimitExceeded")))),
+            None,
+            &from_status,
+            at(20),
+        );
+        assert_eq!(s.phase, Some(Phase::Failed));
+        assert_eq!(s.message.as_deref(), Some("CUDA out of memory"));
+        assert_eq!(state(&s, FAILED), pair("True", "BackoffLimitExceeded"));
+
+        // A retry that starts again clears it.
+        let mut retried = from_status;
+        retried.apply(&TrainerEvent::Started {
+            total: 400,
+            seed: 1,
+        });
+        assert_eq!(retried.failure, None);
+        let s = status_from(&minimal(), Some(&job(1, None)), None, &retried, at(30));
+        assert_eq!(s.trainer_error, None);
+        assert_eq!(s.message.as_deref(), Some("step 0 of 400"));
     }
 }

@@ -314,8 +314,16 @@ pub fn status_patch(report: &TrainerReport, event: &TrainerEvent) -> serde_json:
     if let Some(seed) = report.seed {
         status.insert("seed".into(), json!(seed));
     }
-    if let TrainerEvent::Failed { message } = event {
-        status.insert("message".into(), json!(format!("trainer: {message}")));
+    match event {
+        // The reconciler owns `message`; it words it from this when the Job fails or retries.
+        TrainerEvent::Failed { message } => {
+            status.insert("trainerError".into(), json!(message));
+        }
+        // A merge patch's null removes the field: a retried pod starts clean.
+        TrainerEvent::Started { .. } => {
+            status.insert("trainerError".into(), serde_json::Value::Null);
+        }
+        _ => {}
     }
     json!({ "status": status })
 }
@@ -575,7 +583,11 @@ mod tests {
         report.apply(&started);
         assert_eq!(
             status_patch(&report, &started),
-            json!({"status": {"progress": {"step": 0, "total": 800, "percent": 0}, "seed": 3}})
+            json!({"status": {
+                "progress": {"step": 0, "total": 800, "percent": 0},
+                "seed": 3,
+                "trainerError": null,
+            }})
         );
         let s = serde_json::from_value::<TrainerEvent>(step()).unwrap();
         report.apply(&s);
@@ -583,9 +595,11 @@ mod tests {
         let failed = TrainerEvent::Failed {
             message: "oom".into(),
         };
-        assert_eq!(
-            status_patch(&report, &failed)["status"]["message"],
-            "trainer: oom"
+        let patch = status_patch(&report, &failed);
+        assert_eq!(patch["status"]["trainerError"], "oom");
+        assert!(
+            patch["status"].get("message").is_none(),
+            "the reconciler owns it"
         );
         assert!(same_token("abc", "abc") && !same_token("abc", "abd") && !same_token("abc", "ab"));
     }
