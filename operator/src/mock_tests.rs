@@ -1218,6 +1218,41 @@ mod progress {
     }
 
     #[tokio::test]
+    async fn a_matching_token_is_read_once_per_training() {
+        let secret = path("api/v1", "secrets/alice-progress");
+        let done = TrainerEvent::Done {
+            step: 1,
+            total: 1,
+            output: "o".into(),
+            loss: None,
+        };
+        let (verdicts, sent) = with_sink(
+            vec![
+                get(&secret, token_secret(Some("alice"))),
+                // A wrong token reads the Secret again: it may have been made anew.
+                get(&secret, token_secret(Some("alice"))),
+                // Done drops the token, so the next report reads it again.
+                get(&cr("loratrainings", "alice"), training(true, None)),
+                training_status(),
+                get(&secret, token_secret(Some("alice"))),
+            ],
+            |sink| async move {
+                let mut verdicts = Vec::new();
+                for presented in ["s3cret", "s3cret", "s3cret", "wrong", "s3cret"] {
+                    verdicts.push(sink.verify(NS, "alice", presented).await.unwrap());
+                }
+                sink.record(NS, "alice", &done).await.unwrap();
+                verdicts.push(sink.verify(NS, "alice", "s3cret").await.unwrap());
+                verdicts
+            },
+        )
+        .await;
+        assert_eq!(verdicts, [true, true, true, false, true, true]);
+        // Three Secret reads for six checks; the mock fails on any call it was not given.
+        assert_eq!(sent.len(), 5);
+    }
+
+    #[tokio::test]
     async fn reports_are_written_into_the_status_throttled() {
         let (_, sent) = with_sink(
             vec![

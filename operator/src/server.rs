@@ -38,6 +38,14 @@ pub trait ProgressSink: Send + Sync {
     /// The progress token of `namespace/name`, `None` when the training (or its Secret)
     /// does not exist.
     async fn token(&self, namespace: &str, name: &str) -> Result<Option<String>, String>;
+    /// Whether `presented` is the progress token of `namespace/name`. A sink may answer from
+    /// a token it read before; this one reads it every time.
+    async fn verify(&self, namespace: &str, name: &str, presented: &str) -> Result<bool, String> {
+        Ok(self
+            .token(namespace, name)
+            .await?
+            .is_some_and(|expected| same_token(presented, &expected)))
+    }
     /// Records one event of the training's trainer.
     async fn record(&self, namespace: &str, name: &str, event: &TrainerEvent)
         -> Result<(), String>;
@@ -128,10 +136,11 @@ async fn progress(
             "a bearer token is required",
         ));
     };
-    let expected = match sink.token(&namespace, &name).await {
-        Ok(Some(expected)) => expected,
-        // The same answer as a wrong token: a caller learns nothing about what exists.
-        Ok(None) => {
+    match sink.verify(&namespace, &name, token).await {
+        Ok(true) => {}
+        // A missing training answers as a wrong token does: a caller learns nothing about
+        // what exists.
+        Ok(false) => {
             return Ok(error(
                 StatusCode::UNAUTHORIZED,
                 codes::UNAUTHORIZED,
@@ -146,13 +155,6 @@ async fn progress(
                 "cannot check the token now",
             ));
         }
-    };
-    if !same_token(token, &expected) {
-        return Ok(error(
-            StatusCode::UNAUTHORIZED,
-            codes::UNAUTHORIZED,
-            "the token is not valid for this training",
-        ));
     }
     let event: TrainerEvent = match serde_json::from_slice(&body) {
         Ok(event) => event,
@@ -271,6 +273,11 @@ pub async fn recover(
 pub struct KubeProgress {
     client: Client,
     reports: Mutex<HashMap<TrainingKey, (TrainerReport, Option<Instant>)>>,
+    /// Tokens already read. A trainer reports every step, several times a second on a GPU;
+    /// the token is created once per training and never rotates, so one Secret read per
+    /// training serves them all. A token that does not match is read again (the training
+    /// may have been deleted and created anew), and a finished training's is dropped.
+    tokens: Mutex<HashMap<TrainingKey, String>>,
 }
 
 /// Namespace and name of a training.
@@ -282,6 +289,7 @@ impl KubeProgress {
         KubeProgress {
             client,
             reports: Mutex::default(),
+            tokens: Mutex::default(),
         }
     }
 }
@@ -346,6 +354,29 @@ impl ProgressSink for KubeProgress {
             .and_then(|s| lt::token_from_secret(&s)))
     }
 
+    async fn verify(&self, namespace: &str, name: &str, presented: &str) -> Result<bool, String> {
+        let key = (namespace.to_string(), name.to_string());
+        let known = |tokens: &HashMap<TrainingKey, String>| {
+            tokens
+                .get(&key)
+                .is_some_and(|expected| same_token(presented, expected))
+        };
+        if known(&self.tokens.lock().unwrap_or_else(|p| p.into_inner())) {
+            return Ok(true);
+        }
+        let read = self.token(namespace, name).await?;
+        let mut tokens = self.tokens.lock().unwrap_or_else(|p| p.into_inner());
+        match read {
+            Some(expected) => {
+                tokens.insert(key.clone(), expected);
+            }
+            None => {
+                tokens.remove(&key);
+            }
+        }
+        Ok(known(&tokens))
+    }
+
     async fn record(
         &self,
         namespace: &str,
@@ -389,6 +420,11 @@ impl ProgressSink for KubeProgress {
             TrainerEvent::Done { .. } | TrainerEvent::Failed { .. }
         ) {
             reports.remove(&key);
+            // A retried pod's first report reads the token again.
+            self.tokens
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
         } else {
             reports.insert(key, (report, if write { Some(now) } else { last_write }));
         }
