@@ -72,13 +72,14 @@ impl Server {
         let dir = scratch(name);
         let store = dir.join("store");
         let log = dir.join("server.log");
-        let port = free_port();
         let mut command = Command::new(env!("CARGO_BIN_EXE_imagegen"));
         command
             .arg("serve")
             .arg("--model")
             .arg(fixtures_dir().join("tiny-sd1"))
-            .args(["--listen", &format!("127.0.0.1:{port}")])
+            // The server picks a free port and prints it: a port picked here and bound later
+            // could be taken in between by a client connection of a test beside this one.
+            .args(["--listen", "127.0.0.1:0"])
             .args(["--safety", "off", "--device", "cpu"])
             .arg("--store")
             .arg(format!("file://{}", store.display()))
@@ -98,14 +99,35 @@ impl Server {
             command.env(k, v);
         }
         let child = command.spawn().expect("starting imagegen serve");
-        let server = Server {
+        let mut server = Server {
             child,
-            base: format!("http://127.0.0.1:{port}"),
+            base: String::new(),
             store,
             log,
         };
+        server.base = server.wait_address();
         server.wait_ready();
         server
+    }
+
+    /// The base URL from the server's `listening on` line.
+    fn wait_address(&mut self) -> String {
+        let started = Instant::now();
+        loop {
+            let log = self.log_text();
+            if let Some(url) = log
+                .lines()
+                .find_map(|l| l.strip_prefix("imagegen: listening on "))
+            {
+                return url.trim().to_string();
+            }
+            let exited = self.child.try_wait().unwrap();
+            assert!(
+                exited.is_none() && started.elapsed() < Duration::from_secs(120),
+                "the server never listened ({exited:?}); log:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn log_text(&self) -> String {
