@@ -635,6 +635,46 @@ fn loras_upload_list_use_delete() {
     post_json(&server, "/v1/generations", a, &with).error(404);
 }
 
+/// A LoRA file that came into the store without the API (a training Job of the operator) is
+/// listed from the file itself, hashed once: the description is kept beside it and reused
+/// until the file changes.
+#[test]
+fn a_lora_written_to_the_store_is_described_once() {
+    let server = Server::start("lora-described", Options::default());
+    let a = Some(TOKEN_A);
+    let dir = server.store.join("tenants/alice/loras/direct");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("pytorch_lora_weights.safetensors");
+    let lora = std::fs::read(lora_fixture()).unwrap();
+    std::fs::write(&file, &lora).unwrap();
+
+    let listed = get(&server, "/v1/loras", a).json();
+    assert_eq!(listed[0]["name"], "direct");
+    assert_eq!(listed[0]["source"], "training");
+    assert_eq!(listed[0]["sizeBytes"], lora.len() as u64);
+    assert_eq!(listed[0]["sha256"], hex_sha256(&lora));
+    assert_eq!(get(&server, "/v1/loras", Some(TOKEN_B)).json(), json!([]));
+
+    // The description is kept: a listing reads it instead of the file.
+    let info_file = dir.join("info.json");
+    let mut info: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&info_file).unwrap()).unwrap();
+    assert_eq!(info["sha256"], hex_sha256(&lora));
+    info["sha256"] = json!("0".repeat(64));
+    std::fs::write(&info_file, info.to_string()).unwrap();
+    assert_eq!(
+        get(&server, "/v1/loras", a).json()[0]["sha256"],
+        "0".repeat(64)
+    );
+
+    // A file replaced since is described anew.
+    let replaced = b"another LoRA file".to_vec();
+    std::fs::write(&file, &replaced).unwrap();
+    let listed = get(&server, "/v1/loras", a).json();
+    assert_eq!(listed[0]["sha256"], hex_sha256(&replaced));
+    assert_eq!(listed[0]["sizeBytes"], replaced.len() as u64);
+}
+
 #[test]
 fn webhooks_are_signed() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

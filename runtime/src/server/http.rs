@@ -1166,28 +1166,90 @@ async fn list_loras(shared: &Shared, tenant: &str) -> Result<Response, ApiError>
             continue;
         }
         let name = &parts[3];
-        let info = match shared.store.get(&info_path(tenant, name), 1 << 16).await {
-            Ok(bytes) => serde_json::from_slice::<LoraInfo>(&bytes).ok(),
+        let stored = match shared.store.get(&info_path(tenant, name), 1 << 16).await {
+            Ok(bytes) => serde_json::from_slice::<StoredLoraInfo>(&bytes).ok(),
             Err(_) => None,
         };
-        let info = match info {
-            Some(info) => info,
-            None => {
-                // Written by a training, not through this API: describe it from the file.
-                let bytes = shared.store.get(&object.location, u64::MAX).await?;
-                LoraInfo {
-                    name: name.clone(),
-                    size_bytes: object.size,
-                    sha256: hex_sha256(&bytes),
-                    created_at: object.last_modified.to_rfc3339(),
-                    source: LoraSource::Training,
-                }
-            }
+        let info = match stored {
+            Some(stored) if stored.describes(object) => stored.info,
+            _ => describe_lora_file(shared, tenant, name, object).await?,
         };
         loras.push(info);
     }
     loras.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(json_ok(&loras))
+}
+
+/// A LoRA's `info.json`. Uploads and the service's own trainings write it with the file;
+/// for a file that came into the store another way (a training Job of the operator), the
+/// listing describes the file once and keeps that here, with the file's modification time
+/// and size, so that the next listing neither downloads nor hashes it again and a file
+/// replaced since is described anew.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StoredLoraInfo {
+    #[serde(flatten)]
+    info: LoraInfo,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    described_file: Option<DescribedFile>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+struct DescribedFile {
+    modified: String,
+    size: u64,
+}
+
+impl DescribedFile {
+    fn of(object: &object_store::ObjectMeta) -> Self {
+        DescribedFile {
+            modified: object.last_modified.to_rfc3339(),
+            size: object.size,
+        }
+    }
+}
+
+impl StoredLoraInfo {
+    /// Whether this still describes `object`: always for an info written with its file,
+    /// otherwise while the file is the one described.
+    fn describes(&self, object: &object_store::ObjectMeta) -> bool {
+        self.described_file
+            .as_ref()
+            .is_none_or(|file| *file == DescribedFile::of(object))
+    }
+}
+
+/// Describes a LoRA file that has no valid `info.json`, and keeps the description (a
+/// failure to keep it only costs the next listing the same work).
+async fn describe_lora_file(
+    shared: &Shared,
+    tenant: &str,
+    name: &str,
+    object: &object_store::ObjectMeta,
+) -> Result<LoraInfo, ApiError> {
+    let bytes = shared.store.get(&object.location, u64::MAX).await?;
+    let info = LoraInfo {
+        name: name.to_string(),
+        size_bytes: object.size,
+        sha256: hex_sha256(&bytes),
+        created_at: object.last_modified.to_rfc3339(),
+        source: LoraSource::Training,
+    };
+    let stored = StoredLoraInfo {
+        info,
+        described_file: Some(DescribedFile::of(object)),
+    };
+    if let Ok(json) = serde_json::to_vec(&stored) {
+        if let Err(e) = shared
+            .store
+            .put(&info_path(tenant, name), Bytes::from(json))
+            .await
+        {
+            tracing::warn!(%tenant, %name, error = %e, "cannot keep a LoRA's description");
+        }
+    }
+    Ok(stored.info)
 }
 
 pub fn hex_sha256(bytes: &[u8]) -> String {
