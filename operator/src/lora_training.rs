@@ -508,6 +508,8 @@ pub fn status_from(
         now.clone(),
     );
     if phase == Phase::Succeeded {
+        // A retry succeeded: an earlier attempt's failure no longer describes the training.
+        status.trainer_error = None;
         status.artifact = Some(Artifact {
             path: artifact_path(&training.name_any()),
             url: None,
@@ -1186,5 +1188,16 @@ mod tests {
         let s = status_from(&minimal(), Some(&job(1, None)), None, &retried, at(30));
         assert_eq!(s.trainer_error, None);
         assert_eq!(s.message.as_deref(), Some("step 0 of 400"));
+
+        // Had a stale read put the failure back, success still clears it.
+        let s = status_from(
+            &minimal(),
+            Some(&job(0, Some(("Complete", "Completed")))),
+            None,
+            &report,
+            at(40),
+        );
+        assert_eq!(s.phase, Some(Phase::Succeeded));
+        assert_eq!(s.trainer_error, None);
     }
 }

@@ -322,17 +322,14 @@ pub fn status_patch(report: &TrainerReport, event: &TrainerEvent) -> serde_json:
     if let Some(seed) = report.seed {
         status.insert("seed".into(), json!(seed));
     }
-    match event {
-        // The reconciler owns `message`; it words it from this when the Job fails or retries.
-        TrainerEvent::Failed { message } => {
-            status.insert("trainerError".into(), json!(message));
-        }
-        // A merge patch's null removes the field: a retried pod starts clean.
-        TrainerEvent::Started { .. } => {
-            status.insert("trainerError".into(), serde_json::Value::Null);
-        }
-        _ => {}
-    }
+    // The reconciler owns `message`; it words it from `trainerError` when the Job fails or
+    // retries. Any other report means a pod is at work again, and a merge patch's null
+    // removes the field (also when a reconcile that read the status earlier put it back).
+    let error = match event {
+        TrainerEvent::Failed { message } => json!(message),
+        _ => serde_json::Value::Null,
+    };
+    status.insert("trainerError".into(), error);
     json!({ "status": status })
 }
 
@@ -628,6 +625,10 @@ mod tests {
         let s = serde_json::from_value::<TrainerEvent>(step()).unwrap();
         report.apply(&s);
         assert_eq!(status_patch(&report, &s)["status"]["loss"], 0.12);
+        assert_eq!(
+            status_patch(&report, &s)["status"]["trainerError"],
+            serde_json::Value::Null
+        );
         let failed = TrainerEvent::Failed {
             message: "oom".into(),
         };
