@@ -45,6 +45,44 @@ pub fn check_store_path(path: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Names of uploads, images and LoRAs: 1 to 128 of `[A-Za-z0-9._-]`, not starting with a
+/// dot, so that a name is one path segment. The runtime enforces it on every request; the
+/// operator on every upload id a resource gives.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let valid = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{name}` must be 1-128 characters of A-Z, a-z, 0-9, ., _ and - (not starting with .)"
+        ))
+    }
+}
+
+/// The file of a LoRA in diffusers' layout, which training writes and the runtime reads.
+pub const LORA_FILE: &str = "pytorch_lora_weights.safetensors";
+
+/// The folder of the tenant's LoRA `name`, relative to the tenant's root.
+pub fn lora_folder(name: &str) -> String {
+    format!("loras/{name}")
+}
+
+/// The file of the tenant's LoRA `name`, relative to the tenant's root: what a finished
+/// training reports and a generation passes as a LoRA's path.
+pub fn lora_file(name: &str) -> String {
+    format!("{}/{LORA_FILE}", lora_folder(name))
+}
+
+/// The file of the upload `id`, relative to the tenant's root.
+pub fn upload_file(id: &str) -> String {
+    format!("uploads/{id}")
+}
+
 /// An input image: exactly one of a store path (relative to the tenant's root), an upload
 /// id, a URL (fetched only from the configured store or an allow-listed host), or the
 /// image's bytes in base64.

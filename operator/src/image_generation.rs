@@ -71,9 +71,8 @@ pub fn validate(generation: &ImageGeneration) -> Result<ValidGeneration, Error> 
     let spec = &generation.spec;
     for (field, image) in [("image", &spec.image), ("mask", &spec.mask)] {
         match image {
-            Some(ImageRef::Path(path)) | Some(ImageRef::UploadId(path)) => {
-                workload::check_store_path(field, path)?
-            }
+            Some(ImageRef::Path(path)) => workload::check_store_path(field, path)?,
+            Some(ImageRef::UploadId(id)) => workload::check_upload_id(field, id)?,
             Some(ImageRef::Url(url))
                 if !(url.starts_with("https://") || url.starts_with("http://")) =>
             {
@@ -650,6 +649,18 @@ mod tests {
         let mut g = inpaint();
         g.spec.image = Some(ImageRef::Url("file:///etc/passwd".into()));
         assert!(matches!(validate(&g), Err(Error::UnsupportedInput { .. })));
+        // An upload id is one name, as the runtime requires: never a path.
+        for bad in ["a/b", "../x", ".hidden", ""] {
+            let mut g = inpaint();
+            g.spec.image = Some(ImageRef::UploadId(bad.into()));
+            assert!(
+                matches!(validate(&g), Err(Error::UnsupportedInput { field, .. }) if field == "image"),
+                "{bad}"
+            );
+        }
+        let mut g = inpaint();
+        g.spec.image = Some(ImageRef::UploadId("up-1.png".into()));
+        assert!(validate(&g).is_ok());
         let mut g = inpaint();
         g.spec.params.prompt = " ".into();
         assert!(

@@ -30,7 +30,7 @@ pub const CONTAINER_NAME: &str = "trainer";
 /// Key of the progress Secret holding the token.
 pub const TOKEN_KEY: &str = "token";
 /// File name of the trained LoRA inside its folder (diffusers' name; the runtime's layout).
-pub const LORA_FILE: &str = "pytorch_lora_weights.safetensors";
+pub use imagegen_crds::api::LORA_FILE;
 /// Steps between the trainer's checkpoints: a retried pod resumes from the newest one.
 pub const CHECKPOINT_EVERY: u32 = 100;
 /// Longest LoraTraining name: its Job, `<name>-train`, names pods and labels them.
@@ -68,7 +68,11 @@ impl ValidTraining {
 
     /// Folder the trainer writes the LoRA to, relative to the store root.
     pub fn output_dir(&self) -> String {
-        format!("{}/loras/{}", tenant_root(&self.namespace), self.name)
+        format!(
+            "{}/{}",
+            tenant_root(&self.namespace),
+            imagegen_crds::api::lora_folder(&self.name)
+        )
     }
 }
 
@@ -88,7 +92,7 @@ pub use imagegen_crds::api::tenant_root;
 /// Where the LoRA of the training `name` is once trained, relative to the tenant's root: the
 /// path an ImageGeneration passes to the runtime and the status reports.
 pub fn artifact_path(name: &str) -> String {
-    format!("loras/{name}/{LORA_FILE}")
+    imagegen_crds::api::lora_file(name)
 }
 
 /// The URL the trainer of `namespace/name` posts its progress to.
@@ -133,14 +137,8 @@ pub fn validate(training: &LoraTraining) -> Result<ValidTraining, Error> {
                     Ok(format!("{root}/{}", path.trim_start_matches("./")))
                 }
                 ImageRef::UploadId(id) => {
-                    workload::check_store_path(&field, id)?;
-                    if id.contains('/') {
-                        return Err(Error::UnsupportedInput {
-                            field,
-                            reason: format!("upload id {id:?} contains '/'"),
-                        });
-                    }
-                    Ok(format!("{root}/uploads/{id}"))
+                    workload::check_upload_id(&field, id)?;
+                    Ok(format!("{root}/{}", imagegen_crds::api::upload_file(id)))
                 }
                 ImageRef::Url(_) => Err(Error::UnsupportedInput {
                     field,
@@ -634,7 +632,6 @@ mod tests {
                 json!([{"path": "a.png"}, {"path": "/etc/shadow"}]),
                 "images[1]",
             ),
-            (json!([{"uploadId": "../x"}]), "images[0]"),
         ] {
             let t = training(json!({
                 "modelRef": {"name": "sd15"}, "images": images, "instancePrompt": "p"
@@ -645,14 +642,20 @@ mod tests {
                 "{err}"
             );
         }
-        let t = training(json!({
-            "modelRef": {"name": "sd15"}, "images": [{"url": "https://x/a.png"}],
-            "instancePrompt": "p"
-        }));
-        assert!(matches!(
-            validate(&t),
-            Err(Error::UnsupportedInput { field, .. }) if field == "images[0]"
-        ));
+        // An upload id is one name, as the runtime requires: never a path.
+        for images in [
+            json!([{"url": "https://x/a.png"}]),
+            json!([{"uploadId": "../x"}]),
+            json!([{"uploadId": "a/b"}]),
+        ] {
+            let t = training(json!({
+                "modelRef": {"name": "sd15"}, "images": images, "instancePrompt": "p"
+            }));
+            assert!(matches!(
+                validate(&t),
+                Err(Error::UnsupportedInput { field, .. }) if field == "images[0]"
+            ));
+        }
         let mut t = minimal();
         t.spec.images.clear();
         assert!(matches!(validate(&t), Err(Error::UnsupportedInput { .. })));

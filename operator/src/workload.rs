@@ -202,6 +202,15 @@ pub fn check_store_path(field: &str, path: &str) -> Result<(), Error> {
     })
 }
 
+/// Checks an upload id with the runtime's rule for names ([`imagegen_crds::api::check_name`]):
+/// one path segment, so that it names a file of the tenant's `uploads/`.
+pub fn check_upload_id(field: &str, id: &str) -> Result<(), Error> {
+    imagegen_crds::api::check_name(id).map_err(|reason| Error::UnsupportedInput {
+        field: field.into(),
+        reason: format!("upload id: {reason}"),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -39,7 +39,7 @@ use crate::error::{Error, Result};
 
 /// The file a user names: a `.safetensors` file, or a folder holding diffusers'
 /// `pytorch_lora_weights.safetensors`.
-pub const DIFFUSERS_LORA_FILE: &str = "pytorch_lora_weights.safetensors";
+pub const DIFFUSERS_LORA_FILE: &str = imagegen_crds::api::LORA_FILE;
 
 /// How many unmatched keys an error or warning lists.
 const SHOWN_KEYS: usize = 5;

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use image::DynamicImage;
 use imagegen_crds::api::{
-    codes, GenerationRequest, ImageInput, Job, JobEvent, JobState, LoraInfo, LoraSource,
+    self, codes, GenerationRequest, ImageInput, Job, JobEvent, JobState, LoraInfo, LoraSource,
     ResponseFormat, Upload, MAX_JOB_ID_CHARS,
 };
 use object_store::path::Path as StorePath;
@@ -522,10 +522,7 @@ pub fn serves_model(shared: &Shared, name: &str) -> bool {
     name == served || name == short
 }
 
-/// A LoRA's file within its tenant's folder of the store (what a training reports).
-pub fn lora_file(name: &str) -> String {
-    format!("loras/{name}/{DIFFUSERS_LORA_FILE}")
-}
+pub use imagegen_crds::api::lora_file;
 
 /// The store path of a tenant's LoRA by name.
 pub fn lora_path(tenant: &str, name: &str) -> StorePath {
@@ -534,7 +531,7 @@ pub fn lora_path(tenant: &str, name: &str) -> StorePath {
 
 /// The store path of the description of a tenant's LoRA.
 pub fn info_path(tenant: &str, name: &str) -> StorePath {
-    Store::tenant_path(tenant, &format!("loras/{name}/info.json"))
+    Store::tenant_path(tenant, &format!("{}/info.json", api::lora_folder(name)))
 }
 
 /// The store path of a generated image (always kept as PNG).
@@ -766,7 +763,7 @@ async fn input_bytes(
         ImageInput::UploadId(id) => {
             check_name(id).map_err(|e| ApiError::invalid(field, e))?;
             from_store(
-                Store::tenant_path(tenant, &format!("uploads/{id}")),
+                Store::tenant_path(tenant, &api::upload_file(id)),
                 format!("no upload `{id}`"),
             )
             .await
@@ -949,7 +946,7 @@ async fn post_upload(request: &mut Request, tenant: &str) -> Result<Response, Ap
         .shared
         .store
         .put(
-            &Store::tenant_path(tenant, &format!("uploads/{id}")),
+            &Store::tenant_path(tenant, &api::upload_file(&id)),
             bytes.clone(),
         )
         .await?;

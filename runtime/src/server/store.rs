@@ -47,24 +47,7 @@ impl From<StoreError> for ApiError {
     }
 }
 
-pub use imagegen_crds::api::check_store_path;
-
-/// Names of uploads, images and LoRAs: `[A-Za-z0-9._-]`, not starting with a dot.
-pub fn check_name(name: &str) -> Result<(), String> {
-    let valid = !name.is_empty()
-        && name.len() <= 128
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-    if valid {
-        Ok(())
-    } else {
-        Err(format!(
-            "`{name}` must be 1-128 characters of A-Z, a-z, 0-9, ., _ and - (not starting with .)"
-        ))
-    }
-}
+pub use imagegen_crds::api::{check_name, check_store_path};
 
 impl Store {
     pub fn open(url: &str) -> Result<Store, String> {
