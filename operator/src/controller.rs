@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use imagegen_crds::{DiffusionModel, ImageGeneration, ImageGenerationStatus, LoraTraining, Phase};
 use k8s_openapi::api::apps::v1::Deployment;
@@ -110,6 +110,57 @@ impl Backoff {
     }
 }
 
+/// How long a model's runtime token, once read from its auth Secret, is used without
+/// reading it again.
+pub const RUNTIME_TOKEN_TTL: Duration = Duration::from_secs(60);
+
+/// The models' runtime tokens as read from their auth Secrets. A running generation is
+/// polled every few seconds, and the token, created once per model and never re-applied,
+/// does not change under it. A model made anew (another uid) reads it again at once; a
+/// Secret replaced by hand is read again after [`RUNTIME_TOKEN_TTL`] (its runtime pods, which
+/// read their tokens at start, need a restart for it anyway).
+#[derive(Debug, Default)]
+pub struct RuntimeTokens {
+    tokens: Mutex<HashMap<(String, String), CachedToken>>,
+}
+
+#[derive(Debug)]
+struct CachedToken {
+    model_uid: Option<String>,
+    token: String,
+    read_at: Instant,
+}
+
+impl RuntimeTokens {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), CachedToken>> {
+        self.tokens.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The token of `model`, when one was read for this very model within the TTL.
+    fn get(&self, model: &DiffusionModel) -> Option<String> {
+        self.lock()
+            .get(&model_key(model))
+            .filter(|c| c.model_uid == model.metadata.uid)
+            .filter(|c| c.read_at.elapsed() < RUNTIME_TOKEN_TTL)
+            .map(|c| c.token.clone())
+    }
+
+    fn put(&self, model: &DiffusionModel, token: &str) {
+        let cached = CachedToken {
+            model_uid: model.metadata.uid.clone(),
+            token: token.to_string(),
+            read_at: Instant::now(),
+        };
+        let mut tokens = self.lock();
+        tokens.retain(|_, c| c.read_at.elapsed() < RUNTIME_TOKEN_TTL);
+        tokens.insert(model_key(model), cached);
+    }
+}
+
+fn model_key(model: &DiffusionModel) -> (String, String) {
+    (model.namespace().unwrap_or_default(), model.name_any())
+}
+
 /// What every reconciliation shares.
 pub struct Context {
     /// The API server.
@@ -124,6 +175,8 @@ pub struct Context {
     pub recorder: Recorder,
     /// Error backoff per object.
     pub backoff: Backoff,
+    /// Runtime tokens already read.
+    pub runtime_tokens: RuntimeTokens,
     /// The clock (fixed in tests).
     pub now: fn() -> Time,
 }
@@ -144,6 +197,7 @@ impl Context {
             metrics,
             recorder,
             backoff: Backoff::default(),
+            runtime_tokens: RuntimeTokens::default(),
             now: || Time(Timestamp::now()),
         }
     }
@@ -260,11 +314,18 @@ fn random_token() -> String {
 async fn runtime_target(ctx: &Context, model: &DiffusionModel) -> Result<Target, Error> {
     let namespace = model.namespace().unwrap_or_default();
     let name = model.name_any();
-    let secret_name = dm::auth_secret_name(&name);
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
-    let secret = secrets.get(&secret_name).await?;
-    let token =
-        dm::token_from_auth_secret(&secret, &namespace).ok_or(Error::MissingToken(secret_name))?;
+    let token = match ctx.runtime_tokens.get(model) {
+        Some(token) => token,
+        None => {
+            let secret_name = dm::auth_secret_name(&name);
+            let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+            let secret = secrets.get(&secret_name).await?;
+            let token = dm::token_from_auth_secret(&secret, &namespace)
+                .ok_or(Error::MissingToken(secret_name))?;
+            ctx.runtime_tokens.put(model, &token);
+            token
+        }
+    };
     let base_url = model
         .status
         .as_ref()

@@ -1013,7 +1013,11 @@ async fn generation_follows_the_job_and_resubmits_when_lost() {
         runtime.clone(),
         calls([
             model_target(),
-            submission_calls(2),
+            // The token read for the poll serves the submission: no second Secret read.
+            submission_calls(2)
+                .into_iter()
+                .filter(|c| c.path != auth_secret_path())
+                .collect(),
             // Running → Pending (queued again), then Resubmitted.
             vec![generation_status(Some(2)), event(), event()],
         ]),
@@ -1022,7 +1026,7 @@ async fn generation_follows_the_job_and_resubmits_when_lost() {
     .await;
     result.unwrap();
     assert_eq!(
-        sent[5].body["metadata"]["annotations"][ig::SUBMISSIONS_ANNOTATION],
+        sent[4].body["metadata"]["annotations"][ig::SUBMISSIONS_ANNOTATION],
         "2"
     );
     let calls = runtime.calls();
@@ -1031,12 +1035,50 @@ async fn generation_follows_the_job_and_resubmits_when_lost() {
     };
     assert_eq!(request.job_id.as_deref(), Some(ig::job_id(UID).as_str()));
     assert_eq!(
-        conditions(&sent[6])["Submitted"],
+        conditions(&sent[5])["Submitted"],
         ("True".into(), "Accepted".into())
     );
-    assert_eq!(sent[6].body["status"]["phase"], "Pending");
-    assert_eq!(sent[7].body["reason"], "Pending");
-    assert_eq!(sent[8].body["reason"], "Resubmitted");
+    assert_eq!(sent[5].body["status"]["phase"], "Pending");
+    assert_eq!(sent[6].body["reason"], "Pending");
+    assert_eq!(sent[7].body["reason"], "Resubmitted");
+}
+
+/// A running generation is polled every few seconds: its model's runtime token is read from
+/// the auth Secret once, not on every poll, and read again for a model made anew.
+#[tokio::test]
+async fn polls_read_the_runtime_token_once_per_model() {
+    let mut remade = ready_model();
+    remade.metadata.uid = Some("m-2".into());
+    let (client, server) = serving(calls([
+        model_target(),
+        vec![get(&model_path(), ready_model())],
+        vec![get(&model_path(), ready_model())],
+        // The same name, another uid: the token is read again.
+        vec![get(&model_path(), remade)],
+        vec![get(&auth_secret_path(), auth_secret())],
+    ]));
+    let runtime =
+        FakeRuntime::answering((0..4).map(|_| Ok(runtime_job(JobState::Running))).collect());
+    // Already Running with this progress: the polls change nothing, so they write nothing.
+    let status = ig::status_from_job(
+        &generation(Some(1), None),
+        &runtime_job(JobState::Running),
+        "http://sd15.team-a.svc:80",
+        now(),
+    );
+    let running = Arc::new(generation(Some(1), Some(to_json(status))));
+    let ctx = Arc::new(context(client, runtime.clone()));
+    for _ in 0..4 {
+        let action = controller::reconcile_generation(running.clone(), ctx.clone()).await;
+        assert_eq!(
+            action.unwrap(),
+            Action::requeue(controller::GENERATION_POLL)
+        );
+    }
+    drop(ctx);
+    // Six reads for four polls; the mock fails on any call it was not given.
+    assert_eq!(sent(server).await.len(), 6);
+    assert_eq!(runtime.calls().len(), 4, "every poll reached the runtime");
 }
 
 #[tokio::test]
