@@ -196,16 +196,14 @@ async fn route(path: &str, mut request: Request) -> Result<Response, ApiError> {
     match (segments.as_slice(), method) {
         (["v1", "generations"], Method::POST) => post_generation(request, tenant).await,
         (["v1", "jobs", id], Method::GET) => get_job(&request.shared.jobs, &tenant, id, "job"),
-        (["v1", "jobs", id], Method::DELETE) => {
-            cancel_job(&request.shared, &request.shared.jobs, &tenant, id)
-        }
+        (["v1", "jobs", id], Method::DELETE) => cancel_job(&request.shared.jobs, &tenant, id),
         (["v1", "jobs", id, "events"], Method::GET) => events(&request.shared.jobs, &tenant, id),
         (["v1", "trainings"], Method::POST) => post_training(&mut request, &tenant).await,
         (["v1", "trainings", id], Method::GET) => {
             get_job(&request.shared.trainings, &tenant, id, "training")
         }
         (["v1", "trainings", id], Method::DELETE) => {
-            cancel_job(&request.shared, &request.shared.trainings, &tenant, id)
+            cancel_job(&request.shared.trainings, &tenant, id)
         }
         (["v1", "trainings", id, "events"], Method::GET) => {
             events(&request.shared.trainings, &tenant, id)
@@ -309,13 +307,11 @@ impl Drop for CancelOnDrop {
     fn drop(&mut self) {
         if self.armed {
             let reason = error_detail(codes::CANCELLED, "the client disconnected", false);
-            if let Ok((_, Some((job, url)))) =
-                self.shared
-                    .jobs
-                    .cancel(&self.tenant, &self.id, Some(reason))
-            {
-                super::send_webhook(&self.shared, job, url);
-            }
+            // A job that has already ended is left as it is.
+            let _ = self
+                .shared
+                .jobs
+                .cancel(&self.tenant, &self.id, Some(reason));
         }
     }
 }
@@ -849,15 +845,11 @@ fn get_job<W>(
 
 /// `DELETE` of a job or training: 200 when it has ended, 202 while it is stopping.
 fn cancel_job<W>(
-    shared: &Shared,
     jobs: &super::jobs::Jobs<W>,
     tenant: &str,
     id: &str,
 ) -> Result<Response, ApiError> {
-    let (job, finished) = jobs.cancel(tenant, id, None)?;
-    if let Some((job, url)) = finished {
-        super::send_webhook(shared, job, url);
-    }
+    let job = jobs.cancel(tenant, id, None)?;
     let status = if job.state.is_finished() {
         StatusCode::OK
     } else {

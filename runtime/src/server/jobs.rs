@@ -20,15 +20,13 @@ use imagegen_crds::{GenerationParams, Progress};
 use tokio::sync::{broadcast, oneshot};
 
 use super::error::ApiError;
+use super::webhook::Notifier;
 
 pub type JobKey = (String, String);
 
 /// A job as submitted: its snapshot, a receiver of its later events, and whether this
 /// submission created it (false: an earlier one with the same id).
 pub type Submitted = (Job, broadcast::Receiver<JobEvent>, bool);
-
-/// A finished job and its webhook URL.
-pub type Finished = (Job, Option<String>);
 
 /// What the worker needs to run a generation: inputs decoded and LoRAs resolved to files.
 pub struct Work {
@@ -111,6 +109,9 @@ pub struct Jobs<W = Work> {
     wake: Condvar,
     capacity: usize,
     kind: JobKind,
+    /// Every way a job ends goes through [`Jobs::finish`], which hands the job to its
+    /// webhook here.
+    webhooks: Option<Notifier>,
 }
 
 /// What a job produced.
@@ -195,7 +196,14 @@ impl<W> Jobs<W> {
             wake: Condvar::new(),
             capacity,
             kind,
+            webhooks: None,
         }
+    }
+
+    /// Sends each finished job that names a webhook to it.
+    pub fn with_webhooks(mut self, webhooks: Notifier) -> Self {
+        self.webhooks = Some(webhooks);
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, State<W>> {
@@ -338,8 +346,9 @@ impl<W> Jobs<W> {
         }
     }
 
-    /// Records a job's end; returns the job and its webhook URL.
-    pub fn finish(&self, key: &JobKey, outcome: Result<Output, ErrorDetail>) -> Option<Finished> {
+    /// Records a job's end, tells its subscribers and its webhook; returns the job (`None`
+    /// when it is unknown or had already ended).
+    pub fn finish(&self, key: &JobKey, outcome: Result<Output, ErrorDetail>) -> Option<Job> {
         let mut state = self.lock();
         let entry = state.entries.get_mut(key)?;
         if entry.job.state.is_finished() {
@@ -381,10 +390,14 @@ impl<W> Jobs<W> {
             }
         };
         let _ = entry.events.send(event);
-        let out = (entry.job.clone(), entry.webhook.clone());
+        let (job, webhook) = (entry.job.clone(), entry.webhook.clone());
         let seconds = (now - started).as_secs_f64();
         state.recent_seconds = 0.8 * state.recent_seconds + 0.2 * seconds;
-        Some(out)
+        drop(state);
+        if let (Some(webhooks), Some(url)) = (&self.webhooks, webhook) {
+            webhooks.send(job.clone(), url);
+        }
+        Some(job)
     }
 
     /// The error a cancelled run ends with: the recorded reason, else a client cancel.
@@ -419,7 +432,7 @@ impl<W> Jobs<W> {
         tenant: &str,
         id: &str,
         reason: Option<ErrorDetail>,
-    ) -> Result<(Job, Option<Finished>), ApiError> {
+    ) -> Result<Job, ApiError> {
         let key = (tenant.to_string(), id.to_string());
         let mut state = self.lock();
         let Some(entry) = state.entries.get_mut(&key) else {
@@ -439,19 +452,18 @@ impl<W> Jobs<W> {
             }
             entry.cancel.store(true, Ordering::SeqCst);
             let job = snapshot(&state, &key).expect("entry exists");
-            return Ok((job, None));
+            return Ok(job);
         }
         state.queue.retain(|q| q.key != key);
         announce_positions(&state);
         drop(state);
-        let finished = self.finish(&key, Err(reason));
-        let job = self.get(tenant, id).expect("entry exists");
-        Ok((job, finished))
+        self.finish(&key, Err(reason));
+        Ok(self.get(tenant, id).expect("entry exists"))
     }
 
     /// Stops taking jobs; every queued job fails as retryable (its client may send it to
-    /// another replica). Returns them for their webhooks. The running job carries on.
-    pub fn shut_down(&self) -> Vec<Finished> {
+    /// another replica). Returns them. The running job carries on.
+    pub fn shut_down(&self) -> Vec<Job> {
         let drained: Vec<JobKey> = {
             let mut state = self.lock();
             state.shutting_down = true;
@@ -506,8 +518,8 @@ impl<W> Jobs<W> {
         }
     }
 
-    /// Jobs queued past their deadline fail without running.
-    pub fn expire_queued(&self) -> Vec<Finished> {
+    /// Jobs queued past their deadline fail without running; returns them.
+    pub fn expire_queued(&self) -> Vec<Job> {
         let now = Instant::now();
         let expired: Vec<JobKey> = {
             let mut state = self.lock();
@@ -653,7 +665,7 @@ mod tests {
         jobs.submit(submission("a", "1", "x")).unwrap();
         jobs.submit(submission("a", "2", "x")).unwrap();
         jobs.submit(submission("a", "3", "x")).unwrap();
-        let (job, _) = jobs.cancel("a", "1", None).unwrap();
+        let job = jobs.cancel("a", "1", None).unwrap();
         assert_eq!(job.state, JobState::Cancelled);
         assert_eq!(jobs.get("a", "2").unwrap().queue_position, Some(0));
         let Some(Ok(running)) = jobs.next() else {
@@ -664,13 +676,90 @@ mod tests {
         assert!(running.cancel.load(Ordering::SeqCst));
         let failed = jobs.shut_down();
         assert_eq!(failed.len(), 1);
-        let error = failed[0].0.error.clone().unwrap();
+        let error = failed[0].error.clone().unwrap();
         assert_eq!(
             (error.code.as_str(), error.retryable),
             (codes::SHUTTING_DOWN, Some(true))
         );
         assert!(jobs.next().is_none());
         assert!(jobs.submit(submission("a", "4", "x")).is_err());
+    }
+
+    /// Every way a job ends reaches its webhook: finished by the worker, cancelled while
+    /// queued, expired in the queue, failed at shutdown; and it ends once.
+    #[test]
+    fn every_end_of_a_job_reaches_its_webhook() {
+        use std::io::{BufRead, BufReader, Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/hook", listener.local_addr().unwrap());
+        let receiver = std::thread::spawn(move || {
+            let mut received = Vec::new();
+            for _ in 0..4 {
+                let (conn, _) = listener.accept().unwrap();
+                let mut reader = BufReader::new(conn);
+                let mut length = 0;
+                loop {
+                    let mut line = String::new();
+                    reader.read_line(&mut line).unwrap();
+                    if line.trim().is_empty() {
+                        break;
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        length = v.trim().parse().unwrap();
+                    }
+                }
+                let mut body = vec![0; length];
+                reader.read_exact(&mut body).unwrap();
+                let job: Job = serde_json::from_slice(&body).unwrap();
+                received.push((job.id, job.state));
+                let _ = reader
+                    .get_mut()
+                    .write_all(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n");
+            }
+            received.sort_by(|a, b| a.0.cmp(&b.0));
+            received
+        });
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let jobs = Jobs::new(8).with_webhooks(Notifier::new(None, runtime.handle().clone()));
+        let hooked = |id: &str| Submission {
+            webhook: Some(url.clone()),
+            ..submission("a", id, "x")
+        };
+        jobs.submit(hooked("1-finished")).unwrap();
+        jobs.submit(hooked("2-cancelled")).unwrap();
+        jobs.submit(Submission {
+            deadline: Instant::now(),
+            ..hooked("3-expired")
+        })
+        .unwrap();
+        jobs.submit(hooked("4-shut-down")).unwrap();
+        jobs.submit(submission("a", "5-no-webhook", "x")).unwrap();
+        let Some(Ok(running)) = jobs.next() else {
+            panic!("a job to run")
+        };
+        assert!(jobs.finish(&running.key, Err(deadline_error())).is_some());
+        assert!(
+            jobs.finish(&running.key, Err(deadline_error())).is_none(),
+            "a job ends once"
+        );
+        jobs.cancel("a", "2-cancelled", None).unwrap();
+        assert_eq!(jobs.expire_queued().len(), 1);
+        assert_eq!(jobs.shut_down().len(), 2);
+        let received = receiver.join().unwrap();
+        assert_eq!(
+            received,
+            [
+                ("1-finished".to_string(), JobState::Failed),
+                ("2-cancelled".to_string(), JobState::Cancelled),
+                ("3-expired".to_string(), JobState::Failed),
+                ("4-shut-down".to_string(), JobState::Failed),
+            ]
+        );
+        runtime.shutdown_timeout(Duration::from_secs(10));
     }
 
     #[test]

@@ -25,7 +25,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use imagegen_crds::api::Job;
 use warp::Filter;
 
 pub use config::{Config, ServeArgs};
@@ -60,24 +59,6 @@ impl Shared {
     }
 }
 
-/// Sends a finished job to its webhook, off the worker thread.
-pub fn send_webhook(shared: &Shared, job: Job, url: Option<String>) {
-    let Some(url) = url else { return };
-    let secret = shared.config.webhook_secret.clone();
-    shared.runtime.spawn_blocking(move || {
-        let body = match serde_json::to_vec(&job) {
-            Ok(body) => body,
-            Err(e) => {
-                tracing::warn!(error = %e, "webhook body");
-                return;
-            }
-        };
-        if let Err(e) = webhook::deliver(&url, &body, secret.as_deref()) {
-            tracing::warn!(url = %url, job = %job.id, error = %e, "webhook not delivered");
-        }
-    });
-}
-
 /// Runs the service until SIGTERM or SIGINT; errors are one line.
 pub fn run(args: ServeArgs) -> Result<(), String> {
     let config = Config::resolve(&args)?;
@@ -102,9 +83,11 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
         .thread_name("imagegen-http")
         .build()
         .map_err(|e| format!("tokio: {e}"))?;
+    let webhooks = webhook::Notifier::new(config.webhook_secret.clone(), runtime.handle().clone());
     let shared = Arc::new(Shared {
-        jobs: jobs::Jobs::new(config.queue_size),
-        trainings: jobs::Jobs::of_kind(TRAINING_QUEUE, imagegen_crds::api::JobKind::Training),
+        jobs: jobs::Jobs::new(config.queue_size).with_webhooks(webhooks.clone()),
+        trainings: jobs::Jobs::of_kind(TRAINING_QUEUE, imagegen_crds::api::JobKind::Training)
+            .with_webhooks(webhooks),
         store,
         metrics: metrics::Metrics::new().map_err(|e| format!("metrics: {e}"))?,
         auth: auth::Auth::new(&config.tokens),
@@ -198,13 +181,9 @@ async fn serve(shared: Arc<Shared>) -> Result<(), String> {
     };
     // Stop taking work; queued jobs fail as retryable; the running job finishes.
     eprintln!("imagegen: shutting down");
-    for (job, url) in shared.jobs.shut_down() {
-        send_webhook(&shared, job, url);
-    }
+    shared.jobs.shut_down();
     // A training can take hours: it stops too (retryable), like the queued ones.
-    for (job, url) in shared.trainings.shut_down() {
-        send_webhook(&shared, job, url);
-    }
+    shared.trainings.shut_down();
     shared.metrics.queue_depth.set(0);
     let _ = tokio::task::spawn_blocking(move || {
         let _ = worker.join();
@@ -244,9 +223,7 @@ async fn sweeper(shared: Arc<Shared>) {
     let mut last_store_sweep = std::time::Instant::now();
     loop {
         tick.tick().await;
-        for (job, url) in shared.jobs.expire_queued() {
-            send_webhook(&shared, job, url);
-        }
+        shared.jobs.expire_queued();
         shared.metrics.queue_depth.set(shared.jobs.depth() as i64);
         if last_store_sweep.elapsed() < period {
             continue;

@@ -37,9 +37,7 @@ pub fn run(shared: Arc<Shared>) {
         if let Ok(running) = task {
             let key = running.key.clone();
             let outcome = train(&shared, &running);
-            if let Some((job, webhook)) = shared.trainings.finish(&key, outcome) {
-                super::send_webhook(&shared, job, webhook);
-            }
+            shared.trainings.finish(&key, outcome);
         }
     }
 }

@@ -106,6 +106,37 @@ pub fn deliver(url: &str, body: &[u8], secret: Option<&str>) -> Result<(), Strin
     Err(last)
 }
 
+/// Sends finished jobs to their webhooks, signed with the deployment's secret when one is
+/// set, on the runtime's blocking pool: never on the thread that finished the job.
+#[derive(Clone)]
+pub struct Notifier {
+    secret: Option<String>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Notifier {
+    pub fn new(secret: Option<String>, runtime: tokio::runtime::Handle) -> Self {
+        Notifier { secret, runtime }
+    }
+
+    /// Posts `job` to `url` (retried; a failure is logged, nothing more).
+    pub fn send(&self, job: imagegen_crds::api::Job, url: String) {
+        let secret = self.secret.clone();
+        self.runtime.spawn_blocking(move || {
+            let body = match serde_json::to_vec(&job) {
+                Ok(body) => body,
+                Err(e) => {
+                    tracing::warn!(error = %e, "webhook body");
+                    return;
+                }
+            };
+            if let Err(e) = deliver(&url, &body, secret.as_deref()) {
+                tracing::warn!(url = %url, job = %job.id, error = %e, "webhook not delivered");
+            }
+        });
+    }
+}
+
 /// GETs an image from an allow-listed URL, at most `limit` bytes. Blocking.
 pub fn fetch(url: &str, limit: u64) -> Result<Vec<u8>, String> {
     let response = agent().get(url).call().map_err(|e| e.to_string())?;

@@ -99,9 +99,7 @@ pub fn run(shared: Arc<Shared>, loaded: std::sync::mpsc::Sender<Result<Loaded, S
                     for key in keys {
                         let error =
                             error_detail(codes::INTERNAL, "the job failed unexpectedly", true);
-                        if let Some((job, webhook)) = shared.jobs.finish(&key, Err(error)) {
-                            super::send_webhook(&shared, job, webhook);
-                        }
+                        shared.jobs.finish(&key, Err(error));
                     }
                 }
             }
@@ -170,9 +168,7 @@ fn finish(
         .with_label_values(&[mode, state])
         .observe(created.elapsed().as_secs_f64());
     shared.metrics.jobs.with_label_values(&[state]).inc();
-    if let Some((job, webhook)) = shared.jobs.finish(key, outcome) {
-        super::send_webhook(shared, job, webhook);
-    }
+    shared.jobs.finish(key, outcome);
 }
 
 /// Loads (or finds cached) the LoRAs of a job for the model.
