@@ -49,6 +49,31 @@ impl From<StoreError> for ApiError {
 
 pub use imagegen_crds::api::{check_name, check_store_path};
 
+/// The S3 client of `bucket`, configured by `builder` (the `AWS_*` environment). An endpoint
+/// that is not a URL (a stray word or line in `AWS_ENDPOINT`) passes object_store's build
+/// but panics on the first request, so it is refused here.
+fn s3_store(
+    builder: object_store::aws::AmazonS3Builder,
+    bucket: &str,
+) -> Result<object_store::aws::AmazonS3, String> {
+    use object_store::aws::AmazonS3ConfigKey;
+    if let Some(endpoint) = builder.get_config_value(&AmazonS3ConfigKey::Endpoint) {
+        let uri: Result<warp::http::Uri, _> = endpoint.parse();
+        let usable = uri.is_ok_and(|uri| {
+            matches!(uri.scheme_str(), Some("http" | "https")) && uri.authority().is_some()
+        });
+        if !usable {
+            return Err(format!(
+                "the endpoint {endpoint:?} (AWS_ENDPOINT) is not an http(s) URL"
+            ));
+        }
+    }
+    builder
+        .with_bucket_name(bucket)
+        .build()
+        .map_err(|e| e.to_string())
+}
+
 impl Store {
     pub fn open(url: &str) -> Result<Store, String> {
         let cache_dir = std::env::temp_dir().join(format!("imagegen-serve-{}", std::process::id()));
@@ -74,9 +99,7 @@ impl Store {
             if bucket.is_empty() {
                 return Err(format!("store `{url}`: no bucket"));
             }
-            let s3 = object_store::aws::AmazonS3Builder::from_env()
-                .with_bucket_name(bucket)
-                .build()
+            let s3 = s3_store(object_store::aws::AmazonS3Builder::from_env(), bucket)
                 .map_err(|e| format!("store {url}: {e}"))?;
             let inner: Arc<dyn ObjectStore> = if prefix.trim_matches('/').is_empty() {
                 Arc::new(s3)
@@ -200,6 +223,24 @@ mod tests {
     fn stores_open_by_url() {
         assert!(Store::open("file://relative/dir").is_err());
         assert!(Store::open("ftp://x").is_err());
+        let with_endpoint = |e: &str| {
+            s3_store(
+                object_store::aws::AmazonS3Builder::new()
+                    .with_region("us-east-1")
+                    .with_endpoint(e),
+                "b",
+            )
+        };
+        assert!(with_endpoint("http://127.0.0.1:9000").is_ok());
+        assert!(with_endpoint("https://s3.example.com").is_ok());
+        for bad in [
+            "Starting a server\nhttp://127.0.0.1:9000",
+            "127.0.0.1:9000",
+            "ftp://x",
+        ] {
+            let err = with_endpoint(bad).unwrap_err();
+            assert!(err.contains("AWS_ENDPOINT"), "{bad}: {err}");
+        }
         let dir = std::env::temp_dir().join(format!("imagegen-store-{}", std::process::id()));
         let store = Store::open(&format!("file://{}", dir.display())).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
