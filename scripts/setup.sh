@@ -6,17 +6,19 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 . "$here/env.sh"
 
-requirements="$here/requirements.txt"
+# requirements.txt: PyTorch and the reference libraries (the parity fixtures are keyed by
+# it); requirements-services.txt: stand-ins for services the tests talk to.
+requirements=("$here/requirements.txt" "$here/requirements-services.txt")
 stamp="$IMAGEGEN_VENV/.imagegen-requirements"
-if [ -x "$IMAGEGEN_VENV/bin/python" ] && [ -f "$stamp" ] && cmp -s "$requirements" "$stamp"; then
+if [ -x "$IMAGEGEN_VENV/bin/python" ] && [ -f "$stamp" ] && cat "${requirements[@]}" | cmp -s - "$stamp"; then
     echo "setup: venv up to date at $IMAGEGEN_VENV" >&2
 else
     echo "setup: creating venv at $IMAGEGEN_VENV (PyTorch is a large download)" >&2
     mkdir -p "$(dirname "$IMAGEGEN_VENV")"
     python3 -m venv "$IMAGEGEN_VENV"
     "$IMAGEGEN_VENV/bin/pip" install --quiet --upgrade pip
-    "$IMAGEGEN_VENV/bin/pip" install --quiet -r "$requirements"
-    cp "$requirements" "$stamp"
+    "$IMAGEGEN_VENV/bin/pip" install --quiet -r "$here/requirements.txt" -r "$here/requirements-services.txt"
+    cat "${requirements[@]}" > "$stamp"
 fi
 
 if ! command -v cargo >/dev/null; then

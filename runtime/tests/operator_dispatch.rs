@@ -96,7 +96,7 @@ fn start(name: &str) -> Server {
         Options {
             tokens: false,
             extra: vec!["--tokens-file".into(), tokens.display().to_string()],
-            env: vec![],
+            ..Options::default()
         },
     )
 }

@@ -210,11 +210,6 @@ fn generations_jobs_events_and_images() {
     );
 }
 
-fn base64_encode(bytes: &[u8]) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
 fn base64_decode(text: &str) -> Vec<u8> {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD
@@ -539,35 +534,14 @@ fn loras_upload_list_use_delete() {
     let server = Server::start("loras", Options::default());
     let a = Some(TOKEN_A);
     let lora = std::fs::read(lora_fixture()).unwrap();
-    let (ct, form) = multipart(&[
-        ("name", None, None, b"style-a"),
-        (
-            "file",
-            Some("pytorch_lora_weights.safetensors"),
-            Some("application/octet-stream"),
-            &lora,
-        ),
-    ]);
-    let r = request(
-        "POST",
-        &server.url("/v1/loras"),
-        a,
-        &[("Content-Type", &ct)],
-        Some(&form),
-    );
+    let r = post_lora(&server, a, "style-a", &lora);
     assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
     let info = r.json();
     assert_eq!(info["name"], "style-a");
     assert_eq!(info["source"], "upload");
     assert_eq!(info["sizeBytes"].as_u64(), Some(lora.len() as u64));
     // Duplicate name: 409. Not a LoRA: 422, nothing stored.
-    let r = request(
-        "POST",
-        &server.url("/v1/loras"),
-        a,
-        &[("Content-Type", &ct)],
-        Some(&form),
-    );
+    let r = post_lora(&server, a, "style-a", &lora);
     assert_eq!(r.error(409).0, "conflict");
     let r = request(
         "POST",
@@ -1080,6 +1054,7 @@ fn yaml_config_with_flags_and_environment_on_top() {
             tokens: false,
             extra: vec!["--config".into(), config.display().to_string()],
             env: vec![("IMAGEGEN_MAX_BODY_BYTES".into(), "1000".into())],
+            ..Options::default()
         },
     );
     let carol = Some("carol-token-0003");

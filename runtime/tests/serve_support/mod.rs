@@ -42,6 +42,8 @@ pub struct Options {
     pub tokens: bool,
     pub extra: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// The store URL; `None`: a fresh folder, `Server::store`.
+    pub store: Option<String>,
 }
 
 impl Default for Options {
@@ -50,6 +52,7 @@ impl Default for Options {
             tokens: true,
             extra: vec![],
             env: vec![],
+            store: None,
         }
     }
 }
@@ -82,7 +85,12 @@ impl Server {
             .args(["--listen", "127.0.0.1:0"])
             .args(["--safety", "off", "--device", "cpu"])
             .arg("--store")
-            .arg(format!("file://{}", store.display()))
+            .arg(
+                options
+                    .store
+                    .clone()
+                    .unwrap_or_else(|| format!("file://{}", store.display())),
+            )
             .args(&options.extra)
             .env_remove("IMAGEGEN_TOKENS")
             .env_remove("IMAGEGEN_TOKENS_FILE")
@@ -463,6 +471,31 @@ pub fn png(width: u32, height: u32, hole: bool) -> Vec<u8> {
         )
         .unwrap();
     bytes
+}
+
+/// `POST /v1/loras` of `bytes` as the LoRA `name`, the way a client uploads one (multipart).
+pub fn post_lora(server: &Server, token: Option<&str>, name: &str, bytes: &[u8]) -> Reply {
+    let (ct, form) = multipart(&[
+        ("name", None, None, name.as_bytes()),
+        (
+            "file",
+            Some("pytorch_lora_weights.safetensors"),
+            Some("application/octet-stream"),
+            bytes,
+        ),
+    ]);
+    request(
+        "POST",
+        &server.url("/v1/loras"),
+        token,
+        &[("Content-Type", &ct)],
+        Some(&form),
+    )
+}
+
+pub fn base64_encode(bytes: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 /// Hex SHA-256, computed here rather than with the runtime's own helper under test.
