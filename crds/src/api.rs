@@ -13,6 +13,16 @@ use crate::training::{TrainingParams, MAX_TRAINING_IMAGES};
 /// Longest client-chosen job id.
 pub const MAX_JOB_ID_CHARS: usize = 64;
 
+/// Whether `id` is a job id: `[a-z0-9-]{1,64}` (what clients may choose, and what the runtime
+/// makes up: 32 hex digits).
+pub fn is_job_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_JOB_ID_CHARS
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
 /// The environment variable holding the bearer token `imagegen train --progress-url` sends
 /// (the operator fills it from the training's own Secret).
 pub const PROGRESS_TOKEN_ENV: &str = "IMAGEGEN_PROGRESS_TOKEN";

@@ -859,6 +859,82 @@ fn graceful_shutdown_finishes_the_running_job_and_fails_the_queued_ones() {
     assert_eq!(job["id"], "q-1");
     assert_eq!(job["state"], "failed");
     assert_eq!(job["error"]["retryable"], true);
+    // The job that finished during the shutdown is kept in the store; the retryable
+    // failures are not, so that their resubmission runs.
+    let kept = server.store.join("tenants/alice/jobs");
+    assert!(kept.join("r-1.json").is_file(), "{}", server.log_text());
+    assert!(!kept.join("q-1.json").exists() && !kept.join("q-2.json").exists());
+}
+
+/// A finished job outlives the process: a new process on the same store answers for it,
+/// returns it for the same `jobId` and body instead of running it again, and refuses the
+/// same id with another body.
+#[test]
+fn finished_jobs_outlive_a_restart() {
+    let mut first = Server::start("restart", Options::default());
+    let a = Some(TOKEN_A);
+    let mut body = small("a cat", 2);
+    body["jobId"] = json!("kept-1");
+    body["responseFormat"] = json!("b64Json");
+    let job = post_json(&first, "/v1/generations", a, &body).json();
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let image = job["result"]["images"][0].clone();
+    assert!(image["b64Json"].is_string());
+    let record = first.store.join("tenants/alice/jobs/kept-1.json");
+    let started = std::time::Instant::now();
+    while !record.is_file() {
+        assert!(started.elapsed() < Duration::from_secs(120), "never kept");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(first.terminate().success());
+
+    let store = first.store.clone();
+    let second = Server::start(
+        "restart-2",
+        Options {
+            store: Some(format!("file://{}", store.display())),
+            ..Default::default()
+        },
+    );
+    let again = get(&second, "/v1/jobs/kept-1", a).json();
+    assert_eq!(again["state"], "succeeded");
+    assert_eq!(again["result"]["images"][0]["id"], image["id"]);
+    assert_eq!(again["result"]["images"][0]["sha256"], image["sha256"]);
+    assert!(
+        again["result"]["images"][0].get("b64Json").is_none(),
+        "inline images are not kept"
+    );
+    let png = get(&second, image["url"].as_str().unwrap(), a);
+    assert_eq!(hex_sha256(&png.body), image["sha256"].as_str().unwrap());
+    get(&second, "/v1/jobs/kept-1", Some(TOKEN_B)).error(404);
+    let events = sse(&second, a, "kept-1");
+    assert_eq!(
+        events.last().map(|(name, _)| name.as_str()),
+        Some("succeeded")
+    );
+    assert_eq!(
+        delete(&second, "/v1/jobs/kept-1", a).error(409).0,
+        "conflict"
+    );
+
+    // The same id and body: the finished job, not a second run.
+    let images = || {
+        std::fs::read_dir(store.join("tenants/alice/images"))
+            .unwrap()
+            .count()
+    };
+    let before = images();
+    let resubmitted = post_json(&second, "/v1/generations", a, &body).json();
+    assert_eq!(resubmitted["result"]["images"][0]["id"], image["id"]);
+    assert_eq!(images(), before);
+    // The same id with another body: a conflict.
+    let mut other = body.clone();
+    other["prompt"] = json!("a dog");
+    let (code, field) = post_json(&second, "/v1/generations", a, &other).error(409);
+    assert_eq!(
+        (code.as_str(), field.as_deref()),
+        ("conflict", Some("jobId"))
+    );
 }
 
 #[test]
@@ -952,6 +1028,10 @@ fn results_expire_after_the_ttl() {
     loop {
         let gone = get(&server, &url, a).status == 404
             && get(&server, "/v1/jobs/short-lived", a).status == 404
+            && !server
+                .store
+                .join("tenants/alice/jobs/short-lived.json")
+                .exists()
             && !server
                 .store
                 .join(format!(

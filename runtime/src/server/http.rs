@@ -10,7 +10,7 @@ use futures_util::{Stream, StreamExt};
 use image::DynamicImage;
 use imagegen_crds::api::{
     self, codes, GenerationRequest, ImageInput, Job, JobEvent, JobState, LoraInfo, LoraSource,
-    ResponseFormat, Upload, MAX_JOB_ID_CHARS,
+    ResponseFormat, Upload,
 };
 use object_store::path::Path as StorePath;
 use sha2::{Digest, Sha256};
@@ -195,18 +195,22 @@ async fn route(path: &str, mut request: Request) -> Result<Response, ApiError> {
     let tenant = request.tenant()?;
     match (segments.as_slice(), method) {
         (["v1", "generations"], Method::POST) => post_generation(request, tenant).await,
-        (["v1", "jobs", id], Method::GET) => get_job(&request.shared.jobs, &tenant, id, "job"),
-        (["v1", "jobs", id], Method::DELETE) => cancel_job(&request.shared.jobs, &tenant, id),
-        (["v1", "jobs", id, "events"], Method::GET) => events(&request.shared.jobs, &tenant, id),
+        (["v1", "jobs", id], Method::GET) => {
+            get_job(&request.shared.jobs, &tenant, id, "job").await
+        }
+        (["v1", "jobs", id], Method::DELETE) => cancel_job(&request.shared.jobs, &tenant, id).await,
+        (["v1", "jobs", id, "events"], Method::GET) => {
+            events(&request.shared.jobs, &tenant, id).await
+        }
         (["v1", "trainings"], Method::POST) => post_training(&mut request, &tenant).await,
         (["v1", "trainings", id], Method::GET) => {
-            get_job(&request.shared.trainings, &tenant, id, "training")
+            get_job(&request.shared.trainings, &tenant, id, "training").await
         }
         (["v1", "trainings", id], Method::DELETE) => {
-            cancel_job(&request.shared.trainings, &tenant, id)
+            cancel_job(&request.shared.trainings, &tenant, id).await
         }
         (["v1", "trainings", id, "events"], Method::GET) => {
-            events(&request.shared.trainings, &tenant, id)
+            events(&request.shared.trainings, &tenant, id).await
         }
         (["v1", "uploads"], Method::POST) => post_upload(&mut request, &tenant).await,
         (["v1", "images", "generations"], Method::POST) => {
@@ -489,12 +493,7 @@ pub fn check_limits(
 
 /// A client's job id: `[a-z0-9-]{1,64}`.
 fn check_job_id(id: &str) -> Result<(), ApiError> {
-    let valid = !id.is_empty()
-        && id.len() <= MAX_JOB_ID_CHARS
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if !valid {
+    if !api::is_job_id(id) {
         return Err(ApiError::invalid("jobId", "must match [a-z0-9-]{1,64}"));
     }
     Ok(())
@@ -569,6 +568,7 @@ pub async fn submit(
     let fingerprint = fingerprint(&body, body.job_id.is_some());
     // A re-submitted job id answers with the existing job before any input is read.
     if let Some(id) = &body.job_id {
+        shared.jobs.recall(tenant, id).await;
         if let Some(existing) = shared.jobs.resubmit(tenant, id, &fingerprint) {
             return existing;
         }
@@ -830,13 +830,15 @@ fn snapshot_event(job: &Job) -> JobEvent {
     }
 }
 
-/// `GET` of a job or training; `what` names its kind in the 404.
-fn get_job<W>(
+/// `GET` of a job or training (one this process ran, or one kept in the store); `what`
+/// names its kind in the 404.
+async fn get_job<W>(
     jobs: &super::jobs::Jobs<W>,
     tenant: &str,
     id: &str,
     what: &str,
 ) -> Result<Response, ApiError> {
+    jobs.recall(tenant, id).await;
     let job = jobs
         .get(tenant, id)
         .ok_or_else(|| ApiError::not_found(format!("no {what} `{id}`")))?;
@@ -844,11 +846,12 @@ fn get_job<W>(
 }
 
 /// `DELETE` of a job or training: 200 when it has ended, 202 while it is stopping.
-fn cancel_job<W>(
+async fn cancel_job<W>(
     jobs: &super::jobs::Jobs<W>,
     tenant: &str,
     id: &str,
 ) -> Result<Response, ApiError> {
+    jobs.recall(tenant, id).await;
     let job = jobs.cancel(tenant, id, None)?;
     let status = if job.state.is_finished() {
         StatusCode::OK
@@ -858,7 +861,12 @@ fn cancel_job<W>(
     Ok(json_with_status(&job, status))
 }
 
-fn events<W>(jobs: &super::jobs::Jobs<W>, tenant: &str, id: &str) -> Result<Response, ApiError> {
+async fn events<W>(
+    jobs: &super::jobs::Jobs<W>,
+    tenant: &str,
+    id: &str,
+) -> Result<Response, ApiError> {
+    jobs.recall(tenant, id).await;
     let (job, rx) = jobs
         .subscribe(tenant, id)
         .ok_or_else(|| ApiError::not_found(format!("no job `{id}`")))?;
@@ -1059,6 +1067,7 @@ async fn post_training(request: &mut Request, tenant: &str) -> Result<Response, 
     let fingerprint = fingerprint(&body, body.job_id.is_some());
     if let Some(id) = &body.job_id {
         check_job_id(id)?;
+        shared.trainings.recall(tenant, id).await;
         if let Some(existing) = shared.trainings.resubmit(tenant, id, &fingerprint) {
             let (job, _, _) = existing?;
             return Ok(accepted(&job, "trainings"));

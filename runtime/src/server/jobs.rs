@@ -19,6 +19,7 @@ use imagegen_crds::api::{
 use imagegen_crds::{GenerationParams, Progress};
 use tokio::sync::{broadcast, oneshot};
 
+use super::archive::{Archive, Record};
 use super::error::ApiError;
 use super::webhook::Notifier;
 
@@ -112,6 +113,9 @@ pub struct Jobs<W = Work> {
     /// Every way a job ends goes through [`Jobs::finish`], which hands the job to its
     /// webhook here.
     webhooks: Option<Notifier>,
+    /// Where [`Jobs::finish`] keeps finished jobs beyond this process, and
+    /// [`Jobs::recall`] finds them again.
+    archive: Option<Archive>,
 }
 
 /// What a job produced.
@@ -197,7 +201,47 @@ impl<W> Jobs<W> {
             capacity,
             kind,
             webhooks: None,
+            archive: None,
         }
+    }
+
+    /// Keeps finished jobs in `archive`, and recalls them from it.
+    pub fn with_archive(mut self, archive: Archive) -> Self {
+        self.archive = Some(archive);
+        self
+    }
+
+    /// Brings `tenant`'s job `id` back from the archive when this process does not know it
+    /// (it finished before a restart, or on another replica of the store), so that every
+    /// lookup, cancel and resubmission sees it as a finished job of this process.
+    pub async fn recall(&self, tenant: &str, id: &str) {
+        let Some(archive) = &self.archive else { return };
+        // Only a job id can name a record (a path segment of the store, never `..`).
+        if !imagegen_crds::api::is_job_id(id) {
+            return;
+        }
+        let key = (tenant.to_string(), id.to_string());
+        if self.lock().entries.contains_key(&key) {
+            return;
+        }
+        let Some(record) = archive.load(tenant, id).await else {
+            return;
+        };
+        if !record.job.state.is_finished() || record.job.id != id {
+            return;
+        }
+        let now = Instant::now();
+        self.lock().entries.entry(key).or_insert_with(|| Entry {
+            job: record.job,
+            fingerprint: record.fingerprint,
+            cancel: Arc::new(AtomicBool::new(false)),
+            cancel_reason: None,
+            events: broadcast::channel(1).0,
+            created: now,
+            started: None,
+            finished: Some(now),
+            webhook: None,
+        });
     }
 
     /// Sends each finished job that names a webhook to it.
@@ -391,9 +435,17 @@ impl<W> Jobs<W> {
         };
         let _ = entry.events.send(event);
         let (job, webhook) = (entry.job.clone(), entry.webhook.clone());
+        let fingerprint = entry.fingerprint.clone();
         let seconds = (now - started).as_secs_f64();
         state.recent_seconds = 0.8 * state.recent_seconds + 0.2 * seconds;
         drop(state);
+        if let Some(archive) = self.archive.as_ref().filter(|_| Archive::keeps(&job)) {
+            let record = Record {
+                job: job.clone(),
+                fingerprint,
+            };
+            archive.keep(&key.0, record);
+        }
         if let (Some(webhooks), Some(url)) = (&self.webhooks, webhook) {
             webhooks.send(job.clone(), url);
         }

@@ -6,6 +6,7 @@
 //!                      └── Store (object_store: file:// or s3://) ◀── PNGs, uploads, LoRAs
 //! ```
 
+pub mod archive;
 pub mod auth;
 pub mod config;
 pub mod credentials;
@@ -84,10 +85,16 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
         .build()
         .map_err(|e| format!("tokio: {e}"))?;
     let webhooks = webhook::Notifier::new(config.webhook_secret.clone(), runtime.handle().clone());
+    let ttl = Duration::from_secs(config.result_ttl_seconds);
+    let archive =
+        |folder| archive::Archive::new(store.clone(), runtime.handle().clone(), folder, ttl);
     let shared = Arc::new(Shared {
-        jobs: jobs::Jobs::new(config.queue_size).with_webhooks(webhooks.clone()),
+        jobs: jobs::Jobs::new(config.queue_size)
+            .with_webhooks(webhooks.clone())
+            .with_archive(archive(archive::JOBS_FOLDER)),
         trainings: jobs::Jobs::of_kind(TRAINING_QUEUE, imagegen_crds::api::JobKind::Training)
-            .with_webhooks(webhooks),
+            .with_webhooks(webhooks)
+            .with_archive(archive(archive::TRAININGS_FOLDER)),
         store,
         metrics: metrics::Metrics::new().map_err(|e| format!("metrics: {e}"))?,
         auth: auth::Auth::new(&config.tokens),
@@ -240,11 +247,12 @@ async fn sweeper(shared: Arc<Shared>) {
             continue;
         };
         for object in objects {
-            let expires = object
-                .location
-                .parts()
-                .nth(2)
-                .is_some_and(|kind| matches!(kind.as_ref(), "images" | "uploads"));
+            let expires = object.location.parts().nth(2).is_some_and(|kind| {
+                matches!(
+                    kind.as_ref(),
+                    "images" | "uploads" | archive::JOBS_FOLDER | archive::TRAININGS_FOLDER
+                )
+            });
             let modified = object.last_modified.timestamp();
             if expires && modified < cutoff.unix_timestamp() {
                 let _ = shared.store.delete(&object.location).await;

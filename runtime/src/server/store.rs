@@ -12,6 +12,7 @@ use object_store::{ObjectMeta, ObjectStore, PutPayload};
 
 use super::error::ApiError;
 
+#[derive(Clone)]
 pub struct Store {
     inner: Arc<dyn ObjectStore>,
     /// The folder of a `file://` store: LoRA files are read from it in place.
