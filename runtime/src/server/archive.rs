@@ -91,8 +91,9 @@ impl Archive {
         });
     }
 
-    /// The kept record of `tenant`'s job `id`, if any and within the TTL.
-    pub async fn load(&self, tenant: &str, id: &str) -> Option<Record> {
+    /// The kept record of `tenant`'s job `id`, if any and within the TTL, and how long ago
+    /// the job finished.
+    pub async fn load(&self, tenant: &str, id: &str) -> Option<(Record, std::time::Duration)> {
         let bytes = self
             .store
             .get(&self.path(tenant, id), MAX_RECORD_BYTES)
@@ -104,6 +105,8 @@ impl Archive {
             &time::format_description::well_known::Rfc3339,
         )
         .ok()?;
-        (time::OffsetDateTime::now_utc() - finished < self.ttl).then_some(record)
+        let age = std::time::Duration::try_from(time::OffsetDateTime::now_utc() - finished)
+            .unwrap_or_default();
+        (age < self.ttl).then_some((record, age))
     }
 }

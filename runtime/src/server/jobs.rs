@@ -224,22 +224,24 @@ impl<W> Jobs<W> {
         if self.lock().entries.contains_key(&key) {
             return;
         }
-        let Some(record) = archive.load(tenant, id).await else {
+        let Some((record, age)) = archive.load(tenant, id).await else {
             return;
         };
         if !record.job.state.is_finished() || record.job.id != id {
             return;
         }
         let now = Instant::now();
+        // The TTL counts from when the job finished, not from its recall.
+        let finished = now.checked_sub(age).unwrap_or(now);
         self.lock().entries.entry(key).or_insert_with(|| Entry {
             job: record.job,
             fingerprint: record.fingerprint,
             cancel: Arc::new(AtomicBool::new(false)),
             cancel_reason: None,
             events: broadcast::channel(1).0,
-            created: now,
+            created: finished,
             started: None,
-            finished: Some(now),
+            finished: Some(finished),
             webhook: None,
         });
     }
