@@ -228,13 +228,7 @@ fn the_service_signs_what_it_serves() {
     let mut body = small("a lighthouse at dusk", 2);
     body["responseFormat"] = json!("b64Json");
     let reply = post_json(&server, "/v1/generations", Some(TOKEN_A), &body);
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
-    let job = reply.json();
+    let job = reply.expect(200);
     let image = &job["result"]["images"][0];
     let id = image["id"].as_str().unwrap();
 

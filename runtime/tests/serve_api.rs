@@ -21,13 +21,7 @@ fn generations_jobs_events_and_images() {
 
     // Synchronous: 200 and the finished job.
     let reply = post_json(&server, "/v1/generations", a, &small("a cat", 3));
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
-    let job = reply.json();
+    let job = reply.expect(200);
     assert_eq!(job["state"], "succeeded");
     assert_eq!(job["kind"], "generation");
     let image = &job["result"]["images"][0];
@@ -183,12 +177,12 @@ fn generations_jobs_events_and_images() {
     i2i["image"] = json!({"uploadId": upload["id"]});
     i2i["strength"] = json!(0.5);
     let r = post_json(&server, "/v1/generations", a, &i2i);
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    r.expect(200);
     let mut inpaint = small("a cat", 4);
     inpaint["image"] = json!({"base64": base64_encode(&serve_support::png(64, 64, false))});
     inpaint["mask"] = json!({"uploadId": multi.json()["id"]});
     let r = post_json(&server, "/v1/generations", a, &inpaint);
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    r.expect(200);
     std::fs::create_dir_all(server.store.join("tenants/alice/photos")).unwrap();
     std::fs::write(
         server.store.join("tenants/alice/photos/p.png"),
@@ -493,7 +487,7 @@ fn tenants_see_only_their_own_things() {
         &[("Content-Type", "application/octet-stream")],
         Some(&lora),
     );
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    r.expect(201);
 
     assert_eq!(
         get(&server, "/v1/jobs/shared-id", b).error(404).0,
@@ -535,8 +529,7 @@ fn loras_upload_list_use_delete() {
     let a = Some(TOKEN_A);
     let lora = std::fs::read(lora_fixture()).unwrap();
     let r = post_lora(&server, a, "style-a", &lora);
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
-    let info = r.json();
+    let info = r.expect(201);
     assert_eq!(info["name"], "style-a");
     assert_eq!(info["source"], "upload");
     assert_eq!(info["sizeBytes"].as_u64(), Some(lora.len() as u64));
@@ -1078,13 +1071,7 @@ fn mask_prompt_finds_the_area_to_inpaint() {
         "maskPrompt": "a red ball", "maskBlur": 0, "maskGrow": 0,
     });
     let reply = post_json(&server, "/v1/generations", a, &body);
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
-    let job = reply.json();
+    let job = reply.expect(200);
     let png = get(
         &server,
         job["result"]["images"][0]["url"].as_str().unwrap(),
@@ -1218,7 +1205,7 @@ fn trainings_run_imagegen_train_and_make_a_lora() {
         "jobId": "train-1",
     });
     let r = post_json(&server, "/v1/trainings", a, &body);
-    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    r.expect(202);
     assert_eq!(r.header("location"), Some("/v1/trainings/train-1"));
     assert_eq!(r.json()["kind"], "training");
     // Progress with the loss, then success with the LoRA.

@@ -137,24 +137,24 @@ fn images_uploads_and_loras_live_in_the_bucket() {
     i2i["image"] = json!({"uploadId": upload_id});
     i2i["strength"] = json!(0.5);
     let r = post_json(&server, "/v1/generations", a, &i2i);
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    r.expect(200);
     // A store path the tenant put in the bucket itself.
     s3.put("tenants/alice/photos/p.png", &png_image());
     let mut by_path = small("a cat", 4);
     by_path["image"] = json!({"path": "photos/p.png"});
     by_path["strength"] = json!(0.5);
     let r = post_json(&server, "/v1/generations", a, &by_path);
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    r.expect(200);
 
     // A LoRA uploaded through the API: stored, listed, applied (downloaded for the engine),
     // deleted from the bucket.
     let lora = std::fs::read(lora_fixture()).unwrap();
     let r = post_lora(&server, a, "style-a", &lora);
-    assert_eq!(r.status, 201, "{}", String::from_utf8_lossy(&r.body));
+    r.expect(201);
     let mut with = small("a cat", 3);
     with["loras"] = json!([{"name": "style-a", "weight": 0.8}]);
     let r = post_json(&server, "/v1/generations", a, &with);
-    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    r.expect(200);
 
     // A LoRA a training Job wrote straight into the bucket is listed from the file.
     s3.put(
@@ -196,7 +196,7 @@ fn a_training_reads_and_writes_the_bucket() {
         "jobId": "train-s3",
     });
     let r = post_json(&server, "/v1/trainings", a, &body);
-    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
+    r.expect(202);
     let started = std::time::Instant::now();
     let job = loop {
         let job = get(&server, "/v1/trainings/train-s3", a).json();

@@ -230,6 +230,17 @@ impl Reply {
             .map(|(_, v)| v.as_str())
     }
 
+    /// Asserts the status (showing the body when it differs) and returns the JSON body.
+    pub fn expect(&self, status: u16) -> serde_json::Value {
+        assert_eq!(
+            self.status,
+            status,
+            "{}",
+            String::from_utf8_lossy(&self.body)
+        );
+        self.json()
+    }
+
     /// Asserts the error shape and returns (code, field).
     pub fn error(&self, status: u16) -> (String, Option<String>) {
         assert_eq!(
