@@ -974,13 +974,7 @@ mod tests {
         let valid = validate(&full()).unwrap();
         let d = build_deployment(&valid, &OperatorConfig::default());
         let pod = pod_spec(&d);
-        let cache = pod
-            .volumes
-            .as_ref()
-            .unwrap()
-            .iter()
-            .find(|v| v.name == "cache")
-            .unwrap();
+        let cache = crate::workload::volume(pod, "cache");
         assert_eq!(
             cache.persistent_volume_claim.as_ref().unwrap().claim_name,
             "sd15-cache"
@@ -1037,13 +1031,7 @@ mod tests {
         let sc = pod.containers[0].security_context.as_ref().unwrap();
         assert_eq!(sc.read_only_root_filesystem, Some(true));
         assert_eq!(sc.allow_privilege_escalation, Some(false));
-        let tmp = pod
-            .volumes
-            .as_ref()
-            .unwrap()
-            .iter()
-            .find(|v| v.name == "tmp")
-            .unwrap();
+        let tmp = crate::workload::volume(pod, "tmp");
         assert!(tmp.empty_dir.is_some());
         let mounts = pod.containers[0].volume_mounts.as_ref().unwrap();
         assert!(mounts
@@ -1120,13 +1108,7 @@ mod tests {
         };
         let d = build_deployment(&validate(&minimal()).unwrap(), &config);
         let pod = pod_spec(&d);
-        let volume = pod
-            .volumes
-            .as_ref()
-            .unwrap()
-            .iter()
-            .find(|v| v.name == "c2pa")
-            .unwrap();
+        let volume = crate::workload::volume(pod, "c2pa");
         let secret = volume.secret.as_ref().unwrap();
         assert_eq!(secret.secret_name.as_deref(), Some("content-credentials"));
         assert_eq!(secret.optional, Some(false));

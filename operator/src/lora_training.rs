@@ -795,13 +795,7 @@ mod tests {
             Some("gpu")
         );
         // The model may scale, so its cache claim is ReadWriteMany and shared.
-        let cache = spec
-            .volumes
-            .as_ref()
-            .unwrap()
-            .iter()
-            .find(|v| v.name == "cache")
-            .unwrap();
+        let cache = crate::workload::volume(spec, "cache");
         assert_eq!(
             cache.persistent_volume_claim.as_ref().unwrap().claim_name,
             "sd15-cache"
@@ -814,14 +808,7 @@ mod tests {
             &single,
             &OperatorConfig::default(),
         );
-        let cache = pod(&job)
-            .volumes
-            .as_ref()
-            .unwrap()
-            .iter()
-            .find(|v| v.name == "cache")
-            .unwrap()
-            .clone();
+        let cache = crate::workload::volume(pod(&job), "cache");
         assert!(cache.empty_dir.is_some());
     }
 

@@ -211,6 +211,16 @@ pub fn check_upload_id(field: &str, id: &str) -> Result<(), Error> {
     })
 }
 
+/// The volume `name` of `pod` (tests of the workloads that use these builders).
+#[cfg(test)]
+pub(crate) fn volume<'a>(pod: &'a PodSpec, name: &str) -> &'a Volume {
+    pod.volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == name)
+        .unwrap_or_else(|| panic!("no volume `{name}`"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
