@@ -29,8 +29,6 @@ pub const TRAINING_LABEL: &str = "imagegen.dev/training";
 pub const CONTAINER_NAME: &str = "trainer";
 /// Key of the progress Secret holding the token.
 pub const TOKEN_KEY: &str = "token";
-/// File name of the trained LoRA inside its folder (diffusers' name; the runtime's layout).
-pub use imagegen_crds::api::LORA_FILE;
 /// Steps between the trainer's checkpoints: a retried pod resumes from the newest one.
 pub const CHECKPOINT_EVERY: u32 = 100;
 /// Longest LoraTraining name: its Job, `<name>-train`, names pods and labels them.

@@ -357,7 +357,7 @@ async fn trained_lora_is_used_listed_and_deleted() {
     let file = server
         .store
         .join(valid_training.output_dir())
-        .join(lt::LORA_FILE);
+        .join(imagegen_crds::api::LORA_FILE);
     std::fs::create_dir_all(file.parent().unwrap()).unwrap();
     let lora = std::fs::read(lora_fixture()).unwrap();
     std::fs::write(&file, &lora).unwrap();
