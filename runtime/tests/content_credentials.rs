@@ -194,7 +194,7 @@ fn bad_certificates_and_keys_are_refused() {
         .arg("serve")
         .arg("--model")
         .arg(fixtures_dir().join("tiny-sd1"))
-        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--listen", "127.0.0.1:0"])
         .args(["--safety", "off", "--device", "cpu"])
         .arg("--c2pa-cert")
         .arg(&cert)

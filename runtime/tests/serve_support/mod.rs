@@ -3,7 +3,6 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Read};
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -21,14 +20,6 @@ pub use common::{compare_u8, fixture_index, fixtures_dir, python};
 pub fn lora_fixture() -> PathBuf {
     let index = fixture_index();
     fixtures_dir().join(index["lora"]["files"]["lora-a"].as_str().unwrap())
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 pub struct Server {
