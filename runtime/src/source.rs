@@ -59,7 +59,11 @@ fn wanted(file: &str, prefer_variant: Option<&str>, all: &[String], safety_check
         "scheduler" => name == "scheduler_config.json",
         "tokenizer" => matches!(
             name,
-            "vocab.json" | "merges.txt" | "tokenizer_config.json" | "special_tokens_map.json"
+            "tokenizer.json"
+                | "vocab.json"
+                | "merges.txt"
+                | "tokenizer_config.json"
+                | "special_tokens_map.json"
         ),
         f if COMPONENTS.contains(&f) || (safety_checker && f == SAFETY_CHECKER) => {
             if name == "config.json" {
