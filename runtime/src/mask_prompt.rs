@@ -4,7 +4,8 @@
 //! blurred like a drawn one.
 //!
 //! A model folder is transformers' layout (`config.json` with `text_config` and
-//! `vision_config`, `model.safetensors`, `vocab.json` + `merges.txt`,
+//! `vision_config`, `model.safetensors`, the tokenizer as `tokenizer.json` or `vocab.json` +
+//! `merges.txt`, the image processor in `processor_config.json` or
 //! `preprocessor_config.json`); a hub id (e.g. [`DEFAULT_MASK_MODEL`]) is downloaded.
 
 use std::path::Path;
@@ -26,9 +27,11 @@ pub const DEFAULT_THRESHOLD: f32 = 0.4;
 pub const DEFAULT_GROW: u32 = 8;
 
 /// Files besides config and weights that a CLIPSeg folder needs (or may have).
-const EXTRA_FILES: [&str; 5] = [
+const EXTRA_FILES: [&str; 7] = [
+    "tokenizer.json",
     "vocab.json",
     "merges.txt",
+    "processor_config.json",
     "preprocessor_config.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -55,8 +58,8 @@ impl Default for MaskOptions {
     }
 }
 
-/// What transformers' `ViTImageProcessor` does to an image before CLIPSeg, from
-/// `preprocessor_config.json`.
+/// What transformers' `ViTImageProcessor` does to an image before CLIPSeg, from the
+/// folder's processor settings (see [`ImageProcessorConfig::from_dir`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImageProcessorConfig {
     pub width: u32,
@@ -88,6 +91,30 @@ struct RawProcessor {
     image_std: Option<[f32; 3]>,
 }
 
+/// `processor_config.json`: a processor's settings, the image processor's nested in it.
+#[derive(Deserialize)]
+struct RawProcessorConfig {
+    image_processor: Option<RawProcessor>,
+}
+
+impl RawProcessor {
+    /// The image processor's settings of `dir`, in transformers' order of precedence.
+    fn find(dir: &Path) -> Result<Option<RawProcessor>> {
+        let nested = dir.join("processor_config.json");
+        if nested.is_file() {
+            let config: RawProcessorConfig = crate::error::read_json(&nested)?;
+            if let Some(raw) = config.image_processor {
+                return Ok(Some(raw));
+            }
+        }
+        let flat = dir.join("preprocessor_config.json");
+        if flat.is_file() {
+            return crate::error::read_json(&flat).map(Some);
+        }
+        Ok(None)
+    }
+}
+
 impl ImageProcessorConfig {
     /// `ViTImageProcessor`'s defaults (ImageNet-standard mean and std of 0.5) at `image_size`.
     pub fn defaults(image_size: u32) -> Self {
@@ -103,14 +130,22 @@ impl ImageProcessorConfig {
         }
     }
 
-    /// Reads `preprocessor_config.json`; the defaults at `image_size` where it is absent.
+    /// The image processor's settings as transformers finds them: the `image_processor` object
+    /// of `processor_config.json` (transformers 5.25 and later save a processor that way, and
+    /// no `preprocessor_config.json`), else `preprocessor_config.json`. Only when neither
+    /// holds them are `ViTImageProcessor`'s defaults at `image_size` taken, with a warning:
+    /// those are not CLIP's mean and std, so the masks would differ from transformers'.
     pub fn from_dir(dir: &Path, image_size: u32) -> Result<Self> {
-        let path = dir.join("preprocessor_config.json");
         let base = Self::defaults(image_size);
-        if !path.is_file() {
+        let Some(raw) = RawProcessor::find(dir)? else {
+            tracing::warn!(
+                dir = %dir.display(),
+                "neither processor_config.json (with `image_processor`) nor \
+                 preprocessor_config.json is there: using ViTImageProcessor's defaults \
+                 (mean and std 0.5)"
+            );
             return Ok(base);
-        }
-        let raw: RawProcessor = crate::error::read_json(&path)?;
+        };
         let (width, height) = match raw.size {
             Some(RawSize::Square(s)) => (s, s),
             Some(RawSize::Sides { height, width }) => (width, height),
@@ -368,5 +403,71 @@ mod tests {
         assert!((v(0) - (1.0 - 0.485) / 0.229).abs() < 1e-5);
         assert!((v(1) - (0.0 - 0.456) / 0.224).abs() < 1e-5);
         assert!((v(2) - (0.2 - 0.406) / 0.225).abs() < 1e-5);
+    }
+
+    /// A fresh folder under the system's temp dir holding `files` (name, JSON text).
+    fn folder_with(tag: &str, files: &[(&str, &str)]) -> std::path::PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("imagegen-processor-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.join(name), text).unwrap();
+        }
+        dir
+    }
+
+    const CLIP_FLAT: &str = r#"{"size": {"height": 352, "width": 352},
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711]}"#;
+    const CLIP_NESTED: &str = r#"{"processor_class": "CLIPSegProcessor", "image_processor": {
+        "image_processor_type": "ViTImageProcessor", "size": {"height": 224, "width": 224},
+        "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}}"#;
+
+    #[test]
+    fn processor_settings_come_from_either_file_nested_first() {
+        let flat = folder_with("flat", &[("preprocessor_config.json", CLIP_FLAT)]);
+        let config = ImageProcessorConfig::from_dir(&flat, 64).unwrap();
+        assert_eq!((config.width, config.height), (352, 352));
+        assert_eq!(config.std, [0.26862954, 0.26130258, 0.27577711]);
+
+        let nested = folder_with("nested", &[("processor_config.json", CLIP_NESTED)]);
+        let config = ImageProcessorConfig::from_dir(&nested, 64).unwrap();
+        assert_eq!((config.width, config.height), (224, 224));
+        assert_eq!(config.mean, [0.485, 0.456, 0.406]);
+
+        // transformers reads the nested settings first when both files are there.
+        let both = folder_with(
+            "both",
+            &[
+                ("processor_config.json", CLIP_NESTED),
+                ("preprocessor_config.json", CLIP_FLAT),
+            ],
+        );
+        let config = ImageProcessorConfig::from_dir(&both, 64).unwrap();
+        assert_eq!(config.mean, [0.485, 0.456, 0.406]);
+
+        // An older processor_config.json names the processor only: the flat file counts.
+        let legacy = folder_with(
+            "legacy",
+            &[
+                (
+                    "processor_config.json",
+                    r#"{"processor_class": "CLIPSegProcessor"}"#,
+                ),
+                ("preprocessor_config.json", CLIP_FLAT),
+            ],
+        );
+        let config = ImageProcessorConfig::from_dir(&legacy, 64).unwrap();
+        assert_eq!(config.width, 352);
+
+        let neither = folder_with("neither", &[]);
+        assert_eq!(
+            ImageProcessorConfig::from_dir(&neither, 64).unwrap(),
+            ImageProcessorConfig::defaults(64)
+        );
+        for dir in [flat, nested, both, legacy, neither] {
+            std::fs::remove_dir_all(dir).unwrap();
+        }
     }
 }
