@@ -4,7 +4,7 @@
 mod common;
 
 use common::{assert_close, fixtures_dir, load_reference, max_abs_diff};
-use imagegen_runtime::mask_prompt::load_clipseg;
+use imagegen_runtime::mask_prompt::{load_clipseg, ImageProcessorConfig, MaskOptions};
 use tch::{Device, Kind};
 
 const TOL: f64 = 1e-4;
@@ -98,4 +98,73 @@ fn legacy_eos_token_id_pools_at_the_largest_id() {
     });
     assert_close("logits (eos_token_id 2)", &ours, &reference["logits"], TOL);
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A CLIPSeg folder as current transformers saves it (`CLIPSegProcessor.save_pretrained`:
+/// the image processor nested in processor_config.json, the tokenizer as tokenizer.json):
+/// the same ids, the same pixel values and the same mask as transformers' processor and model.
+#[test]
+fn a_folder_saved_by_current_transformers_gives_its_inputs_and_mask() {
+    let index = common::fixture_index();
+    let clipseg = &index["clipseg"];
+    let saved_dir = fixtures_dir().join(clipseg["saved_dir"].as_str().unwrap());
+    let files: Vec<&str> = clipseg["saved_files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect();
+    eprintln!("saved by transformers: {files:?}");
+    let reference = load_reference(&fixtures_dir().join(clipseg["processor"].as_str().unwrap()));
+    let finder = load_clipseg(saved_dir.to_str().unwrap(), Device::Cpu, Kind::Float).unwrap();
+
+    let prompts: Vec<&str> = clipseg["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    for (i, prompt) in prompts.iter().enumerate() {
+        let expected =
+            Vec::<i64>::try_from(reference["processed_input_ids"].get(i as i64)).unwrap();
+        assert_eq!(
+            finder.tokenizer.encode(prompt).unwrap(),
+            expected,
+            "{prompt}"
+        );
+    }
+
+    let (height, width) = (64u32, 64u32);
+    let raw = Vec::<u8>::try_from(reference["image"].flatten(0, -1)).unwrap();
+    let image = image::RgbImage::from_raw(width, height, raw).unwrap();
+    let pixels = finder.processor.preprocess(&image);
+    assert_close(
+        "pixel_values",
+        &pixels,
+        &reference["processed_pixel_values"],
+        1e-5,
+    );
+    // The defaults (mean and std 0.5) would not pass: the test tells the layouts apart.
+    let defaults = ImageProcessorConfig::defaults(64).preprocess(&image);
+    assert!(max_abs_diff(&defaults, &reference["processed_pixel_values"]) > 0.1);
+
+    // The mask: probabilities above the threshold, ours against transformers' logits.
+    let ours = finder.probabilities(&image, &prompts).unwrap();
+    let theirs = reference["processed_logits"].sigmoid();
+    let threshold = MaskOptions::default().threshold;
+    for (i, prompt) in prompts.iter().enumerate() {
+        let theirs = Vec::<f32>::try_from(theirs.get(i as i64).flatten(0, -1)).unwrap();
+        let agree = ours[i]
+            .iter()
+            .zip(&theirs)
+            .filter(|(a, b)| (**a > threshold) == (**b > threshold))
+            .count();
+        let share = agree as f64 / theirs.len() as f64;
+        let above = theirs.iter().filter(|p| **p > threshold).count();
+        eprintln!(
+            "{prompt}: masks agree on {:.2}% ({above} pixels above)",
+            share * 100.0
+        );
+        assert!(share >= 0.999, "{prompt}: masks agree on {share}");
+    }
 }

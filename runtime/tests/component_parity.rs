@@ -79,6 +79,44 @@ fn tokenizer_matches_transformers() {
     }
 }
 
+/// The fixtures hold a tokenizer folder in each layout a user may bring, and the one that the
+/// installed transformers saves is among them: `tokenizer_matches_transformers` covers all.
+#[test]
+fn fixtures_hold_every_tokenizer_layout() {
+    let index = common::fixture_index();
+    let mut layouts = std::collections::BTreeSet::new();
+    for model in index["models"].as_array().unwrap() {
+        let dir = fixtures_dir()
+            .join(model["dir"].as_str().unwrap())
+            .join("tokenizer");
+        let has_json = dir.join("tokenizer.json").is_file();
+        let has_files = dir.join("vocab.json").is_file() && dir.join("merges.txt").is_file();
+        let layout = match (has_json, has_files) {
+            (true, true) => "both",
+            (true, false) => "tokenizer.json",
+            (false, true) => "vocab.json+merges.txt",
+            (false, false) => panic!("{}: no tokenizer", dir.display()),
+        };
+        assert_eq!(model["tokenizer_layout"], layout, "{}", dir.display());
+        layouts.insert(layout);
+    }
+    if !index["generator"]["skip_large"].as_bool().unwrap_or(false) {
+        assert_eq!(layouts.len(), 3, "{layouts:?}");
+    }
+    // tiny-sd2 is kept as transformers saved it; since 5.24 that is tokenizer.json alone.
+    let tiny_sd2 = index["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "tiny-sd2")
+        .unwrap();
+    let version = index["generator"]["transformers"].as_str().unwrap();
+    let minor: u32 = version.split('.').nth(1).unwrap().parse().unwrap();
+    if version.starts_with("5.") && minor >= 24 {
+        assert_eq!(tiny_sd2["tokenizer_layout"], "tokenizer.json");
+    }
+}
+
 #[test]
 fn text_encoder_matches_transformers() {
     for (name, dir) in model_dirs() {

@@ -90,6 +90,7 @@ parity_tests! {
     tiny_sd1_dpmpp_2m_karras => "tiny-sd1-dpmpp-2m-karras",
     tiny_sd1_count2 => "tiny-sd1-count2",
     tiny_sd1_noguidance => "tiny-sd1-noguidance",
+    tiny_sd1_tokenizer_json => "tiny-sd1-tokenizer-json",
     tiny_sd2_ddim => "tiny-sd2-ddim",
     tiny_sd2_pndm => "tiny-sd2-pndm",
     tiny_sd2_euler => "tiny-sd2-euler",
