@@ -95,7 +95,8 @@ def write_model(out: Path, shape: str):
             shutil.rmtree(partial)
         pipe.save_pretrained(str(partial), safe_serialization=True)
         mf.overwrite_sd15_scheduler_config(partial)
-        mf.copy_tokenizer_sources(tok_src, partial / "tokenizer")
+        # Both tokenizer layouts, so that the model also loads in tools that read only one.
+        mf.set_tokenizer_layout(tok_src, partial / "tokenizer", mf.LAYOUT_BOTH)
         mf.rewrite_text_encoder_hub_layout(partial / "text_encoder")
         modules = write_lora(unet, partial / "lora" / "pytorch_lora_weights.safetensors")
         partial.rename(out)
