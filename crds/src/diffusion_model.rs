@@ -133,7 +133,8 @@ pub enum Dtype {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(extend("x-kubernetes-validations" = [{
     "rule": "self.min <= self.max",
-    "message": "min must not exceed max"
+    "message": "min must not exceed max",
+    "fieldPath": ".min"
 }]))]
 pub struct Replicas {
     /// Fewest replicas kept running (0 lets the model scale to zero).

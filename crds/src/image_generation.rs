@@ -51,19 +51,27 @@ pub const MAX_LORAS: u32 = 8;
 #[schemars(extend("x-kubernetes-validations" = [
     {
         "rule": "!has(self.mode) || !(self.mode in ['ImageToImage', 'Inpaint', 'Outpaint', 'RemoveObject']) || has(self.image)",
-        "message": "this mode needs an input image"
+        "message": "this mode needs an input image",
+        "fieldPath": ".image",
+        "reason": "FieldValueRequired"
     },
     {
         "rule": "!has(self.mode) || !(self.mode in ['Inpaint', 'RemoveObject']) || has(self.mask) || has(self.maskPrompt)",
-        "message": "this mode needs a mask or a maskPrompt"
+        "message": "this mode needs a mask or a maskPrompt",
+        "fieldPath": ".mask",
+        "reason": "FieldValueRequired"
     },
     {
         "rule": "!has(self.mask) || !has(self.maskPrompt)",
-        "message": "give either mask or maskPrompt, not both"
+        "message": "give either mask or maskPrompt, not both",
+        "fieldPath": ".maskPrompt",
+        "reason": "FieldValueForbidden"
     },
     {
         "rule": "!has(self.mode) || self.mode != 'Outpaint' || has(self.outpaint)",
-        "message": "Outpaint needs outpaint margins"
+        "message": "Outpaint needs outpaint margins",
+        "fieldPath": ".outpaint",
+        "reason": "FieldValueRequired"
     }
 ]))]
 pub struct ImageGenerationSpec {
@@ -130,6 +138,20 @@ pub struct ImageGenerationStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// The runtime pod the job was submitted to: a job lives in one pod, so every poll,
+    /// cancel and delete goes to this pod alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_pod: Option<RuntimePod>,
+}
+
+/// A runtime pod of the model, as the EndpointSlices of the model's Service list it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RuntimePod {
+    /// The pod's name.
+    pub name: String,
+    /// Its address and the runtime's port, `IP:PORT` (`[IPv6]:PORT`).
+    pub address: String,
 }
 
 /// One generated image.

@@ -46,7 +46,9 @@ use crate::training::{TrainingParams, MAX_TRAINING_IMAGES};
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(extend("x-kubernetes-validations" = [{
     "rule": "!has(self.priorPreservation) || has(self.classPrompt)",
-    "message": "priorPreservation needs a classPrompt"
+    "message": "priorPreservation needs a classPrompt",
+    "fieldPath": ".classPrompt",
+    "reason": "FieldValueRequired"
 }]))]
 pub struct LoraTrainingSpec {
     /// The DiffusionModel to train on (and whose family the LoRA fits).

@@ -19,13 +19,14 @@ use imagegen_crds::{DiffusionModel, ImageGeneration, ImageGenerationStatus, Lora
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::finalizer::{finalizer, Event as Finalizer};
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
 use rand::Rng;
 use serde::de::DeserializeOwned;
@@ -33,10 +34,12 @@ use serde::Serialize;
 use serde_json::json;
 use tracing::{info, warn};
 
+use crate::api::image_generation::RuntimePod;
 use crate::image_generation::{self as ig, AfterLoss, Blocked as GenerationBlocked};
 use crate::lora_training::{self as lt, Blocked as TrainingBlocked, TrainerReport};
 use crate::metrics::Metrics;
 use crate::runtime_client::{image_id_from_url, RuntimeApi, RuntimeError, Target};
+use crate::runtime_pods;
 use crate::{diffusion_model as dm, OperatorConfig, FIELD_MANAGER};
 
 /// Finalizer of LoraTrainings: deletes the trained LoRA.
@@ -177,6 +180,8 @@ pub struct Context {
     pub backoff: Backoff,
     /// Runtime tokens already read.
     pub runtime_tokens: RuntimeTokens,
+    /// The EndpointSlices of the models' Services (a watch's cache): which pods a model has.
+    pub endpoint_slices: Store<EndpointSlice>,
     /// The clock (fixed in tests).
     pub now: fn() -> Time,
 }
@@ -189,6 +194,7 @@ impl Context {
         runtime: Arc<dyn RuntimeApi>,
         metrics: Metrics,
         recorder: Recorder,
+        endpoint_slices: Store<EndpointSlice>,
     ) -> Self {
         Context {
             client,
@@ -198,6 +204,7 @@ impl Context {
             recorder,
             backoff: Backoff::default(),
             runtime_tokens: RuntimeTokens::default(),
+            endpoint_slices,
             now: || Time(Timestamp::now()),
         }
     }
@@ -310,28 +317,55 @@ fn random_token() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The runtime of `model`: its Service and the operator's token for the tenant.
-async fn runtime_target(ctx: &Context, model: &DiffusionModel) -> Result<Target, Error> {
+/// The operator's token for the tenant of `model`'s namespace.
+async fn runtime_token(ctx: &Context, model: &DiffusionModel) -> Result<String, Error> {
+    if let Some(token) = ctx.runtime_tokens.get(model) {
+        return Ok(token);
+    }
     let namespace = model.namespace().unwrap_or_default();
-    let name = model.name_any();
-    let token = match ctx.runtime_tokens.get(model) {
-        Some(token) => token,
-        None => {
-            let secret_name = dm::auth_secret_name(&name);
-            let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
-            let secret = secrets.get(&secret_name).await?;
-            let token = dm::token_from_auth_secret(&secret, &namespace)
-                .ok_or(Error::MissingToken(secret_name))?;
-            ctx.runtime_tokens.put(model, &token);
-            token
-        }
-    };
-    let base_url = model
-        .status
-        .as_ref()
-        .and_then(|s| s.endpoint.clone())
-        .unwrap_or_else(|| dm::endpoint(&name, &namespace));
-    Ok(Target { base_url, token })
+    let secret_name = dm::auth_secret_name(&model.name_any());
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let secret = secrets.get(&secret_name).await?;
+    let token =
+        dm::token_from_auth_secret(&secret, &namespace).ok_or(Error::MissingToken(secret_name))?;
+    ctx.runtime_tokens.put(model, &token);
+    Ok(token)
+}
+
+/// The pods of `model`, ready or not, from its Service's EndpointSlices.
+fn model_pods(ctx: &Context, model: &DiffusionModel) -> Vec<runtime_pods::PodEndpoint> {
+    let slices = ctx.endpoint_slices.state();
+    runtime_pods::model_pods(
+        slices.iter().map(|s| s.as_ref()),
+        &model.namespace().unwrap_or_default(),
+        &model.name_any(),
+    )
+}
+
+/// The runtime of `model` at `pod`.
+async fn pod_target(
+    ctx: &Context,
+    model: &DiffusionModel,
+    pod: &RuntimePod,
+) -> Result<Target, Error> {
+    Ok(Target {
+        base_url: runtime_pods::base_url(pod),
+        token: runtime_token(ctx, model).await?,
+    })
+}
+
+/// A ready pod of `model` for work that any replica can do (the store is shared): the
+/// target, or `None` when the model has no ready pod.
+async fn any_ready_target(
+    ctx: &Context,
+    model: &DiffusionModel,
+    key: &str,
+) -> Result<Option<Target>, Error> {
+    let pods = model_pods(ctx, model);
+    match runtime_pods::choose(&pods, key) {
+        Some(pod) => Ok(Some(pod_target(ctx, model, pod).await?)),
+        None => Ok(None),
+    }
 }
 
 fn finalizer_error(e: kube::runtime::finalizer::Error<Error>) -> Error {
@@ -529,7 +563,8 @@ async fn lora_sha256(ctx: &Context, training: &LoraTraining) -> Option<String> {
     let namespace = training.namespace().unwrap_or_default();
     let name = training.name_any();
     let looked_up = async {
-        let Some(target) = model_target(ctx, &namespace, &training.spec.model_ref.name).await?
+        let Some(target) =
+            model_target(ctx, &namespace, &training.spec.model_ref.name, &name).await?
         else {
             return Ok(None);
         };
@@ -585,7 +620,14 @@ async fn cleanup_training(training: &LoraTraining, ctx: &Context) -> Result<Acti
         return Ok(Action::await_change());
     }
     let namespace = training.namespace().unwrap_or_default();
-    let Some(target) = model_target(ctx, &namespace, &training.spec.model_ref.name).await? else {
+    let Some(target) = model_target(
+        ctx,
+        &namespace,
+        &training.spec.model_ref.name,
+        &training.name_any(),
+    )
+    .await?
+    else {
         ctx.event(
             training,
             EventType::Warning,
@@ -639,12 +681,19 @@ pub async fn reconcile_generation(
     Ok(action)
 }
 
-/// What stands between a generation and its submission, or the request and its target.
+/// A submission ready to go: the request, the pod chosen for it, and that pod's runtime.
+struct Submission {
+    target: Target,
+    pod: RuntimePod,
+    request: imagegen_crds::api::GenerationRequest,
+}
+
+/// What stands between a generation and its submission, or the submission.
 async fn prepare_submission(
     ctx: &Context,
     generation: &ImageGeneration,
     valid: &ig::ValidGeneration,
-) -> Result<Result<(Target, imagegen_crds::api::GenerationRequest), GenerationBlocked>, Error> {
+) -> Result<Result<Submission, GenerationBlocked>, Error> {
     let models: Api<DiffusionModel> = Api::namespaced(ctx.client.clone(), &valid.namespace);
     let model = match dm::ready(models.get_opt(&valid.model_name).await?) {
         Ok(model) => model,
@@ -659,19 +708,67 @@ async fn prepare_submission(
         Ok(loras) => loras,
         Err(blocked) => return Ok(Err(blocked)),
     };
-    let target = runtime_target(ctx, &model).await?;
-    Ok(Ok((target, ig::build_request(generation, valid, loras))))
+    let pods = model_pods(ctx, &model);
+    let Some(pod) = runtime_pods::choose(&pods, &valid.job_id).cloned() else {
+        return Ok(Err(GenerationBlocked::WaitingForModel(format!(
+            "no runtime pod of DiffusionModel {} is ready",
+            valid.model_name
+        ))));
+    };
+    Ok(Ok(Submission {
+        target: pod_target(ctx, &model, &pod).await?,
+        pod,
+        request: ig::build_request(generation, valid, loras),
+    }))
 }
 
+/// A ready pod of the model `model` in `namespace`, for work that any replica can do:
+/// `None` when the model is gone or has no ready pod.
 async fn model_target(
     ctx: &Context,
     namespace: &str,
     model: &str,
+    key: &str,
 ) -> Result<Option<Target>, Error> {
     let models: Api<DiffusionModel> = Api::namespaced(ctx.client.clone(), namespace);
     match models.get_opt(model).await? {
-        Some(model) => Ok(Some(runtime_target(ctx, &model).await?)),
+        Some(model) => any_ready_target(ctx, &model, key).await,
         None => Ok(None),
+    }
+}
+
+/// The runtime that holds a submitted job: the pod recorded in the generation's status while
+/// the model's Service still lists it, or why the job is lost.
+async fn job_target(
+    ctx: &Context,
+    generation: &ImageGeneration,
+    namespace: &str,
+    model_name: &str,
+) -> Result<Result<Target, String>, Error> {
+    let models: Api<DiffusionModel> = Api::namespaced(ctx.client.clone(), namespace);
+    let Some(model) = models.get_opt(model_name).await? else {
+        return Ok(Err("the DiffusionModel is gone".into()));
+    };
+    let pods = model_pods(ctx, &model);
+    let recorded = generation
+        .status
+        .as_ref()
+        .and_then(|s| s.runtime_pod.as_ref());
+    let Some(recorded) = recorded else {
+        // Submitted before pods were recorded (through the Service): any ready pod may hold
+        // it; one that does not answers 404, and the job is submitted again.
+        let job_id = ig::job_id(generation.metadata.uid.as_deref().unwrap_or_default());
+        return match runtime_pods::choose(&pods, &job_id) {
+            Some(pod) => Ok(Ok(pod_target(ctx, &model, pod).await?)),
+            None => Ok(Err("no runtime pod of the model is ready".into())),
+        };
+    };
+    match runtime_pods::still_listed(&pods, recorded) {
+        Some(pod) => Ok(Ok(pod_target(ctx, &model, pod).await?)),
+        None => Ok(Err(format!(
+            "runtime pod {} ({}) is gone",
+            recorded.name, recorded.address
+        ))),
     }
 }
 
@@ -699,13 +796,23 @@ async fn submit(
     generations: &Api<ImageGeneration>,
     generation: &ImageGeneration,
     count: u32,
-    target: &Target,
-    request: &imagegen_crds::api::GenerationRequest,
+    submission: &Submission,
     now: Time,
 ) -> Result<ImageGenerationStatus, Error> {
     count_submission(generations, generation, count).await?;
-    match ctx.runtime.submit(target, request).await {
-        Ok(job) => Ok(ig::status_from_job(generation, &job, &target.base_url, now)),
+    let namespace = generation.namespace().unwrap_or_default();
+    // Images are served by every replica from the shared store: their URLs name the Service.
+    let service_url = dm::endpoint(&generation.spec.model_ref.name, &namespace);
+    match ctx
+        .runtime
+        .submit(&submission.target, &submission.request)
+        .await
+    {
+        Ok(job) => {
+            let mut status = ig::status_from_job(generation, &job, &service_url, now);
+            status.runtime_pod = Some(submission.pod.clone());
+            Ok(status)
+        }
         Err(e) if e.is_rejection() => Ok(ig::status_blocked(
             generation,
             &GenerationBlocked::Rejected(format!("the runtime refused the request: {e}")),
@@ -749,18 +856,16 @@ impl GenerationStep<'_> {
         &self,
         count: u32,
     ) -> Result<Result<ImageGenerationStatus, GenerationBlocked>, Error> {
-        let (target, request) =
-            match prepare_submission(self.ctx, self.generation, self.valid).await? {
-                Ok(prepared) => prepared,
-                Err(blocked) => return Ok(Err(blocked)),
-            };
+        let submission = match prepare_submission(self.ctx, self.generation, self.valid).await? {
+            Ok(prepared) => prepared,
+            Err(blocked) => return Ok(Err(blocked)),
+        };
         let status = submit(
             self.ctx,
             self.generations,
             self.generation,
             count,
-            &target,
-            &request,
+            &submission,
             self.now.clone(),
         );
         Ok(Ok(status.await?))
@@ -771,17 +876,21 @@ impl GenerationStep<'_> {
     /// used up.
     async fn poll(&self, submitted: u32) -> Result<Polled, Error> {
         let (ctx, generation, now) = (self.ctx, self.generation, self.now);
-        let target = model_target(ctx, &self.valid.namespace, &self.valid.model_name).await?;
+        let target = job_target(
+            ctx,
+            generation,
+            &self.valid.namespace,
+            &self.valid.model_name,
+        )
+        .await?;
         let polled = match &target {
-            Some(target) => ctx.runtime.job(target, &self.valid.job_id).await,
-            None => Err(RuntimeError::Unreachable(
-                "the DiffusionModel is gone".into(),
-            )),
+            Ok(target) => ctx.runtime.job(target, &self.valid.job_id).await,
+            Err(why) => Err(RuntimeError::Unreachable(why.clone())),
         };
         let lost = match polled {
             Ok(job) => {
-                let base_url = target.as_ref().map_or("", |t| t.base_url.as_str());
-                let status = ig::status_from_job(generation, &job, base_url, now.clone());
+                let service_url = dm::endpoint(&self.valid.model_name, &self.valid.namespace);
+                let status = ig::status_from_job(generation, &job, &service_url, now.clone());
                 return Ok(Polled::Write {
                     status: Box::new(status),
                     wait: None,
@@ -935,7 +1044,22 @@ async fn cleanup_generation(generation: &ImageGeneration, ctx: &Context) -> Resu
     if !running && status.images.is_empty() {
         return Ok(Action::await_change());
     }
-    let Some(target) = model_target(ctx, &namespace, &generation.spec.model_ref.name).await? else {
+    let model_name = &generation.spec.model_ref.name;
+    let uid = generation.metadata.uid.clone().unwrap_or_default();
+    if running {
+        // The job is in the pod that took it; a pod that is gone took the job with it.
+        if let Ok(target) = job_target(ctx, generation, &namespace, model_name).await? {
+            match ctx.runtime.cancel(&target, &ig::job_id(&uid)).await {
+                Ok(()) => {}
+                Err(e) if e.job_lost() => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    if status.images.is_empty() {
+        return Ok(Action::await_change());
+    }
+    let Some(target) = model_target(ctx, &namespace, model_name, &uid).await? else {
         ctx.event(
             generation,
             EventType::Warning,
@@ -945,14 +1069,6 @@ async fn cleanup_generation(generation: &ImageGeneration, ctx: &Context) -> Resu
         .await;
         return Ok(Action::await_change());
     };
-    if running {
-        let uid = generation.metadata.uid.clone().unwrap_or_default();
-        match ctx.runtime.cancel(&target, &ig::job_id(&uid)).await {
-            Ok(()) => {}
-            Err(e) if e.job_lost() => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
     for image in &status.images {
         let Some(id) = image_id_from_url(&image.url) else {
             continue;

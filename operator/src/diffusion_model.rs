@@ -29,6 +29,8 @@ use crate::{workload, Error, OperatorConfig};
 
 /// Port the runtime listens on inside the pod.
 pub const RUNTIME_PORT: i32 = 8080;
+/// Name of the runtime's port, in the pod and the Service (and so in its EndpointSlices).
+pub const RUNTIME_PORT_NAME: &str = "http";
 /// Port of the model's Service.
 pub const SERVICE_PORT: i32 = 80;
 /// Where the model cache volume is mounted; `HF_HOME` points there.
@@ -432,7 +434,7 @@ pub fn build_deployment(model: &ValidModel, config: &OperatorConfig) -> Deployme
     }
     let container = Container {
         ports: Some(vec![ContainerPort {
-            name: Some("http".into()),
+            name: Some(RUNTIME_PORT_NAME.into()),
             container_port: RUNTIME_PORT,
             protocol: Some("TCP".into()),
             ..ContainerPort::default()
@@ -474,9 +476,9 @@ pub fn build_service(model: &ValidModel) -> Service {
             type_: Some("ClusterIP".into()),
             selector: Some(selector_labels(&model.name)),
             ports: Some(vec![ServicePort {
-                name: Some("http".into()),
+                name: Some(RUNTIME_PORT_NAME.into()),
                 port: SERVICE_PORT,
-                target_port: Some(IntOrString::String("http".into())),
+                target_port: Some(IntOrString::String(RUNTIME_PORT_NAME.into())),
                 protocol: Some("TCP".into()),
                 ..ServicePort::default()
             }]),

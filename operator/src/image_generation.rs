@@ -278,6 +278,7 @@ impl<'a> StatusBuilder<'a> {
                 progress: old.progress,
                 timings: old.timings,
                 observed_generation: generation.metadata.generation,
+                runtime_pod: old.runtime_pod,
                 ..ImageGenerationStatus::default()
             },
             now,

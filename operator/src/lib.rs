@@ -18,8 +18,9 @@
 //! - **update_status** derives the resource's status from what the cluster reports (see
 //!   [`diffusion_model::status_from`]) and patches the status subresource.
 //!
-//! So far this crate holds the validation, builders and status logic of DiffusionModel; the
-//! API client and controller loops come next.
+//! [`controller`] holds the three controllers' reconcile loops over these steps,
+//! [`runtime_client`] the runtime's HTTP API and [`runtime_pods`] which pod of a model a
+//! generation talks to.
 
 pub mod cli;
 pub mod conditions;
@@ -31,6 +32,7 @@ pub mod lora_training;
 pub mod metrics;
 pub mod rbac;
 pub mod runtime_client;
+pub mod runtime_pods;
 pub mod server;
 pub mod workload;
 

@@ -18,9 +18,11 @@ use imagegen_operator::server::{self, Health, KubeProgress, ServerState};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::Controller;
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
@@ -96,13 +98,33 @@ async fn log_result<T, E: std::fmt::Display>(kind: &'static str, result: Result<
     }
 }
 
-async fn run_controllers(ctx: Arc<Context>, namespace: Option<&str>) {
+async fn run_controllers(
+    ctx: Arc<Context>,
+    namespace: Option<&str>,
+    slices_writer: Writer<EndpointSlice>,
+) {
     let client = ctx.client.clone();
     let all = watcher::Config::default();
-    let ours = watcher::Config::default().labels(&format!(
+    let managed_by_us = format!(
         "app.kubernetes.io/managed-by={}",
         imagegen_operator::FIELD_MANAGER
+    );
+    let ours = watcher::Config::default().labels(&managed_by_us);
+    // The EndpointSlices that Kubernetes keeps for the models' Services (they carry the
+    // Service's labels): which pod a generation goes to.
+    let slices = watcher::Config::default().labels(&format!(
+        "{managed_by_us},{}={}",
+        imagegen_operator::runtime_pods::MANAGED_BY_LABEL,
+        imagegen_operator::runtime_pods::MANAGED_BY_CONTROLLER
     ));
+    let slices = reflector::reflector(
+        slices_writer,
+        watcher(api::<EndpointSlice>(&client, namespace), slices),
+    )
+    .default_backoff()
+    .touched_objects()
+    .for_each(|result| log_result("EndpointSlice", result));
+    let slices_ready = ctx.endpoint_slices.clone();
     let models = Controller::new(api::<DiffusionModel>(&client, namespace), all.clone())
         .owns(api::<Deployment>(&client, namespace), ours.clone())
         .owns(api::<Service>(&client, namespace), ours.clone())
@@ -154,7 +176,14 @@ async fn run_controllers(ctx: Arc<Context>, namespace: Option<&str>) {
             ctx,
         )
         .for_each(|result| log_result("ImageGeneration", result));
-    futures::join!(models, trainings, generations);
+    let controllers = async {
+        // Before the first list of slices, every model would look as if it had no pod.
+        if slices_ready.wait_until_ready().await.is_err() {
+            error!("the EndpointSlice cache closed before its first list");
+        }
+        futures::join!(models, trainings, generations);
+    };
+    futures::join!(slices, controllers);
 }
 
 async fn run(args: Args) -> Result<(), BoxError> {
@@ -200,12 +229,14 @@ async fn run(args: Args) -> Result<(), BoxError> {
             instance: Some(identity.clone()),
         },
     );
+    let (endpoint_slices, slices_writer) = reflector::store();
     let ctx = Arc::new(Context::new(
         client,
         config,
         Arc::new(HttpRuntime::new()?),
         metrics,
         recorder,
+        endpoint_slices,
     ));
 
     tokio::select! {
@@ -218,7 +249,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
     }
     info!(%identity, "leading: starting the controllers");
     tokio::select! {
-        _ = run_controllers(ctx, args.watch_namespace()) => Ok(()),
+        _ = run_controllers(ctx, args.watch_namespace(), slices_writer) => Ok(()),
         lost = leading.wait_for(|leads| !*leads) => {
             lost?;
             Err("lost the leader Lease; restarting as a standby".into())

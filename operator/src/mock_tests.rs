@@ -227,15 +227,42 @@ fn context(client: Client, runtime: Arc<FakeRuntime>) -> Context {
             instance: Some("test".into()),
         },
     );
+    let (endpoint_slices, mut writer) = kube::runtime::reflector::store();
+    writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(model_slice()));
     let mut ctx = Context::new(
         client,
         OperatorConfig::default(),
         runtime,
         Metrics::new().unwrap(),
         recorder,
+        endpoint_slices,
     );
     ctx.now = now;
     ctx
+}
+
+/// The model's pod as its Service's EndpointSlice lists it, ready.
+const POD_URL: &str = "http://10.0.0.1:8080";
+
+fn model_slice() -> k8s_openapi::api::discovery::v1::EndpointSlice {
+    serde_json::from_value(json!({
+        "metadata": {
+            "name": "sd15-x7k2p",
+            "namespace": NS,
+            "labels": {
+                "kubernetes.io/service-name": "sd15",
+                "endpointslice.kubernetes.io/managed-by": "endpointslice-controller.k8s.io"
+            }
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [{
+            "addresses": ["10.0.0.1"],
+            "conditions": {"ready": true},
+            "targetRef": {"kind": "Pod", "name": "sd15-0", "namespace": NS}
+        }]
+    }))
+    .unwrap()
 }
 
 /// Runs `reconcile` against the mock API serving `calls`; returns its result and what each
@@ -952,10 +979,7 @@ async fn generation_follows_the_job_and_resubmits_when_lost() {
     assert_eq!(sent[2].body["status"]["progress"]["step"], 5);
     assert_eq!(
         runtime.calls(),
-        vec![RuntimeCall::Job(
-            "http://sd15.team-a.svc:80".into(),
-            ig::job_id(UID)
-        )]
+        vec![RuntimeCall::Job(POD_URL.into(), ig::job_id(UID))]
     );
     let running_status = sent[2].body["status"].clone();
 

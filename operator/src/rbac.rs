@@ -59,6 +59,9 @@ pub const CLUSTER_RULES: &[Rule] = &[
         &["jobs"],
         &["get", "list", "watch", "create", "patch"],
     ),
+    // The EndpointSlices of the models' Services, watched: which runtime pod a generation
+    // goes to (runtime_pods.rs).
+    ("discovery.k8s.io", &["endpointslices"], &["list", "watch"]),
     // The runtime-auth and progress-token Secrets: created once, read back by name. Never
     // listed or watched: the operator cannot enumerate a namespace's secrets.
     ("", &["secrets"], &["get", "create"]),
