@@ -20,9 +20,10 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::core::NamespaceResourceScope;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::finalizer::{finalizer, Event as Finalizer};
@@ -35,6 +36,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::api::image_generation::RuntimePod;
+use crate::conditions::condition;
 use crate::image_generation::{self as ig, AfterLoss, Blocked as GenerationBlocked};
 use crate::lora_training::{self as lt, Blocked as TrainingBlocked, TrainerReport};
 use crate::metrics::Metrics;
@@ -58,6 +60,50 @@ pub const TRAINING_POLL: Duration = Duration::from_secs(30);
 pub const ERROR_BASE_DELAY: Duration = Duration::from_secs(5);
 /// Longest retry delay after errors.
 pub const ERROR_MAX_DELAY: Duration = Duration::from_secs(300);
+/// How long a deleted resource waits for the runtime to delete what it stored: after that,
+/// a runtime that keeps failing no longer holds the deletion up (the finalizer is released
+/// with a Warning event naming what stays in the store).
+pub const CLEANUP_GRACE: Duration = Duration::from_secs(120);
+
+/// Whether `obj` was deleted longer than [`CLEANUP_GRACE`] ago.
+fn cleanup_grace_over<K: Resource>(obj: &K, now: &Time) -> bool {
+    obj.meta()
+        .deletion_timestamp
+        .as_ref()
+        .is_some_and(|deleted| {
+            deleted
+                .0
+                .saturating_add(CLEANUP_GRACE)
+                .is_ok_and(|until| until <= now.0)
+        })
+}
+
+/// A clean-up's runtime error, once the grace is over: released with a Warning event instead
+/// of retried. `what` says what stays in the store.
+async fn give_up_cleanup<K: Resource<DynamicType = ()>>(
+    ctx: &Context,
+    obj: &K,
+    result: Result<Action, Error>,
+    reason: &str,
+    what: &str,
+) -> Result<Action, Error> {
+    match result {
+        Err(Error::Runtime(e)) if cleanup_grace_over(obj, &(ctx.now)()) => {
+            ctx.event(
+                obj,
+                EventType::Warning,
+                reason,
+                format!(
+                    "the runtime kept failing for {}s ({e}), so {what} stays in the store",
+                    CLEANUP_GRACE.as_secs()
+                ),
+            )
+            .await;
+            Ok(Action::await_change())
+        }
+        other => other,
+    }
+}
 
 /// Why a reconciliation failed (it is retried with backoff by [`error_policy`]).
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +120,17 @@ pub enum Error {
     /// Adding or removing a finalizer, or the clean-up behind it, failed.
     #[error("finalizer: {0}")]
     Finalizer(String),
+    /// What exists cannot serve the spec, and the operator cannot change it by itself.
+    #[error("{0}")]
+    Unservable(String),
+    /// An object the operator would make exists already and belongs to someone else: it is
+    /// never taken over (its Secret's token or its Job's command would be another's).
+    #[error("the {kind} {name} exists and is not controlled by {owner}: delete or rename it")]
+    NotOwned {
+        kind: String,
+        name: String,
+        owner: String,
+    },
 }
 
 impl Error {
@@ -84,6 +141,8 @@ impl Error {
             Error::Runtime(_) => "runtime",
             Error::MissingToken(_) => "missing_token",
             Error::Finalizer(_) => "finalizer",
+            Error::NotOwned { .. } => "not_owned",
+            Error::Unservable(_) => "unservable",
         }
     }
 }
@@ -219,7 +278,7 @@ impl Context {
         let event = Event {
             type_,
             reason: reason.into(),
-            note: Some(note),
+            note: Some(event_note(note)),
             action: "Reconcile".into(),
             secondary: None,
         };
@@ -228,6 +287,21 @@ impl Context {
             warn!(error = %e, reason, "cannot publish event");
         }
     }
+}
+
+/// The API server refuses an event whose note is longer than 1024 bytes (an API server's
+/// error message easily is): cut at a character boundary, marked with an ellipsis.
+fn event_note(mut note: String) -> String {
+    const MAX: usize = 1024;
+    if note.len() > MAX {
+        let mut end = MAX - '…'.len_utf8();
+        while !note.is_char_boundary(end) {
+            end -= 1;
+        }
+        note.truncate(end);
+        note.push('…');
+    }
+    note
 }
 
 /// Publishes a phase change of `obj` from `old` to `new` (nothing when it stayed): a Warning
@@ -267,17 +341,90 @@ fn key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
     )
 }
 
-/// Retry after an error with exponential backoff per object.
-pub fn error_policy<K: Resource<DynamicType = ()>>(
-    obj: Arc<K>,
-    error: &Error,
-    ctx: Arc<Context>,
-) -> Action {
+/// The condition that shows a failed reconciliation on the object itself: False with the
+/// error while reconciling fails, True again after the next success. Written by its own field
+/// manager, so the kinds' status applies (which never name it) leave it alone.
+pub const RECONCILED: &str = "Reconciled";
+const ERRORS_FIELD_MANAGER: &str = "imagegen-operator-errors";
+
+/// Retry after an error with exponential backoff per object, and say so on the object: a
+/// Warning event and the [`RECONCILED`] condition False (both written in the background).
+pub fn error_policy<K>(obj: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>,
+    K: Clone + Serialize + DeserializeOwned + Debug + Send + Sync + 'static,
+{
     let kind = K::kind(&());
     ctx.metrics.error(&kind, error.metric_label());
     let delay = ctx.backoff.fail(&key(obj.as_ref()));
     warn!(%kind, name = %obj.name_any(), namespace = ?obj.namespace(), %error, retry_in = ?delay, "reconcile failed");
+    let message = error.to_string();
+    tokio::spawn(async move {
+        ctx.event(
+            &*obj,
+            EventType::Warning,
+            "ReconcileFailed",
+            message.clone(),
+        )
+        .await;
+        // Written only when it says something new: every status write wakes the controller,
+        // and a condition rewritten on each failure would make the retries a busy loop.
+        if reconciled_condition(&*obj) == Some((false, message.clone())) {
+            return;
+        }
+        let reconciled = condition(RECONCILED, false, "ReconcileError", message, None);
+        if let Err(e) = apply_reconciled(&ctx, &*obj, reconciled).await {
+            warn!(%kind, name = %obj.name_any(), error = %e, "cannot show the error on the object");
+        }
+    });
     Action::requeue(delay)
+}
+
+/// After a success: the [`RECONCILED`] condition True again, if an error had set it False.
+async fn clear_reconcile_error<K>(ctx: &Context, obj: &K) -> Result<(), Error>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>,
+    K: Clone + Serialize + DeserializeOwned + Debug,
+{
+    if matches!(reconciled_condition(obj), Some((false, _))) {
+        let reconciled = condition(RECONCILED, true, "Reconciled", String::new(), None);
+        apply_reconciled(ctx, obj, reconciled).await?;
+    }
+    Ok(())
+}
+
+/// The [`RECONCILED`] condition of `obj`: whether it is True, and its message.
+fn reconciled_condition<K: Serialize>(obj: &K) -> Option<(bool, String)> {
+    let value = serde_json::to_value(obj).ok()?;
+    let found = value["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == RECONCILED)?
+        .clone();
+    let message = found["message"].as_str().unwrap_or_default().to_string();
+    Some((found["status"] == "True", message))
+}
+
+async fn apply_reconciled<K>(ctx: &Context, obj: &K, mut reconciled: Condition) -> Result<(), Error>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>,
+    K: Clone + Serialize + DeserializeOwned + Debug,
+{
+    reconciled.last_transition_time = (ctx.now)();
+    reconciled.observed_generation = obj.meta().generation;
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
+    let patch = json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": {"conditions": [reconciled]},
+    });
+    api.patch_status(
+        &obj.name_any(),
+        &PatchParams::apply(ERRORS_FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
 }
 
 async fn apply<K>(api: &Api<K>, obj: &K) -> Result<K, kube::Error>
@@ -325,7 +472,11 @@ async fn runtime_token(ctx: &Context, model: &DiffusionModel) -> Result<String, 
     let namespace = model.namespace().unwrap_or_default();
     let secret_name = dm::auth_secret_name(&model.name_any());
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
-    let secret = secrets.get(&secret_name).await?;
+    let uid = model.metadata.uid.clone().unwrap_or_default();
+    let secret = controlled_by(
+        secrets.get(&secret_name).await?,
+        ("DiffusionModel", &model.name_any(), &uid),
+    )?;
     let token =
         dm::token_from_auth_secret(&secret, &namespace).ok_or(Error::MissingToken(secret_name))?;
     ctx.runtime_tokens.put(model, &token);
@@ -377,7 +528,31 @@ fn finalizer_error(e: kube::runtime::finalizer::Error<Error>) -> Error {
     }
 }
 
-/// Creates `obj` unless it exists; an object created meanwhile by someone else is fine.
+/// `obj` if the object `owner` (kind, name, uid) controls it, or [`Error::NotOwned`].
+fn controlled_by<K: Resource<DynamicType = ()>>(
+    obj: K,
+    owner: (&str, &str, &str),
+) -> Result<K, Error> {
+    let (kind, name, uid) = owner;
+    let controlled = obj
+        .meta()
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.uid == uid && o.controller == Some(true));
+    if controlled {
+        Ok(obj)
+    } else {
+        Err(Error::NotOwned {
+            kind: K::kind(&()).into(),
+            name: obj.name_any(),
+            owner: format!("{kind} {name}"),
+        })
+    }
+}
+
+/// Creates `obj` unless it exists; an object created meanwhile by someone else is fine
+/// here, and refused by the ownership check of the next reconciliation.
 async fn create_once<K>(api: &Api<K>, obj: &K) -> Result<(), kube::Error>
 where
     K: Resource + Clone + Serialize + DeserializeOwned + Debug,
@@ -433,7 +608,14 @@ pub async fn reconcile_model(
 
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let auth_name = dm::auth_secret_name(&valid.name);
-    if secrets.get_opt(&auth_name).await?.is_none() {
+    let owner = (
+        "DiffusionModel",
+        valid.name.as_str(),
+        valid.owner.uid.as_str(),
+    );
+    if let Some(secret) = secrets.get_opt(&auth_name).await? {
+        controlled_by(secret, owner)?;
+    } else {
         // Created once and never re-applied: re-applying would rotate the token under
         // running replicas.
         create_once(&secrets, &dm::build_auth_secret(&valid, &random_token())).await?;
@@ -441,10 +623,30 @@ pub async fn reconcile_model(
     }
     if let Some(claim) = dm::build_cache_claim(&valid) {
         let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &namespace);
-        apply(&claims, &claim).await?;
+        // Made once: a claim's access modes are immutable, so re-applying one built for
+        // another replicas.max would be refused (422) on every later reconciliation.
+        match claims.get_opt(&valid.cache_claim_name()).await? {
+            Some(existing) => {
+                let existing = controlled_by(existing, owner)?;
+                if let Some(why) = dm::cache_claim_unfit(&valid, &existing) {
+                    return Err(Error::Unservable(why));
+                }
+            }
+            None => drop(apply(&claims, &claim).await?),
+        }
     }
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
-    let deployment = apply(&deployments, &dm::build_deployment(&valid, &ctx.config)).await?;
+    // The replica count is read first: applying `min` every time would undo `kubectl
+    // scale` and an HPA. Read, not cached, so a scale just made is never reverted.
+    let existing = match deployments.get_opt(&valid.name).await? {
+        Some(deployment) => Some(controlled_by(deployment, owner)?),
+        None => None,
+    };
+    let mut desired = dm::build_deployment(&valid, &ctx.config);
+    if let Some(spec) = desired.spec.as_mut() {
+        spec.replicas = Some(dm::desired_replicas(&valid, existing.as_ref()));
+    }
+    let deployment = apply(&deployments, &desired).await?;
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
     apply(&services, &dm::build_service(&valid)).await?;
 
@@ -477,6 +679,7 @@ pub async fn reconcile_model(
         }
     }
     ctx.backoff.reset(&key(model.as_ref()));
+    clear_reconcile_error(&ctx, model.as_ref()).await?;
     Ok(Action::requeue(MODEL_RESYNC))
 }
 
@@ -507,6 +710,7 @@ pub async fn reconcile_training(
     .await
     .map_err(finalizer_error)?;
     ctx.backoff.reset(&key(training.as_ref()));
+    clear_reconcile_error(&ctx, training.as_ref()).await?;
     Ok(action)
 }
 
@@ -528,8 +732,13 @@ async fn apply_training(training: &LoraTraining, ctx: &Context) -> Result<Action
         Err(error) => (None, Some(TrainingBlocked::Invalid(error.to_string()))),
         Ok(valid) => {
             let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), &namespace);
+            let owner = (
+                "LoraTraining",
+                valid.name.as_str(),
+                valid.owner.uid.as_str(),
+            );
             match jobs.get_opt(&valid.job_name()).await? {
-                Some(job) => (Some(job), None),
+                Some(job) => (Some(controlled_by(job, owner)?), None),
                 None => start_training(ctx, &valid, &jobs).await?,
             }
         }
@@ -603,8 +812,14 @@ async fn start_training(
         }
     };
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &valid.namespace);
-    if secrets.get_opt(&valid.token_secret_name()).await?.is_none() {
-        create_once(&secrets, &lt::build_token_secret(valid, &random_token())).await?;
+    let owner = (
+        "LoraTraining",
+        valid.name.as_str(),
+        valid.owner.uid.as_str(),
+    );
+    match secrets.get_opt(&valid.token_secret_name()).await? {
+        Some(secret) => drop(controlled_by(secret, owner)?),
+        None => create_once(&secrets, &lt::build_token_secret(valid, &random_token())).await?,
     }
     let job = apply(jobs, &lt::build_job(valid, &valid_model, &ctx.config)).await?;
     info!(job = %valid.job_name(), namespace = %valid.namespace, "created the training Job");
@@ -612,6 +827,11 @@ async fn start_training(
 }
 
 async fn cleanup_training(training: &LoraTraining, ctx: &Context) -> Result<Action, Error> {
+    let result = delete_trained_lora(training, ctx).await;
+    give_up_cleanup(ctx, training, result, "ArtifactKept", "the LoRA").await
+}
+
+async fn delete_trained_lora(training: &LoraTraining, ctx: &Context) -> Result<Action, Error> {
     let has_artifact = training
         .status
         .as_ref()
@@ -678,6 +898,7 @@ pub async fn reconcile_generation(
     .await
     .map_err(finalizer_error)?;
     ctx.backoff.reset(&key(generation.as_ref()));
+    clear_reconcile_error(&ctx, generation.as_ref()).await?;
     Ok(action)
 }
 
@@ -1038,6 +1259,14 @@ async fn apply_generation(generation: &ImageGeneration, ctx: &Context) -> Result
 }
 
 async fn cleanup_generation(generation: &ImageGeneration, ctx: &Context) -> Result<Action, Error> {
+    let result = cancel_and_delete_images(generation, ctx).await;
+    give_up_cleanup(ctx, generation, result, "ImagesKept", "what it made").await
+}
+
+async fn cancel_and_delete_images(
+    generation: &ImageGeneration,
+    ctx: &Context,
+) -> Result<Action, Error> {
     let namespace = generation.namespace().unwrap_or_default();
     let status = generation.status.clone().unwrap_or_default();
     let running = ig::submissions(generation) > 0 && !status.phase.is_some_and(Phase::is_finished);
@@ -1149,6 +1378,16 @@ pub fn generations_using_lora(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn event_notes_fit_the_api_servers_limit() {
+        assert_eq!(event_note("short".into()), "short");
+        for filler in ["x", "é", "東"] {
+            let note = event_note(filler.repeat(3000));
+            assert!(note.len() <= 1024, "{}", note.len());
+            assert!(note.ends_with('…') && note.len() > 1000, "{filler}");
+        }
+    }
 
     fn generation(
         namespace: &str,

@@ -380,7 +380,27 @@ fn read_only_mount(volume: &str, path: &str) -> VolumeMount {
     }
 }
 
-/// The Deployment of `imagegen serve` replicas. `replicas` is `spec.replicas.min`.
+/// The replica count to apply: `min` for a new Deployment; for an existing one, its own
+/// count (set by `kubectl scale`, an HPA or the operator before) brought within
+/// `min..=max`, so that scaling by hand or by an autoscaler within the bounds is kept.
+pub fn desired_replicas(model: &ValidModel, existing: Option<&Deployment>) -> i32 {
+    let (min, max) = (model.min_replicas as i32, model.max_replicas as i32);
+    match existing {
+        None => min,
+        Some(deployment) => {
+            // An unset count is Kubernetes' default, 1.
+            let current = deployment
+                .spec
+                .as_ref()
+                .and_then(|s| s.replicas)
+                .unwrap_or(1);
+            current.clamp(min, max)
+        }
+    }
+}
+
+/// The Deployment of `imagegen serve` replicas, `spec.replicas.min` of them (the controller
+/// applies [`desired_replicas`] instead once the Deployment exists).
 pub fn build_deployment(model: &ValidModel, config: &OperatorConfig) -> Deployment {
     let args = [
         "serve",
@@ -512,6 +532,27 @@ pub fn build_cache_claim(model: &ValidModel) -> Option<PersistentVolumeClaim> {
     })
 }
 
+/// Why an existing cache claim cannot serve `model`, if it cannot: a claim's access modes are
+/// immutable, so one made ReadWriteOnce (for one replica) cannot follow `replicas.max` up to
+/// several replicas on several nodes.
+pub fn cache_claim_unfit(model: &ValidModel, existing: &PersistentVolumeClaim) -> Option<String> {
+    let modes = existing
+        .spec
+        .as_ref()
+        .and_then(|s| s.access_modes.clone())
+        .unwrap_or_default();
+    let shared = modes.iter().any(|m| m == "ReadWriteMany");
+    (model.max_replicas > 1 && !shared).then(|| {
+        format!(
+            "the cache claim {} is {}, which one node mounts at a time, and replicas.max is {}: \
+             delete the claim to have it made ReadWriteMany, or set replicas.max to 1",
+            model.cache_claim_name(),
+            modes.join(", "),
+            model.max_replicas
+        )
+    })
+}
+
 /// The status of a model whose spec [`validate`] refused: not Ready, Degraded with reason
 /// `InvalidSpec` and the error as message. Nothing is built until the spec is fixed.
 pub fn status_invalid(model: &DiffusionModel, error: &Error, now: Time) -> DiffusionModelStatus {
@@ -619,12 +660,20 @@ pub fn status_from(
         });
     let rolled_out = spec_rolled_out && became_available;
 
-    if ready >= min {
+    // Ready means a generation can run now: at least one replica, even with min 0.
+    if ready >= min.max(1) {
         set(
             READY,
             true,
             "ReplicasReady",
             format!("{ready} of {min} replicas ready"),
+        );
+    } else if desired == 0 {
+        set(
+            READY,
+            false,
+            "ScaledToZero",
+            "no replica runs (replicas.min is 0): generations wait until one does".into(),
         );
     } else {
         set(
@@ -1326,6 +1375,39 @@ mod tests {
     }
 
     #[test]
+    fn a_read_write_once_cache_cannot_follow_max_above_one() {
+        let mut m = full();
+        m.spec.replicas = serde_json::from_value(json!({"min": 1, "max": 1})).unwrap();
+        let one = validate(&m).unwrap();
+        let claim = build_cache_claim(&one).unwrap();
+        assert_eq!(cache_claim_unfit(&one, &claim), None);
+        m.spec.replicas = serde_json::from_value(json!({"min": 1, "max": 3})).unwrap();
+        let three = validate(&m).unwrap();
+        let why = cache_claim_unfit(&three, &claim).unwrap();
+        assert!(
+            why.contains("ReadWriteOnce") && why.contains("replicas.max is 3"),
+            "{why}"
+        );
+        assert_eq!(
+            cache_claim_unfit(&three, &build_cache_claim(&three).unwrap()),
+            None
+        );
+    }
+
+    #[test]
+    fn replicas_set_by_hand_are_kept_within_bounds() {
+        let mut m = full();
+        m.spec.replicas = serde_json::from_value(json!({"min": 1, "max": 4})).unwrap();
+        let valid = validate(&m).unwrap();
+        assert_eq!(desired_replicas(&valid, None), 1);
+        for (current, kept) in [(Some(3), 3), (Some(0), 1), (Some(7), 4), (None, 1)] {
+            let mut d = build_deployment(&valid, &OperatorConfig::default());
+            d.spec.as_mut().unwrap().replicas = current;
+            assert_eq!(desired_replicas(&valid, Some(&d)), kept, "{current:?}");
+        }
+    }
+
+    #[test]
     fn progressing_while_rolling() {
         let m = full();
         // A new ReplicaSet with one updated replica, two old ones still serving.
@@ -1409,14 +1491,19 @@ mod tests {
         assert_eq!(s.endpoint, None);
     }
 
+    /// With replicas.min 0 and no replica the model is not Ready: a generation could not run
+    /// (Ready with no pod made every generation fail as lost five times).
     #[test]
-    fn scaled_to_zero_is_ready() {
+    fn scaled_to_zero_is_not_ready() {
         let mut m = minimal();
         m.spec.replicas = serde_json::from_value(json!({"min": 0, "max": 1})).unwrap();
         let d = deployment(0, 0, 0, 0, vec![]);
         let s = status_from(&m, Some(&d), at(100));
-        assert_eq!(state(&s, READY), pair("True", "ReplicasReady"));
+        assert_eq!(state(&s, READY), pair("False", "ScaledToZero"));
         assert_eq!(state(&s, DEGRADED), pair("False", "AsExpected"));
+        let d = deployment(1, 1, 1, 1, vec![]);
+        let s = status_from(&m, Some(&d), at(100));
+        assert_eq!(state(&s, READY), pair("True", "ReplicasReady"));
     }
 
     #[test]

@@ -339,7 +339,10 @@ fn ready_model() -> DiffusionModel {
 fn auth_secret() -> Value {
     json!({
         "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": "sd15-runtime-auth", "namespace": NS},
+        "metadata": {"name": "sd15-runtime-auth", "namespace": NS, "ownerReferences": [{
+            "apiVersion": "imagegen.dev/v1alpha1", "kind": "DiffusionModel", "name": "sd15",
+            "uid": "m-1", "controller": true
+        }]},
         // "# c\nteam-a:tok\n" in base64
         "data": {"tokens": "IyBjCnRlYW0tYTp0b2sK"}
     })
@@ -371,6 +374,7 @@ fn model_target() -> Vec<Call> {
 /// Applying the model's Deployment (answered with `d`) and its Service.
 fn deployment_and_service(d: Deployment) -> Vec<Call> {
     vec![
+        get(&path("apis/apps/v1", "deployments/sd15"), d.clone()),
         patch(&path("apis/apps/v1", "deployments/sd15"), d),
         patch(
             &path("api/v1", "services/sd15"),
@@ -404,8 +408,9 @@ async fn model_create_makes_the_secret_deployment_service_and_status() {
             vec![
                 get_missing(&auth_secret_path()),
                 create(&path("api/v1", "secrets"), auth_secret()),
+                get_missing(&path("apis/apps/v1", "deployments/sd15")),
             ],
-            deployment_and_service(deployment(0)),
+            deployment_and_service(deployment(0)).split_off(1),
             vec![model_status()],
         ]),
         controller::reconcile_model,
@@ -419,19 +424,61 @@ async fn model_create_makes_the_secret_deployment_service_and_status() {
     let token_line = tokens.lines().find(|l| l.starts_with("team-a:")).unwrap();
     assert_eq!(token_line.len(), "team-a:".len() + 64);
     assert_eq!(sent[1].body["metadata"]["ownerReferences"][0]["uid"], "m-1");
-    for s in &sent[2..] {
+    for s in &sent[3..] {
         assert!(is_server_side_apply(s), "{:?}", s.query);
     }
-    assert_eq!(sent[2].body["kind"], "Deployment");
+    assert_eq!(sent[3].body["kind"], "Deployment");
     assert_eq!(
-        sent[2].body["metadata"]["ownerReferences"][0]["kind"],
+        sent[3].body["metadata"]["ownerReferences"][0]["kind"],
         "DiffusionModel"
     );
-    assert_eq!(sent[3].body["kind"], "Service");
-    let status = &sent[4].body["status"];
+    // A new Deployment starts at replicas.min.
+    assert_eq!(sent[3].body["spec"]["replicas"], 1);
+    assert_eq!(sent[4].body["kind"], "Service");
+    let status = &sent[5].body["status"];
     assert_eq!(status["conditions"][0]["type"], "Ready");
     assert_eq!(status["conditions"][0]["status"], "False");
-    assert_eq!(sent[4].body["kind"], "DiffusionModel");
+    assert_eq!(sent[5].body["kind"], "DiffusionModel");
+}
+
+/// A runtime-auth Secret or a Deployment of the model's name that the model does not control
+/// is never taken over: the reconciliation fails (and error_policy says so on the model).
+#[tokio::test]
+async fn model_refuses_children_it_does_not_control() {
+    let mut foreign_secret = auth_secret();
+    foreign_secret["metadata"]["ownerReferences"] = json!([]);
+    let (result, sent) = run(
+        model(None),
+        FakeRuntime::answering(vec![]),
+        vec![get(&auth_secret_path(), foreign_secret)],
+        controller::reconcile_model,
+    )
+    .await;
+    let err = result.unwrap_err();
+    assert!(matches!(err, Error::NotOwned { .. }), "{err}");
+    assert!(
+        err.to_string().contains("Secret sd15-runtime-auth"),
+        "{err}"
+    );
+    assert_eq!(sent.len(), 1);
+
+    let mut foreign_deployment = deployment(1);
+    foreign_deployment.metadata.owner_references = None;
+    let (result, sent) = run(
+        model(None),
+        FakeRuntime::answering(vec![]),
+        vec![
+            get(&auth_secret_path(), auth_secret()),
+            get(
+                &path("apis/apps/v1", "deployments/sd15"),
+                foreign_deployment,
+            ),
+        ],
+        controller::reconcile_model,
+    )
+    .await;
+    assert!(matches!(result, Err(Error::NotOwned { .. })), "{result:?}");
+    assert_eq!(sent.len(), 2, "nothing applied");
 }
 
 #[tokio::test]
@@ -449,7 +496,7 @@ async fn model_becoming_ready_patches_status_and_publishes_an_event() {
     )
     .await;
     result.unwrap();
-    let ready = sent[3].body["status"]["conditions"]
+    let ready = sent[4].body["status"]["conditions"]
         .as_array()
         .unwrap()
         .iter()
@@ -457,9 +504,9 @@ async fn model_becoming_ready_patches_status_and_publishes_an_event() {
         .unwrap()
         .clone();
     assert_eq!(ready["status"], "True");
-    assert_eq!(sent[4].body["reason"], "Ready");
-    assert_eq!(sent[4].body["regarding"]["name"], "sd15");
-    assert_eq!(sent[4].body["type"], "Normal");
+    assert_eq!(sent[5].body["reason"], "Ready");
+    assert_eq!(sent[5].body["regarding"]["name"], "sd15");
+    assert_eq!(sent[5].body["type"], "Normal");
 }
 
 #[tokio::test]
@@ -555,7 +602,10 @@ fn training(finalized: bool, status: Option<Value>) -> LoraTraining {
 fn training_job(active: i32, complete: bool) -> Value {
     let mut job = json!({
         "apiVersion": "batch/v1", "kind": "Job",
-        "metadata": {"name": "alice-train", "namespace": NS},
+        "metadata": {"name": "alice-train", "namespace": NS, "ownerReferences": [{
+            "apiVersion": "imagegen.dev/v1alpha1", "kind": "LoraTraining", "name": "alice",
+            "uid": "t-1", "controller": true
+        }]},
         "status": {"active": active, "startTime": "1970-01-12T13:46:00Z"}
     });
     if complete {
@@ -1077,9 +1127,13 @@ async fn polls_read_the_runtime_token_once_per_model() {
         model_target(),
         vec![get(&model_path(), ready_model())],
         vec![get(&model_path(), ready_model())],
-        // The same name, another uid: the token is read again.
+        // The same name, another uid: the token is read again (from the new model's Secret).
         vec![get(&model_path(), remade)],
-        vec![get(&auth_secret_path(), auth_secret())],
+        vec![get(&auth_secret_path(), {
+            let mut secret = auth_secret();
+            secret["metadata"]["ownerReferences"][0]["uid"] = json!("m-2");
+            secret
+        })],
     ]));
     let runtime =
         FakeRuntime::answering((0..4).map(|_| Ok(runtime_job(JobState::Running))).collect());
@@ -1387,6 +1441,7 @@ async fn model_with_a_cache_applies_its_claim_first() {
         calls([
             vec![
                 get(&auth_secret_path(), auth_secret()),
+                get_missing(&path("api/v1", "persistentvolumeclaims/sd15-cache")),
                 patch(
                     &path("api/v1", "persistentvolumeclaims/sd15-cache"),
                     json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "sd15-cache"}}),
@@ -1399,13 +1454,45 @@ async fn model_with_a_cache_applies_its_claim_first() {
     )
     .await;
     result.unwrap();
-    assert!(is_server_side_apply(&sent[1]));
+    assert!(is_server_side_apply(&sent[2]));
     assert_eq!(
-        sent[1].body["spec"]["resources"]["requests"]["storage"],
+        sent[2].body["spec"]["resources"]["requests"]["storage"],
         "20Gi"
     );
-    let volumes = sent[2].body["spec"]["template"]["spec"]["volumes"].to_string();
+    let volumes = sent[4].body["spec"]["template"]["spec"]["volumes"].to_string();
     assert!(volumes.contains("sd15-cache"), "{volumes}");
+}
+
+/// `kubectl scale` (or an HPA) within replicas.min..max is kept; a count outside is brought
+/// back within.
+#[tokio::test]
+async fn model_keeps_a_replica_count_set_by_hand_within_its_bounds() {
+    for (scaled, applied) in [(3, 3), (9, 4)] {
+        let mut m = model(None);
+        m.spec.replicas = serde_json::from_value(json!({"min": 1, "max": 4})).unwrap();
+        let mut existing = deployment(1);
+        existing.spec.as_mut().unwrap().replicas = Some(scaled);
+        let (result, sent) = run(
+            m,
+            FakeRuntime::answering(vec![]),
+            calls([
+                vec![get(&auth_secret_path(), auth_secret())],
+                vec![get(
+                    &path("apis/apps/v1", "deployments/sd15"),
+                    existing.clone(),
+                )],
+                deployment_and_service(existing).split_off(1),
+                vec![model_status(), event()],
+            ]),
+            controller::reconcile_model,
+        )
+        .await;
+        result.unwrap();
+        assert_eq!(
+            sent[2].body["spec"]["replicas"], applied,
+            "scaled to {scaled}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -1458,6 +1545,51 @@ async fn generation_deletion_is_not_blocked_by_a_runtime_without_image_deletion(
     // One try, then the finalizer is released with a warning.
     assert_eq!(runtime.calls().len(), 1);
     assert_eq!(sent[2].body["reason"], "ImagesKept");
+    assert!(sent[3].body.to_string().contains("remove"));
+}
+
+/// A runtime that keeps failing holds a deletion up for CLEANUP_GRACE, then no longer: the
+/// finalizer is released with a Warning event.
+#[tokio::test]
+async fn generation_deletion_gives_up_on_a_failing_runtime_after_the_grace() {
+    let failing = || {
+        Arc::new(FakeRuntime {
+            delete_image: Some(RuntimeError::Api {
+                status: 503,
+                code: "unavailable".into(),
+                message: "the store is down".into(),
+            }),
+            ..FakeRuntime::default()
+        })
+    };
+    let deleted_at = |second: i64| {
+        let mut value = to_json(generation(Some(1), Some(finished_status(NOW - 500))));
+        value["metadata"]["deletionTimestamp"] = to_json(at(second));
+        serde_json::from_value::<ImageGeneration>(value).unwrap()
+    };
+    // Within the grace: an error, retried with backoff; the finalizer stays.
+    let (result, sent) = run(
+        deleted_at(NOW - 10),
+        failing(),
+        model_target(),
+        controller::reconcile_generation,
+    )
+    .await;
+    assert!(matches!(result, Err(Error::Runtime(_))), "{result:?}");
+    assert_eq!(sent.len(), 2);
+    // After it: released, and the event says why the images stay.
+    let (result, sent) = run(
+        deleted_at(NOW - controller::CLEANUP_GRACE.as_secs() as i64 - 1),
+        failing(),
+        calls([model_target(), vec![event(), generation_released()]]),
+        controller::reconcile_generation,
+    )
+    .await;
+    result.unwrap();
+    assert_eq!(sent[2].body["reason"], "ImagesKept");
+    assert!(sent[2].body["note"]
+        .to_string()
+        .contains("the store is down"));
     assert!(sent[3].body.to_string().contains("remove"));
 }
 

@@ -95,7 +95,13 @@ pub fn choose<'a>(pods: &'a [PodEndpoint], key: &str) -> Option<&'a RuntimePod> 
     let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     });
-    Some(&ready[(hash % ready.len() as u64) as usize].pod)
+    // FNV alone mixes poorly into a modulus (its lowest bit is the parity of the input's
+    // low bits): splitmix64's finalizer spreads every input bit over the whole word.
+    let mut z = hash;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    Some(&ready[(z % ready.len() as u64) as usize].pod)
 }
 
 /// `pod` if the model still lists it (ready or not): the pod that holds a job.
