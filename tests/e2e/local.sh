@@ -258,7 +258,7 @@ spec:
     path: /store/models/tiny-sd1
   family: sd15
   dtype: f32
-  replicas: {min: 1, max: 1}
+  replicas: {min: 1, max: 2}
   resources:
     gpus: 1
     gpuResourceName: nvidia.com/gpu
@@ -346,9 +346,14 @@ start_operator operator-b
 sleep 3
 check "operator-b waits as a standby while operator-a leads" sh -c \
     "kubectl get lease -n '$namespace' imagegen-operator -o jsonpath='{.spec.holderIdentity}' | grep -qx operator-a"
-jobs_done() { # the runtime's finished-job count, from its metrics
-    curl -fsS "http://$(ready_addresses | head -n1):8080/metrics" |
-        sed -n 's/^imagegen_jobs_total{state="succeeded"} //p' | head -n1
+jobs_done() { # the runtimes' finished-job count, from their metrics, over every pod
+    local total=0 address count
+    for address in $(ready_addresses); do
+        count="$(curl -fsS "http://$address:8080/metrics" |
+            sed -n 's/^imagegen_jobs_total{state="succeeded"} //p' | head -n1)"
+        total=$((total + ${count:-0}))
+    done
+    echo "$total"
 }
 done_before="$(jobs_done)"
 kubectl apply -n "$namespace" -f - >/dev/null <<YAML
@@ -383,6 +388,97 @@ check "e2e-failover was submitted once" test "$(kubectl get -n "$namespace" \
 done_after="$(jobs_done)"
 log "runtime jobs succeeded: $done_before before, $done_after after"
 check "the runtime ran it once" test "$done_after" = "$((done_before + 1))"
+
+# ---------------------------------------------------------------------------------------
+step "replica count"
+# Scaling by hand within replicas.min..max is kept by the reconciler; beyond max it is not.
+replicas() { kubectl get -n "$namespace" deployment/tiny -o jsonpath='{.spec.replicas}'; }
+kubectl scale -n "$namespace" deployment/tiny --replicas=2 >/dev/null
+kubectl annotate -n "$namespace" --overwrite dmodel/tiny e2e.imagegen.dev/touched="scaled" >/dev/null
+sleep 5
+check "kubectl scale to 2 (max 2) is kept after a reconcile" test "$(replicas)" = 2
+check "both replicas become ready, each with its own address" wait_for "2 ready addresses" \
+    "$wait_timeout" sh -c "test \"\$(kubectl get endpointslices -n '$namespace' \
+        -l kubernetes.io/service-name=tiny -o jsonpath='{range .items[*].endpoints[?(@.conditions.ready==true)]}{.addresses[0]}{\"\\n\"}{end}' | sort -u | wc -l)\" = 2"
+log "ready addresses: $(ready_addresses | tr '\n' ' ')"
+kubectl scale -n "$namespace" deployment/tiny --replicas=5 >/dev/null
+kubectl annotate -n "$namespace" --overwrite dmodel/tiny e2e.imagegen.dev/touched="overscaled" >/dev/null
+check "kubectl scale to 5 is brought back to max 2" wait_for "replicas 2" 30 \
+    sh -c "test \"\$(kubectl get -n '$namespace' deployment/tiny -o jsonpath='{.spec.replicas}')\" = 2"
+# Generations over two pods: each is polled at the pod that took it, which holds its job.
+for i in 1 2 3 4; do
+    kubectl apply -n "$namespace" -f - >/dev/null <<YAML
+apiVersion: imagegen.dev/v1alpha1
+kind: ImageGeneration
+metadata:
+  name: e2e-spread-$i
+spec:
+  modelRef: {name: tiny}
+  prompt: a small red boat number $i
+  width: 64
+  height: 64
+  steps: 4
+  seed: $i
+YAML
+done
+for i in 1 2 3 4; do
+    check "e2e-spread-$i Succeeded" kubectl wait -n "$namespace" imagegeneration/e2e-spread-$i \
+        --for=jsonpath='{.status.phase}'=Succeeded --timeout="${wait_timeout}s"
+done
+pods_used="$(for i in 1 2 3 4; do kubectl get -n "$namespace" imagegeneration/e2e-spread-$i \
+    -o jsonpath='{.status.runtimePod.name}{"\n"}'; done | sort | uniq -c | tr -s ' \n' ' ')"
+# Spread by job id (which pod is chance: not a check); each was polled at its own pod.
+log "runtime pods of the four generations (count, pod): $pods_used"
+
+# ---------------------------------------------------------------------------------------
+step "errors"
+# A model whose Deployment the API server refuses (a node selector value that is not a label
+# value): the error shows on the model as a condition and an event, not only in the logs.
+kubectl apply -n "$namespace" -f - >/dev/null <<YAML
+apiVersion: imagegen.dev/v1alpha1
+kind: DiffusionModel
+metadata:
+  name: e2e-refused
+spec:
+  source: {path: /store/models/tiny-sd1}
+  family: sd15
+  nodeSelector:
+    nvidia.com/gpu.product: "not a label value!"
+YAML
+reconciled() {
+    kubectl get -n "$namespace" dmodel/e2e-refused \
+        -o jsonpath='{.status.conditions[?(@.type=="Reconciled")].status}/{.status.conditions[?(@.type=="Reconciled")].message}'
+}
+check "the refused Deployment shows on the model as Reconciled=False" wait_for \
+    "the Reconciled condition" 60 sh -c "kubectl get -n '$namespace' dmodel/e2e-refused \
+        -o jsonpath='{.status.conditions[?(@.type==\"Reconciled\")].status}' | grep -qx False"
+log "e2e-refused: Reconciled $(reconciled)"
+check "and as a ReconcileFailed event" wait_for "the event" 30 sh -c \
+    "kubectl get events -n '$namespace' --field-selector reason=ReconcileFailed,involvedObject.name=e2e-refused -o name | grep -q ."
+kubectl patch -n "$namespace" dmodel/e2e-refused --type=merge \
+    -p '{"spec": {"nodeSelector": {"nvidia.com/gpu.product": "fixed"}}}' >/dev/null
+check "once the spec is fixed, Reconciled is True again" wait_for "Reconciled True" 60 sh -c \
+    "kubectl get -n '$namespace' dmodel/e2e-refused \
+        -o jsonpath='{.status.conditions[?(@.type==\"Reconciled\")].status}' | grep -qx True"
+kubectl delete -n "$namespace" dmodel/e2e-refused --wait=false >/dev/null
+# A Secret of the name a model's runtime token would have, made by someone else: the model
+# refuses it (whoever made it would know the token) and says so.
+kubectl create secret generic -n "$namespace" e2e-adopt-runtime-auth \
+    --from-literal=tokens="$namespace:a-token-someone-else-chose" >/dev/null
+kubectl apply -n "$namespace" -f - >/dev/null <<YAML
+apiVersion: imagegen.dev/v1alpha1
+kind: DiffusionModel
+metadata:
+  name: e2e-adopt
+spec:
+  source: {path: /store/models/tiny-sd1}
+  family: sd15
+YAML
+check "a model does not adopt a runtime-auth Secret it does not control" wait_for \
+    "the Reconciled condition" 60 sh -c "kubectl get -n '$namespace' dmodel/e2e-adopt \
+        -o jsonpath='{.status.conditions[?(@.type==\"Reconciled\")].message}' | grep -q 'is not controlled by DiffusionModel e2e-adopt'"
+check "and makes no Deployment" sh -c "! kubectl get -n '$namespace' deployment/e2e-adopt 2>/dev/null"
+kubectl delete -n "$namespace" dmodel/e2e-adopt secret/e2e-adopt-runtime-auth --wait=false >/dev/null
 
 # ---------------------------------------------------------------------------------------
 step "extra manifests"
