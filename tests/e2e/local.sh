@@ -129,7 +129,11 @@ step "helm install"
 "$IMAGEGEN_VENV/bin/python" "$root/tests/e2e/make_tiny_model.py" "$work/seed" >/dev/null || exit 1
 store="$volumes/$namespace/imagegen-e2e-store"
 mkdir -p "$store/models" "$store/tenants/$namespace/uploads"
-cp -r "$work/seed/models/tiny-sd1" "$store/models/"
+cp -r "$work/seed/models/tiny-sd1" "$work/seed/models/tiny-clipseg" "$store/models/"
+# The runtime pods' environment (runtime.auth.existingSecret in values-local.yaml).
+kubectl create secret generic -n "$namespace" e2e-runtime-env \
+    --from-literal=IMAGEGEN_TOKENS="backend:$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')" \
+    --from-literal=IMAGEGEN_MASK_MODEL=/store/models/tiny-clipseg >/dev/null || exit 1
 cp -r "$work/seed/uploads/e2e" "$store/tenants/$namespace/uploads/"
 kubectl apply -f - >/dev/null <<YAML || exit 1
 apiVersion: v1
@@ -308,6 +312,76 @@ runtime_token() {
 }
 check "ImageGeneration text-to-image: Succeeded, and the image has the sha256 of its status" \
     generate e2e-apple <"$root/tests/e2e/manifests/generation.yaml"
+check "text-to-image with a style, count 2" generate e2e-styled <<YAML
+apiVersion: imagegen.dev/v1alpha1
+kind: ImageGeneration
+metadata:
+  name: e2e-styled
+spec:
+  modelRef: {name: tiny}
+  prompt: a fox wearing round glasses
+  style: photo
+  width: 64
+  height: 64
+  steps: 4
+  seed: 11
+  count: 2
+YAML
+check "e2e-styled has two images, seeds 11 and 12" test "$(kubectl get -n "$namespace" \
+    imagegeneration/e2e-styled -o jsonpath='{.status.images[*].seed}')" = "11 12"
+check "image-to-image" generate e2e-img2img <<YAML
+apiVersion: imagegen.dev/v1alpha1
+kind: ImageGeneration
+metadata:
+  name: e2e-img2img
+spec:
+  modelRef: {name: tiny}
+  mode: ImageToImage
+  prompt: a watercolor painting
+  image: {path: uploads/e2e/01.png}
+  strength: 0.6
+  steps: 4
+  seed: 5
+YAML
+check "inpainting with a mask prompt (the tiny CLIPSeg)" generate e2e-mask-prompt <<YAML
+apiVersion: imagegen.dev/v1alpha1
+kind: ImageGeneration
+metadata:
+  name: e2e-mask-prompt
+spec:
+  modelRef: {name: tiny}
+  mode: Inpaint
+  prompt: a red scarf
+  image: {path: uploads/e2e/01.png}
+  maskPrompt: the scarf
+  steps: 4
+  seed: 6
+YAML
+
+# ---------------------------------------------------------------------------------------
+step "trainings"
+kubectl apply -n "$namespace" -f "$root/tests/e2e/manifests/lora-training.yaml" >/dev/null
+# What kubectl shows while it runs (the printer columns Phase, Progress, Loss).
+seen_progress=""
+for _ in $(seq "$wait_timeout"); do
+    row="$(kubectl get -n "$namespace" loratrain/e2e-person --no-headers 2>/dev/null)"
+    case "$row" in *Running*) [ -n "$seen_progress" ] || { seen_progress="$row"; log "while running: $row"; } ;; esac
+    phase="$(kubectl get -n "$namespace" loratrain/e2e-person -o jsonpath='{.status.phase}')"
+    case "$phase" in Succeeded | Failed) break ;; esac
+    sleep 1
+done
+check "kubectl get loratrain showed it Running" test -n "$seen_progress"
+check "LoraTraining e2e-person Succeeded" test "$phase" = Succeeded
+log "$(kubectl get -n "$namespace" loratrain/e2e-person)"
+artifact="$(kubectl get -n "$namespace" loratrain/e2e-person -o jsonpath='{.status.artifact.path}|{.status.artifact.sha256}')"
+log "artifact: $artifact"
+lora_file="$store/tenants/$namespace/${artifact%%|*}"
+check "its artifact is in the store with the sha256 of its status" \
+    test "$(sha256sum "$lora_file" 2>/dev/null | cut -d' ' -f1)" = "${artifact##*|}"
+check "its Job's pod ran imagegen train and Succeeded" test "$(kubectl get pods -n "$namespace" \
+    -l job-name=e2e-person-train -o jsonpath='{.items[0].status.phase}')" = Succeeded
+check "inpainting with the trained LoRA" generate e2e-inpaint \
+    <"$root/tests/e2e/manifests/inpaint-with-lora.yaml"
 
 # ---------------------------------------------------------------------------------------
 step "server-side apply"

@@ -8,6 +8,8 @@ inpainting mask.
 OUT_DIR/models/tiny-sd1/              the model (source path /store/models/tiny-sd1)
 OUT_DIR/uploads/e2e/01.png, 02.png    64x64 "photos" for the LoRA training
 OUT_DIR/uploads/e2e/mask.png          white square = repaint
+OUT_DIR/models/tiny-clipseg/          a tiny random CLIPSeg, saved with its processor, for
+                                      inpainting with a mask prompt
 """
 
 import sys
@@ -38,6 +40,46 @@ def photos(out: Path):
     Image.fromarray(mask).save(uploads / "mask.png")
 
 
+def tiny_clipseg(out: Path):
+    """A CLIPSeg of the parity fixtures' tiny shape, with the fixture tokenizer, saved as
+    transformers saves a model and its CLIPSegProcessor."""
+    import tempfile
+
+    import make_fixtures as mf  # beside make_model, on the same path
+    import torch
+    from transformers import (
+        CLIPSegConfig,
+        CLIPSegForImageSegmentation,
+        CLIPSegProcessor,
+        CLIPTokenizer,
+        ViTImageProcessor,
+    )
+
+    with tempfile.TemporaryDirectory() as tok_dir:
+        mf.write_tokenizer_files(Path(tok_dir))
+        tok = CLIPTokenizer.from_pretrained(tok_dir, model_max_length=77)
+    torch.manual_seed(1234)
+    config = CLIPSegConfig(
+        text_config={"vocab_size": len(tok), "hidden_size": 32, "intermediate_size": 48,
+                     "num_hidden_layers": 2, "num_attention_heads": 2,
+                     "max_position_embeddings": 77, "eos_token_id": tok.eos_token_id,
+                     "bos_token_id": tok.bos_token_id, "pad_token_id": tok.pad_token_id},
+        vision_config={"hidden_size": 40, "intermediate_size": 56, "num_hidden_layers": 4,
+                       "num_attention_heads": 4, "image_size": 64, "patch_size": 16},
+        projection_dim=24, extract_layers=[0, 2], reduce_dim=16,
+        decoder_num_attention_heads=2, decoder_intermediate_size=24, conditional_layer=0,
+        use_complex_transposed_convolution=True,
+    )
+    model = CLIPSegForImageSegmentation(config).eval()
+    model_dir = out / "models" / "tiny-clipseg"
+    model.save_pretrained(str(model_dir), safe_serialization=True)
+    processor = ViTImageProcessor(size={"height": 64, "width": 64},
+                                  image_mean=[0.48145466, 0.4578275, 0.40821073],
+                                  image_std=[0.26862954, 0.26130258, 0.27577711])
+    CLIPSegProcessor(image_processor=processor, tokenizer=tok).save_pretrained(str(model_dir))
+    return model_dir
+
+
 def main():
     if len(sys.argv) != 2:
         sys.exit("usage: make_tiny_model.py OUT_DIR")
@@ -46,6 +88,7 @@ def main():
     print(f"model: {tiny_model(out)}")
     photos(out)
     print(f"photos: {out / 'uploads' / 'e2e'}")
+    print(f"mask model: {tiny_clipseg(out)}")
 
 
 if __name__ == "__main__":
