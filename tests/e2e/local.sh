@@ -360,17 +360,19 @@ YAML
 
 # ---------------------------------------------------------------------------------------
 step "trainings"
+# What kubectl shows while it runs (Phase, Progress, Loss), from a watch: every status
+# write shows, however short the training.
 kubectl apply -n "$namespace" -f "$root/tests/e2e/manifests/lora-training.yaml" >/dev/null
-# What kubectl shows while it runs (the printer columns Phase, Progress, Loss).
-seen_progress=""
-for _ in $(seq "$wait_timeout"); do
-    row="$(kubectl get -n "$namespace" loratrain/e2e-person --no-headers 2>/dev/null)"
-    case "$row" in *Running*) [ -n "$seen_progress" ] || { seen_progress="$row"; log "while running: $row"; } ;; esac
-    phase="$(kubectl get -n "$namespace" loratrain/e2e-person -o jsonpath='{.status.phase}')"
-    case "$phase" in Succeeded | Failed) break ;; esac
-    sleep 1
-done
-check "kubectl get loratrain showed it Running" test -n "$seen_progress"
+kubectl get -n "$namespace" loratrain/e2e-person --watch --no-headers >"$work/loratrain.watch" 2>&1 &
+watcher=$!
+pids+=("$watcher")
+kubectl wait -n "$namespace" loratrain/e2e-person --for=jsonpath='{.status.phase}'=Succeeded \
+    --timeout="${wait_timeout}s" >/dev/null
+phase="$(kubectl get -n "$namespace" loratrain/e2e-person -o jsonpath='{.status.phase}')"
+sleep 1
+kill "$watcher" 2>/dev/null
+sed 's/^/e2e:   watch: /' "$work/loratrain.watch"
+check "kubectl get loratrain showed it Running" grep -q ' Running ' "$work/loratrain.watch"
 check "LoraTraining e2e-person Succeeded" test "$phase" = Succeeded
 log "$(kubectl get -n "$namespace" loratrain/e2e-person)"
 artifact="$(kubectl get -n "$namespace" loratrain/e2e-person -o jsonpath='{.status.artifact.path}|{.status.artifact.sha256}')"
@@ -634,4 +636,27 @@ print("\n".join(sorted(denied)))
 PY
 )"
 [ -z "$denied" ] || log "RBAC refused the operator: $denied"
+# What the chart's roles grant that the operator did not use in this run.
+kubectl get clusterroles,roles -A -l app.kubernetes.io/component=operator -o json >"$work/roles.json"
+python3 - "$audit" "system:serviceaccount:$namespace:$sa" "$work/roles.json" <<'PY' || true
+import json, sys
+used = set()
+for line in open(sys.argv[1], encoding="utf-8"):
+    event = json.loads(line)
+    if event.get("user", {}).get("username") != sys.argv[2] or "objectRef" not in event:
+        continue
+    ref = event["objectRef"]
+    resource = ref.get("resource", "") + ("/" + ref["subresource"] if ref.get("subresource") else "")
+    used.add((ref.get("apiGroup", ""), resource, event["verb"]))
+unused = []
+for role in json.load(open(sys.argv[3]))["items"]:
+    for rule in role.get("rules", []):
+        for group in rule.get("apiGroups", []):
+            for resource in rule.get("resources", []):
+                for verb in rule.get("verbs", []):
+                    if (group, resource, verb) not in used:
+                        unused.append("%s %s/%s" % (verb, group or "core", resource))
+print("e2e: the operator used %d (group, resource, verb) grants; granted but not used in this run: %s"
+      % (len(used), ", ".join(sorted(unused)) or "none"))
+PY
 check "the audit log shows no RBAC refusal (403) for the operator" test -z "$denied"
