@@ -466,6 +466,69 @@ log "runtime jobs succeeded: $done_before before, $done_after after"
 check "the runtime ran it once" test "$done_after" = "$((done_before + 1))"
 
 # ---------------------------------------------------------------------------------------
+step "restart"
+# The leader restarted (SIGTERM: it releases the Lease) while a generation and a training
+# run: a new operator takes over, and nothing is done twice or lost.
+done_before="$(jobs_done)"
+kubectl apply -n "$namespace" -f - >/dev/null <<YAML
+apiVersion: imagegen.dev/v1alpha1
+kind: ImageGeneration
+metadata:
+  name: e2e-restart
+spec:
+  modelRef: {name: tiny}
+  prompt: a windmill at dawn
+  width: 256
+  height: 256
+  steps: 40
+  seed: 8
+---
+apiVersion: imagegen.dev/v1alpha1
+kind: LoraTraining
+metadata:
+  name: e2e-restart
+spec:
+  modelRef: {name: tiny}
+  images:
+    - path: uploads/e2e/01.png
+    - path: uploads/e2e/02.png
+  instancePrompt: a photo of sks person
+  steps: 60
+  rank: 4
+  resolution: 64
+  seed: 3
+YAML
+wait_for "both to run" 120 sh -c \
+    "kubectl get -n '$namespace' imagegeneration/e2e-restart loratrain/e2e-restart \
+        -o jsonpath='{.items[*].status.phase}' | grep -qx 'Running Running'"
+log "both Running: $(kubectl get -n "$namespace" imagegeneration/e2e-restart loratrain/e2e-restart \
+    -o jsonpath='{.items[*].status.progress.percent}') percent"
+kill -TERM "${operator_pids[operator-b]}"
+restarted_at=$(date +%s)
+start_operator operator-c
+if wait_for "operator-c to lead" 30 sh -c \
+    "kubectl get lease -n '$namespace' imagegen-operator -o jsonpath='{.spec.holderIdentity}' | grep -qx operator-c"; then
+    pass "operator-c leads $(( $(date +%s) - restarted_at ))s after operator-b was stopped"
+else
+    fail "operator-c took the Lease after operator-b released it"
+fi
+check "e2e-restart (generation) Succeeded" kubectl wait -n "$namespace" \
+    imagegeneration/e2e-restart --for=jsonpath='{.status.phase}'=Succeeded --timeout="${wait_timeout}s"
+check "e2e-restart (training) Succeeded" kubectl wait -n "$namespace" \
+    loratrain/e2e-restart --for=jsonpath='{.status.phase}'=Succeeded --timeout="${wait_timeout}s"
+check "the generation was submitted once" test "$(kubectl get -n "$namespace" \
+    imagegeneration/e2e-restart -o jsonpath='{.metadata.annotations.imagegen\.dev/submissions}')" = 1
+done_after="$(jobs_done)"
+log "runtime jobs succeeded: $done_before before, $done_after after"
+check "the runtime ran it once" test "$done_after" = "$((done_before + 1))"
+training_runs="$(kubectl get jobs -n "$namespace" -o name | grep -c e2e-restart) Job(s), \
+$(kubectl get pods -n "$namespace" -l job-name=e2e-restart-train -o name | wc -l) pod(s)"
+log "the training ran in $training_runs"
+check "the training ran in one Job with one pod" test "$training_runs" = "1 Job(s), 1 pod(s)"
+check "its artifact is recorded with a sha256" test -n "$(kubectl get -n "$namespace" \
+    loratrain/e2e-restart -o jsonpath='{.status.artifact.sha256}')"
+
+# ---------------------------------------------------------------------------------------
 step "replica count"
 # Scaling by hand within replicas.min..max is kept by the reconciler; beyond max it is not.
 replicas() { kubectl get -n "$namespace" deployment/tiny -o jsonpath='{.spec.replicas}'; }
