@@ -2,7 +2,7 @@
 //! `lastTransitionTime` that moves only when the status does.
 
 use imagegen_crds::common::condition_types::{COMPLETE, FAILED};
-use imagegen_crds::Phase;
+use imagegen_crds::{DiffusionModel, ImageGeneration, LoraTraining, Phase};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 /// A condition of `type_` with `status` `"True"` or `"False"`, describing `generation`. Its
@@ -45,6 +45,30 @@ pub fn set_condition(conditions: &mut Vec<Condition>, mut new: Condition, now: T
 }
 
 /// The condition of `type_`, if any.
+/// The kinds whose status carries metav1 conditions: read without serializing the object.
+pub trait HasConditions {
+    /// The status's conditions (none before the first status write).
+    fn conditions(&self) -> &[Condition];
+}
+
+impl HasConditions for DiffusionModel {
+    fn conditions(&self) -> &[Condition] {
+        self.status.as_ref().map_or(&[], |s| &s.conditions)
+    }
+}
+
+impl HasConditions for LoraTraining {
+    fn conditions(&self) -> &[Condition] {
+        self.status.as_ref().map_or(&[], |s| &s.conditions)
+    }
+}
+
+impl HasConditions for ImageGeneration {
+    fn conditions(&self) -> &[Condition] {
+        self.status.as_ref().map_or(&[], |s| &s.conditions)
+    }
+}
+
 pub fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
     conditions.iter().find(|c| c.type_ == type_)
 }

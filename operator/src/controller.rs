@@ -36,7 +36,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::api::image_generation::RuntimePod;
-use crate::conditions::condition;
+use crate::conditions::{condition, find, HasConditions};
 use crate::image_generation::{self as ig, AfterLoss, Blocked as GenerationBlocked};
 use crate::lora_training::{self as lt, Blocked as TrainingBlocked, TrainerReport};
 use crate::metrics::Metrics;
@@ -347,12 +347,33 @@ fn key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
 pub const RECONCILED: &str = "Reconciled";
 const ERRORS_FIELD_MANAGER: &str = "imagegen-operator-errors";
 
+/// The three kinds as the error reporting below needs them: namespaced, with conditions in
+/// a status that a server-side apply can write.
+pub trait ReconciledKind:
+    Resource<DynamicType = (), Scope = NamespaceResourceScope>
+    + HasConditions
+    + Clone
+    + Serialize
+    + DeserializeOwned
+    + Debug
+{
+}
+
+impl<K> ReconciledKind for K where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + HasConditions
+        + Clone
+        + Serialize
+        + DeserializeOwned
+        + Debug
+{
+}
+
 /// Retry after an error with exponential backoff per object, and say so on the object: a
 /// Warning event and the [`RECONCILED`] condition False (both written in the background).
 pub fn error_policy<K>(obj: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action
 where
-    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>,
-    K: Clone + Serialize + DeserializeOwned + Debug + Send + Sync + 'static,
+    K: ReconciledKind + Send + Sync + 'static,
 {
     let kind = K::kind(&());
     ctx.metrics.error(&kind, error.metric_label());
@@ -369,7 +390,7 @@ where
         .await;
         // Written only when it says something new: every status write wakes the controller,
         // and a condition rewritten on each failure would make the retries a busy loop.
-        if reconciled_condition(&*obj) == Some((false, message.clone())) {
+        if reconciled_condition(&*obj) == Some((false, message.as_str())) {
             return;
         }
         let reconciled = condition(RECONCILED, false, "ReconcileError", message, None);
@@ -381,11 +402,7 @@ where
 }
 
 /// After a success: the [`RECONCILED`] condition True again, if an error had set it False.
-async fn clear_reconcile_error<K>(ctx: &Context, obj: &K) -> Result<(), Error>
-where
-    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>,
-    K: Clone + Serialize + DeserializeOwned + Debug,
-{
+async fn clear_reconcile_error<K: ReconciledKind>(ctx: &Context, obj: &K) -> Result<(), Error> {
     if matches!(reconciled_condition(obj), Some((false, _))) {
         let reconciled = condition(RECONCILED, true, "Reconciled", String::new(), None);
         apply_reconciled(ctx, obj, reconciled).await?;
@@ -394,22 +411,15 @@ where
 }
 
 /// The [`RECONCILED`] condition of `obj`: whether it is True, and its message.
-fn reconciled_condition<K: Serialize>(obj: &K) -> Option<(bool, String)> {
-    let value = serde_json::to_value(obj).ok()?;
-    let found = value["status"]["conditions"]
-        .as_array()?
-        .iter()
-        .find(|c| c["type"] == RECONCILED)?
-        .clone();
-    let message = found["message"].as_str().unwrap_or_default().to_string();
-    Some((found["status"] == "True", message))
+fn reconciled_condition(obj: &impl HasConditions) -> Option<(bool, &str)> {
+    find(obj.conditions(), RECONCILED).map(|c| (c.status == "True", c.message.as_str()))
 }
 
-async fn apply_reconciled<K>(ctx: &Context, obj: &K, mut reconciled: Condition) -> Result<(), Error>
-where
-    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>,
-    K: Clone + Serialize + DeserializeOwned + Debug,
-{
+async fn apply_reconciled<K: ReconciledKind>(
+    ctx: &Context,
+    obj: &K,
+    mut reconciled: Condition,
+) -> Result<(), Error> {
     reconciled.last_transition_time = (ctx.now)();
     reconciled.observed_generation = obj.meta().generation;
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
