@@ -90,6 +90,22 @@ wait_for() {
     done
 }
 
+# Questions the steps ask of the cluster (in the release namespace).
+leader() { kubectl get lease -n "$namespace" imagegen-operator -o jsonpath='{.spec.holderIdentity}'; }
+leads() { [ "$(leader 2>/dev/null)" = "$1" ]; }
+succeeds() { # kind/name reaches phase Succeeded
+    kubectl wait -n "$namespace" "$1" --for=jsonpath='{.status.phase}'=Succeeded \
+        --timeout="${wait_timeout}s" >/dev/null
+}
+submissions() { # of ImageGeneration $1
+    kubectl get -n "$namespace" "imagegeneration/$1" \
+        -o jsonpath='{.metadata.annotations.imagegen\.dev/submissions}'
+}
+reconciled() { # field $2 (status, message) of DiffusionModel $1's Reconciled condition
+    kubectl get -n "$namespace" "dmodel/$1" \
+        -o jsonpath="{.status.conditions[?(@.type==\"Reconciled\")].$2}"
+}
+
 # ---------------------------------------------------------------------------------------
 step "tools and binaries"
 tools_bin="$("$root/scripts/k8s-tools.sh")" || exit 1
@@ -247,8 +263,7 @@ start_operator() { # name
         curl -fsS "http://$host_ip:$port/healthz"
 }
 start_operator operator-a
-check "operator-a took the leader Lease" wait_for "the Lease" 60 sh -c \
-    "kubectl get lease -n '$namespace' imagegen-operator -o jsonpath='{.spec.holderIdentity}' | grep -qx operator-a"
+check "operator-a took the leader Lease" wait_for "the Lease" 60 leads operator-a
 
 # ---------------------------------------------------------------------------------------
 step "models"
@@ -289,8 +304,7 @@ check "kubectl get dmodel prints the printer columns" \
 step "generations"
 generate() { # name, manifest on stdin
     kubectl apply -n "$namespace" -f - >/dev/null || return 1
-    kubectl wait -n "$namespace" "imagegeneration/$1" --for=jsonpath='{.status.phase}'=Succeeded \
-        --timeout="${wait_timeout}s" >/dev/null || {
+    succeeds "imagegeneration/$1" || {
         kubectl get -n "$namespace" "imagegeneration/$1" -o yaml | sed 's/^/e2e:   /'
         return 1
     }
@@ -366,8 +380,7 @@ kubectl apply -n "$namespace" -f "$root/tests/e2e/manifests/lora-training.yaml" 
 kubectl get -n "$namespace" loratrain/e2e-person --watch --no-headers >"$work/loratrain.watch" 2>&1 &
 watcher=$!
 pids+=("$watcher")
-kubectl wait -n "$namespace" loratrain/e2e-person --for=jsonpath='{.status.phase}'=Succeeded \
-    --timeout="${wait_timeout}s" >/dev/null
+succeeds loratrain/e2e-person
 phase="$(kubectl get -n "$namespace" loratrain/e2e-person -o jsonpath='{.status.phase}')"
 sleep 1
 kill "$watcher" 2>/dev/null
@@ -420,8 +433,7 @@ check "the operator owns the model's status through an Apply on the status subre
 step "leader election"
 start_operator operator-b
 sleep 3
-check "operator-b waits as a standby while operator-a leads" sh -c \
-    "kubectl get lease -n '$namespace' imagegen-operator -o jsonpath='{.spec.holderIdentity}' | grep -qx operator-a"
+check "operator-b waits as a standby while operator-a leads" leads operator-a
 jobs_done() { # the runtimes' finished-job count, from their metrics, over every pod
     local total=0 address count
     for address in $(ready_addresses); do
@@ -451,16 +463,13 @@ leader_pid="${operator_pids[operator-a]}"
 kill -9 "$leader_pid"
 killed_at=$(date +%s)
 log "killed operator-a (pid $leader_pid) while e2e-failover ran"
-if wait_for "operator-b to lead" 25 sh -c \
-    "kubectl get lease -n '$namespace' imagegen-operator -o jsonpath='{.spec.holderIdentity}' | grep -qx operator-b"; then
+if wait_for "operator-b to lead" 25 leads operator-b; then
     pass "operator-b took the Lease over $(( $(date +%s) - killed_at ))s after the kill (duration 15 s)"
 else
     fail "operator-b took the Lease over within its duration (15 s) plus a renewal period"
 fi
-check "e2e-failover Succeeded under operator-b" kubectl wait -n "$namespace" \
-    imagegeneration/e2e-failover --for=jsonpath='{.status.phase}'=Succeeded --timeout="${wait_timeout}s"
-check "e2e-failover was submitted once" test "$(kubectl get -n "$namespace" \
-    imagegeneration/e2e-failover -o jsonpath='{.metadata.annotations.imagegen\.dev/submissions}')" = 1
+check "e2e-failover Succeeded under operator-b" succeeds imagegeneration/e2e-failover
+check "e2e-failover was submitted once" test "$(submissions e2e-failover)" = 1
 done_after="$(jobs_done)"
 log "runtime jobs succeeded: $done_before before, $done_after after"
 check "the runtime ran it once" test "$done_after" = "$((done_before + 1))"
@@ -506,18 +515,14 @@ log "both Running: $(kubectl get -n "$namespace" imagegeneration/e2e-restart lor
 kill -TERM "${operator_pids[operator-b]}"
 restarted_at=$(date +%s)
 start_operator operator-c
-if wait_for "operator-c to lead" 30 sh -c \
-    "kubectl get lease -n '$namespace' imagegen-operator -o jsonpath='{.spec.holderIdentity}' | grep -qx operator-c"; then
+if wait_for "operator-c to lead" 30 leads operator-c; then
     pass "operator-c leads $(( $(date +%s) - restarted_at ))s after operator-b was stopped"
 else
     fail "operator-c took the Lease after operator-b released it"
 fi
-check "e2e-restart (generation) Succeeded" kubectl wait -n "$namespace" \
-    imagegeneration/e2e-restart --for=jsonpath='{.status.phase}'=Succeeded --timeout="${wait_timeout}s"
-check "e2e-restart (training) Succeeded" kubectl wait -n "$namespace" \
-    loratrain/e2e-restart --for=jsonpath='{.status.phase}'=Succeeded --timeout="${wait_timeout}s"
-check "the generation was submitted once" test "$(kubectl get -n "$namespace" \
-    imagegeneration/e2e-restart -o jsonpath='{.metadata.annotations.imagegen\.dev/submissions}')" = 1
+check "e2e-restart (generation) Succeeded" succeeds imagegeneration/e2e-restart
+check "e2e-restart (training) Succeeded" succeeds loratrain/e2e-restart
+check "the generation was submitted once" test "$(submissions e2e-restart)" = 1
 done_after="$(jobs_done)"
 log "runtime jobs succeeded: $done_before before, $done_after after"
 check "the runtime ran it once" test "$done_after" = "$((done_before + 1))"
@@ -536,9 +541,9 @@ kubectl scale -n "$namespace" deployment/tiny --replicas=2 >/dev/null
 kubectl annotate -n "$namespace" --overwrite dmodel/tiny e2e.imagegen.dev/touched="scaled" >/dev/null
 sleep 5
 check "kubectl scale to 2 (max 2) is kept after a reconcile" test "$(replicas)" = 2
+ready_count_is() { [ "$(ready_addresses | sort -u | wc -l)" = "$1" ]; }
 check "both replicas become ready, each with its own address" wait_for "2 ready addresses" \
-    "$wait_timeout" sh -c "test \"\$(kubectl get endpointslices -n '$namespace' \
-        -l kubernetes.io/service-name=tiny -o jsonpath='{range .items[*].endpoints[?(@.conditions.ready==true)]}{.addresses[0]}{\"\\n\"}{end}' | sort -u | wc -l)\" = 2"
+    "$wait_timeout" ready_count_is 2
 log "ready addresses: $(ready_addresses | tr '\n' ' ')"
 kubectl scale -n "$namespace" deployment/tiny --replicas=5 >/dev/null
 kubectl annotate -n "$namespace" --overwrite dmodel/tiny e2e.imagegen.dev/touched="overscaled" >/dev/null
@@ -561,8 +566,7 @@ spec:
 YAML
 done
 for i in 1 2 3 4; do
-    check "e2e-spread-$i Succeeded" kubectl wait -n "$namespace" imagegeneration/e2e-spread-$i \
-        --for=jsonpath='{.status.phase}'=Succeeded --timeout="${wait_timeout}s"
+    check "e2e-spread-$i Succeeded" succeeds "imagegeneration/e2e-spread-$i"
 done
 pods_used="$(for i in 1 2 3 4; do kubectl get -n "$namespace" imagegeneration/e2e-spread-$i \
     -o jsonpath='{.status.runtimePod.name}{"\n"}'; done | sort | uniq -c | tr -s ' \n' ' ')"
@@ -584,21 +588,16 @@ spec:
   nodeSelector:
     nvidia.com/gpu.product: "not a label value!"
 YAML
-reconciled() {
-    kubectl get -n "$namespace" dmodel/e2e-refused \
-        -o jsonpath='{.status.conditions[?(@.type=="Reconciled")].status}/{.status.conditions[?(@.type=="Reconciled")].message}'
-}
+reconciled_is() { [ "$(reconciled "$1" status)" = "$2" ]; }
 check "the refused Deployment shows on the model as Reconciled=False" wait_for \
-    "the Reconciled condition" 60 sh -c "kubectl get -n '$namespace' dmodel/e2e-refused \
-        -o jsonpath='{.status.conditions[?(@.type==\"Reconciled\")].status}' | grep -qx False"
-log "e2e-refused: Reconciled $(reconciled)"
+    "the Reconciled condition" 60 reconciled_is e2e-refused False
+log "e2e-refused: Reconciled $(reconciled e2e-refused status)/$(reconciled e2e-refused message)"
 check "and as a ReconcileFailed event" wait_for "the event" 30 sh -c \
     "kubectl get events -n '$namespace' --field-selector reason=ReconcileFailed,involvedObject.name=e2e-refused -o name | grep -q ."
 kubectl patch -n "$namespace" dmodel/e2e-refused --type=merge \
     -p '{"spec": {"nodeSelector": {"nvidia.com/gpu.product": "fixed"}}}' >/dev/null
-check "once the spec is fixed, Reconciled is True again" wait_for "Reconciled True" 60 sh -c \
-    "kubectl get -n '$namespace' dmodel/e2e-refused \
-        -o jsonpath='{.status.conditions[?(@.type==\"Reconciled\")].status}' | grep -qx True"
+check "once the spec is fixed, Reconciled is True again" wait_for "Reconciled True" 60 \
+    reconciled_is e2e-refused True
 kubectl delete -n "$namespace" dmodel/e2e-refused --wait=false >/dev/null
 # A Secret of the name a model's runtime token would have, made by someone else: the model
 # refuses it (whoever made it would know the token) and says so.
@@ -613,9 +612,11 @@ spec:
   source: {path: /store/models/tiny-sd1}
   family: sd15
 YAML
+refuses_adoption() {
+    reconciled e2e-adopt message | grep -q 'is not controlled by DiffusionModel e2e-adopt'
+}
 check "a model does not adopt a runtime-auth Secret it does not control" wait_for \
-    "the Reconciled condition" 60 sh -c "kubectl get -n '$namespace' dmodel/e2e-adopt \
-        -o jsonpath='{.status.conditions[?(@.type==\"Reconciled\")].message}' | grep -q 'is not controlled by DiffusionModel e2e-adopt'"
+    "the Reconciled condition" 60 refuses_adoption
 check "and makes no Deployment" sh -c "! kubectl get -n '$namespace' deployment/e2e-adopt 2>/dev/null"
 kubectl delete -n "$namespace" dmodel/e2e-adopt secret/e2e-adopt-runtime-auth --wait=false >/dev/null
 
@@ -679,31 +680,14 @@ check "and its pods" wait_for "the pods to go" 60 \
 # ---------------------------------------------------------------------------------------
 step "RBAC"
 audit="$IMAGEGEN_CLUSTER_DIR/logs/audit.log"
-# RBAC's refusals carry the authorizer's decision; other 403s (an event created in a
-# namespace being deleted, refused by admission) are listed but are not RBAC's.
-denied="$(python3 - "$audit" "system:serviceaccount:$namespace:$sa" <<'PY'
-import json, sys
-denied, other = set(), set()
-for line in open(sys.argv[1], encoding="utf-8"):
-    event = json.loads(line)
-    if event.get("user", {}).get("username") != sys.argv[2] or \
-            event.get("responseStatus", {}).get("code") != 403:
-        continue
-    ref = event.get("objectRef", {})
-    what = "%s %s in %s" % (event["verb"], ref.get("resource"), ref.get("namespace", "-"))
-    decision = event.get("annotations", {}).get("authorization.k8s.io/decision")
-    (denied if decision == "forbid" else other).add(what)
-for what in sorted(other):
-    print("e2e: 403 from admission, not RBAC: " + what, file=sys.stderr)
-print("\n".join(sorted(denied)))
-PY
-)"
-[ -z "$denied" ] || log "RBAC refused the operator: $denied"
-# What the chart's roles grant that the operator did not use in this run.
+# One pass over the audit log for the operator's requests. RBAC's refusals carry the
+# authorizer's decision; other 403s (an event created in a namespace being deleted, refused
+# by admission) are listed but are not RBAC's. Then what the chart's roles grant that the
+# operator did not use in this run.
 kubectl get clusterroles,roles -A -l app.kubernetes.io/component=operator -o json >"$work/roles.json"
-python3 - "$audit" "system:serviceaccount:$namespace:$sa" "$work/roles.json" <<'PY' || true
+denied="$(python3 - "$audit" "system:serviceaccount:$namespace:$sa" "$work/roles.json" <<'PY'
 import json, sys
-used = set()
+denied, other, used = set(), set(), set()
 for line in open(sys.argv[1], encoding="utf-8"):
     event = json.loads(line)
     if event.get("user", {}).get("username") != sys.argv[2] or "objectRef" not in event:
@@ -711,15 +695,25 @@ for line in open(sys.argv[1], encoding="utf-8"):
     ref = event["objectRef"]
     resource = ref.get("resource", "") + ("/" + ref["subresource"] if ref.get("subresource") else "")
     used.add((ref.get("apiGroup", ""), resource, event["verb"]))
-unused = []
-for role in json.load(open(sys.argv[3]))["items"]:
-    for rule in role.get("rules", []):
-        for group in rule.get("apiGroups", []):
-            for resource in rule.get("resources", []):
-                for verb in rule.get("verbs", []):
-                    if (group, resource, verb) not in used:
-                        unused.append("%s %s/%s" % (verb, group or "core", resource))
-print("e2e: the operator used %d (group, resource, verb) grants; granted but not used in this run: %s"
-      % (len(used), ", ".join(sorted(unused)) or "none"))
+    if event.get("responseStatus", {}).get("code") == 403:
+        what = "%s %s in %s" % (event["verb"], ref.get("resource"), ref.get("namespace", "-"))
+        decision = event.get("annotations", {}).get("authorization.k8s.io/decision")
+        (denied if decision == "forbid" else other).add(what)
+for what in sorted(other):
+    print("e2e: 403 from admission, not RBAC: " + what, file=sys.stderr)
+unused = sorted(
+    "%s %s/%s" % (verb, group or "core", resource)
+    for role in json.load(open(sys.argv[3]))["items"]
+    for rule in role.get("rules", [])
+    for group in rule.get("apiGroups", [])
+    for resource in rule.get("resources", [])
+    for verb in rule.get("verbs", [])
+    if (group, resource, verb) not in used
+)
+print("e2e: the operator used %d (group, resource, verb) grants; granted but not used in this "
+      "run: %s" % (len(used), ", ".join(unused) or "none"), file=sys.stderr)
+print("\n".join(sorted(denied)))
 PY
+)"
+[ -z "$denied" ] || log "RBAC refused the operator: $denied"
 check "the audit log shows no RBAC refusal (403) for the operator" test -z "$denied"
