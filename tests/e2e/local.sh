@@ -463,10 +463,12 @@ leader_pid="${operator_pids[operator-a]}"
 kill -9 "$leader_pid"
 killed_at=$(date +%s)
 log "killed operator-a (pid $leader_pid) while e2e-failover ran"
-if wait_for "operator-b to lead" 25 leads operator-b; then
+# The Lease lasts 15 s and is renewed every 5 s: a take-over comes 15-20 s after the kill
+# (14-19 s measured). The wait allows twice that for a machine slowed by its neighbours.
+if wait_for "operator-b to lead" 40 leads operator-b; then
     pass "operator-b took the Lease over $(( $(date +%s) - killed_at ))s after the kill (duration 15 s)"
 else
-    fail "operator-b took the Lease over within its duration (15 s) plus a renewal period"
+    fail "operator-b took the Lease over within 40 s of the kill"
 fi
 check "e2e-failover Succeeded under operator-b" succeeds imagegeneration/e2e-failover
 check "e2e-failover was submitted once" test "$(submissions e2e-failover)" = 1
