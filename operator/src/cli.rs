@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 use crate::OperatorConfig;
 
@@ -29,7 +29,8 @@ pub struct Args {
     /// The runtime's store URL (file:///store or s3://bucket/prefix).
     #[arg(long, env = "IMAGEGEN_STORE_URL")]
     pub store_url: Option<String>,
-    /// A Secret whose keys become environment variables of runtime pods and training Jobs.
+    /// A Secret (in the operator's namespace) whose keys become environment variables of
+    /// runtime pods and training Jobs; each model's namespace gets a copy.
     #[arg(long, env = "IMAGEGEN_STORE_SECRET")]
     pub store_secret: Option<String>,
     /// A PersistentVolumeClaim mounted at /store in runtime pods and training Jobs.
@@ -41,7 +42,8 @@ pub struct Args {
     /// Safety policy of runtime pods.
     #[arg(long, env = "IMAGEGEN_SAFETY", value_parser = ["block", "blur", "off"])]
     pub safety_policy: Option<String>,
-    /// A Secret with `tls.crt` and `tls.key` (PEM) that runtime pods sign images with (C2PA).
+    /// A Secret (in the operator's namespace) with `tls.crt` and `tls.key` (PEM) that runtime
+    /// pods sign images with (C2PA); each model's namespace gets a copy.
     #[arg(long, env = "IMAGEGEN_C2PA_SECRET")]
     pub c2pa_secret: Option<String>,
     /// Namespace to watch; empty: all namespaces.
@@ -53,6 +55,18 @@ pub struct Args {
     /// Log format.
     #[arg(long, env = "IMAGEGEN_LOG_FORMAT", default_value = "json", value_parser = ["json", "text"])]
     pub log_format: String,
+    /// Without a command: run the operator.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// One-shot commands.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Before the operator is uninstalled (the chart's pre-delete hook): stop every replica
+    /// from reconciling, then remove the operator's finalizers from every ImageGeneration and
+    /// LoraTraining, so that deleting them or their namespace never hangs. The objects stay.
+    ReleaseFinalizers,
 }
 
 fn non_empty(value: &Option<String>) -> Option<String> {

@@ -42,6 +42,8 @@ use crate::lora_training::{self as lt, Blocked as TrainingBlocked, TrainerReport
 use crate::metrics::Metrics;
 use crate::runtime_client::{image_id_from_url, RuntimeApi, RuntimeError, Target};
 use crate::runtime_pods;
+use crate::secret_copies;
+use crate::workload::{self, Found};
 use crate::{diffusion_model as dm, OperatorConfig, FIELD_MANAGER};
 
 /// Finalizer of LoraTrainings: deletes the trained LoRA.
@@ -56,6 +58,9 @@ pub const WAIT_RECHECK: Duration = Duration::from_secs(15);
 pub const GENERATION_POLL: Duration = Duration::from_secs(3);
 /// How often a running training is looked at (its Job's changes wake it too).
 pub const TRAINING_POLL: Duration = Duration::from_secs(30);
+/// When a training whose status changed under the reconciler is looked at again (its watch
+/// event usually comes first).
+pub const STALE_RETRY: Duration = Duration::from_secs(1);
 /// First retry delay after an error; it doubles per consecutive error of the same object.
 pub const ERROR_BASE_DELAY: Duration = Duration::from_secs(5);
 /// Longest retry delay after errors.
@@ -450,16 +455,54 @@ where
     .await
 }
 
+/// Server-side applies `status` to `obj`'s status subresource, as the operator.
 async fn apply_status<K, S>(api: &Api<K>, obj: &K, status: &S) -> Result<(), kube::Error>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
     S: Serialize,
 {
-    let patch = json!({
+    apply_status_at(api, obj, status, None).await
+}
+
+/// [`apply_status`] with the `resourceVersion` that `obj` was read at as a precondition:
+/// whether it was written. Someone else wrote the object since (a trainer's progress
+/// report): the API server refuses (409), and what was built from the old read, older
+/// progress or a cleared error, is dropped instead of overwriting the newer.
+async fn apply_status_if_unchanged<K, S>(
+    api: &Api<K>,
+    obj: &K,
+    status: &S,
+) -> Result<bool, kube::Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+    S: Serialize,
+{
+    let read_at = obj.meta().resource_version.as_deref();
+    match apply_status_at(api, obj, status, read_at).await {
+        Ok(()) => Ok(true),
+        Err(kube::Error::Api(status)) if status.is_conflict() => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+async fn apply_status_at<K, S>(
+    api: &Api<K>,
+    obj: &K,
+    status: &S,
+    resource_version: Option<&str>,
+) -> Result<(), kube::Error>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+    S: Serialize,
+{
+    let mut patch = json!({
         "apiVersion": K::api_version(&()),
         "kind": K::kind(&()),
         "status": status,
     });
+    if let Some(resource_version) = resource_version {
+        patch["metadata"] = json!({ "resourceVersion": resource_version });
+    }
     api.patch_status(
         &obj.name_any(),
         &PatchParams::apply(FIELD_MANAGER).force(),
@@ -631,6 +674,11 @@ pub async fn reconcile_model(
         create_once(&secrets, &dm::build_auth_secret(&valid, &random_token())).await?;
         info!(secret = %auth_name, %namespace, "created the runtime auth Secret");
     }
+    let copies = copy_secrets(&ctx, &valid, &secrets).await?;
+    let found = Found {
+        secrets_digest: (!copies.is_empty()).then(|| secret_copies::digest(&copies)),
+        store_on_one_node: store_on_one_node(&ctx, &namespace).await?,
+    };
     if let Some(claim) = dm::build_cache_claim(&valid) {
         let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &namespace);
         // Made once: a claim's access modes are immutable, so re-applying one built for
@@ -652,7 +700,7 @@ pub async fn reconcile_model(
         Some(deployment) => Some(controlled_by(deployment, owner)?),
         None => None,
     };
-    let mut desired = dm::build_deployment(&valid, &ctx.config);
+    let mut desired = dm::build_deployment(&valid, &ctx.config, &found);
     if let Some(spec) = desired.spec.as_mut() {
         spec.replicas = Some(dm::desired_replicas(&valid, existing.as_ref()));
     }
@@ -691,6 +739,70 @@ pub async fn reconcile_model(
     ctx.backoff.reset(&key(model.as_ref()));
     clear_reconcile_error(&ctx, model.as_ref()).await?;
     Ok(Action::requeue(MODEL_RESYNC))
+}
+
+/// Copies the operator's Secrets (runtime environment, signing key) into the model's
+/// namespace, creating each copy or updating it when its source changed; the copies as
+/// they now are. A missing source makes the model unservable: its pods could not start.
+async fn copy_secrets(
+    ctx: &Context,
+    valid: &dm::ValidModel,
+    secrets: &Api<Secret>,
+) -> Result<Vec<Secret>, Error> {
+    let sources: Api<Secret> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);
+    let owner = (
+        "DiffusionModel",
+        valid.name.as_str(),
+        valid.owner.uid.as_str(),
+    );
+    let mut copies = Vec::new();
+    for plan in secret_copies::plans(&ctx.config, &valid.name) {
+        let Some(source) = sources.get_opt(&plan.source).await? else {
+            return Err(Error::Unservable(format!(
+                "the Secret {} in namespace {} does not exist, and runtime pods get a copy of it",
+                plan.source, ctx.config.namespace
+            )));
+        };
+        let copy = secret_copies::build_copy(
+            &source,
+            &plan.copy,
+            &valid.namespace,
+            &valid.owner,
+            dm::labels(&valid.name),
+        );
+        let current = match secrets.get_opt(&plan.copy).await? {
+            Some(existing) => secret_copies::up_to_date(&controlled_by(existing, owner)?, &copy),
+            None => false,
+        };
+        if !current {
+            apply(secrets, &copy).await?;
+            info!(secret = %plan.copy, namespace = %valid.namespace, from = %plan.source, "copied the Secret");
+        }
+        copies.push(copy);
+    }
+    Ok(copies)
+}
+
+/// Whether the pods in `namespace` that mount the store claim must share one node (the
+/// claim is not ReadWriteMany). A claim missing from the namespace, or one no two pods can
+/// share, makes the resource unservable.
+async fn store_on_one_node(ctx: &Context, namespace: &str) -> Result<bool, Error> {
+    let Some(name) = &ctx.config.store_claim else {
+        return Ok(false);
+    };
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), namespace);
+    let Some(claim) = claims.get_opt(name).await? else {
+        return Err(Error::Unservable(format!(
+            "the store claim {name} does not exist in namespace {namespace}: a claim belongs \
+             to one namespace, so models outside {} need a claim of that name bound to the \
+             same shared (ReadWriteMany) storage, or an S3 store",
+            ctx.config.namespace
+        )));
+    };
+    if let Some(why) = workload::claim_unshareable(&claim) {
+        return Err(Error::Unservable(why));
+    }
+    Ok(!workload::claim_spans_nodes(&claim))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -758,7 +870,10 @@ async fn apply_training(training: &LoraTraining, ctx: &Context) -> Result<Action
         artifact.sha256 = lora_sha256(ctx, training).await;
     }
     if training.status.as_ref() != Some(&status) {
-        apply_status(&trainings, training, &status).await?;
+        if !apply_status_if_unchanged(&trainings, training, &status).await? {
+            // The newer version's watch event brings the training back at once.
+            return Ok(Action::requeue(STALE_RETRY));
+        }
         phase_event(
             ctx,
             training,
@@ -831,7 +946,15 @@ async fn start_training(
         Some(secret) => drop(controlled_by(secret, owner)?),
         None => create_once(&secrets, &lt::build_token_secret(valid, &random_token())).await?,
     }
-    let job = apply(jobs, &lt::build_job(valid, &valid_model, &ctx.config)).await?;
+    let found = Found {
+        store_on_one_node: store_on_one_node(ctx, &valid.namespace).await?,
+        ..Found::default()
+    };
+    let job = apply(
+        jobs,
+        &lt::build_job(valid, &valid_model, &ctx.config, &found),
+    )
+    .await?;
     info!(job = %valid.job_name(), namespace = %valid.namespace, "created the training Job");
     Ok((Some(job), None))
 }

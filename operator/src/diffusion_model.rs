@@ -25,7 +25,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
 use crate::conditions::{condition, set_condition};
-use crate::{workload, Error, OperatorConfig};
+use crate::workload::{self, Found};
+use crate::{Error, OperatorConfig};
 
 /// Port the runtime listens on inside the pod.
 pub const RUNTIME_PORT: i32 = 8080;
@@ -400,8 +401,9 @@ pub fn desired_replicas(model: &ValidModel, existing: Option<&Deployment>) -> i3
 }
 
 /// The Deployment of `imagegen serve` replicas, `spec.replicas.min` of them (the controller
-/// applies [`desired_replicas`] instead once the Deployment exists).
-pub fn build_deployment(model: &ValidModel, config: &OperatorConfig) -> Deployment {
+/// applies [`desired_replicas`] instead once the Deployment exists), shaped by what the
+/// controller `found` (the copied Secrets' digest, the store's placement).
+pub fn build_deployment(model: &ValidModel, config: &OperatorConfig, found: &Found) -> Deployment {
     let args = [
         "serve",
         "--model",
@@ -435,7 +437,7 @@ pub fn build_deployment(model: &ValidModel, config: &OperatorConfig) -> Deployme
     let c2pa = config
         .c2pa_secret
         .as_ref()
-        .map(|secret| c2pa_volume(secret));
+        .map(|_| c2pa_volume(&crate::secret_copies::c2pa_secret_name(&model.name)));
     let (mut volumes, mut mounts) =
         workload::cache_and_tmp(model.cache.as_ref().map(|_| model.cache_claim_name()));
     let auth = Volume {
@@ -466,7 +468,15 @@ pub fn build_deployment(model: &ValidModel, config: &OperatorConfig) -> Deployme
         readiness_probe: Some(http_probe("/readyz", 5, 3)),
         ..workload::runtime_container(CONTAINER_NAME, config, model, args, env, mounts)
     };
-    let pod = workload::runtime_pod(container, volumes, model, config);
+    let pod = workload::runtime_pod(container, volumes, model, config, found);
+    let mut pod_labels = labels(&model.name);
+    pod_labels.extend(workload::store_labels(config));
+    let pod_annotations = found.secrets_digest.as_ref().map(|digest| {
+        BTreeMap::from([(
+            workload::SECRETS_DIGEST_ANNOTATION.to_string(),
+            digest.clone(),
+        )])
+    });
     Deployment {
         metadata: metadata(model, model.name.clone()),
         spec: Some(DeploymentSpec {
@@ -477,7 +487,8 @@ pub fn build_deployment(model: &ValidModel, config: &OperatorConfig) -> Deployme
             },
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
-                    labels: Some(labels(&model.name)),
+                    labels: Some(pod_labels),
+                    annotations: pod_annotations,
                     ..ObjectMeta::default()
                 }),
                 spec: Some(pod),
@@ -899,7 +910,7 @@ mod tests {
             service_account_name: Some("runtime".into()),
             ..OperatorConfig::default()
         };
-        let d = build_deployment(&validate(&full()).unwrap(), &config);
+        let d = build_deployment(&validate(&full()).unwrap(), &config, &Found::default());
         assert_eq!(d.metadata.name.as_deref(), Some("sd15"));
         assert_eq!(d.metadata.namespace.as_deref(), Some("ml"));
         assert_eq!(d.spec.as_ref().unwrap().replicas, Some(2));
@@ -927,7 +938,11 @@ mod tests {
 
     #[test]
     fn deployment_asks_for_the_gpus() {
-        let d = build_deployment(&validate(&full()).unwrap(), &OperatorConfig::default());
+        let d = build_deployment(
+            &validate(&full()).unwrap(),
+            &OperatorConfig::default(),
+            &Found::default(),
+        );
         let limits = pod_spec(&d).containers[0]
             .resources
             .as_ref()
@@ -940,7 +955,11 @@ mod tests {
             BTreeMap::from([("amd.com/gpu".into(), Quantity("2".into()))])
         );
 
-        let d = build_deployment(&validate(&minimal()).unwrap(), &OperatorConfig::default());
+        let d = build_deployment(
+            &validate(&minimal()).unwrap(),
+            &OperatorConfig::default(),
+            &Found::default(),
+        );
         let limits = pod_spec(&d).containers[0]
             .resources
             .clone()
@@ -952,7 +971,11 @@ mod tests {
 
     #[test]
     fn deployment_copies_scheduling() {
-        let d = build_deployment(&validate(&full()).unwrap(), &OperatorConfig::default());
+        let d = build_deployment(
+            &validate(&full()).unwrap(),
+            &OperatorConfig::default(),
+            &Found::default(),
+        );
         let pod = pod_spec(&d);
         assert_eq!(
             pod.node_selector,
@@ -963,7 +986,11 @@ mod tests {
         assert_eq!(tolerations[0].key.as_deref(), Some("gpu"));
         assert_eq!(tolerations[0].effect.as_deref(), Some("NoSchedule"));
 
-        let d = build_deployment(&validate(&minimal()).unwrap(), &OperatorConfig::default());
+        let d = build_deployment(
+            &validate(&minimal()).unwrap(),
+            &OperatorConfig::default(),
+            &Found::default(),
+        );
         assert_eq!(pod_spec(&d).node_selector, None);
         assert_eq!(pod_spec(&d).tolerations, None);
     }
@@ -971,7 +998,7 @@ mod tests {
     #[test]
     fn built_objects_are_owned_by_the_model() {
         let valid = validate(&full()).unwrap();
-        let d = build_deployment(&valid, &OperatorConfig::default());
+        let d = build_deployment(&valid, &OperatorConfig::default(), &Found::default());
         let s = build_service(&valid);
         let pvc = build_cache_claim(&valid).unwrap();
         for owners in [
@@ -997,7 +1024,11 @@ mod tests {
 
     #[test]
     fn deployment_probes() {
-        let d = build_deployment(&validate(&minimal()).unwrap(), &OperatorConfig::default());
+        let d = build_deployment(
+            &validate(&minimal()).unwrap(),
+            &OperatorConfig::default(),
+            &Found::default(),
+        );
         let c = &pod_spec(&d).containers[0];
         let path_port = |p: &Option<Probe>| {
             let get = p.as_ref().unwrap().http_get.clone().unwrap();
@@ -1023,7 +1054,7 @@ mod tests {
     #[test]
     fn deployment_mounts_the_cache_claim() {
         let valid = validate(&full()).unwrap();
-        let d = build_deployment(&valid, &OperatorConfig::default());
+        let d = build_deployment(&valid, &OperatorConfig::default(), &Found::default());
         let pod = pod_spec(&d);
         let cache = crate::workload::volume(pod, "cache");
         assert_eq!(
@@ -1058,7 +1089,7 @@ mod tests {
     fn without_cache_spec_the_cache_is_an_empty_dir() {
         let valid = validate(&minimal()).unwrap();
         assert!(build_cache_claim(&valid).is_none());
-        let d = build_deployment(&valid, &OperatorConfig::default());
+        let d = build_deployment(&valid, &OperatorConfig::default(), &Found::default());
         let volumes = pod_spec(&d).volumes.clone().unwrap();
         let cache = volumes.iter().find(|v| v.name == "cache").unwrap();
         assert!(cache.empty_dir.is_some() && cache.persistent_volume_claim.is_none());
@@ -1074,7 +1105,11 @@ mod tests {
 
     #[test]
     fn deployment_is_locked_down() {
-        let d = build_deployment(&validate(&minimal()).unwrap(), &OperatorConfig::default());
+        let d = build_deployment(
+            &validate(&minimal()).unwrap(),
+            &OperatorConfig::default(),
+            &Found::default(),
+        );
         let pod = pod_spec(&d);
         let psc = pod.security_context.as_ref().unwrap();
         assert_eq!(psc.run_as_non_root, Some(true));
@@ -1099,7 +1134,7 @@ mod tests {
             safety_policy: Some("blur".into()),
             ..OperatorConfig::default()
         };
-        let d = build_deployment(&validate(&minimal()).unwrap(), &config);
+        let d = build_deployment(&validate(&minimal()).unwrap(), &config, &Found::default());
         let pod = pod_spec(&d);
         let volumes = pod.volumes.as_ref().unwrap();
         let auth = volumes.iter().find(|v| v.name == "auth").unwrap();
@@ -1131,10 +1166,18 @@ mod tests {
         assert_eq!(var("IMAGEGEN_STORE").as_deref(), Some("file:///store"));
         assert_eq!(var("IMAGEGEN_SAFETY").as_deref(), Some("blur"));
         let from = c.env_from.as_ref().unwrap();
-        assert_eq!(from[0].secret_ref.as_ref().unwrap().name, "store-creds");
+        // The model's copy of the operator's Secret (see secret_copies).
+        assert_eq!(
+            from[0].secret_ref.as_ref().unwrap().name,
+            "sd15-runtime-env"
+        );
 
         // Without store settings: no store volume, no store variables, still the auth.
-        let d = build_deployment(&validate(&minimal()).unwrap(), &OperatorConfig::default());
+        let d = build_deployment(
+            &validate(&minimal()).unwrap(),
+            &OperatorConfig::default(),
+            &Found::default(),
+        );
         let c = &pod_spec(&d).containers[0];
         assert!(c.env_from.is_none());
         let env = c.env.as_ref().unwrap();
@@ -1152,16 +1195,53 @@ mod tests {
     }
 
     #[test]
+    fn deployment_rolls_with_the_copied_secrets_and_follows_a_one_node_store() {
+        let config = OperatorConfig {
+            store_claim: Some("imagegen-store".into()),
+            ..OperatorConfig::default()
+        };
+        let found = Found {
+            secrets_digest: Some("abc".into()),
+            store_on_one_node: true,
+        };
+        let d = build_deployment(&validate(&minimal()).unwrap(), &config, &found);
+        let template = d.spec.as_ref().unwrap().template.metadata.clone().unwrap();
+        assert_eq!(
+            template.annotations.unwrap()[workload::SECRETS_DIGEST_ANNOTATION],
+            "abc"
+        );
+        assert_eq!(
+            template.labels.unwrap()[workload::STORE_CLAIM_LABEL],
+            "imagegen-store"
+        );
+        // The selector stays the model's: it is immutable once the Deployment exists.
+        let selector = d
+            .spec
+            .as_ref()
+            .unwrap()
+            .selector
+            .match_labels
+            .clone()
+            .unwrap();
+        assert!(!selector.contains_key(workload::STORE_CLAIM_LABEL));
+        assert!(pod_spec(&d).affinity.is_some());
+        let d = build_deployment(&validate(&minimal()).unwrap(), &config, &Found::default());
+        assert!(pod_spec(&d).affinity.is_none());
+        let template = d.spec.unwrap().template.metadata.unwrap();
+        assert!(template.annotations.is_none());
+    }
+
+    #[test]
     fn deployment_mounts_the_c2pa_secret() {
         let config = OperatorConfig {
             c2pa_secret: Some("content-credentials".into()),
             ..OperatorConfig::default()
         };
-        let d = build_deployment(&validate(&minimal()).unwrap(), &config);
+        let d = build_deployment(&validate(&minimal()).unwrap(), &config, &Found::default());
         let pod = pod_spec(&d);
         let volume = crate::workload::volume(pod, "c2pa");
         let secret = volume.secret.as_ref().unwrap();
-        assert_eq!(secret.secret_name.as_deref(), Some("content-credentials"));
+        assert_eq!(secret.secret_name.as_deref(), Some("sd15-c2pa"));
         assert_eq!(secret.optional, Some(false));
         let keys: Vec<&str> = secret
             .items
@@ -1262,7 +1342,7 @@ mod tests {
     #[test]
     fn labels_and_selectors_match() {
         let valid = validate(&full()).unwrap();
-        let d = build_deployment(&valid, &OperatorConfig::default());
+        let d = build_deployment(&valid, &OperatorConfig::default(), &Found::default());
         let s = build_service(&valid);
         let spec = d.spec.unwrap();
         let selector = spec.selector.match_labels.unwrap();
@@ -1401,7 +1481,7 @@ mod tests {
         let valid = validate(&m).unwrap();
         assert_eq!(desired_replicas(&valid, None), 1);
         for (current, kept) in [(Some(3), 3), (Some(0), 1), (Some(7), 4), (None, 1)] {
-            let mut d = build_deployment(&valid, &OperatorConfig::default());
+            let mut d = build_deployment(&valid, &OperatorConfig::default(), &Found::default());
             d.spec.as_mut().unwrap().replicas = current;
             assert_eq!(desired_replicas(&valid, Some(&d)), kept, "{current:?}");
         }

@@ -33,7 +33,9 @@ pub mod metrics;
 pub mod rbac;
 pub mod runtime_client;
 pub mod runtime_pods;
+pub mod secret_copies;
 pub mod server;
+pub mod uninstall;
 pub mod workload;
 
 use std::time::Duration;
@@ -59,6 +61,9 @@ pub struct OperatorConfig {
     /// The runtime's store (`IMAGEGEN_STORE` of runtime pods and training Jobs), e.g.
     /// `file:///store` or `s3://bucket/prefix`; the runtime's default when `None`.
     pub store_url: Option<String>,
+    /// Namespace of the operator, and of the Secrets named in `store_secret` and
+    /// `c2pa_secret` (each model's namespace gets copies of them).
+    pub namespace: String,
     /// A Secret whose keys become environment variables of runtime pods and training Jobs
     /// (the store's credentials, e.g. `AWS_ACCESS_KEY_ID`).
     pub store_secret: Option<String>,
@@ -101,6 +106,7 @@ impl Default for OperatorConfig {
             service_account_name: None,
             run_as_user: 65532,
             store_url: None,
+            namespace: "imagegen-system".into(),
             store_secret: None,
             store_claim: None,
             operator_url: "http://imagegen-operator.imagegen-system.svc:8080".into(),

@@ -21,7 +21,8 @@ use kube::{Resource, ResourceExt};
 
 use crate::conditions::set_outcome;
 use crate::diffusion_model::ValidModel;
-use crate::{workload, Error, OperatorConfig, STORE_MOUNT_PATH};
+use crate::workload::{self, Found};
+use crate::{Error, OperatorConfig, STORE_MOUNT_PATH};
 
 /// Label naming the LoraTraining a Job or Secret belongs to.
 pub const TRAINING_LABEL: &str = "imagegen.dev/training";
@@ -266,7 +267,12 @@ pub fn train_args(
 
 /// The Job that trains the LoRA: one pod of `imagegen train` on the model's GPUs, retried
 /// `backoffLimit` times, stopped after `activeDeadlineSeconds`.
-pub fn build_job(training: &ValidTraining, model: &ValidModel, config: &OperatorConfig) -> Job {
+pub fn build_job(
+    training: &ValidTraining,
+    model: &ValidModel,
+    config: &OperatorConfig,
+    found: &Found,
+) -> Job {
     let mut env = vec![EnvVar {
         name: imagegen_crds::api::PROGRESS_TOKEN_ENV.into(),
         value_from: Some(EnvVarSource {
@@ -302,8 +308,10 @@ pub fn build_job(training: &ValidTraining, model: &ValidModel, config: &Operator
     };
     let pod = PodSpec {
         restart_policy: Some("Never".into()),
-        ..workload::runtime_pod(container, volumes, model, config)
+        ..workload::runtime_pod(container, volumes, model, config, found)
     };
+    let mut pod_labels = labels(&training.name);
+    pod_labels.extend(workload::store_labels(config));
     Job {
         metadata: metadata(training, training.job_name()),
         spec: Some(JobSpec {
@@ -311,7 +319,7 @@ pub fn build_job(training: &ValidTraining, model: &ValidModel, config: &Operator
             active_deadline_seconds: Some(config.training_deadline_seconds),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
-                    labels: Some(labels(&training.name)),
+                    labels: Some(pod_labels),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(pod),
@@ -676,7 +684,12 @@ mod tests {
             operator_url: "http://op.sys.svc:8080/".into(),
             ..OperatorConfig::default()
         };
-        let job = build_job(&validate(&full()).unwrap(), &gpu_model(), &config);
+        let job = build_job(
+            &validate(&full()).unwrap(),
+            &gpu_model(),
+            &config,
+            &Found::default(),
+        );
         let c = &pod(&job).containers[0];
         assert_eq!(c.command, Some(vec!["imagegen".to_string()]));
         let args = c.args.clone().unwrap();
@@ -771,6 +784,7 @@ mod tests {
             &validate(&full()).unwrap(),
             &gpu_model(),
             &OperatorConfig::default(),
+            &crate::workload::Found::default(),
         );
         let spec = pod(&job);
         let limits = spec.containers[0]
@@ -805,6 +819,7 @@ mod tests {
             &validate(&minimal()).unwrap(),
             &single,
             &OperatorConfig::default(),
+            &crate::workload::Found::default(),
         );
         let cache = crate::workload::volume(pod(&job), "cache");
         assert!(cache.empty_dir.is_some());
@@ -817,7 +832,12 @@ mod tests {
             training_deadline_seconds: 600,
             ..OperatorConfig::default()
         };
-        let job = build_job(&validate(&minimal()).unwrap(), &gpu_model(), &config);
+        let job = build_job(
+            &validate(&minimal()).unwrap(),
+            &gpu_model(),
+            &config,
+            &Found::default(),
+        );
         let spec = job.spec.as_ref().unwrap();
         assert_eq!(spec.backoff_limit, Some(3));
         assert_eq!(spec.active_deadline_seconds, Some(600));
@@ -840,7 +860,7 @@ mod tests {
             ..OperatorConfig::default()
         };
         let valid = validate(&minimal()).unwrap();
-        let job = build_job(&valid, &gpu_model(), &config);
+        let job = build_job(&valid, &gpu_model(), &config, &Found::default());
         assert_eq!(job.metadata.name.as_deref(), Some("alice-train"));
         let owner = &job.metadata.owner_references.as_ref().unwrap()[0];
         assert_eq!(
@@ -878,7 +898,8 @@ mod tests {
                 .as_ref()
                 .unwrap()
                 .name,
-            "creds"
+            "sd15-runtime-env",
+            "the model's copy of the operator's Secret"
         );
         assert_eq!(c.working_dir.as_deref(), Some("/store"));
         assert!(c
@@ -904,7 +925,12 @@ mod tests {
         assert_eq!(token_from_secret(&Secret::default()), None);
 
         // Without a claim the Job has no store volume and keeps the image's working dir.
-        let job = build_job(&valid, &gpu_model(), &OperatorConfig::default());
+        let job = build_job(
+            &valid,
+            &gpu_model(),
+            &OperatorConfig::default(),
+            &Found::default(),
+        );
         let c = &pod(&job).containers[0];
         assert_eq!(c.working_dir, None);
         assert!(c

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use clap::Parser;
 use futures::StreamExt;
 use imagegen_crds::{DiffusionModel, ImageGeneration, LoraTraining};
-use imagegen_operator::cli::Args;
+use imagegen_operator::cli::{Args, Command};
 use imagegen_operator::controller::{self, Context};
 use imagegen_operator::leader::{campaign, LeaderElector, LEASE_DURATION};
 use imagegen_operator::metrics::Metrics;
@@ -45,7 +45,11 @@ fn init_tracing(format: &str) {
 async fn main() -> ExitCode {
     let args = Args::parse();
     init_tracing(&args.log_format);
-    match run(args).await {
+    let result = match args.command {
+        Some(Command::ReleaseFinalizers) => release_finalizers(args).await,
+        None => run(args).await,
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!(error = %e, "imagegen-operator stops");
@@ -186,17 +190,61 @@ async fn run_controllers(
     futures::join!(slices, controllers);
 }
 
+/// The namespace of the Lease and of the Secrets to copy: the pod's own.
+fn own_namespace(client: &Client) -> String {
+    std::env::var("POD_NAMESPACE").unwrap_or_else(|_| client.default_namespace().to_string())
+}
+
+/// `release-finalizers` (see `imagegen_operator::uninstall`).
+async fn release_finalizers(args: Args) -> Result<(), BoxError> {
+    use imagegen_operator::uninstall::{self, STEP_DOWN_WAIT, UNINSTALL_HOLDER, UNINSTALL_LEASE};
+    let client = Client::try_default().await?;
+    let namespace = own_namespace(&client);
+    uninstall::hold_lease(&client, &namespace, &args.lease_name).await?;
+    println!(
+        "holding the Lease {namespace}/{} as {UNINSTALL_HOLDER} for {}s; waiting {}s for every \
+         replica to stop reconciling",
+        args.lease_name,
+        UNINSTALL_LEASE.as_secs(),
+        STEP_DOWN_WAIT.as_secs()
+    );
+    tokio::time::sleep(STEP_DOWN_WAIT).await;
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: imagegen_operator::FIELD_MANAGER.into(),
+            instance: Some(UNINSTALL_HOLDER.into()),
+        },
+    );
+    let released =
+        uninstall::release_finalizers(&client, &recorder, args.watch_namespace()).await?;
+    for name in &released.generations {
+        println!("released ImageGeneration {name}");
+    }
+    for name in &released.trainings {
+        println!("released LoraTraining {name}");
+    }
+    println!(
+        "released the finalizers of {} ImageGenerations and {} LoraTrainings; the objects stay, \
+         and what they stored stays in the store",
+        released.generations.len(),
+        released.trainings.len()
+    );
+    Ok(())
+}
+
 async fn run(args: Args) -> Result<(), BoxError> {
-    let config = args.config();
+    let mut config = args.config();
     let client = Client::try_default().await?;
     let metrics = Metrics::new()?;
     let health = Arc::new(Health::default());
     let identity = std::env::var("POD_NAME")
         .or_else(|_| std::env::var("HOSTNAME"))
         .unwrap_or_else(|_| format!("imagegen-operator-{}", std::process::id()));
-    let lease_namespace =
-        std::env::var("POD_NAMESPACE").unwrap_or_else(|_| client.default_namespace().to_string());
+    let lease_namespace = own_namespace(&client);
     info!(%identity, %lease_namespace, lease = %args.lease_name, watch = ?args.watch_namespace(), "starting");
+    // The Secrets to copy into the models' namespaces live beside the Lease.
+    config.namespace = lease_namespace.clone();
 
     let state = ServerState {
         metrics: metrics.clone(),

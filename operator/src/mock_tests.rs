@@ -317,6 +317,7 @@ fn deployment(ready: i32) -> Deployment {
     let mut d = dm::build_deployment(
         &dm::validate(&model(None)).unwrap(),
         &OperatorConfig::default(),
+        &crate::workload::Found::default(),
     );
     d.metadata.generation = Some(1);
     d.status = Some(DeploymentStatus {
@@ -675,6 +676,41 @@ async fn training_waits_for_its_model() {
     assert_eq!(status["conditions"][0]["reason"], "WaitingForModel");
     assert!(is_server_side_apply(&sent[2]));
     assert_eq!(sent[3].body["reason"], "Pending");
+}
+
+#[tokio::test]
+async fn training_status_built_from_a_stale_read_is_dropped() {
+    // The trainer reported step 80 after the reconciler read the training at step 40: the
+    // status apply carries the resourceVersion it read, the API server refuses it (409), and
+    // the reconciler looks again instead of putting step 40 back.
+    let mut read = training(
+        true,
+        Some(json!({"phase": "Running", "progress": {"step": 40, "total": 100, "percent": 40}})),
+    );
+    read.metadata.resource_version = Some("41".into());
+    let conflict = json!({
+        "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 409,
+        "reason": "Conflict", "message": "the object has been modified"
+    });
+    let (result, sent) = run(
+        read,
+        FakeRuntime::answering(vec![]),
+        vec![
+            get(&training_job_path(), training_job(1, false)),
+            call(
+                Method::PATCH,
+                &cr("loratrainings", "alice/status"),
+                409,
+                conflict,
+            ),
+        ],
+        controller::reconcile_training,
+    )
+    .await;
+    assert_eq!(result.unwrap(), Action::requeue(controller::STALE_RETRY));
+    assert_eq!(sent.len(), 2, "no event after a dropped status");
+    assert!(is_server_side_apply(&sent[1]));
+    assert_eq!(sent[1].body["metadata"]["resourceVersion"], "41");
 }
 
 #[tokio::test]

@@ -62,9 +62,11 @@ pub const CLUSTER_RULES: &[Rule] = &[
     // The EndpointSlices of the models' Services, watched: which runtime pod a generation
     // goes to (runtime_pods.rs).
     ("discovery.k8s.io", &["endpointslices"], &["list", "watch"]),
-    // The runtime-auth and progress-token Secrets: created once, read back by name. Never
-    // listed or watched: the operator cannot enumerate a namespace's secrets.
-    ("", &["secrets"], &["get", "create"]),
+    // The runtime-auth and progress-token Secrets: created once, read back by name. The
+    // runtime environment and signing Secrets: read by name in the operator's namespace,
+    // their copies in the models' namespaces applied (secret_copies.rs). Never listed or
+    // watched: the operator cannot enumerate a namespace's secrets.
+    ("", &["secrets"], &["get", "create", "patch"]),
     // One event per transition (kube's Recorder).
     ("events.k8s.io", &["events"], &["create", "patch"]),
 ];

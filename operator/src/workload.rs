@@ -6,17 +6,106 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EmptyDirVolumeSource, EnvFromSource, EnvVar, LocalObjectReference,
-    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, ResourceRequirements,
-    SeccompProfile, SecretEnvSource, SecurityContext, Volume, VolumeMount,
+    Affinity, Capabilities, Container, EmptyDirVolumeSource, EnvFromSource, EnvVar,
+    LocalObjectReference, PersistentVolumeClaim, PersistentVolumeClaimVolumeSource, PodAffinity,
+    PodAffinityTerm, PodSecurityContext, PodSpec, ResourceRequirements, SeccompProfile,
+    SecretEnvSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use crate::diffusion_model::{ValidModel, CACHE_MOUNT_PATH};
 use crate::{Error, OperatorConfig, STORE_MOUNT_PATH};
 
 /// Name of the store volume in pod specs.
 pub const STORE_VOLUME: &str = "store";
+/// Label of every pod that mounts the store claim, valued with the claim's name: what a pod
+/// placed beside the others that mount it looks for.
+pub const STORE_CLAIM_LABEL: &str = "imagegen.dev/store-claim";
+/// Pod template annotation holding [`Found::secrets_digest`].
+pub const SECRETS_DIGEST_ANNOTATION: &str = "imagegen.dev/secrets-sha256";
+
+/// What the controller read from the cluster that shapes the pods it builds. Builders stay
+/// pure: the controller reads, they take the reading.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Found {
+    /// SHA-256 of the Secrets copied into the model's namespace. It is a pod template
+    /// annotation of the Deployment, so that rotating one of them rolls the replicas
+    /// (environment variables are read once, at container start).
+    pub secrets_digest: Option<String>,
+    /// The store claim in the pods' namespace can be attached to one node at a time: every
+    /// pod that mounts it must run on the node of the others.
+    pub store_on_one_node: bool,
+}
+
+/// Whether pods on several nodes can mount `claim` at once. A claim not bound yet counts its
+/// requested modes; bound, the volume's (the `status`), which may grant more.
+pub fn claim_spans_nodes(claim: &PersistentVolumeClaim) -> bool {
+    let modes = claim
+        .status
+        .as_ref()
+        .and_then(|s| s.access_modes.clone())
+        .filter(|modes| !modes.is_empty())
+        .or_else(|| claim.spec.as_ref().and_then(|s| s.access_modes.clone()))
+        .unwrap_or_default();
+    modes.iter().any(|m| m == "ReadWriteMany")
+}
+
+/// Why pods cannot share `claim` at all, if they cannot: ReadWriteOncePod lets one pod
+/// mount it, and every runtime replica and training pod mounts the store.
+pub fn claim_unshareable(claim: &PersistentVolumeClaim) -> Option<String> {
+    let modes = claim
+        .spec
+        .as_ref()
+        .and_then(|s| s.access_modes.clone())
+        .unwrap_or_default();
+    (modes.len() == 1 && modes[0] == "ReadWriteOncePod").then(|| {
+        format!(
+            "the store claim {} is ReadWriteOncePod, so only one pod may mount it, but every \
+             runtime replica and training pod mounts the store: use ReadWriteMany \
+             (or ReadWriteOnce on a single node), or an S3 store",
+            claim.metadata.name.as_deref().unwrap_or_default()
+        )
+    })
+}
+
+/// The name of the copy of the runtime environment Secret in the namespace of `model`.
+pub fn runtime_env_secret_name(model: &str) -> String {
+    format!("{model}-runtime-env")
+}
+
+/// The labels pods add to their own so that the store's placement can find them.
+pub fn store_labels(config: &OperatorConfig) -> BTreeMap<String, String> {
+    config
+        .store_claim
+        .iter()
+        .map(|claim| (STORE_CLAIM_LABEL.to_string(), claim.clone()))
+        .collect()
+}
+
+/// With a store that attaches to one node at a time, a pod goes where the others that mount
+/// it run. The first of them goes anywhere: the scheduler places a pod whose own labels
+/// match its affinity term when no other pod does.
+fn store_affinity(config: &OperatorConfig, found: &Found) -> Option<Affinity> {
+    if !found.store_on_one_node {
+        return None;
+    }
+    let labels = store_labels(config);
+    (!labels.is_empty()).then(|| Affinity {
+        pod_affinity: Some(PodAffinity {
+            required_during_scheduling_ignored_during_execution: Some(vec![PodAffinityTerm {
+                label_selector: Some(LabelSelector {
+                    match_labels: Some(labels),
+                    ..LabelSelector::default()
+                }),
+                topology_key: "kubernetes.io/hostname".into(),
+                ..PodAffinityTerm::default()
+            }]),
+            ..PodAffinity::default()
+        }),
+        ..Affinity::default()
+    })
+}
 
 /// A plain environment variable.
 pub fn env(name: &str, value: impl Into<String>) -> EnvVar {
@@ -36,12 +125,13 @@ pub fn store_env(config: &OperatorConfig) -> Vec<EnvVar> {
         .collect()
 }
 
-/// Every key of the store Secret as an environment variable (the store's credentials).
-pub fn store_env_from(config: &OperatorConfig) -> Option<Vec<EnvFromSource>> {
-    config.store_secret.as_ref().map(|name| {
+/// Every key of the runtime environment Secret as an environment variable (the store's
+/// credentials, extra tokens), from its copy in the namespace of `model`.
+pub fn store_env_from(config: &OperatorConfig, model: &str) -> Option<Vec<EnvFromSource>> {
+    config.store_secret.as_ref().map(|_| {
         vec![EnvFromSource {
             secret_ref: Some(SecretEnvSource {
-                name: name.clone(),
+                name: runtime_env_secret_name(model),
                 optional: Some(false),
             }),
             ..EnvFromSource::default()
@@ -151,7 +241,7 @@ pub fn runtime_container(
         command: Some(vec!["imagegen".into()]),
         args: Some(args),
         env: Some(env),
-        env_from: store_env_from(config),
+        env_from: store_env_from(config, &model.name),
         resources: Some(ResourceRequirements {
             limits: Some(BTreeMap::from([(
                 model.gpu_resource_name.clone(),
@@ -165,15 +255,18 @@ pub fn runtime_container(
     }
 }
 
-/// The pod of `container` on the nodes `model` runs on (its node selector and tolerations),
-/// with the operator's service account and image pull Secrets, non-root.
+/// The pod of `container` on the nodes `model` runs on (its node selector and tolerations,
+/// beside the other pods of a store that attaches to one node), with the operator's service
+/// account and image pull Secrets, non-root.
 pub fn runtime_pod(
     container: Container,
     volumes: Vec<Volume>,
     model: &ValidModel,
     config: &OperatorConfig,
+    found: &Found,
 ) -> PodSpec {
     PodSpec {
+        affinity: store_affinity(config, found),
         containers: vec![container],
         volumes: Some(volumes),
         node_selector: (!model.node_selector.is_empty()).then(|| model.node_selector.clone()),
@@ -251,7 +344,7 @@ mod tests {
     fn store_settings_only_when_configured() {
         let config = OperatorConfig::default();
         assert!(store_env(&config).is_empty());
-        assert!(store_env_from(&config).is_none());
+        assert!(store_env_from(&config, "sd15").is_none());
         assert!(store_volume(&config).is_none());
 
         let config = OperatorConfig {
@@ -266,8 +359,12 @@ mod tests {
             (env[0].name.as_str(), env[0].value.as_deref()),
             ("IMAGEGEN_STORE", Some("file:///store"))
         );
-        let from = store_env_from(&config).unwrap();
-        assert_eq!(from[0].secret_ref.as_ref().unwrap().name, "s3-creds");
+        // The copy in the model's namespace, not the operator's own Secret.
+        let from = store_env_from(&config, "sd15").unwrap();
+        assert_eq!(
+            from[0].secret_ref.as_ref().unwrap().name,
+            "sd15-runtime-env"
+        );
         let (volume, mount) = store_volume(&config).unwrap();
         assert_eq!(
             volume.persistent_volume_claim.unwrap().claim_name,
@@ -277,5 +374,72 @@ mod tests {
             (mount.name.as_str(), mount.mount_path.as_str()),
             ("store", "/store")
         );
+    }
+
+    fn claim(spec: &[&str], bound: Option<&[&str]>) -> PersistentVolumeClaim {
+        let modes = |m: &[&str]| Some(m.iter().map(|m| m.to_string()).collect());
+        PersistentVolumeClaim {
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                name: Some("store".into()),
+                ..Default::default()
+            },
+            spec: Some(k8s_openapi::api::core::v1::PersistentVolumeClaimSpec {
+                access_modes: modes(spec),
+                ..Default::default()
+            }),
+            status: bound.map(
+                |b| k8s_openapi::api::core::v1::PersistentVolumeClaimStatus {
+                    access_modes: modes(b),
+                    ..Default::default()
+                },
+            ),
+        }
+    }
+
+    #[test]
+    fn only_read_write_many_spans_nodes() {
+        assert!(!claim_spans_nodes(&claim(&["ReadWriteOnce"], None)));
+        assert!(claim_spans_nodes(&claim(&["ReadWriteMany"], None)));
+        // Bound to a volume that grants more than was asked.
+        assert!(claim_spans_nodes(&claim(
+            &["ReadWriteOnce"],
+            Some(&["ReadWriteOnce", "ReadWriteMany"])
+        )));
+        assert!(!claim_spans_nodes(&claim(&["ReadOnlyMany"], None)));
+        assert!(claim_unshareable(&claim(&["ReadWriteOncePod"], None))
+            .is_some_and(|why| why.contains("ReadWriteOncePod")));
+        assert!(claim_unshareable(&claim(&["ReadWriteOnce"], None)).is_none());
+    }
+
+    #[test]
+    fn a_one_node_store_places_pods_beside_each_other() {
+        let config = OperatorConfig {
+            store_claim: Some("imagegen-store".into()),
+            ..OperatorConfig::default()
+        };
+        assert_eq!(
+            store_labels(&config)
+                .get(STORE_CLAIM_LABEL)
+                .map(String::as_str),
+            Some("imagegen-store")
+        );
+        assert!(store_affinity(&config, &Found::default()).is_none());
+        let found = Found {
+            store_on_one_node: true,
+            ..Found::default()
+        };
+        let affinity = store_affinity(&config, &found).unwrap();
+        let terms = affinity
+            .pod_affinity
+            .unwrap()
+            .required_during_scheduling_ignored_during_execution
+            .unwrap();
+        assert_eq!(terms[0].topology_key, "kubernetes.io/hostname");
+        assert_eq!(
+            terms[0].label_selector.as_ref().unwrap().match_labels,
+            Some(store_labels(&config))
+        );
+        // No claim (an S3 store): nothing to place.
+        assert!(store_affinity(&OperatorConfig::default(), &found).is_none());
     }
 }

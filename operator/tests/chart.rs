@@ -15,6 +15,7 @@ use std::sync::OnceLock;
 use imagegen_crds::{DiffusionModel, ImageGeneration, LoraTraining};
 use imagegen_operator::diffusion_model;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, PersistentVolumeClaim, Pod, Secret, Service, ServiceAccount,
 };
@@ -281,6 +282,7 @@ fn check_typed(doc: &Doc) -> String {
     let api_version = doc.value["apiVersion"].as_str().unwrap_or_default();
     match (api_version, doc.kind()) {
         ("apps/v1", "Deployment") => drop(typed::<Deployment>(doc)),
+        ("batch/v1", "Job") => drop(typed::<Job>(doc)),
         ("v1", "Service") => drop(typed::<Service>(doc)),
         ("v1", "ServiceAccount") => drop(typed::<ServiceAccount>(doc)),
         ("v1", "PersistentVolumeClaim") => drop(typed::<PersistentVolumeClaim>(doc)),
@@ -479,9 +481,10 @@ fn rbac_is_exactly_what_the_operator_needs() {
             .filter(|(g, r, _)| g.is_empty() && r == "secrets")
             .map(|(_, _, v)| v.as_str())
             .collect();
+        // Read and written by name (the copies are applied): never listed or watched.
         assert_eq!(
             secrets,
-            BTreeSet::from(["get", "create"]),
+            BTreeSet::from(["get", "create", "patch"]),
             "{values}: secrets are read by name, never listed"
         );
 
@@ -967,6 +970,62 @@ fn helm_test_hook_generates_with_the_first_model() {
     assert!(documents("defaults")
         .iter()
         .all(|d| d.value["metadata"]["annotations"]["helm.sh/hook"] != "test"));
+}
+
+#[test]
+fn uninstall_hook_releases_the_finalizers_as_the_operator() {
+    let docs = documents("defaults");
+    let doc = find(&docs, "Job", "imagegen-operator-uninstall");
+    assert_eq!(
+        doc.value["metadata"]["annotations"]["helm.sh/hook"],
+        "pre-delete"
+    );
+    let job: Job = typed(doc);
+    let template = job.spec.unwrap().template;
+    let pod_labels = template.metadata.unwrap().labels.unwrap();
+    let pod = template.spec.unwrap();
+    let deployment = operator_deployment(&docs);
+    let operator_pod = deployment
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .clone()
+        .unwrap();
+    // Its RBAC is the operator's: the release's ServiceAccount, still there before deletion.
+    assert_eq!(pod.service_account_name, operator_pod.service_account_name);
+    let container = &pod.containers[0];
+    assert_eq!(
+        container.command.as_deref(),
+        Some(
+            &[
+                "imagegen-operator".to_string(),
+                "release-finalizers".to_string()
+            ][..]
+        )
+    );
+    // The same Lease the replicas compete for, in the same namespace.
+    let env = env_of(container);
+    assert_eq!(
+        env["IMAGEGEN_LEASE_NAME"],
+        env_of(&operator_container(&deployment))["IMAGEGEN_LEASE_NAME"]
+    );
+    assert!(container
+        .env
+        .iter()
+        .flatten()
+        .any(|e| e.name == "POD_NAMESPACE"
+            && e.value_from
+                .as_ref()
+                .and_then(|v| v.field_ref.as_ref())
+                .map(|f| f.field_path.as_str())
+                == Some("metadata.namespace")));
+    // Not an operator pod: the operator Service never routes progress reports to it.
+    let service: Service = typed(find(&docs, "Service", "imagegen-operator"));
+    let selector = service.spec.unwrap().selector.unwrap();
+    assert!(selector.iter().any(|(k, v)| pod_labels.get(k) != Some(v)));
+    assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
 }
 
 #[test]
