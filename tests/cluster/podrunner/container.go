@@ -189,8 +189,11 @@ func (p *podRun) env(s *corev1.Container) (map[string]string, []string, error) {
 	set("PATH", os.Getenv("PATH"))
 	set("HOME", "/root")
 	set("HOSTNAME", p.pod.Name)
-	// No KUBERNETES_SERVICE_HOST/PORT: the API server listens on the host's
-	// loopback, which a pod's network namespace cannot reach.
+	// The API server, as a kubelet announces the `kubernetes` Service: here
+	// the runner's relay on the gateway address (relayAPI).
+	set("KUBERNETES_SERVICE_HOST", p.r.gw.Addr().String())
+	set("KUBERNETES_SERVICE_PORT", strconv.Itoa(APIPort))
+	set("KUBERNETES_SERVICE_PORT_HTTPS", strconv.Itoa(APIPort))
 	for _, from := range s.EnvFrom {
 		var data map[string][]byte
 		var err error

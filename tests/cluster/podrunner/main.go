@@ -26,9 +26,11 @@
 //     probes and the host reach a pod at its address, pods reach each other
 //     and the host at the gateway address, and nothing else: there is no NAT
 //     and the bridge does not forward. Pods have no DNS and no Services
-//     (there is no kube-proxy), and cannot reach the API server, which
-//     listens on the host's loopback only, so KUBERNETES_SERVICE_HOST/PORT are
-//     not set. status.hostIP is the gateway address. The pod's namespace goes,
+//     (there is no kube-proxy). The API server listens on the host's loopback
+//     only; the runner relays the gateway address's port 6443 to it, and sets
+//     KUBERNETES_SERVICE_HOST/PORT to that address, as a kubelet does with the
+//     `kubernetes` Service's, so in-cluster clients with the pod's
+//     kube-api-access token work. status.hostIP is the gateway address. The pod's namespace goes,
 //     with any process still in it, when the pod ends; at exit the runner removes every namespace it made
 //     and the bridge, and at start it removes those a killed runner left.
 //     Only one runner per machine: a second one refuses to start.
@@ -67,6 +69,7 @@ import (
 	"log"
 	"maps"
 	"net/netip"
+	"net/url"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -108,7 +111,7 @@ type runner struct {
 
 func main() {
 	kubeconfig := flag.String("kubeconfig", os.Getenv("KUBECONFIG"), "kubeconfig of the cluster")
-	nodes := flag.String("nodes", "cpu-node,gpu-node", "comma-separated node names whose pods this runner runs")
+	nodes := flag.String("nodes", "cpu-node,gpu-node,gpu-node-2", "comma-separated node names whose pods this runner runs")
 	path := flag.String("path", "", "folder prepended to every container's PATH")
 	state := flag.String("state", "", "folder for per-pod volumes and logs (required)")
 	volumes := flag.String("volumes", "", "host folder of PersistentVolumeClaims (default <state>/volumes)")
@@ -170,6 +173,14 @@ func main() {
 	if err := r.makeBridge(); err != nil {
 		r.sweepNetwork()
 		log.Fatalf("making bridge %s: %v", bridgeName, err)
+	}
+	apiURL, err := url.Parse(cfg.Host)
+	if err == nil {
+		err = r.relayAPI(apiURL.Host)
+	}
+	if err != nil {
+		r.sweepNetwork()
+		log.Fatalf("relaying the API server to the pods: %v", err)
 	}
 
 	// One informer over all pods: a field selector takes one node name only,

@@ -10,8 +10,10 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
 	"log"
 	"maps"
+	"net"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -20,6 +22,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"k8s.io/apimachinery/pkg/types"
 )
@@ -193,4 +196,56 @@ func (r *runner) delLink(name string) {
 			log.Printf("network cleanup: %v", err)
 		}
 	}
+}
+
+// APIPort is the port of the API server as pods see it: the gateway address
+// stands in for the `kubernetes` Service (there is no kube-proxy), and the
+// runner relays each connection to the API server on the host's loopback.
+const APIPort = 6443
+
+// relayAPI accepts pods' connections on the gateway address and joins each to
+// the API server at apiAddr (host:port) until ctx ends. The bytes pass as they
+// are: TLS is between the pod and the API server, whose certificate names the
+// gateway address.
+func (r *runner) relayAPI(apiAddr string) error {
+	ln, err := net.Listen("tcp", netip.AddrPortFrom(r.gw.Addr(), APIPort).String())
+	if err != nil {
+		return err
+	}
+	go func() {
+		<-r.ctx.Done()
+		ln.Close()
+	}()
+	go func() {
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				return // closed at shutdown
+			}
+			go relay(conn, apiAddr)
+		}
+	}()
+	return nil
+}
+
+func relay(conn net.Conn, apiAddr string) {
+	defer conn.Close()
+	api, err := net.DialTimeout("tcp", apiAddr, 5*time.Second)
+	if err != nil {
+		log.Printf("API relay: %v", err)
+		return
+	}
+	defer api.Close()
+	done := make(chan struct{}, 2)
+	pipe := func(to, from net.Conn) {
+		io.Copy(to, from)
+		if tc, ok := to.(*net.TCPConn); ok {
+			tc.CloseWrite() // pass the half-close on: the other way may still talk
+		}
+		done <- struct{}{}
+	}
+	go pipe(api, conn)
+	go pipe(conn, api)
+	<-done
+	<-done
 }
