@@ -132,8 +132,10 @@ check "the API server answers as $(kubectl version -o json 2>/dev/null |
 check "node gpu-node is Ready and advertises nvidia.com/gpu" \
     test "$(kubectl get node gpu-node -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}/{.status.allocatable.nvidia\.com/gpu}')" = "True/4"
 
-# The runtime image's command, `imagegen`, is the binary built here.
+# The images' commands, `imagegen` and `imagegen-operator` (the uninstall hook), are the
+# binaries built here.
 ln -sf "$imagegen" "$work/bin/imagegen"
+ln -sf "$operator" "$work/bin/imagegen-operator"
 "$root/scripts/cluster" runner --path "$work/bin" || exit 1
 volumes="$IMAGEGEN_CLUSTER_DIR/volumes"
 # The host as the pods see it: what they call (the operator's progress endpoint) listens here.
@@ -151,31 +153,34 @@ kubectl create secret generic -n "$namespace" e2e-runtime-env \
     --from-literal=IMAGEGEN_TOKENS="backend:$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')" \
     --from-literal=IMAGEGEN_MASK_MODEL=/store/models/tiny-clipseg >/dev/null || exit 1
 cp -r "$work/seed/uploads/e2e" "$store/tenants/$namespace/uploads/"
-kubectl apply -f - >/dev/null <<YAML || exit 1
+store_claim() { # namespace, access mode, host folder: the claim imagegen-e2e-store there
+    kubectl apply -f - >/dev/null <<YAML
 apiVersion: v1
 kind: PersistentVolume
 metadata:
-  name: imagegen-e2e-store
+  name: imagegen-e2e-store-$1
 spec:
   capacity: {storage: 1Gi}
-  accessModes: [ReadWriteMany]
+  accessModes: [$2]
   persistentVolumeReclaimPolicy: Retain
   storageClassName: ""
-  hostPath: {path: "$store"}
-  claimRef: {namespace: $namespace, name: imagegen-e2e-store}
+  hostPath: {path: "$3"}
+  claimRef: {namespace: $1, name: imagegen-e2e-store}
 ---
 apiVersion: v1
 kind: PersistentVolumeClaim
 metadata:
   name: imagegen-e2e-store
-  namespace: $namespace
+  namespace: $1
 spec:
-  accessModes: [ReadWriteMany]
+  accessModes: [$2]
   storageClassName: ""
-  volumeName: imagegen-e2e-store
+  volumeName: imagegen-e2e-store-$1
   resources:
     requests: {storage: 1Gi}
 YAML
+}
+store_claim "$namespace" ReadWriteMany "$store" || exit 1
 if helm install "$release" "$root/charts/imagegen" --namespace "$namespace" \
     -f "$root/tests/e2e/values-local.yaml" --wait --timeout 2m >"$work/helm.log" 2>&1; then
     pass "helm install $release (chart $(helm list -n "$namespace" -o json |
@@ -623,6 +628,97 @@ check "and makes no Deployment" sh -c "! kubectl get -n '$namespace' deployment/
 kubectl delete -n "$namespace" dmodel/e2e-adopt secret/e2e-adopt-runtime-auth --wait=false >/dev/null
 
 # ---------------------------------------------------------------------------------------
+step "namespaces"
+# A model outside the release namespace: its pods get a copy of the runtime environment
+# Secret (the original is the release's) and the store claim of their own namespace. This
+# one is ReadWriteOnce, as most storage classes offer: both replicas must share a node.
+tenant=e2e-tenant-b
+kubectl create namespace "$tenant" >/dev/null
+tenant_store="$volumes/$tenant/imagegen-e2e-store"
+mkdir -p "$tenant_store/models"
+cp -r "$work/seed/models/tiny-sd1" "$work/seed/models/tiny-clipseg" "$tenant_store/models/"
+store_claim "$tenant" ReadWriteOnce "$tenant_store" || exit 1
+kubectl apply -f - >/dev/null <<YAML || exit 1
+apiVersion: imagegen.dev/v1alpha1
+kind: DiffusionModel
+metadata:
+  name: tiny
+  namespace: $tenant
+spec:
+  source: {path: /store/models/tiny-sd1}
+  family: sd15
+  dtype: f32
+  replicas: {min: 2, max: 2}
+  resources: {gpus: 1, gpuResourceName: nvidia.com/gpu}
+  nodeSelector: {nvidia.com/gpu.present: "true"}
+YAML
+check "DiffusionModel $tenant/tiny: Ready, both replicas" kubectl wait -n "$tenant" dmodel/tiny \
+    --for=jsonpath='{.status.readyReplicas}'=2 --timeout="${wait_timeout}s"
+secret_data() { # namespace, name: the Secret's data as sorted JSON
+    kubectl get secret -n "$1" "$2" -o json | python3 -c \
+        'import json, sys; print(json.dumps(json.load(sys.stdin)["data"], sort_keys=True))'
+}
+copy_owner() {
+    kubectl get secret -n "$tenant" tiny-runtime-env \
+        -o jsonpath='{.metadata.ownerReferences[?(@.controller==true)].kind}/{.metadata.ownerReferences[?(@.controller==true)].name}'
+}
+check "its namespace has a copy of the runtime environment Secret, owned by the model" \
+    test "$(copy_owner)" = DiffusionModel/tiny
+check "the copy holds what the release's Secret holds" \
+    test "$(secret_data "$tenant" tiny-runtime-env)" = "$(secret_data "$namespace" e2e-runtime-env)"
+tenant_pods() { # nodes of the pods of $tenant that mount the store, one per line
+    kubectl get pods -n "$tenant" -l imagegen.dev/store-claim=imagegen-e2e-store \
+        --field-selector=status.phase!=Succeeded,status.phase!=Failed \
+        -o jsonpath='{range .items[*]}{.metadata.name} {.spec.nodeName}{"\n"}{end}'
+}
+tenant_pods | sed 's/^/e2e:   pod on node: /'
+check "with a ReadWriteOnce store, both replicas run on one node (of two GPU nodes)" \
+    test "$(tenant_pods | awk '{print $2}' | sort -u | wc -l)" = 1
+check "and the pod runner saw no Multi-Attach of a ReadWriteOnce claim" \
+    sh -c "! grep 'Multi-Attach' '$IMAGEGEN_CLUSTER_DIR/logs/pod-runner.log'"
+namespace="$tenant"
+check "ImageGeneration in $tenant: Succeeded, and the image has the sha256 of its status" \
+    generate e2e-apple <"$root/tests/e2e/manifests/generation.yaml"
+namespace=default
+# Rotating the release's Secret reaches the copy at the model's next reconciliation (the
+# annotation wakes it now), and the new pod template rolls the replicas.
+template_digest() {
+    kubectl get deployment -n "$tenant" tiny \
+        -o jsonpath='{.spec.template.metadata.annotations.imagegen\.dev/secrets-sha256}'
+}
+digest_before="$(template_digest)"
+kubectl patch secret -n "$namespace" e2e-runtime-env --type=merge \
+    -p '{"stringData": {"E2E_ROTATED": "1"}}' >/dev/null
+kubectl annotate -n "$tenant" dmodel/tiny e2e.imagegen.dev/touched="$(date +%s)" >/dev/null
+copy_rotated() {
+    [ "$(secret_data "$tenant" tiny-runtime-env)" = "$(secret_data "$namespace" e2e-runtime-env)" ]
+}
+check "a rotated Secret reaches the copy" wait_for "the copy" 60 copy_rotated
+check "and changes the pod template, so the replicas roll ($digest_before -> $(template_digest))" \
+    test -n "$digest_before" -a "$(template_digest)" != "$digest_before"
+check "DiffusionModel $tenant/tiny: Ready again after the roll" kubectl rollout status \
+    -n "$tenant" deployment/tiny --timeout="${wait_timeout}s"
+# A namespace without the store claim: the model says why it cannot be served.
+kubectl create namespace e2e-tenant-c >/dev/null
+kubectl apply -n e2e-tenant-c -f - >/dev/null <<YAML
+apiVersion: imagegen.dev/v1alpha1
+kind: DiffusionModel
+metadata:
+  name: tiny
+spec:
+  source: {path: /store/models/tiny-sd1}
+  family: sd15
+YAML
+claim_missing() {
+    kubectl get -n e2e-tenant-c dmodel/tiny \
+        -o jsonpath='{.status.conditions[?(@.type=="Reconciled")].message}' |
+        grep -q 'store claim imagegen-e2e-store does not exist in namespace e2e-tenant-c'
+}
+check "a model in a namespace without the store claim says so on its Reconciled condition" \
+    wait_for "the Reconciled condition" 60 claim_missing
+check "and makes no Deployment" sh -c "! kubectl get -n e2e-tenant-c deployment/tiny 2>/dev/null"
+
+# ---------------------------------------------------------------------------------------
 step "extra manifests"
 for dir in "${extra_dirs[@]}"; do
     for file in "$dir"/*.yaml; do
@@ -680,13 +776,50 @@ check "and its pods" wait_for "the pods to go" 60 \
     sh -c "test -z \"\$(kubectl get pods -n '$namespace' -l imagegen.dev/model=tiny -o name)\""
 
 # ---------------------------------------------------------------------------------------
+step "uninstall"
+# What the chart grants, read while it is installed (the RBAC step compares it with what
+# the audit log shows was used).
+kubectl get clusterroles,roles -A -l app.kubernetes.io/component=operator -o json >"$work/roles.json"
+# Objects that carry the operator's finalizers outlive the release (Helm keeps the CRDs).
+ours() { # the operator's finalizers on every ImageGeneration and LoraTraining
+    kubectl get imagegenerations,loratrainings -A \
+        -o jsonpath='{range .items[*]}{.metadata.namespace}/{.metadata.name} {.metadata.finalizers}{"\n"}{end}' |
+        grep 'imagegen.dev/'
+}
+log "before: $(ours | wc -l) objects carry the operator's finalizers"
+leading="$(leader 2>/dev/null)"; leading="${leading:-none}"
+if helm uninstall "$release" --namespace "$namespace" --wait --timeout 3m >"$work/uninstall.log" 2>&1; then
+    pass "helm uninstall $release (its pre-delete hook ran imagegen-operator release-finalizers)"
+else
+    cat "$work/uninstall.log"
+    fail "helm uninstall $release"
+fi
+hook_log="$(ls "$IMAGEGEN_CLUSTER_DIR"/pod-runner/pods/"$namespace"_*-uninstall-*/logs/release-finalizers.log 2>/dev/null | head -n1)"
+[ -n "$hook_log" ] && sed 's/^/e2e:   hook: /' "$hook_log"
+check "the hook took the leader Lease over" leads imagegen-uninstall
+check "the replica that led ($leading) stopped reconciling: it lost the Lease and exited" \
+    wait_for "$leading to exit" 30 sh -c "! kill -0 '${operator_pids[$leading]:-0}' 2>/dev/null"
+# Helm deleted the operator's Deployment: its pods (here, the standbys on the host) get
+# SIGTERM, as from a kubelet.
+for name in "${!operator_pids[@]}"; do
+    kill -TERM "${operator_pids[$name]}" 2>/dev/null || true
+done
+none_ours() { ! ours >/dev/null; }
+check "no ImageGeneration or LoraTraining carries the operator's finalizer" none_ours
+check "the objects stay ($(kubectl get imagegenerations,loratrainings -A -o name | wc -l) of them)" \
+    test -n "$(kubectl get imagegenerations,loratrainings -A -o name)"
+check "each says why, with a FinalizerReleased event" sh -c \
+    "kubectl get events -A --field-selector reason=FinalizerReleased -o name | grep -q ."
+check "with no operator, a namespace with a generation and a model in it goes away" \
+    kubectl delete namespace "$tenant" e2e-tenant-c --timeout=60s
+
+# ---------------------------------------------------------------------------------------
 step "RBAC"
 audit="$IMAGEGEN_CLUSTER_DIR/logs/audit.log"
 # One pass over the audit log for the operator's requests. RBAC's refusals carry the
 # authorizer's decision; other 403s (an event created in a namespace being deleted, refused
-# by admission) are listed but are not RBAC's. Then what the chart's roles grant that the
-# operator did not use in this run.
-kubectl get clusterroles,roles -A -l app.kubernetes.io/component=operator -o json >"$work/roles.json"
+# by admission) are listed but are not RBAC's. Then what the chart's roles (read before the
+# uninstall) grant that the operator and its uninstall hook did not use in this run.
 denied="$(python3 - "$audit" "system:serviceaccount:$namespace:$sa" "$work/roles.json" <<'PY'
 import json, sys
 denied, other, used = set(), set(), set()
