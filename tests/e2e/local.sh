@@ -27,6 +27,14 @@ for dir in "${extra_dirs[@]}"; do
     [ -d "$dir" ] || { echo "e2e: $dir is not a folder" >&2; exit 2; }
 done
 
+# Runtime pods mount an emptyDir at /tmp, which hides whatever the host has there from their
+# processes: the binaries, the venv their rpath names, the claims' folders.
+for dir in "$IMAGEGEN_CACHE" "$CARGO_TARGET_DIR" "$IMAGEGEN_VENV"; do
+    case "$(realpath -m "$dir")/" in
+    /tmp/*) echo "e2e: $dir is under /tmp, which runtime pods mount an emptyDir over; use a cache outside /tmp (IMAGEGEN_CACHE)" >&2
+        exit 2 ;;
+    esac
+done
 work="$IMAGEGEN_CACHE/e2e-local"
 export IMAGEGEN_CLUSTER_DIR="$work/cluster"
 release=imagegen
