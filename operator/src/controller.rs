@@ -763,6 +763,10 @@ async fn copy_secrets(
                 plan.source, ctx.config.namespace
             )));
         };
+        if plan.is_source(&valid.namespace, &ctx.config.namespace) {
+            copies.push(source);
+            continue;
+        }
         let copy = secret_copies::build_copy(
             &source,
             &plan.copy,

@@ -26,6 +26,14 @@ pub struct CopyPlan {
     pub copy: String,
 }
 
+impl CopyPlan {
+    /// Whether the copy would be the source itself (a model in the operator's namespace
+    /// whose copy's name is the source's): the pods then use the source as it is.
+    pub fn is_source(&self, model_namespace: &str, operator_namespace: &str) -> bool {
+        model_namespace == operator_namespace && self.copy == self.source
+    }
+}
+
 /// The copies the model `model` needs under `config`: the runtime environment, the signing
 /// key.
 pub fn plans(config: &crate::OperatorConfig, model: &str) -> Vec<CopyPlan> {
@@ -158,6 +166,16 @@ mod tests {
                 ("signing".to_string(), "sd15-c2pa".to_string())
             ]
         );
+    }
+
+    #[test]
+    fn a_copy_named_like_its_source_beside_it_is_the_source() {
+        let plan = CopyPlan {
+            source: "imagegen-runtime-env".into(),
+            copy: crate::workload::runtime_env_secret_name("imagegen"),
+        };
+        assert!(plan.is_source("imagegen-system", "imagegen-system"));
+        assert!(!plan.is_source("team-a", "imagegen-system"));
     }
 
     #[test]
