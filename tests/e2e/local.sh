@@ -399,6 +399,10 @@ sleep 1
 kill "$watcher" 2>/dev/null
 sed 's/^/e2e:   watch: /' "$work/loratrain.watch"
 check "kubectl get loratrain showed it Running" grep -q ' Running ' "$work/loratrain.watch"
+# Every status write showed in the watch: the trainer's reports and the reconciler's applies
+# together never moved the progress column backwards.
+forwards() { awk '$3 ~ /^[0-9]+$/ { if ($3 < last) exit 1; last = $3 }' "$work/loratrain.watch"; }
+check "its progress never moved backwards ($(awk '{print $3}' "$work/loratrain.watch" | paste -sd' '))" forwards
 check "LoraTraining e2e-person Succeeded" test "$phase" = Succeeded
 log "$(kubectl get -n "$namespace" loratrain/e2e-person)"
 artifact="$(kubectl get -n "$namespace" loratrain/e2e-person -o jsonpath='{.status.artifact.path}|{.status.artifact.sha256}')"
