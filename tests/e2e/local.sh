@@ -120,8 +120,10 @@ tools_bin="$("$root/scripts/k8s-tools.sh")" || exit 1
 export PATH="$tools_bin:$PATH"
 export HELM_CACHE_HOME="$work/helm/cache" HELM_CONFIG_HOME="$work/helm/config" \
     HELM_DATA_HOME="$work/helm/data"
-(cd "$root" && cargo build --release --quiet -p imagegen-runtime -p imagegen-operator --bins) ||
-    exit 1
+# The binaries as scripts/test.sh builds them (`cargo test` builds each package's binaries
+# for its integration tests): after it, as in CI, this is a no-op, where a `cargo build`
+# would compile again with other dependency features.
+(cd "$root" && cargo test --release --workspace --no-run --quiet) || exit 1
 imagegen="$CARGO_TARGET_DIR/release/imagegen"
 operator="$CARGO_TARGET_DIR/release/imagegen-operator"
 "$root/scripts/cluster" build >/dev/null || exit 1
