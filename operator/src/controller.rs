@@ -428,17 +428,8 @@ async fn apply_reconciled<K: ReconciledKind>(
     reconciled.last_transition_time = (ctx.now)();
     reconciled.observed_generation = obj.meta().generation;
     let api: Api<K> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
-    let patch = json!({
-        "apiVersion": K::api_version(&()),
-        "kind": K::kind(&()),
-        "status": {"conditions": [reconciled]},
-    });
-    api.patch_status(
-        &obj.name_any(),
-        &PatchParams::apply(ERRORS_FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
+    let status = json!({"conditions": [reconciled]});
+    apply_status_at(&api, obj, &status, ERRORS_FIELD_MANAGER, None).await?;
     Ok(())
 }
 
@@ -461,7 +452,7 @@ where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
     S: Serialize,
 {
-    apply_status_at(api, obj, status, None).await
+    apply_status_at(api, obj, status, FIELD_MANAGER, None).await
 }
 
 /// [`apply_status`] with the `resourceVersion` that `obj` was read at as a precondition:
@@ -478,17 +469,20 @@ where
     S: Serialize,
 {
     let read_at = obj.meta().resource_version.as_deref();
-    match apply_status_at(api, obj, status, read_at).await {
+    match apply_status_at(api, obj, status, FIELD_MANAGER, read_at).await {
         Ok(()) => Ok(true),
         Err(kube::Error::Api(status)) if status.is_conflict() => Ok(false),
         Err(e) => Err(e),
     }
 }
 
+/// Server-side applies `status` to `obj`'s status subresource as `manager`, with
+/// `resource_version` as a precondition when given.
 async fn apply_status_at<K, S>(
     api: &Api<K>,
     obj: &K,
     status: &S,
+    manager: &str,
     resource_version: Option<&str>,
 ) -> Result<(), kube::Error>
 where
@@ -505,7 +499,7 @@ where
     }
     api.patch_status(
         &obj.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
+        &PatchParams::apply(manager).force(),
         &Patch::Apply(&patch),
     )
     .await?;
