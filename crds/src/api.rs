@@ -270,6 +270,63 @@ pub struct Job {
     pub error: Option<ErrorDetail>,
 }
 
+/// What `GET /v1/load` answers: how busy a runtime is, cheap enough to ask before every
+/// submission (it reads the job tables and cached figures; it never waits for the device).
+/// LoRAs and job ids are the caller's tenant's only.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RuntimeLoad {
+    /// Generation jobs waiting in the queue, every tenant's.
+    pub queued: u32,
+    /// Most generation jobs the queue holds (a full queue answers 429).
+    pub queue_capacity: u32,
+    /// Generation jobs running now (a batch runs several), every tenant's.
+    pub running: u32,
+    /// The running generation jobs of the caller's tenant.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub running_jobs: Vec<RunningJob>,
+    /// The caller's LoRAs loaded on the device, as store paths relative to the tenant's root
+    /// (what a request's `loras[].path` names).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loaded_loras: Vec<String>,
+    /// The caller's LoRAs that queued jobs will load, as store paths.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub queued_loras: Vec<String>,
+    /// Trainings (`POST /v1/trainings`) running and waiting for the device.
+    pub trainings: TrainingLoad,
+    /// The device the model runs on: `cpu`, `cuda:0`, `mps`.
+    pub device: String,
+    /// The GPU's memory as of the end of the last job; absent on a CPU or before any job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_memory: Option<DeviceMemory>,
+}
+
+/// A running job of `GET /v1/load`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RunningJob {
+    pub id: String,
+    pub progress: Progress,
+}
+
+/// Trainings of `GET /v1/load`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TrainingLoad {
+    /// A training holds the device now (generations wait for it).
+    pub running: bool,
+    /// Trainings waiting for the device.
+    pub queued: u32,
+}
+
+/// A GPU's memory, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceMemory {
+    pub free_bytes: u64,
+    pub total_bytes: u64,
+}
+
 /// The images of a finished generation.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
