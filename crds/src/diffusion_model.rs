@@ -11,7 +11,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::common::{Condition, MAX_LOCATION_CHARS, MAX_NAME_CHARS};
+use crate::common::{Condition, Time, MAX_LOCATION_CHARS, MAX_NAME_CHARS};
 
 /// The extended resource name of NVIDIA GPUs, the default `resources.gpuResourceName`.
 pub const DEFAULT_GPU_RESOURCE: &str = "nvidia.com/gpu";
@@ -28,6 +28,11 @@ pub const DEFAULT_GPU_RESOURCE: &str = "nvidia.com/gpu";
     category = "imagegen",
     derive = "PartialEq",
     doc = "A Stable Diffusion model served by GPU replicas.",
+    scale(
+        spec_replicas_path = ".spec.replicas.count",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
     printcolumn(name = "Family", type_ = "string", json_path = ".spec.family"),
     printcolumn(
         name = "Ready",
@@ -128,7 +133,11 @@ pub enum Dtype {
     Bf16,
 }
 
-/// Bounds of the replica count.
+/// How many replicas serve the model, and what scales them.
+///
+/// `count` is the model's scale subresource: `kubectl scale dmodel`, a
+/// HorizontalPodAutoscaler and the operator's queue autoscaler all write it, and the
+/// Deployment follows it, brought within `min..=max`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(extend("x-kubernetes-validations" = [{
@@ -137,12 +146,45 @@ pub enum Dtype {
     "fieldPath": ".min"
 }]))]
 pub struct Replicas {
-    /// Fewest replicas kept running (0 lets the model scale to zero).
+    /// Fewest replicas kept running (0 lets the model scale to zero). Default 1.
+    #[serde(default = "one")]
     #[schemars(range(max = 1000))]
     pub min: u32,
-    /// Most replicas.
+    /// Most replicas. Default 1.
+    #[serde(default = "one")]
     #[schemars(range(min = 1, max = 1000))]
     pub max: u32,
+    /// Replicas wanted now (the scale subresource); `min` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 1000))]
+    pub count: Option<u32>,
+    /// What sets `count` besides `kubectl scale`: `Queue` (default), the operator, from the
+    /// model's queue; `External`, nothing else (an HPA, or scaling by hand).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaler: Option<Autoscaler>,
+    /// Queued and running generations per replica that the queue autoscaler aims for.
+    /// Default 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub queue_per_replica: Option<u32>,
+    /// Seconds the queue must need fewer replicas than run before the queue autoscaler
+    /// removes any (to `min`, possibly zero). Default 300.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 86400))]
+    pub scale_down_after_seconds: Option<u32>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// What sets a model's replica count besides `kubectl scale`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum Autoscaler {
+    /// The operator, from the model's queue (pending and running generations).
+    Queue,
+    /// Something outside the operator: a HorizontalPodAutoscaler, or `kubectl scale` alone.
+    External,
 }
 
 /// GPUs of each replica.
@@ -190,6 +232,32 @@ pub struct DiffusionModelStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// The label selector of the model's pods, for the scale subresource (an HPA reads it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// What the queue autoscaler saw and decided.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingStatus>,
+}
+
+/// What the queue autoscaler saw and decided.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingStatus {
+    /// Pending and running generations of the model.
+    pub queue: u32,
+    /// Replicas the queue needs, within `min..=max`.
+    pub desired_replicas: u32,
+    /// Since when the queue has needed fewer replicas than run, without a break: scaling
+    /// down waits `scaleDownAfterSeconds` from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fewer_needed_since: Option<Time>,
+    /// When the model was scaled up from zero, while its first replica is not ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cold_start_time: Option<Time>,
+    /// Seconds from the last scale-up from zero to the first ready replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_cold_start_seconds: Option<u32>,
 }
 
 #[cfg(test)]
@@ -260,6 +328,7 @@ mod tests {
                 observed_generation: Some(1),
             }],
             observed_generation: Some(1),
+            ..Default::default()
         };
         let value = serde_json::to_value(&status).unwrap();
         assert_eq!(value["readyReplicas"], 1);

@@ -46,6 +46,14 @@ pub struct Args {
     /// pods sign images with (C2PA); each model's namespace gets a copy.
     #[arg(long, env = "IMAGEGEN_C2PA_SECRET")]
     pub c2pa_secret: Option<String>,
+    /// Seconds the pod holding a job may stay not ready before the job is cancelled there
+    /// and submitted to another pod.
+    #[arg(long, env = "IMAGEGEN_UNREADY_GRACE_SECONDS", default_value_t = 60)]
+    pub unready_grace_seconds: u64,
+    /// Jobs more than the least-loaded pod that a pod with a request's LoRAs loaded may have
+    /// and still get the request.
+    #[arg(long, env = "IMAGEGEN_LORA_AFFINITY_SLACK", default_value_t = 2)]
+    pub lora_affinity_slack: u64,
     /// Namespace to watch; empty: all namespaces.
     #[arg(long, env = "IMAGEGEN_WATCH_NAMESPACE", default_value = "")]
     pub watch_namespace: String,
@@ -97,6 +105,8 @@ impl Args {
             operator_url: non_empty(&self.operator_url).unwrap_or(defaults.operator_url),
             safety_policy: non_empty(&self.safety_policy),
             c2pa_secret: non_empty(&self.c2pa_secret),
+            unready_grace: std::time::Duration::from_secs(self.unready_grace_seconds),
+            lora_affinity_slack: self.lora_affinity_slack,
             ..defaults
         }
     }
@@ -148,6 +158,10 @@ mod tests {
             "signing",
             "--watch-namespace",
             "team-a",
+            "--unready-grace-seconds",
+            "15",
+            "--lora-affinity-slack",
+            "0",
         ])
         .unwrap();
         let config = args.config();
@@ -162,6 +176,8 @@ mod tests {
         assert_eq!(config.safety_policy.as_deref(), Some("blur"));
         assert_eq!(config.c2pa_secret.as_deref(), Some("signing"));
         assert_eq!(args.watch_namespace(), Some("team-a"));
+        assert_eq!(config.unready_grace, std::time::Duration::from_secs(15));
+        assert_eq!(config.lora_affinity_slack, 0);
         assert_eq!(args.listen.port(), 9000);
     }
 

@@ -36,10 +36,13 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::api::image_generation::RuntimePod;
+use crate::autoscaler;
 use crate::conditions::{condition, find, HasConditions};
+use crate::dispatch::{self, DispatchState};
 use crate::image_generation::{self as ig, AfterLoss, Blocked as GenerationBlocked};
 use crate::lora_training::{self as lt, Blocked as TrainingBlocked, TrainerReport};
 use crate::metrics::Metrics;
+use crate::pod_choice::{self, Choice};
 use crate::runtime_client::{image_id_from_url, RuntimeApi, RuntimeError, Target};
 use crate::runtime_pods;
 use crate::secret_copies;
@@ -246,6 +249,10 @@ pub struct Context {
     pub runtime_tokens: RuntimeTokens,
     /// The EndpointSlices of the models' Services (a watch's cache): which pods a model has.
     pub endpoint_slices: Store<EndpointSlice>,
+    /// The ImageGenerations (a watch's cache): each model's queue, for the autoscaler.
+    pub generations: Store<ImageGeneration>,
+    /// Locks and not-ready clocks of the dispatch to pods.
+    pub dispatch: DispatchState,
     /// The clock (fixed in tests).
     pub now: fn() -> Time,
 }
@@ -259,6 +266,7 @@ impl Context {
         metrics: Metrics,
         recorder: Recorder,
         endpoint_slices: Store<EndpointSlice>,
+        generations: Store<ImageGeneration>,
     ) -> Self {
         Context {
             client,
@@ -269,6 +277,8 @@ impl Context {
             backoff: Backoff::default(),
             runtime_tokens: RuntimeTokens::default(),
             endpoint_slices,
+            generations,
+            dispatch: DispatchState::default(),
             now: || Time(Timestamp::now()),
         }
     }
@@ -673,6 +683,15 @@ pub async fn reconcile_model(
         secrets_digest: (!copies.is_empty()).then(|| secret_copies::digest(&copies)),
         store_on_one_node: store_on_one_node(&ctx, &namespace).await?,
     };
+    let store_claim = ctx.config.store_claim.as_deref().unwrap_or_default();
+    let unfit = workload::store_unfit_for_replicas(
+        store_claim,
+        found.store_on_one_node,
+        valid.max_replicas,
+    );
+    if let Some(why) = unfit {
+        return Err(Error::Unservable(why));
+    }
     if let Some(claim) = dm::build_cache_claim(&valid) {
         let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &namespace);
         // Made once: a claim's access modes are immutable, so re-applying one built for
@@ -688,21 +707,22 @@ pub async fn reconcile_model(
         }
     }
     let deployments: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
-    // The replica count is read first: applying `min` every time would undo `kubectl
-    // scale` and an HPA. Read, not cached, so a scale just made is never reverted.
+    // A model without a count keeps the Deployment's (scaled by hand before): read, not
+    // cached, so that a scale just made is never reverted.
     let existing = match deployments.get_opt(&valid.name).await? {
         Some(deployment) => Some(controlled_by(deployment, owner)?),
         None => None,
     };
+    let replicas = autoscale(&ctx, &model, &valid, existing.as_ref(), &now).await?;
     let mut desired = dm::build_deployment(&valid, &ctx.config, &found);
     if let Some(spec) = desired.spec.as_mut() {
-        spec.replicas = Some(dm::desired_replicas(&valid, existing.as_ref()));
+        spec.replicas = Some(replicas.count as i32);
     }
     let deployment = apply(&deployments, &desired).await?;
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &namespace);
     apply(&services, &dm::build_service(&valid)).await?;
 
-    let status = dm::status_from(&model, Some(&deployment), now);
+    let status = dm::status_from(&model, Some(&deployment), Some(replicas.status), now);
     if model.status.as_ref() != Some(&status) {
         apply_status(&models, &model, &status).await?;
         let was_ready = dm::is_ready(&model);
@@ -732,7 +752,59 @@ pub async fn reconcile_model(
     }
     ctx.backoff.reset(&key(model.as_ref()));
     clear_reconcile_error(&ctx, model.as_ref()).await?;
-    Ok(Action::requeue(MODEL_RESYNC))
+    Ok(Action::requeue(
+        replicas
+            .recheck
+            .map_or(MODEL_RESYNC, |r| r.min(MODEL_RESYNC)),
+    ))
+}
+
+/// The replica count a model runs, after the queue autoscaler's decision.
+struct Scaled {
+    count: u32,
+    status: imagegen_crds::diffusion_model::AutoscalingStatus,
+    /// When the autoscaler wants to look again (its quiet window ends).
+    recheck: Option<Duration>,
+}
+
+/// Runs the queue autoscaler on `model`: writes a new count through the model's scale
+/// subresource (as `kubectl scale` and an HPA do) and publishes its events.
+async fn autoscale(
+    ctx: &Context,
+    model: &DiffusionModel,
+    valid: &dm::ValidModel,
+    existing: Option<&Deployment>,
+    now: &Time,
+) -> Result<Scaled, Error> {
+    let current = dm::desired_replicas(valid, existing);
+    let ready = existing
+        .and_then(|d| d.status.as_ref())
+        .and_then(|s| s.ready_replicas)
+        .unwrap_or(0)
+        .max(0) as u32;
+    let queue = generations_using_model(&ctx.generations.state(), model).len() as u32;
+    let old = model.status.as_ref().and_then(|s| s.autoscaling.as_ref());
+    let decision = autoscaler::decide(&valid.scaling, queue, current, ready, old, now);
+    let mut count = current;
+    if let Some(to) = decision.scale_to {
+        let models: Api<DiffusionModel> = Api::namespaced(ctx.client.clone(), &valid.namespace);
+        let patch = json!({"spec": {"replicas": to}});
+        models
+            .patch_scale(&valid.name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        ctx.metrics.scaled(decision.direction.unwrap_or("up"));
+        info!(model = %valid.name, namespace = %valid.namespace, queue, from = current, to, "scaled");
+        count = to;
+    }
+    for note in &decision.notes {
+        ctx.event(model, EventType::Normal, note.reason, note.message.clone())
+            .await;
+    }
+    Ok(Scaled {
+        count,
+        recheck: autoscaler::recheck_after(&valid.scaling, &decision, now),
+        status: decision.status,
+    })
 }
 
 /// Copies the operator's Secrets (runtime environment, signing key) into the model's
@@ -912,14 +984,15 @@ async fn lora_sha256(ctx: &Context, training: &LoraTraining) -> Option<String> {
     }
 }
 
-/// Creates the token Secret and the Job once the model is Ready; otherwise says why not.
+/// Creates the token Secret and the Job once the model is Ready (or idle at zero replicas);
+/// otherwise says why not.
 async fn start_training(
     ctx: &Context,
     valid: &lt::ValidTraining,
     jobs: &Api<Job>,
 ) -> Result<(Option<Job>, Option<TrainingBlocked>), Error> {
     let models: Api<DiffusionModel> = Api::namespaced(ctx.client.clone(), &valid.namespace);
-    let model = match dm::ready(models.get_opt(&valid.model_name).await?) {
+    let model = match dm::trainable(models.get_opt(&valid.model_name).await?) {
         Ok(model) => model,
         Err(why) => return Ok((None, Some(TrainingBlocked::WaitingForModel(why)))),
     };
@@ -1036,7 +1109,7 @@ pub async fn reconcile_generation(
 /// A submission ready to go: the request, the pod chosen for it, and that pod's runtime.
 struct Submission {
     target: Target,
-    pod: RuntimePod,
+    choice: Choice,
     request: imagegen_crds::api::GenerationRequest,
 }
 
@@ -1061,15 +1134,28 @@ async fn prepare_submission(
         Err(blocked) => return Ok(Err(blocked)),
     };
     let pods = model_pods(ctx, &model);
-    let Some(pod) = runtime_pods::choose(&pods, &valid.job_id).cloned() else {
+    let token = runtime_token(ctx, &model).await?;
+    let loads = dispatch::loads(ctx.runtime.as_ref(), &token, &pods).await;
+    let lora_paths: Vec<String> = loras.iter().filter_map(|l| l.path.clone()).collect();
+    let choice = pod_choice::choose(
+        &pods,
+        |pod| loads.get(pod),
+        &lora_paths,
+        &valid.job_id,
+        ctx.config.lora_affinity_slack,
+    );
+    let Some(choice) = choice else {
         return Ok(Err(GenerationBlocked::WaitingForModel(format!(
             "no runtime pod of DiffusionModel {} is ready",
             valid.model_name
         ))));
     };
     Ok(Ok(Submission {
-        target: pod_target(ctx, &model, &pod).await?,
-        pod,
+        target: Target {
+            base_url: runtime_pods::base_url(&choice.pod),
+            token,
+        },
+        choice,
         request: ig::build_request(generation, valid, loras),
     }))
 }
@@ -1089,6 +1175,19 @@ async fn model_target(
     }
 }
 
+/// Where a submitted job is, as far as the model's EndpointSlices tell.
+enum JobPod {
+    /// In the pod recorded in the generation's status, which is ready, or has not been
+    /// ready for this long.
+    Listed {
+        target: Target,
+        pod: RuntimePod,
+        unready_for: Option<Duration>,
+    },
+    /// Nowhere any more: why.
+    Lost(String),
+}
+
 /// The runtime that holds a submitted job: the pod recorded in the generation's status while
 /// the model's Service still lists it, or why the job is lost.
 async fn job_target(
@@ -1096,10 +1195,10 @@ async fn job_target(
     generation: &ImageGeneration,
     namespace: &str,
     model_name: &str,
-) -> Result<Result<Target, String>, Error> {
+) -> Result<JobPod, Error> {
     let models: Api<DiffusionModel> = Api::namespaced(ctx.client.clone(), namespace);
     let Some(model) = models.get_opt(model_name).await? else {
-        return Ok(Err("the DiffusionModel is gone".into()));
+        return Ok(JobPod::Lost("the DiffusionModel is gone".into()));
     };
     let pods = model_pods(ctx, &model);
     let recorded = generation
@@ -1111,13 +1210,23 @@ async fn job_target(
         // it; one that does not answers 404, and the job is submitted again.
         let job_id = ig::job_id(generation.metadata.uid.as_deref().unwrap_or_default());
         return match runtime_pods::choose(&pods, &job_id) {
-            Some(pod) => Ok(Ok(pod_target(ctx, &model, pod).await?)),
-            None => Ok(Err("no runtime pod of the model is ready".into())),
+            Some(pod) => Ok(JobPod::Listed {
+                target: pod_target(ctx, &model, pod).await?,
+                pod: pod.clone(),
+                unready_for: None,
+            }),
+            None => Ok(JobPod::Lost("no runtime pod of the model is ready".into())),
         };
     };
     match runtime_pods::still_listed(&pods, recorded) {
-        Some(pod) => Ok(Ok(pod_target(ctx, &model, pod).await?)),
-        None => Ok(Err(format!(
+        Some(endpoint) => Ok(JobPod::Listed {
+            target: pod_target(ctx, &model, &endpoint.pod).await?,
+            pod: endpoint.pod.clone(),
+            unready_for: ctx
+                .dispatch
+                .unready_for(namespace, &endpoint.pod, endpoint.ready),
+        }),
+        None => Ok(JobPod::Lost(format!(
             "runtime pod {} ({}) is gone",
             recorded.name, recorded.address
         ))),
@@ -1161,8 +1270,10 @@ async fn submit(
         .await
     {
         Ok(job) => {
-            let mut status = ig::status_from_job(generation, &job, &service_url, now);
-            status.runtime_pod = Some(submission.pod.clone());
+            let choice = &submission.choice;
+            ctx.metrics.dispatched(choice.reason.label());
+            let loras = submission.request.loras.len();
+            let status = ig::status_dispatched(generation, &job, &service_url, choice, loras, now);
             Ok(status)
         }
         Err(e) if e.is_rejection() => Ok(ig::status_blocked(
@@ -1208,6 +1319,11 @@ impl GenerationStep<'_> {
         &self,
         count: u32,
     ) -> Result<Result<ImageGenerationStatus, GenerationBlocked>, Error> {
+        // One submission to a model at a time: each reads the loads the ones before it
+        // made, so a burst spreads instead of landing on whichever pod looked idle.
+        let model_lock =
+            (self.ctx.dispatch).model_lock(&self.valid.namespace, &self.valid.model_name);
+        let _placing = model_lock.lock().await;
         let submission = match prepare_submission(self.ctx, self.generation, self.valid).await? {
             Ok(prepared) => prepared,
             Err(blocked) => return Ok(Err(blocked)),
@@ -1235,9 +1351,31 @@ impl GenerationStep<'_> {
             &self.valid.model_name,
         )
         .await?;
+        let grace = ctx.config.unready_grace;
         let polled = match &target {
-            Ok(target) => ctx.runtime.job(target, &self.valid.job_id).await,
-            Err(why) => Err(RuntimeError::Unreachable(why.clone())),
+            JobPod::Listed {
+                target,
+                pod,
+                unready_for,
+            } => match (
+                ctx.runtime.job(target, &self.valid.job_id).await,
+                unready_for,
+            ) {
+                // Not ready for too long, and the job not done: cancelled there, so that it
+                // never runs twice, and submitted elsewhere.
+                (Ok(job), Some(unready)) if !job.state.is_finished() && *unready >= grace => {
+                    self.give_up_on(target, pod, *unready).await
+                }
+                (Err(e), Some(unready)) if *unready >= grace => {
+                    Err(RuntimeError::Unreachable(format!(
+                        "runtime pod {} not ready for {}s: {e}",
+                        pod.name,
+                        unready.as_secs()
+                    )))
+                }
+                (polled, _) => polled,
+            },
+            JobPod::Lost(why) => Err(RuntimeError::Unreachable(why.clone())),
         };
         let lost = match polled {
             Ok(job) => {
@@ -1277,6 +1415,29 @@ impl GenerationStep<'_> {
             status: Box::new(status),
             wait: None,
         })
+    }
+}
+
+impl GenerationStep<'_> {
+    /// Cancels the job in `pod`, not ready for `unready`: the error that makes the job
+    /// lost, so that it is submitted to another pod. A cancel that fails leaves the job to
+    /// the pod (it may come back), unless the pod cannot be reached at all.
+    async fn give_up_on(
+        &self,
+        target: &Target,
+        pod: &RuntimePod,
+        unready: Duration,
+    ) -> Result<imagegen_crds::api::Job, RuntimeError> {
+        match self.ctx.runtime.cancel(target, &self.valid.job_id).await {
+            Ok(()) => {}
+            Err(e) if e.job_lost() => {}
+            Err(e) => return Err(e),
+        }
+        Err(RuntimeError::Unreachable(format!(
+            "runtime pod {} was not ready for {}s: its job was cancelled there",
+            pod.name,
+            unready.as_secs()
+        )))
     }
 }
 
@@ -1408,7 +1569,9 @@ async fn cancel_and_delete_images(
     let uid = generation.metadata.uid.clone().unwrap_or_default();
     if running {
         // The job is in the pod that took it; a pod that is gone took the job with it.
-        if let Ok(target) = job_target(ctx, generation, &namespace, model_name).await? {
+        if let JobPod::Listed { target, .. } =
+            job_target(ctx, generation, &namespace, model_name).await?
+        {
             match ctx.runtime.cancel(&target, &ig::job_id(&uid)).await {
                 Ok(()) => {}
                 Err(e) if e.job_lost() => {}
@@ -1479,6 +1642,19 @@ pub fn generations_using_model(
         .filter(|g| g.spec.model_ref.name == model.name_any())
         .map(|g| ObjectRef::from_obj(g.as_ref()))
         .collect()
+}
+
+/// The model whose queue a change of `generation` may change: when it arrives (no phase
+/// yet, or Pending) and when it finishes. Progress while it runs changes no queue.
+pub fn model_of_queued_generation(
+    generation: ImageGeneration,
+) -> Option<ObjectRef<DiffusionModel>> {
+    let phase = generation.status.as_ref().and_then(|s| s.phase);
+    if phase == Some(Phase::Running) {
+        return None;
+    }
+    let namespace = generation.namespace()?;
+    Some(ObjectRef::new(&generation.spec.model_ref.name).within(&namespace))
 }
 
 /// The unfinished LoraTrainings of `model`'s namespace that train on it.

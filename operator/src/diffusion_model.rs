@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use imagegen_crds::common::condition_types::{DEGRADED, PROGRESSING, READY};
 use imagegen_crds::diffusion_model::{
-    Dtype, Family, ModelCache, ModelSource, DEFAULT_GPU_RESOURCE,
+    AutoscalingStatus, Dtype, Family, ModelCache, ModelSource, DEFAULT_GPU_RESOURCE,
 };
 use imagegen_crds::{DiffusionModel, DiffusionModelStatus};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
@@ -24,6 +24,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
+use crate::autoscaler;
 use crate::conditions::{condition, set_condition};
 use crate::workload::{self, Found};
 use crate::{Error, OperatorConfig};
@@ -74,6 +75,10 @@ pub struct ValidModel {
     pub min_replicas: u32,
     /// Most replicas.
     pub max_replicas: u32,
+    /// `spec.replicas.count`: the scale subresource's count, if set.
+    pub count: Option<u32>,
+    /// How the model scales.
+    pub scaling: autoscaler::Policy,
     /// GPUs per replica (default 1).
     pub gpus: u32,
     /// Extended resource name of the GPUs (default `nvidia.com/gpu`).
@@ -118,6 +123,24 @@ pub fn not_ready_reason(model: Option<&DiffusionModel>) -> Option<String> {
         None => Some("the DiffusionModel does not exist".into()),
         Some(m) if is_ready(m) => None,
         Some(m) => Some(format!("the DiffusionModel {} is not Ready", m.name_any())),
+    }
+}
+
+/// `model` when a training may use it, otherwise why not: a training runs in its own Job on
+/// its own GPU, so a model that serves no replica now (scaled to zero, or starting from
+/// zero) is as good as a Ready one.
+pub fn trainable(model: Option<DiffusionModel>) -> Result<DiffusionModel, String> {
+    let idle = model.as_ref().is_some_and(|m| {
+        let reason = m
+            .status
+            .as_ref()
+            .and_then(|s| crate::conditions::find(&s.conditions, READY))
+            .map(|c| c.reason.as_str());
+        matches!(reason, Some("ScaledToZero" | "ColdStart"))
+    });
+    match model {
+        Some(model) if idle => Ok(model),
+        other => ready(other),
     }
 }
 
@@ -242,6 +265,8 @@ pub fn validate(model: &DiffusionModel) -> Result<ValidModel, Error> {
         dtype: spec.dtype.unwrap_or(Dtype::F16),
         min_replicas,
         max_replicas,
+        count: spec.replicas.and_then(|r| r.count),
+        scaling: autoscaler::Policy::of(spec.replicas.as_ref()),
         gpus,
         gpu_resource_name,
         node_selector: spec.node_selector.clone().unwrap_or_default(),
@@ -381,23 +406,31 @@ fn read_only_mount(volume: &str, path: &str) -> VolumeMount {
     }
 }
 
-/// The replica count to apply: `min` for a new Deployment; for an existing one, its own
-/// count (set by `kubectl scale`, an HPA or the operator before) brought within
-/// `min..=max`, so that scaling by hand or by an autoscaler within the bounds is kept.
-pub fn desired_replicas(model: &ValidModel, existing: Option<&Deployment>) -> i32 {
-    let (min, max) = (model.min_replicas as i32, model.max_replicas as i32);
-    match existing {
-        None => min,
-        Some(deployment) => {
-            // An unset count is Kubernetes' default, 1.
-            let current = deployment
-                .spec
-                .as_ref()
-                .and_then(|s| s.replicas)
-                .unwrap_or(1);
-            current.clamp(min, max)
-        }
-    }
+/// The replica count the model runs now, within `min..=max`: `spec.replicas.count` (the
+/// scale subresource) when set; else the existing Deployment's own count (set by hand
+/// before the model had a count), or `min` for a new one.
+pub fn desired_replicas(model: &ValidModel, existing: Option<&Deployment>) -> u32 {
+    let current = model.count.unwrap_or_else(|| match existing {
+        None => model.min_replicas,
+        // An unset count is Kubernetes' default, 1.
+        Some(deployment) => deployment
+            .spec
+            .as_ref()
+            .and_then(|s| s.replicas)
+            .unwrap_or(1)
+            .max(0) as u32,
+    });
+    model.scaling.bounded(current)
+}
+
+/// The label selector of the model's pods as a string: the scale subresource's
+/// `status.selector`, which an HPA reads.
+pub fn selector_string(name: &str) -> String {
+    selector_labels(name)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// The Deployment of `imagegen serve` replicas, `spec.replicas.min` of them (the controller
@@ -600,6 +633,7 @@ pub fn status_invalid(model: &DiffusionModel, error: &Error, now: Time) -> Diffu
 pub fn status_from(
     model: &DiffusionModel,
     deployment: Option<&Deployment>,
+    autoscaling: Option<AutoscalingStatus>,
     now: Time,
 ) -> DiffusionModelStatus {
     let generation = model.metadata.generation;
@@ -639,6 +673,8 @@ pub fn status_from(
             endpoint: None,
             conditions,
             observed_generation: generation,
+            selector: Some(selector_string(&name)),
+            autoscaling,
         };
     };
 
@@ -685,6 +721,19 @@ pub fn status_from(
             false,
             "ScaledToZero",
             "no replica runs (replicas.min is 0): generations wait until one does".into(),
+        );
+    } else if let Some(began) = autoscaling
+        .as_ref()
+        .and_then(|a| a.cold_start_time.as_ref())
+    {
+        set(
+            READY,
+            false,
+            "ColdStart",
+            format!(
+                "starting from zero since {}: {ready} of {desired} replicas ready",
+                began.0
+            ),
         );
     } else {
         set(
@@ -733,6 +782,8 @@ pub fn status_from(
         endpoint: Some(endpoint(&name, &namespace)),
         conditions,
         observed_generation: generation,
+        selector: Some(selector_string(&name)),
+        autoscaling,
     }
 }
 
@@ -1320,11 +1371,11 @@ mod tests {
         assert!(!is_ready(&m));
         assert!(not_ready_reason(None).is_some());
         let d = deployment(1, 1, 1, 1, vec![]);
-        m.status = Some(status_from(&m, Some(&d), at(1)));
+        m.status = Some(status_from(&m, Some(&d), None, at(1)));
         assert!(is_ready(&m));
         assert_eq!(not_ready_reason(Some(&m)), None);
         let d = deployment(1, 1, 1, 0, vec![]);
-        m.status = Some(status_from(&m, Some(&d), at(2)));
+        m.status = Some(status_from(&m, Some(&d), None, at(2)));
         assert!(!is_ready(&m));
         assert!(not_ready_reason(Some(&m)).unwrap().contains("not Ready"));
     }
@@ -1335,7 +1386,7 @@ mod tests {
         assert_eq!(ready(None), Err(not_ready_reason(None).unwrap()));
         assert!(ready(Some(m.clone())).unwrap_err().contains("not Ready"));
         let d = deployment(1, 1, 1, 1, vec![]);
-        m.status = Some(status_from(&m, Some(&d), at(1)));
+        m.status = Some(status_from(&m, Some(&d), None, at(1)));
         assert_eq!(ready(Some(m.clone())).map(|r| r.status), Ok(m.status));
     }
 
@@ -1437,7 +1488,7 @@ mod tests {
             2,
             vec![("Available", "True", "MinimumReplicasAvailable")],
         );
-        let s = status_from(&m, Some(&d), at(100));
+        let s = status_from(&m, Some(&d), None, at(100));
         assert_eq!(state(&s, READY), pair("True", "ReplicasReady"));
         assert_eq!(state(&s, PROGRESSING), pair("False", "RolloutComplete"));
         assert_eq!(state(&s, DEGRADED), pair("False", "AsExpected"));
@@ -1485,6 +1536,53 @@ mod tests {
             d.spec.as_mut().unwrap().replicas = current;
             assert_eq!(desired_replicas(&valid, Some(&d)), kept, "{current:?}");
         }
+        // The scale subresource's count wins over the Deployment's, within bounds.
+        for (count, applied) in [(2, 2), (9, 4), (0, 1)] {
+            m.spec.replicas =
+                serde_json::from_value(json!({"min": 1, "max": 4, "count": count})).unwrap();
+            let valid = validate(&m).unwrap();
+            let d = build_deployment(&valid, &OperatorConfig::default(), &Found::default());
+            assert_eq!(desired_replicas(&valid, Some(&d)), applied, "{count}");
+        }
+    }
+
+    #[test]
+    fn a_cold_start_shows_on_ready_and_the_selector_is_reported() {
+        let mut m = full();
+        m.spec.replicas = serde_json::from_value(json!({"min": 0, "max": 2})).unwrap();
+        let valid = validate(&m).unwrap();
+        let mut d = build_deployment(&valid, &OperatorConfig::default(), &Found::default());
+        d.spec.as_mut().unwrap().replicas = Some(1);
+        let scaling = AutoscalingStatus {
+            queue: 1,
+            desired_replicas: 1,
+            cold_start_time: Some(at(90)),
+            ..AutoscalingStatus::default()
+        };
+        let s = status_from(&m, Some(&d), Some(scaling.clone()), at(100));
+        let ready = find(&s.conditions, READY).unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "ColdStart")
+        );
+        assert_eq!(s.autoscaling, Some(scaling));
+        let selector = s.selector.clone().unwrap();
+        assert!(
+            selector.contains("app.kubernetes.io/component=runtime"),
+            "{selector}"
+        );
+        assert_eq!(
+            selector.split(',').count(),
+            selector_labels(&valid.name).len()
+        );
+        // Serving nothing yet, but a training (its own Job and GPU) may use it.
+        let mut starting = m.clone();
+        starting.status = Some(s);
+        assert!(not_ready_reason(Some(&starting)).is_some());
+        assert!(trainable(Some(starting.clone())).is_ok());
+        starting.status = None;
+        assert!(trainable(Some(starting)).is_err());
+        assert!(trainable(None).is_err());
     }
 
     #[test]
@@ -1498,7 +1596,7 @@ mod tests {
             2,
             vec![("Progressing", "True", "ReplicaSetUpdated")],
         );
-        let s = status_from(&m, Some(&d), at(100));
+        let s = status_from(&m, Some(&d), None, at(100));
         assert_eq!(state(&s, READY), pair("True", "ReplicasReady"));
         assert_eq!(state(&s, PROGRESSING), pair("True", "RollingOut"));
         assert_eq!(state(&s, DEGRADED), pair("False", "AsExpected"));
@@ -1511,7 +1609,7 @@ mod tests {
             0,
             vec![("Progressing", "True", "NewReplicaSetCreated")],
         );
-        let s = status_from(&m, Some(&d), at(100));
+        let s = status_from(&m, Some(&d), None, at(100));
         assert_eq!(state(&s, READY), pair("False", "ReplicasNotReady"));
         assert_eq!(state(&s, PROGRESSING), pair("True", "RollingOut"));
         assert_eq!(state(&s, DEGRADED), pair("False", "AsExpected"));
@@ -1519,7 +1617,7 @@ mod tests {
         // The Deployment controller has not seen the latest spec yet.
         let mut d = deployment(2, 2, 2, 2, vec![]);
         d.metadata.generation = Some(6);
-        let s = status_from(&m, Some(&d), at(100));
+        let s = status_from(&m, Some(&d), None, at(100));
         assert_eq!(state(&s, PROGRESSING), pair("True", "RollingOut"));
     }
 
@@ -1533,7 +1631,7 @@ mod tests {
             1,
             vec![("Progressing", "False", "ProgressDeadlineExceeded")],
         );
-        let s = status_from(&m, Some(&d), at(100));
+        let s = status_from(&m, Some(&d), None, at(100));
         assert_eq!(
             state(&s, DEGRADED),
             pair("True", "ProgressDeadlineExceeded")
@@ -1546,7 +1644,7 @@ mod tests {
         assert_eq!(state(&s, READY), pair("False", "ReplicasNotReady"));
 
         let d = deployment(2, 0, 0, 0, vec![("ReplicaFailure", "True", "FailedCreate")]);
-        let s = status_from(&m, Some(&d), at(100));
+        let s = status_from(&m, Some(&d), None, at(100));
         assert_eq!(state(&s, DEGRADED), pair("True", "FailedCreate"));
 
         // Rolled out, then a replica stopped being ready.
@@ -1557,14 +1655,14 @@ mod tests {
             1,
             vec![("Progressing", "True", "NewReplicaSetAvailable")],
         );
-        let s = status_from(&m, Some(&d), at(100));
+        let s = status_from(&m, Some(&d), None, at(100));
         assert_eq!(state(&s, DEGRADED), pair("True", "ReplicasUnavailable"));
         assert_eq!(state(&s, PROGRESSING), pair("False", "RolloutComplete"));
     }
 
     #[test]
     fn missing_deployment_is_progressing() {
-        let s = status_from(&minimal(), None, at(100));
+        let s = status_from(&minimal(), None, None, at(100));
         assert_eq!(state(&s, READY), pair("False", "DeploymentMissing"));
         assert_eq!(state(&s, PROGRESSING), pair("True", "Creating"));
         assert_eq!(state(&s, DEGRADED), pair("False", "AsExpected"));
@@ -1578,11 +1676,11 @@ mod tests {
         let mut m = minimal();
         m.spec.replicas = serde_json::from_value(json!({"min": 0, "max": 1})).unwrap();
         let d = deployment(0, 0, 0, 0, vec![]);
-        let s = status_from(&m, Some(&d), at(100));
+        let s = status_from(&m, Some(&d), None, at(100));
         assert_eq!(state(&s, READY), pair("False", "ScaledToZero"));
         assert_eq!(state(&s, DEGRADED), pair("False", "AsExpected"));
         let d = deployment(1, 1, 1, 1, vec![]);
-        let s = status_from(&m, Some(&d), at(100));
+        let s = status_from(&m, Some(&d), None, at(100));
         assert_eq!(state(&s, READY), pair("True", "ReplicasReady"));
     }
 
@@ -1590,11 +1688,11 @@ mod tests {
     fn transition_times_move_only_with_the_status() {
         let mut m = full();
         let starting = deployment(2, 2, 2, 0, vec![]);
-        m.status = Some(status_from(&m, Some(&starting), at(100)));
+        m.status = Some(status_from(&m, Some(&starting), None, at(100)));
 
         // Same state later: every time is kept, the message may change.
         let one_ready = deployment(2, 2, 2, 1, vec![]);
-        let s = status_from(&m, Some(&one_ready), at(200));
+        let s = status_from(&m, Some(&one_ready), None, at(200));
         assert!(s
             .conditions
             .iter()
@@ -1604,7 +1702,7 @@ mod tests {
 
         // Ready and rolled out: Ready and Progressing flip, Degraded stays.
         let ready = deployment(2, 2, 2, 2, vec![]);
-        let s = status_from(&m, Some(&ready), at(300));
+        let s = status_from(&m, Some(&ready), None, at(300));
         assert_eq!(get(&s, READY).last_transition_time, at(300));
         assert_eq!(get(&s, PROGRESSING).last_transition_time, at(300));
         assert_eq!(get(&s, DEGRADED).last_transition_time, at(100));

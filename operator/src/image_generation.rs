@@ -20,6 +20,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::ResourceExt;
 
 use crate::conditions::{condition, find, set_condition, set_outcome};
+use crate::pod_choice::Choice;
 use crate::{workload, Error};
 
 /// Condition type: the runtime holds the job (True), or lost it (False, reason `JobLost`;
@@ -371,11 +372,18 @@ pub fn status_from_job(
         return done;
     }
     let mut b = StatusBuilder::new(generation, now);
+    // Polls keep the message of the submission (which pod, and why it was chosen).
+    let accepted = generation
+        .status
+        .as_ref()
+        .and_then(|s| find(&s.conditions, SUBMITTED))
+        .filter(|c| c.status == "True" && c.reason == "Accepted")
+        .map(|c| c.message.clone());
     b.set(
         SUBMITTED,
         true,
         "Accepted",
-        &format!("runtime job {}", job.id),
+        &accepted.unwrap_or_else(|| format!("runtime job {}", job.id)),
     );
     b.status.progress = Some(job.progress);
     let timings = b.status.timings.get_or_insert_with(Timings::default);
@@ -438,6 +446,43 @@ pub fn status_from_job(
             error.unwrap_or_else(|| "the job was cancelled".into()),
         ),
     }
+}
+
+/// The status of a job just accepted by the pod that `choice` chose, for a request with
+/// `loras` LoRAs: the pod recorded, and the Submitted condition saying why it was chosen
+/// (polls keep that message).
+pub fn status_dispatched(
+    generation: &ImageGeneration,
+    job: &RuntimeJob,
+    endpoint: &str,
+    choice: &Choice,
+    loras: usize,
+    now: Time,
+) -> ImageGenerationStatus {
+    let mut status = status_from_job(generation, job, endpoint, now.clone());
+    status.runtime_pod = Some(choice.pod.clone());
+    let ahead = choice
+        .load
+        .map_or("unknown".into(), |jobs| jobs.to_string());
+    let message = format!(
+        "runtime job {} on pod {} ({}: {ahead} jobs ahead, {} of {loras} LoRAs warm)",
+        job.id,
+        choice.pod.name,
+        choice.reason.label(),
+        choice.warm_loras
+    );
+    set_condition(
+        &mut status.conditions,
+        condition(
+            SUBMITTED,
+            true,
+            "Accepted",
+            &message,
+            generation.metadata.generation,
+        ),
+        now,
+    );
+    status
 }
 
 /// The status once the runtime lost the job (`why`: what the runtime answered), after

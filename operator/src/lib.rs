@@ -22,14 +22,17 @@
 //! [`runtime_client`] the runtime's HTTP API and [`runtime_pods`] which pod of a model a
 //! generation talks to.
 
+pub mod autoscaler;
 pub mod cli;
 pub mod conditions;
 pub mod controller;
 pub mod diffusion_model;
+pub mod dispatch;
 pub mod image_generation;
 pub mod leader;
 pub mod lora_training;
 pub mod metrics;
+pub mod pod_choice;
 pub mod rbac;
 pub mod runtime_client;
 pub mod runtime_pods;
@@ -95,6 +98,12 @@ pub struct OperatorConfig {
     pub service_account_name: Option<String>,
     /// User and group id the runtime runs as (never root).
     pub run_as_user: i64,
+    /// How long the pod holding a job may stay not ready before the job is cancelled there
+    /// and submitted to another pod.
+    pub unready_grace: std::time::Duration,
+    /// How many jobs more than the least-loaded pod a pod with the request's LoRAs warm may
+    /// have and still be preferred (see [`pod_choice`]).
+    pub lora_affinity_slack: u64,
 }
 
 impl Default for OperatorConfig {
@@ -115,6 +124,8 @@ impl Default for OperatorConfig {
             training_backoff_limit: 2,
             training_deadline_seconds: 6 * 3600,
             max_submissions: 5,
+            unready_grace: std::time::Duration::from_secs(60),
+            lora_affinity_slack: 2,
         }
     }
 }

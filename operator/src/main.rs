@@ -106,6 +106,7 @@ async fn run_controllers(
     ctx: Arc<Context>,
     namespace: Option<&str>,
     slices_writer: Writer<EndpointSlice>,
+    generations_writer: Writer<ImageGeneration>,
 ) {
     let client = ctx.client.clone();
     let all = watcher::Config::default();
@@ -129,9 +130,30 @@ async fn run_controllers(
     .touched_objects()
     .for_each(|result| log_result("EndpointSlice", result));
     let slices_ready = ctx.endpoint_slices.clone();
+    // Every model's queue, for its autoscaler: the generations as a watch keeps them.
+    let queues = reflector::reflector(
+        generations_writer,
+        watcher(api::<ImageGeneration>(&client, namespace), all.clone()),
+    )
+    .default_backoff()
+    .touched_objects()
+    .for_each(|result| log_result("ImageGeneration (queues)", result));
+    let queues_ready = ctx.generations.clone();
+    // A generation that arrives or finishes changes its model's queue. Progress reports
+    // change nothing the autoscaler reads, and are left out; a second's debounce turns a
+    // burst of arrivals into one decision.
     let models = Controller::new(api::<DiffusionModel>(&client, namespace), all.clone())
+        .with_config(
+            kube::runtime::controller::Config::default()
+                .debounce(std::time::Duration::from_secs(1)),
+        )
         .owns(api::<Deployment>(&client, namespace), ours.clone())
         .owns(api::<Service>(&client, namespace), ours.clone())
+        .watches(
+            api::<ImageGeneration>(&client, namespace),
+            all.clone(),
+            controller::model_of_queued_generation,
+        )
         .run(
             controller::reconcile_model,
             controller::error_policy,
@@ -185,9 +207,13 @@ async fn run_controllers(
         if slices_ready.wait_until_ready().await.is_err() {
             error!("the EndpointSlice cache closed before its first list");
         }
+        // Before the first list of generations, every queue would look empty.
+        if queues_ready.wait_until_ready().await.is_err() {
+            error!("the ImageGeneration cache closed before its first list");
+        }
         futures::join!(models, trainings, generations);
     };
-    futures::join!(slices, controllers);
+    futures::join!(slices, queues, controllers);
 }
 
 /// The namespace of the Lease and of the Secrets to copy: the pod's own.
@@ -278,6 +304,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
         },
     );
     let (endpoint_slices, slices_writer) = reflector::store();
+    let (generations, generations_writer) = reflector::store();
     let ctx = Arc::new(Context::new(
         client,
         config,
@@ -285,6 +312,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
         metrics,
         recorder,
         endpoint_slices,
+        generations,
     ));
 
     tokio::select! {
@@ -297,7 +325,7 @@ async fn run(args: Args) -> Result<(), BoxError> {
     }
     info!(%identity, "leading: starting the controllers");
     tokio::select! {
-        _ = run_controllers(ctx, args.watch_namespace(), slices_writer) => Ok(()),
+        _ = run_controllers(ctx, args.watch_namespace(), slices_writer, generations_writer) => Ok(()),
         lost = leading.wait_for(|leads| !*leads) => {
             lost?;
             Err("lost the leader Lease; restarting as a standby".into())

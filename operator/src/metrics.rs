@@ -13,6 +13,8 @@ pub struct Metrics {
     reconciles: IntCounterVec,
     errors: IntCounterVec,
     durations: HistogramVec,
+    dispatches: IntCounterVec,
+    scalings: IntCounterVec,
 }
 
 impl Metrics {
@@ -43,6 +45,23 @@ impl Metrics {
             ]),
             &["kind"],
         )?;
+        let dispatches = IntCounterVec::new(
+            Opts::new(
+                "imagegen_operator_dispatches_total",
+                "Generations submitted to a runtime pod, per reason the pod was chosen \
+                 (lora_warm, least_loaded, spread, load_unknown)",
+            ),
+            &["reason"],
+        )?;
+        let scalings = IntCounterVec::new(
+            Opts::new(
+                "imagegen_operator_scalings_total",
+                "Replica counts the queue autoscaler set, per direction (up, down, from_zero)",
+            ),
+            &["direction"],
+        )?;
+        registry.register(Box::new(dispatches.clone()))?;
+        registry.register(Box::new(scalings.clone()))?;
         registry.register(Box::new(reconciles.clone()))?;
         registry.register(Box::new(errors.clone()))?;
         registry.register(Box::new(durations.clone()))?;
@@ -51,7 +70,19 @@ impl Metrics {
             reconciles,
             errors,
             durations,
+            dispatches,
+            scalings,
         })
+    }
+
+    /// Counts a generation submitted to a pod chosen for `reason`.
+    pub fn dispatched(&self, reason: &str) {
+        self.dispatches.with_label_values(&[reason]).inc();
+    }
+
+    /// Counts a replica count set by the queue autoscaler.
+    pub fn scaled(&self, direction: &str) {
+        self.scalings.with_label_values(&[direction]).inc();
     }
 
     /// Counts a reconciliation of `kind` and measures it until the guard drops.

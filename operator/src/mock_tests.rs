@@ -216,6 +216,14 @@ impl RuntimeApi for FakeRuntime {
             .push(RuntimeCall::DeleteLora(name.into()));
         Ok(())
     }
+    /// Idle, and not a recorded call: the pod choice asks it before every submission.
+    async fn load(&self, _: &Target) -> Result<imagegen_crds::api::RuntimeLoad, RuntimeError> {
+        Ok(imagegen_crds::api::RuntimeLoad {
+            queue_capacity: 64,
+            device: "cpu".into(),
+            ..Default::default()
+        })
+    }
 }
 
 /// A context on `client` with the fake `runtime` and the fixed clock.
@@ -229,6 +237,7 @@ fn context(client: Client, runtime: Arc<FakeRuntime>) -> Context {
     );
     let (endpoint_slices, mut writer) = kube::runtime::reflector::store();
     writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(model_slice()));
+    let (generations, _) = kube::runtime::reflector::store();
     let mut ctx = Context::new(
         client,
         OperatorConfig::default(),
@@ -236,6 +245,7 @@ fn context(client: Client, runtime: Arc<FakeRuntime>) -> Context {
         Metrics::new().unwrap(),
         recorder,
         endpoint_slices,
+        generations,
     );
     ctx.now = now;
     ctx
@@ -333,7 +343,13 @@ fn deployment(ready: i32) -> Deployment {
 
 fn ready_model() -> DiffusionModel {
     let m = model(None);
-    let status = dm::status_from(&m, Some(&deployment(1)), at(10));
+    // As the queue autoscaler reports an idle one-replica model.
+    let idle = imagegen_crds::diffusion_model::AutoscalingStatus {
+        queue: 0,
+        desired_replicas: 1,
+        ..Default::default()
+    };
+    let status = dm::status_from(&m, Some(&deployment(1)), Some(idle), at(10));
     model(Some(to_json(status)))
 }
 
@@ -487,6 +503,7 @@ async fn model_becoming_ready_patches_status_and_publishes_an_event() {
     let m = model(Some(to_json(dm::status_from(
         &model(None),
         Some(&deployment(0)),
+        None,
         at(5),
     ))));
     let (result, sent) = run(

@@ -29,6 +29,9 @@ pub const CLUSTER_RULES: &[Rule] = &[
         ],
         &["get", "patch"],
     ),
+    // The queue autoscaler sets a model's replica count through its scale subresource, as
+    // `kubectl scale` and an HPA do.
+    ("imagegen.dev", &["diffusionmodels/scale"], &["patch"]),
     // Children carry owner references with blockOwnerDeletion, which the API server allows
     // only to who may update the owner's finalizers.
     (

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use imagegen_crds::api::{ErrorBody, GenerationRequest, Job, LoraInfo};
+use imagegen_crds::api::{ErrorBody, GenerationRequest, Job, LoraInfo, RuntimeLoad};
 use reqwest::StatusCode;
 
 /// A model's runtime: the base URL of its Service and the operator's token for the tenant.
@@ -101,6 +101,8 @@ pub trait RuntimeApi: Send + Sync {
     async fn delete_lora(&self, target: &Target, name: &str) -> Result<(), RuntimeError>;
     /// `GET /v1/loras`: the tenant's LoRAs.
     async fn loras(&self, target: &Target) -> Result<Vec<LoraInfo>, RuntimeError>;
+    /// `GET /v1/load`: how busy the runtime is, and which of the tenant's LoRAs are warm.
+    async fn load(&self, target: &Target) -> Result<RuntimeLoad, RuntimeError>;
 }
 
 /// [`RuntimeApi`] over HTTP with reqwest.
@@ -252,7 +254,27 @@ impl RuntimeApi for HttpRuntime {
             .await
             .map_err(|e| RuntimeError::Decode(e.to_string()))
     }
+
+    async fn load(&self, target: &Target) -> Result<RuntimeLoad, RuntimeError> {
+        // Asked before every submission: a pod that is slow to say how busy it is counts as
+        // unknown rather than holding the submission up.
+        let response = self
+            .send(
+                self.client
+                    .get(Self::url(target, "/v1/load"))
+                    .bearer_auth(&target.token)
+                    .timeout(LOAD_TIMEOUT),
+            )
+            .await?;
+        response
+            .json::<RuntimeLoad>()
+            .await
+            .map_err(|e| RuntimeError::Decode(e.to_string()))
+    }
 }
+
+/// How long a pod may take to answer `GET /v1/load`.
+pub const LOAD_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The image id in a runtime image URL (`…/v1/images/{id}[.png]`), for deleting it.
 pub fn image_id_from_url(url: &str) -> Option<String> {
@@ -470,6 +492,26 @@ mod tests {
         assert_eq!(
             (seen[0].method.clone(), seen[0].path.as_str()),
             (Method::GET, "/v1/loras")
+        );
+        assert_eq!(header(&seen[0], "authorization"), Some("Bearer tok-1"));
+    }
+
+    #[tokio::test]
+    async fn load_is_read_with_the_token() {
+        let load = serde_json::json!({"queued": 3, "queueCapacity": 64, "running": 1,
+            "loadedLoras": ["loras/alice/pytorch_lora_weights.safetensors"],
+            "trainings": {"running": false, "queued": 0}, "device": "cpu"});
+        let (target, seen) = fake_runtime(200, load).await;
+        let load = HttpRuntime::new().unwrap().load(&target).await.unwrap();
+        assert_eq!((load.queued, load.running, load.queue_capacity), (3, 1, 64));
+        assert_eq!(
+            load.loaded_loras,
+            ["loras/alice/pytorch_lora_weights.safetensors"]
+        );
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(
+            (seen[0].method.clone(), seen[0].path.as_str()),
+            (Method::GET, "/v1/load")
         );
         assert_eq!(header(&seen[0], "authorization"), Some("Bearer tok-1"));
     }

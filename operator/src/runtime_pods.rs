@@ -105,10 +105,9 @@ pub fn choose<'a>(pods: &'a [PodEndpoint], key: &str) -> Option<&'a RuntimePod> 
 }
 
 /// `pod` if the model still lists it (ready or not): the pod that holds a job.
-pub fn still_listed<'a>(pods: &'a [PodEndpoint], pod: &RuntimePod) -> Option<&'a RuntimePod> {
+pub fn still_listed<'a>(pods: &'a [PodEndpoint], pod: &RuntimePod) -> Option<&'a PodEndpoint> {
     pods.iter()
-        .map(|p| &p.pod)
-        .find(|p| p.name == pod.name && p.address == pod.address)
+        .find(|p| p.pod.name == pod.name && p.pod.address == pod.address)
 }
 
 /// The base URL of a pod's runtime.
@@ -222,7 +221,8 @@ mod tests {
             name: "sd15-a".into(),
             address: "10.0.0.1:8080".into(),
         };
-        assert_eq!(still_listed(&pods, &held), Some(&held));
+        assert_eq!(still_listed(&pods, &held).map(|p| &p.pod), Some(&held));
+        assert!(!still_listed(&pods, &held).unwrap().ready);
         let moved = RuntimePod {
             address: "10.0.0.5:8080".into(),
             ..held.clone()

@@ -69,6 +69,24 @@ pub fn claim_unshareable(claim: &PersistentVolumeClaim) -> Option<String> {
     })
 }
 
+/// Why a model that may run `max_replicas` cannot use the store claim `claim`, which one
+/// node mounts at a time (`on_one_node`), if it cannot: its replicas would all have to share
+/// that node, so scaling out would add no GPU node. Several replicas need a store they
+/// can all reach: S3, or a ReadWriteMany claim.
+pub fn store_unfit_for_replicas(
+    claim: &str,
+    on_one_node: bool,
+    max_replicas: u32,
+) -> Option<String> {
+    (on_one_node && max_replicas > 1).then(|| {
+        format!(
+            "replicas.max is {max_replicas}, but the store claim {claim} is not ReadWriteMany, \
+             so its pods could not spread over nodes: several replicas need an S3 store or a \
+             ReadWriteMany claim; set replicas.max to 1 to serve from this claim"
+        )
+    })
+}
+
 /// The name of the copy of the runtime environment Secret in the namespace of `model`.
 pub fn runtime_env_secret_name(model: &str) -> String {
     format!("{model}-runtime-env")
@@ -409,6 +427,15 @@ mod tests {
         assert!(claim_unshareable(&claim(&["ReadWriteOncePod"], None))
             .is_some_and(|why| why.contains("ReadWriteOncePod")));
         assert!(claim_unshareable(&claim(&["ReadWriteOnce"], None)).is_none());
+    }
+
+    #[test]
+    fn several_replicas_need_a_store_that_spans_nodes() {
+        let why = store_unfit_for_replicas("imagegen-store", true, 3).unwrap();
+        assert!(why.contains("replicas.max is 3") && why.contains("imagegen-store"));
+        assert!(why.contains("S3") && why.contains("ReadWriteMany"), "{why}");
+        assert_eq!(store_unfit_for_replicas("imagegen-store", true, 1), None);
+        assert_eq!(store_unfit_for_replicas("imagegen-store", false, 3), None);
     }
 
     #[test]
