@@ -66,6 +66,13 @@ pub struct Running<W = Work> {
     pub created: Instant,
 }
 
+/// What a worker finds waiting: a check to run (taken off the queue), or a queued job (left
+/// queued until the worker holds the device and takes it with [`Jobs::try_next`]).
+pub enum Pending {
+    Control(Control),
+    Queued,
+}
+
 /// Work for the worker that is not a job: checks that need the loaded model.
 pub enum Control {
     /// Does the file load as a LoRA of the served model?
@@ -346,26 +353,56 @@ impl<W> Jobs<W> {
         Ok(())
     }
 
-    /// The worker's next task; None once shutting down with nothing left.
+    /// The worker's next task, taken at once; None once shutting down with nothing left.
     pub fn next(&self) -> Option<Result<Running<W>, Control>> {
+        loop {
+            match self.wait_pending()? {
+                Pending::Control(control) => return Some(Err(control)),
+                Pending::Queued => {
+                    if let Some(running) = self.try_next() {
+                        return Some(Ok(running));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits until there is something to do: a check (taken), or a queued job (left in the
+    /// queue, so that it stays `queued` while its worker waits for the device). None once
+    /// shutting down with nothing queued.
+    pub fn wait_pending(&self) -> Option<Pending> {
         let mut state = self.lock();
         loop {
             if let Some(control) = state.control.pop_front() {
-                return Some(Err(control));
+                return Some(Pending::Control(control));
             }
-            if let Some(queued) = state.queue.pop_front() {
-                let running = start(&mut state, queued);
-                announce_positions(&state);
-                if let Some(running) = running {
-                    return Some(Ok(running));
-                }
-                continue;
+            if !state.queue.is_empty() {
+                return Some(Pending::Queued);
             }
             if state.shutting_down {
                 return None;
             }
             state = self.wake.wait(state).unwrap_or_else(|p| p.into_inner());
         }
+    }
+
+    /// Whether a check waits for the worker.
+    pub fn has_control(&self) -> bool {
+        !self.lock().control.is_empty()
+    }
+
+    /// The first queued job, now running; None when the queue is empty (its jobs were
+    /// cancelled or expired while the worker waited for the device).
+    pub fn try_next(&self) -> Option<Running<W>> {
+        let mut state = self.lock();
+        while let Some(queued) = state.queue.pop_front() {
+            let running = start(&mut state, queued);
+            announce_positions(&state);
+            if running.is_some() {
+                return running;
+            }
+        }
+        None
     }
 
     pub fn progress(&self, key: &JobKey, step: u32, total: u32) {

@@ -10,6 +10,7 @@ pub mod archive;
 pub mod auth;
 pub mod config;
 pub mod credentials;
+pub mod device;
 pub mod error;
 pub mod http;
 pub mod jobs;
@@ -50,6 +51,8 @@ pub struct Shared {
     pub model: OnceLock<worker::Loaded>,
     /// Signs every image handed out with a C2PA manifest, when a certificate is configured.
     pub credentials: Option<Arc<credentials::ContentCredentials>>,
+    /// Generations or a training: one of them holds the device at a time.
+    pub device: device::DeviceGate,
 }
 
 impl Shared {
@@ -103,6 +106,7 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
         worker_alive: AtomicBool::new(false),
         model: OnceLock::new(),
         credentials,
+        device: device::DeviceGate::new(),
         config,
     });
     let result = runtime.block_on(serve(shared));
@@ -191,6 +195,8 @@ async fn serve(shared: Arc<Shared>) -> Result<(), String> {
     shared.jobs.shut_down();
     // A training can take hours: it stops too (retryable), like the queued ones.
     shared.trainings.shut_down();
+    // Last: a worker or trainer woken here finds its queue already drained, and stops.
+    shared.device.shut_down();
     shared.metrics.queue_depth.set(0);
     let _ = tokio::task::spawn_blocking(move || {
         let _ = worker.join();

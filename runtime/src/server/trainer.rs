@@ -1,6 +1,11 @@
 //! Trainings (`POST /v1/trainings`): each runs `imagegen train` as a child process, one at a
 //! time, its JSON-lines progress becoming the job's events. The LoRA it writes is stored as
 //! the tenant's LoRA under the training's name.
+//!
+//! A training and the engine worker never use the device at once, and inference goes
+//! first ([`super::device`]): a training stays `queued` until no generation is queued or
+//! running, then holds the device until its child ends; generations submitted meanwhile
+//! wait in their queue.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -33,12 +38,19 @@ impl Drop for TrainingWork {
 
 /// Runs on the trainer thread until shutdown.
 pub fn run(shared: Arc<Shared>) {
-    while let Some(task) = shared.trainings.next() {
-        if let Ok(running) = task {
-            let key = running.key.clone();
-            let outcome = train(&shared, &running);
-            shared.trainings.finish(&key, outcome);
-        }
+    // Trainings get no checks (`Pending::Control`): only a queued training wakes this.
+    while shared.trainings.wait_pending().is_some() {
+        // None: shutdown; the queue, drained by then, ends the loop.
+        let Some(_device) = shared.device.training(|| shared.jobs.depth() == 0) else {
+            continue;
+        };
+        // None: cancelled while it waited for the device.
+        let Some(running) = shared.trainings.try_next() else {
+            continue;
+        };
+        let key = running.key.clone();
+        let outcome = train(&shared, &running);
+        shared.trainings.finish(&key, outcome);
     }
 }
 

@@ -1,5 +1,8 @@
 //! The engine worker: one OS thread that loads the model and runs every job on it, one at a
-//! time (libtorch tensors and the LoRA cache stay on this thread).
+//! time (libtorch tensors and the LoRA cache stay on this thread). It takes a job off the
+//! queue only once it holds the device ([`super::device`]): while a training holds it, the
+//! jobs stay queued. A check of an uploaded LoRA does not wait for a training: it loads
+//! one small file, where waiting could outlast its client.
 
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,7 +13,7 @@ use bytes::Bytes;
 use imagegen_crds::api::{codes, ErrorDetail, GenerationResult, ImageResult, WithheldImage};
 use tch::Device;
 
-use super::jobs::{deadline_error, error_detail, random_id, Control, JobKey, Running};
+use super::jobs::{deadline_error, error_detail, random_id, Control, JobKey, Pending, Running};
 use super::Shared;
 use crate::engine::{check_device, parse_device, parse_dtype};
 use crate::generate::MaskPrompt;
@@ -64,48 +67,60 @@ pub fn run(shared: Arc<Shared>, loaded: std::sync::mpsc::Sender<Result<Loaded, S
         }
     };
     shared.worker_alive.store(true, Ordering::SeqCst);
-    while let Some(task) = shared.jobs.next() {
+    while let Some(pending) = shared.jobs.wait_pending() {
+        if let Pending::Control(control) = pending {
+            run_control(&engine, control);
+            continue;
+        }
+        // None: a check arrived, or shutdown; the queue says what comes next.
+        let Some(_device) = shared.device.inference(|| shared.jobs.has_control()) else {
+            continue;
+        };
+        // None: cancelled or expired while the device was a training's.
+        let Some(running) = shared.jobs.try_next() else {
+            continue;
+        };
         shared.metrics.queue_depth.set(shared.jobs.depth() as i64);
-        match task {
-            Err(Control::ValidateLora { file, reply }) => {
-                let result = Lora::load(&file, &engine.model, false)
-                    .map(|_| ())
-                    .map_err(|e| e.to_string());
-                let _ = reply.send(result);
+        // Compatible queued jobs join this one in a UNet batch.
+        let mut batch = vec![running];
+        if let Some(key) = batch[0].work.batch_key.clone() {
+            let room = shared
+                .config
+                .batch_limit
+                .saturating_sub(batch[0].work.images);
+            if room > 0 {
+                batch.extend(shared.jobs.take_batch(&key, room));
+                shared.metrics.queue_depth.set(shared.jobs.depth() as i64);
             }
-            Ok(running) => {
-                // Compatible queued jobs join this one in a UNet batch.
-                let mut batch = vec![running];
-                if let Some(key) = batch[0].work.batch_key.clone() {
-                    let room = shared
-                        .config
-                        .batch_limit
-                        .saturating_sub(batch[0].work.images);
-                    if room > 0 {
-                        batch.extend(shared.jobs.take_batch(&key, room));
-                        shared.metrics.queue_depth.set(shared.jobs.depth() as i64);
-                    }
-                }
-                let keys: Vec<JobKey> = batch.iter().map(|r| r.key.clone()).collect();
-                // A bug must cost its jobs, not the worker (and with it every later job).
-                let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    if batch.len() == 1 {
-                        run_job(&shared, &mut engine, batch.remove(0))
-                    } else {
-                        run_batch(&shared, &mut engine, batch)
-                    }
-                }));
-                if ran.is_err() {
-                    for key in keys {
-                        let error =
-                            error_detail(codes::INTERNAL, "the job failed unexpectedly", true);
-                        shared.jobs.finish(&key, Err(error));
-                    }
-                }
+        }
+        let keys: Vec<JobKey> = batch.iter().map(|r| r.key.clone()).collect();
+        // A bug must cost its jobs, not the worker (and with it every later job).
+        let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            if batch.len() == 1 {
+                run_job(&shared, &mut engine, batch.remove(0))
+            } else {
+                run_batch(&shared, &mut engine, batch)
+            }
+        }));
+        if ran.is_err() {
+            for key in keys {
+                let error = error_detail(codes::INTERNAL, "the job failed unexpectedly", true);
+                shared.jobs.finish(&key, Err(error));
             }
         }
     }
     shared.worker_alive.store(false, Ordering::SeqCst);
+}
+
+fn run_control(engine: &Engine, control: Control) {
+    match control {
+        Control::ValidateLora { file, reply } => {
+            let result = Lora::load(&file, &engine.model, false)
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+            let _ = reply.send(result);
+        }
+    }
 }
 
 fn run_job(shared: &Shared, engine: &mut Engine, running: Running) {
