@@ -1137,11 +1137,21 @@ async fn prepare_submission(
     let token = runtime_token(ctx, &model).await?;
     let loads = dispatch::loads(ctx.runtime.as_ref(), &token, &pods).await;
     let lora_paths: Vec<String> = loras.iter().filter_map(|l| l.path.clone()).collect();
+    // A resubmission goes elsewhere than the pod that lost the job, when it can.
+    let lost_by = generation
+        .status
+        .as_ref()
+        .and_then(|s| s.runtime_pod.as_ref())
+        .map(|pod| pod.name.as_str());
+    let request = pod_choice::Request {
+        job_id: &valid.job_id,
+        loras: &lora_paths,
+        avoid: lost_by,
+    };
     let choice = pod_choice::choose(
         &pods,
         |pod| loads.get(pod),
-        &lora_paths,
-        &valid.job_id,
+        request,
         ctx.config.lora_affinity_slack,
     );
     let Some(choice) = choice else {
@@ -1150,6 +1160,26 @@ async fn prepare_submission(
             valid.model_name
         ))));
     };
+    // While the model scales up, a job waits for a fresh pod rather than queue behind busy
+    // ones, but never longer than a pod may take to become ready.
+    let per_replica = autoscaler::Policy::of(model.spec.replicas.as_ref()).queue_per_replica;
+    let waited =
+        generation
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map_or(Duration::ZERO, |created| {
+                created
+                    .0
+                    .duration_until((ctx.now)().0)
+                    .try_into()
+                    .unwrap_or(Duration::ZERO)
+            });
+    if waited < ctx.config.unready_grace {
+        if let Some(why) = pod_choice::wait_for_starting_pod(&choice, &pods, per_replica) {
+            return Ok(Err(GenerationBlocked::WaitingForModel(why)));
+        }
+    }
     Ok(Ok(Submission {
         target: Target {
             base_url: runtime_pods::base_url(&choice.pod),

@@ -97,24 +97,37 @@ fn weight(job_id: &str, pod: &str) -> u64 {
     z ^ (z >> 31)
 }
 
-/// The pod for the job `job_id` applying `loras`, among the ready `pods`, given the loads
-/// that answered (`load(pod_name)`); `None` when no pod is ready.
+/// What a job asks of the choice.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    pub job_id: &'a str,
+    /// Its LoRAs, as store paths relative to the tenant's root.
+    pub loras: &'a [String],
+    /// A pod that lost this job before: another is taken when one is ready.
+    pub avoid: Option<&'a str>,
+}
+
+/// The pod for `request` among the ready `pods`, given the loads that answered
+/// (`load(pod_name)`); `None` when no pod is ready.
 pub fn choose<'a>(
     pods: &[PodEndpoint],
     load: impl Fn(&str) -> Option<&'a RuntimeLoad>,
-    loras: &[String],
-    job_id: &str,
+    request: Request,
     slack: u64,
 ) -> Option<Choice> {
+    let (job_id, loras) = (request.job_id, request.loras);
     struct Ranked<'a> {
         pod: &'a RuntimePod,
         jobs: Option<u64>,
         warm: usize,
         full: bool,
     }
+    let others_ready = pods
+        .iter()
+        .any(|p| p.ready && Some(p.pod.name.as_str()) != request.avoid);
     let ranked: Vec<Ranked> = pods
         .iter()
-        .filter(|p| p.ready)
+        .filter(|p| p.ready && !(others_ready && Some(p.pod.name.as_str()) == request.avoid))
         .map(|p| {
             let load = load(&p.pod.name);
             Ranked {
@@ -161,6 +174,29 @@ pub fn choose<'a>(
     })
 }
 
+/// Why a new job should wait for a pod that is starting rather than join the queue of the
+/// `choice` (a ready pod), if it should: the model is scaling up (some of its pods are
+/// listed but not ready yet) and the chosen pod already has `per_replica` jobs or more, so
+/// the job would only wait there while a fresh pod idles. The wait is bounded by the
+/// caller (a pod that never becomes ready must not hold jobs back for ever).
+pub fn wait_for_starting_pod(
+    choice: &Choice,
+    pods: &[PodEndpoint],
+    per_replica: u32,
+) -> Option<String> {
+    let starting = pods.iter().filter(|p| !p.ready).count();
+    let busy = choice
+        .load
+        .is_some_and(|jobs| jobs >= u64::from(per_replica));
+    (starting > 0 && busy).then(|| {
+        format!(
+            "the least busy ready pod has {} jobs, and {starting} more pod(s) are starting: \
+             waiting for one",
+            choice.load.unwrap_or_default()
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,7 +231,36 @@ mod tests {
         job: &str,
     ) -> Choice {
         let loras: Vec<String> = loras.iter().map(|s| s.to_string()).collect();
-        choose(pods, |name| loads.get(name), &loras, job, 2).unwrap()
+        let request = Request {
+            job_id: job,
+            loras: &loras,
+            avoid: None,
+        };
+        choose(pods, |name| loads.get(name), request, 2).unwrap()
+    }
+
+    #[test]
+    fn a_resubmitted_job_avoids_the_pod_that_lost_it() {
+        let pods = [pod("a", true), pod("b", true)];
+        let loads = HashMap::from([("a", load(0, 0, &[])), ("b", load(3, 1, &[]))]);
+        let mut request = Request {
+            job_id: "job-1",
+            loras: &[],
+            avoid: Some("a"),
+        };
+        let choice = choose(&pods, |n| loads.get(n), request, 2).unwrap();
+        assert_eq!(choice.pod.name, "b");
+        // Unless it is the only one ready.
+        let choice = choose(&pods[..1], |n| loads.get(n), request, 2).unwrap();
+        assert_eq!(choice.pod.name, "a");
+        request.avoid = None;
+        assert_eq!(
+            choose(&pods, |n| loads.get(n), request, 2)
+                .unwrap()
+                .pod
+                .name,
+            "a"
+        );
     }
 
     const ALICE: &str = "loras/alice/pytorch_lora_weights.safetensors";
@@ -260,7 +325,12 @@ mod tests {
         let choice = pick(&pods, &none, &[], "job-1");
         assert_eq!(choice.reason, ChoiceReason::LoadUnknown);
         assert_ne!(choice.pod.name, "a");
-        assert!(choose(&pods[..1], |_| None, &[], "job-1", 2).is_none());
+        let request = Request {
+            job_id: "job-1",
+            loras: &[],
+            avoid: None,
+        };
+        assert!(choose(&pods[..1], |_| None, request, 2).is_none());
     }
 
     #[test]
@@ -292,6 +362,17 @@ mod tests {
                 assert_eq!(before, after);
             }
         }
+    }
+
+    #[test]
+    fn busy_pods_wait_for_the_ones_starting() {
+        let pods = [pod("a", true), pod("b", false)];
+        let loads = HashMap::from([("a", load(1, 1, &[]))]);
+        let choice = pick(&pods, &loads, &[], "job-1");
+        assert!(wait_for_starting_pod(&choice, &pods, 2).is_some_and(|w| w.contains("2 jobs")));
+        assert_eq!(wait_for_starting_pod(&choice, &pods, 3), None);
+        // Nothing starting: queue at the busy pod.
+        assert_eq!(wait_for_starting_pod(&choice, &pods[..1], 2), None);
     }
 
     #[test]
