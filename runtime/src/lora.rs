@@ -629,6 +629,17 @@ impl LoraCache {
         Ok((lora, false))
     }
 
+    /// The key a LoRA at `path` is cached under (its file's canonical path); what
+    /// [`LoraCache::files`] lists.
+    pub fn key(path: &Path) -> std::io::Result<PathBuf> {
+        lora_file(path).canonicalize()
+    }
+
+    /// The cached LoRAs' keys.
+    pub fn files(&self) -> impl Iterator<Item = &Path> {
+        self.entries.iter().map(|e| e.path.as_path())
+    }
+
     /// Bytes of the cached LoRAs' tensors.
     pub fn bytes(&self) -> usize {
         self.entries.iter().map(|e| e.bytes).sum()

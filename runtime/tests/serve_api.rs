@@ -764,6 +764,7 @@ fn health_metrics_and_openapi() {
         ("get", "/v1/images/{id}"),
         ("delete", "/v1/images/{id}"),
         ("get", "/v1/styles"),
+        ("get", "/v1/load"),
         ("get", "/v1/loras"),
         ("post", "/v1/loras"),
         ("delete", "/v1/loras/{name}"),

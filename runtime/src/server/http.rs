@@ -20,7 +20,7 @@ use warp::reply::Response;
 use warp::{Buf, Reply};
 
 use super::error::{json_response, ApiError};
-use super::jobs::{error_detail, random_id, Submission, Work};
+use super::jobs::{error_detail, random_id, JobLora, Submission, Work};
 use super::media::{self, Format};
 use super::store::{check_name, check_store_path, Store, StoreError};
 use super::Shared;
@@ -221,6 +221,10 @@ async fn route(path: &str, mut request: Request) -> Result<Response, ApiError> {
         (["v1", "images", name], Method::DELETE) => {
             delete_image(&request.shared, &tenant, name).await
         }
+        (["v1", "load"], Method::GET) => Ok(json_ok(&super::load::runtime_load(
+            &request.shared,
+            &tenant,
+        )?)),
         (["v1", "styles"], Method::GET) => Ok(json_ok(&request.shared.styles.list())),
         (["v1", "loras"], Method::GET) => list_loras(&request.shared, &tenant).await,
         (["v1", "loras"], Method::POST) => post_lora(&mut request, &tenant).await,
@@ -236,6 +240,7 @@ async fn route(path: &str, mut request: Request) -> Result<Response, ApiError> {
             | ["v1", "trainings", _, "events"]
             | ["v1", "uploads"]
             | ["v1", "images", _]
+            | ["v1", "load"]
             | ["v1", "styles"]
             | ["v1", "loras"]
             | ["v1", "loras", _],
@@ -606,25 +611,32 @@ pub async fn submit(
                 "must be between -4 and 4",
             ));
         }
-        let path = match &lora.path {
+        // The tenant-relative path is kept beside the local file: `GET /v1/load` names
+        // the LoRAs a job loads as the request named them.
+        let store_path = match &lora.path {
             Some(path) => {
                 check_store_path(path)
                     .map_err(|e| ApiError::invalid(format!("{field}.path"), e))?;
-                Store::tenant_path(tenant, path)
+                path.clone()
             }
             None => {
                 check_name(&lora.name)
                     .map_err(|e| ApiError::invalid(format!("{field}.name"), e))?;
-                lora_path(tenant, &lora.name)
+                lora_file(&lora.name)
             }
         };
+        let path = Store::tenant_path(tenant, &store_path);
         let file = shared.store.local_file(&path).await.map_err(|e| match e {
             StoreError::NotFound => {
                 ApiError::not_found(format!("no LoRA `{}`", lora.name)).with_field(field.clone())
             }
             other => other.into(),
         })?;
-        loras.push((file, weight));
+        loras.push(JobLora {
+            file,
+            store_path,
+            weight,
+        });
     }
     let limits = shared.config.limits.image_limits();
     let (image, mask) = match decoded {
@@ -689,7 +701,7 @@ pub async fn submit(
                 p.clip_skip,
                 loras
                     .iter()
-                    .map(|(f, w)| (f.display().to_string(), w))
+                    .map(|l| (l.file.display().to_string(), l.weight))
                     .collect::<Vec<_>>(),
             ])
             .to_string()

@@ -5,7 +5,7 @@
 //! side never waits on the lock for long (no engine work happens under it). Each job has a
 //! broadcast channel of its [`JobEvent`]s for Server-Sent Events and synchronous waiters.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use image::{DynamicImage, GrayImage};
 use imagegen_crds::api::{
-    codes, ErrorDetail, GenerationResult, Job, JobEvent, JobKind, JobState, JobTimings,
+    codes, ErrorDetail, GenerationResult, Job, JobEvent, JobKind, JobState, JobTimings, RunningJob,
     TrainingResult,
 };
 use imagegen_crds::{GenerationParams, Progress};
@@ -35,8 +35,7 @@ pub struct Work {
     pub image: Option<DynamicImage>,
     pub mask: Option<GrayImage>,
     pub mask_prompt: Option<String>,
-    /// LoRA files and their weights.
-    pub loras: Vec<(PathBuf, f64)>,
+    pub loras: Vec<JobLora>,
     /// Return each PNG in base64 too.
     pub b64: bool,
     /// For the latency histogram: text-to-image, image-to-image, inpaint, outpaint...
@@ -45,6 +44,17 @@ pub struct Work {
     pub batch_key: Option<String>,
     /// Images the job makes.
     pub images: u32,
+}
+
+/// A LoRA of a job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobLora {
+    /// The local file the engine loads.
+    pub file: PathBuf,
+    /// Where it lives in the store, relative to the tenant's root: the request's
+    /// `loras[].path`, or the file of a LoRA named by `name` (`GET /v1/load` reports it).
+    pub store_path: String,
+    pub weight: f64,
 }
 
 pub struct Submission<W = Work> {
@@ -71,6 +81,17 @@ pub struct Running<W = Work> {
 pub enum Pending {
     Control(Control),
     Queued,
+}
+
+/// The generation side of `GET /v1/load`, read under one lock.
+#[derive(Debug, Default)]
+pub struct QueueLoad {
+    pub queued: usize,
+    pub running: usize,
+    /// The running jobs of the tenant asked about.
+    pub running_jobs: Vec<RunningJob>,
+    /// The LoRAs of that tenant's queued jobs, as store paths, each once.
+    pub queued_loras: Vec<String>,
 }
 
 /// Work for the worker that is not a job: checks that need the loaded model.
@@ -104,6 +125,8 @@ struct Queued<W> {
 struct State<W> {
     entries: HashMap<JobKey, Entry>,
     queue: VecDeque<Queued<W>>,
+    /// The jobs running now: counted without a scan of every finished job.
+    running: HashSet<JobKey>,
     control: VecDeque<Control>,
     shutting_down: bool,
     /// Seconds the recent jobs took on the worker, for Retry-After.
@@ -192,6 +215,37 @@ impl Jobs<Work> {
         announce_positions(&state);
         running
     }
+
+    /// What `GET /v1/load` reports of the generations: counts of every tenant's, the running
+    /// jobs and queued LoRAs of `tenant`'s.
+    pub fn load(&self, tenant: &str) -> QueueLoad {
+        let state = self.lock();
+        let mut running_jobs: Vec<RunningJob> = state
+            .running
+            .iter()
+            .filter(|key| key.0 == tenant)
+            .filter_map(|key| state.entries.get(key))
+            .map(|entry| RunningJob {
+                id: entry.job.id.clone(),
+                progress: entry.job.progress,
+            })
+            .collect();
+        running_jobs.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut queued_loras: Vec<String> = Vec::new();
+        for queued in state.queue.iter().filter(|q| q.key.0 == tenant) {
+            for lora in &queued.work.loras {
+                if !queued_loras.contains(&lora.store_path) {
+                    queued_loras.push(lora.store_path.clone());
+                }
+            }
+        }
+        QueueLoad {
+            queued: state.queue.len(),
+            running: state.running.len(),
+            running_jobs,
+            queued_loras,
+        }
+    }
 }
 
 impl<W> Jobs<W> {
@@ -200,6 +254,7 @@ impl<W> Jobs<W> {
             state: Mutex::new(State {
                 entries: HashMap::new(),
                 queue: VecDeque::new(),
+                running: HashSet::new(),
                 control: VecDeque::new(),
                 shutting_down: false,
                 recent_seconds: 1.0,
@@ -433,6 +488,7 @@ impl<W> Jobs<W> {
     /// when it is unknown or had already ended).
     pub fn finish(&self, key: &JobKey, outcome: Result<Output, ErrorDetail>) -> Option<Job> {
         let mut state = self.lock();
+        state.running.remove(key);
         let entry = state.entries.get_mut(key)?;
         if entry.job.state.is_finished() {
             return None; // a job ends once
@@ -649,6 +705,7 @@ fn start<W>(state: &mut State<W>, queued: Queued<W>) -> Option<Running<W>> {
         deadline,
     } = queued;
     let entry = state.entries.get_mut(&key)?;
+    state.running.insert(key.clone());
     entry.job.state = JobState::Running;
     entry.job.queue_position = None;
     entry.job.started_at = Some(now_rfc3339());
@@ -851,6 +908,54 @@ mod tests {
             ]
         );
         runtime.shutdown_timeout(Duration::from_secs(10));
+    }
+
+    #[test]
+    fn load_counts_every_tenant_and_lists_the_callers_own() {
+        let jobs = Jobs::new(8);
+        let lora = |path: &str| JobLora {
+            file: PathBuf::from(format!("/store/{path}")),
+            store_path: path.into(),
+            weight: 1.0,
+        };
+        let with_loras = |tenant: &str, id: &str, paths: &[&str]| {
+            let mut sub = submission(tenant, id, "x");
+            sub.work.loras = paths.iter().map(|p| lora(p)).collect();
+            sub
+        };
+        jobs.submit(with_loras("a", "run", &["loras/r"])).unwrap();
+        jobs.submit(with_loras("a", "q1", &["loras/x", "loras/y"]))
+            .unwrap();
+        jobs.submit(with_loras("a", "q2", &["loras/y"])).unwrap();
+        jobs.submit(with_loras("b", "q3", &["loras/z"])).unwrap();
+        // Left queued by the wait, started by the take.
+        assert!(matches!(jobs.wait_pending(), Some(Pending::Queued)));
+        assert_eq!(jobs.depth(), 4);
+        let running = jobs.try_next().unwrap();
+        assert_eq!(running.key.1, "run");
+        jobs.progress(&running.key, 2, 5);
+        let a = jobs.load("a");
+        assert_eq!((a.queued, a.running), (3, 1));
+        assert_eq!(a.running_jobs.len(), 1);
+        assert_eq!(
+            (
+                a.running_jobs[0].id.as_str(),
+                a.running_jobs[0].progress.step
+            ),
+            ("run", 2)
+        );
+        assert_eq!(a.queued_loras, ["loras/x", "loras/y"]);
+        let b = jobs.load("b");
+        assert_eq!((b.queued, b.running), (3, 1));
+        assert!(b.running_jobs.is_empty());
+        assert_eq!(b.queued_loras, ["loras/z"]);
+        jobs.finish(&running.key, Err(deadline_error()));
+        jobs.cancel("a", "q1", None).unwrap();
+        let a = jobs.load("a");
+        assert_eq!(
+            (a.queued, a.running, a.queued_loras),
+            (2, 0, vec!["loras/y".into()])
+        );
     }
 
     #[test]

@@ -120,25 +120,61 @@ pub fn resident_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// Memory used on GPU `index` as nvidia-smi reports it (libtorch's allocator statistics
-/// are not exposed by tch).
-pub fn gpu_memory_bytes(index: usize) -> Option<u64> {
+/// A GPU's memory in bytes, as nvidia-smi reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GpuMemory {
+    pub used: u64,
+    pub free: u64,
+    pub total: u64,
+}
+
+/// The memory of GPU `index` as nvidia-smi reports it (libtorch's allocator statistics
+/// are not exposed by tch), in one call.
+pub fn gpu_memory(index: usize) -> Option<GpuMemory> {
     let output = std::process::Command::new("nvidia-smi")
         .args([
-            "--query-gpu=memory.used",
+            "--query-gpu=memory.used,memory.free,memory.total",
             "--format=csv,noheader,nounits",
             &format!("--id={index}"),
         ])
         .output()
         .ok()?;
-    let text = String::from_utf8(output.stdout).ok()?;
-    let mib: u64 = text.trim().parse().ok()?;
-    Some(mib * 1024 * 1024)
+    parse_gpu_memory(&String::from_utf8(output.stdout).ok()?)
+}
+
+/// `used, free, total` in MiB, one line.
+fn parse_gpu_memory(text: &str) -> Option<GpuMemory> {
+    let mut mib = text
+        .trim()
+        .split(',')
+        .map(|field| field.trim().parse::<u64>().ok().map(|v| v * 1024 * 1024));
+    let memory = GpuMemory {
+        used: mib.next()??,
+        free: mib.next()??,
+        total: mib.next()??,
+    };
+    mib.next().is_none().then_some(memory)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gpu_memory_is_read_from_one_line() {
+        let mib = 1024 * 1024;
+        assert_eq!(
+            parse_gpu_memory("1203, 79867, 81559\n"),
+            Some(GpuMemory {
+                used: 1203 * mib,
+                free: 79867 * mib,
+                total: 81559 * mib
+            })
+        );
+        assert_eq!(parse_gpu_memory("[N/A], 1, 2"), None);
+        assert_eq!(parse_gpu_memory("1, 2"), None);
+        assert_eq!(parse_gpu_memory("1, 2, 3\n4, 5, 6"), None);
+    }
 
     #[test]
     fn metrics_render_with_their_names() {

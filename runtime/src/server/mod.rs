@@ -14,6 +14,7 @@ pub mod device;
 pub mod error;
 pub mod http;
 pub mod jobs;
+pub mod load;
 pub mod media;
 pub mod metrics;
 pub mod openai;
@@ -53,6 +54,8 @@ pub struct Shared {
     pub credentials: Option<Arc<credentials::ContentCredentials>>,
     /// Generations or a training: one of them holds the device at a time.
     pub device: device::DeviceGate,
+    /// What the worker publishes for `GET /v1/load`.
+    pub warm: load::Warm,
 }
 
 impl Shared {
@@ -107,6 +110,7 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
         model: OnceLock::new(),
         credentials,
         device: device::DeviceGate::new(),
+        warm: load::Warm::default(),
         config,
     });
     let result = runtime.block_on(serve(shared));

@@ -2,7 +2,7 @@
 //! by schemars from the `imagegen_crds::api` types.
 
 use imagegen_crds::api::{
-    ErrorBody, GenerationRequest, Job, JobEvent, LoraInfo, TrainingRequest, Upload,
+    ErrorBody, GenerationRequest, Job, JobEvent, LoraInfo, RuntimeLoad, TrainingRequest, Upload,
 };
 use schemars::generate::SchemaSettings;
 use schemars::JsonSchema;
@@ -110,6 +110,12 @@ pub const ROUTES: &[Route] = &[
     },
     Route {
         method: "get",
+        path: "/v1/load",
+        summary: "How busy this runtime is: queue, running jobs, loaded and queued LoRAs, trainings, device memory (cheap: no device call)",
+        public: false,
+    },
+    Route {
+        method: "get",
         path: "/v1/styles",
         summary: "Style presets",
         public: false,
@@ -180,6 +186,7 @@ pub fn document() -> Value {
     let error = schema(of::<ErrorBody>);
     let upload = schema(of::<Upload>);
     let lora = schema(of::<LoraInfo>);
+    let load = schema(of::<RuntimeLoad>);
     let definitions = generator.take_definitions(true);
 
     let openai_error = json!({
@@ -310,6 +317,10 @@ pub fn document() -> Value {
                 );
                 responses.extend(error_responses(&error, &["401", "404", "406"]));
             }
+            ("get", "/v1/load") => {
+                responses.insert("200".into(), ok("the load", content(load.clone())));
+                responses.extend(error_responses(&error, &["401", "503"]));
+            }
             ("get", "/v1/styles") => {
                 responses.insert("200".into(), ok("style presets", content(json!({"type": "array", "items": {"type": "object", "properties": {
                     "id": {"type": "string"}, "name": {"type": "string"}, "prompt": {"type": "string"},
@@ -403,6 +414,7 @@ mod tests {
             "ErrorBody",
             "Upload",
             "LoraInfo",
+            "RuntimeLoad",
         ] {
             assert!(schemas.contains_key(name), "{name}: {:?}", schemas.keys());
         }

@@ -10,10 +10,15 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use imagegen_crds::api::{codes, ErrorDetail, GenerationResult, ImageResult, WithheldImage};
+use imagegen_crds::api::{
+    codes, DeviceMemory, ErrorDetail, GenerationResult, ImageResult, WithheldImage,
+};
 use tch::Device;
 
-use super::jobs::{deadline_error, error_detail, random_id, Control, JobKey, Pending, Running};
+use super::jobs::{
+    deadline_error, error_detail, random_id, Control, JobKey, JobLora, Pending, Running,
+};
+use super::load::LoraOwners;
 use super::Shared;
 use crate::engine::{check_device, parse_device, parse_dtype};
 use crate::generate::MaskPrompt;
@@ -30,6 +35,8 @@ pub struct Loaded {
 struct Engine {
     model: StableDiffusion,
     loras: LoraCache,
+    /// Whose LoRAs the cache holds, published for `GET /v1/load`.
+    owners: LoraOwners,
     /// CLIPSeg for mask prompts, loaded on first use.
     finder: Option<MaskFinder>,
 }
@@ -50,6 +57,7 @@ pub fn run(shared: Arc<Shared>, loaded: std::sync::mpsc::Sender<Result<Loaded, S
         Ok(Engine {
             model,
             loras: LoraCache::new(config.lora_cache_bytes as usize),
+            owners: LoraOwners::default(),
             finder: None,
         })
     })();
@@ -156,8 +164,12 @@ fn record_throughput(shared: &Shared, engine: &Engine, image_steps: u32, started
         shared.metrics.denoise_steps.inc_by(u64::from(image_steps));
     }
     if let Device::Cuda(index) = engine.model.device {
-        if let Some(bytes) = super::metrics::gpu_memory_bytes(index) {
-            shared.metrics.gpu_memory_bytes.set(bytes as i64);
+        if let Some(memory) = super::metrics::gpu_memory(index) {
+            shared.metrics.gpu_memory_bytes.set(memory.used as i64);
+            shared.warm.set_memory(DeviceMemory {
+                free_bytes: memory.free,
+                total_bytes: memory.total,
+            });
         }
     }
 }
@@ -186,23 +198,37 @@ fn finish(
     shared.jobs.finish(key, outcome);
 }
 
-/// Loads (or finds cached) the LoRAs of a job for the model.
+/// Loads (or finds cached) the LoRAs of `tenant`'s job for the model, then publishes what
+/// the cache holds (a load may have evicted others).
 fn load_loras(
     shared: &Shared,
     engine: &mut Engine,
-    files: &[(std::path::PathBuf, f64)],
+    tenant: &str,
+    job_loras: &[JobLora],
 ) -> crate::Result<Vec<(Rc<Lora>, f64)>> {
     let mut loras = Vec::new();
-    for (file, weight) in files {
-        let (lora, hit) = engine.loras.get_or_load(file, &engine.model, false)?;
-        if hit {
-            shared.metrics.lora_cache_hits.inc();
-        } else {
-            shared.metrics.lora_cache_misses.inc();
+    let mut outcome = Ok(());
+    for lora in job_loras {
+        match engine.loras.get_or_load(&lora.file, &engine.model, false) {
+            Ok((loaded, hit)) => {
+                if hit {
+                    shared.metrics.lora_cache_hits.inc();
+                } else {
+                    shared.metrics.lora_cache_misses.inc();
+                }
+                if let Ok(key) = LoraCache::key(&lora.file) {
+                    engine.owners.record(key, tenant, &lora.store_path);
+                }
+                loras.push((loaded, lora.weight));
+            }
+            Err(e) => {
+                outcome = Err(e);
+                break;
+            }
         }
-        loras.push((lora, *weight));
     }
-    Ok(loras)
+    engine.owners.publish(engine.loras.files(), &shared.warm);
+    outcome.map(|()| loras)
 }
 
 /// Compatible text-to-image jobs in one denoising loop. A member cancelled (or past its
@@ -226,7 +252,7 @@ fn run_batch(shared: &Shared, engine: &mut Engine, batch: Vec<Running>) {
     }
     shared.metrics.batches.inc();
     shared.metrics.batched_jobs.inc_by(live.len() as u64);
-    let loras = match load_loras(shared, engine, &live[0].work.loras) {
+    let loras = match load_loras(shared, engine, &live[0].key.0, &live[0].work.loras) {
         Ok(loras) => loras,
         Err(e) => {
             let detail = super::error::ApiError::from_engine(&e).detail;
@@ -295,7 +321,7 @@ fn generate(
     deadline: Instant,
 ) -> Result<GenerationResult, ErrorDetail> {
     let engine_error = |e: crate::Error| engine_error(shared, key, &e);
-    let loras = load_loras(shared, engine, &work.loras).map_err(engine_error)?;
+    let loras = load_loras(shared, engine, &key.0, &work.loras).map_err(engine_error)?;
     if work.mask_prompt.is_some() && engine.finder.is_none() {
         let finder = load_clipseg(
             &shared.config.mask_model,
