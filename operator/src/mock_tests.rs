@@ -228,6 +228,15 @@ impl RuntimeApi for FakeRuntime {
 
 /// A context on `client` with the fake `runtime` and the fixed clock.
 fn context(client: Client, runtime: Arc<FakeRuntime>) -> Context {
+    context_with_queue(client, runtime, Vec::new())
+}
+
+/// As [`context`], with `queued` in the operator's cache of ImageGenerations.
+fn context_with_queue(
+    client: Client,
+    runtime: Arc<FakeRuntime>,
+    queued: Vec<ImageGeneration>,
+) -> Context {
     let recorder = Recorder::new(
         client.clone(),
         Reporter {
@@ -237,7 +246,10 @@ fn context(client: Client, runtime: Arc<FakeRuntime>) -> Context {
     );
     let (endpoint_slices, mut writer) = kube::runtime::reflector::store();
     writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(model_slice()));
-    let (generations, _) = kube::runtime::reflector::store();
+    let (generations, mut queue) = kube::runtime::reflector::store();
+    for generation in queued {
+        queue.apply_watcher_event(&kube::runtime::watcher::Event::Apply(generation));
+    }
     let mut ctx = Context::new(
         client,
         OperatorConfig::default(),
@@ -538,6 +550,54 @@ async fn model_unchanged_makes_no_status_patch() {
     )
     .await;
     result.unwrap();
+}
+
+#[tokio::test]
+async fn a_model_at_zero_scales_up_through_its_scale_subresource_for_its_queue() {
+    let mut m = model(None);
+    m.spec.replicas = serde_json::from_value(json!({"min": 0, "max": 3})).unwrap();
+    let mut at_zero = deployment(0);
+    at_zero.spec.as_mut().unwrap().replicas = Some(0);
+    let mut scaled = at_zero.clone();
+    scaled.spec.as_mut().unwrap().replicas = Some(3);
+    let queued: Vec<ImageGeneration> = (0..5)
+        .map(|i| {
+            let mut g = generation(None, None);
+            g.metadata.name = Some(format!("avatar-{i}"));
+            g.metadata.uid = Some(format!("uid-{i}"));
+            g
+        })
+        .collect();
+    let (client, server) = serving(calls([
+        vec![get(&auth_secret_path(), auth_secret())],
+        vec![get(
+            &path("apis/apps/v1", "deployments/sd15"),
+            at_zero.clone(),
+        )],
+        vec![patch(&cr("diffusionmodels", "sd15/scale"), json!({}))],
+        vec![event()],
+        deployment_and_service(scaled).split_off(1),
+        vec![model_status()],
+    ]));
+    let ctx = context_with_queue(client, FakeRuntime::answering(vec![]), queued);
+    let result = controller::reconcile_model(Arc::new(m), Arc::new(ctx)).await;
+    let sent = sent(server).await;
+    result.unwrap();
+    // Five generations at two per replica need three: written as the scale's count.
+    assert_eq!(sent[2].body, json!({"spec": {"replicas": 3}}));
+    assert_eq!(sent[3].body["reason"], "ScaledFromZero");
+    assert_eq!(sent[4].body["spec"]["replicas"], 3);
+    let autoscaling = &sent[6].body["status"]["autoscaling"];
+    assert_eq!(
+        (
+            autoscaling["queue"].clone(),
+            autoscaling["desiredReplicas"].clone()
+        ),
+        (json!(5), json!(3))
+    );
+    assert!(autoscaling["coldStartTime"].is_string(), "{autoscaling}");
+    let ready = conditions(&sent[6])["Ready"].clone();
+    assert_eq!(ready, ("False".into(), "ColdStart".into()));
 }
 
 #[tokio::test]
@@ -1061,6 +1121,54 @@ fn submitted_changed_at(mut status: Value, seconds_ago: i64) -> Value {
         }
     }
     status
+}
+
+#[tokio::test]
+async fn a_job_on_a_pod_not_ready_too_long_is_cancelled_there_and_lost() {
+    // Polled once: running on the ready pod, which records it.
+    let runtime = FakeRuntime::answering(vec![Ok(runtime_job(JobState::Running))]);
+    let (_, first) = run(
+        generation(Some(1), None),
+        runtime,
+        polled_with_status_calls(1),
+        controller::reconcile_generation,
+    )
+    .await;
+    let mut running = first[2].body["status"].clone();
+    running["runtimePod"] = json!({"name": "sd15-0", "address": "10.0.0.1:8080"});
+    // The pod stays listed but not ready past the grace (zero here): the running job is
+    // cancelled there and counted lost, to be submitted to another pod.
+    let mut unready = model_slice();
+    unready.endpoints[0].conditions.as_mut().unwrap().ready = Some(false);
+    let (slices, mut writer) = kube::runtime::reflector::store();
+    writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(unready));
+    let runtime = FakeRuntime::answering(vec![Ok(runtime_job(JobState::Running))]);
+    let (client, server) = serving(polled_with_status_calls(1));
+    let mut ctx = context(client, runtime.clone());
+    ctx.config.unready_grace = Duration::ZERO;
+    ctx.endpoint_slices = slices;
+    let result = controller::reconcile_generation(
+        Arc::new(generation(Some(1), Some(running))),
+        Arc::new(ctx),
+    )
+    .await;
+    let sent = sent(server).await;
+    assert_eq!(result.unwrap(), Action::requeue(ig::resubmit_delay(1)));
+    assert_eq!(
+        runtime.calls(),
+        vec![
+            RuntimeCall::Job(POD_URL.into(), ig::job_id(UID)),
+            RuntimeCall::Cancel(ig::job_id(UID)),
+        ]
+    );
+    assert_eq!(
+        conditions(&sent[2])["Submitted"],
+        ("False".into(), "JobLost".into())
+    );
+    let message = sent[2].body["status"]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(message.contains("not ready"), "{message}");
 }
 
 #[tokio::test]
