@@ -292,6 +292,10 @@ pub struct RuntimeLoad {
     /// The caller's LoRAs that queued jobs will load, as store paths.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub queued_loras: Vec<String>,
+    /// Recent seconds a job takes from its start to its end (a moving average; 1 before the
+    /// first): with `queued`, how long a new job would wait here.
+    #[serde(default)]
+    pub seconds_per_job: f64,
     /// Trainings (`POST /v1/trainings`) running and waiting for the device.
     pub trainings: TrainingLoad,
     /// The device the model runs on: `cpu`, `cuda:0`, `mps`.

@@ -57,6 +57,8 @@ pub const IMAGES_FINALIZER: &str = "imagegen.dev/images";
 pub const MODEL_RESYNC: Duration = Duration::from_secs(300);
 /// How often a waiting resource checks its references again.
 pub const WAIT_RECHECK: Duration = Duration::from_secs(15);
+/// How long a runtime pod takes to start, until a model's cold start has measured it.
+pub const DEFAULT_POD_START: Duration = Duration::from_secs(30);
 /// How often a running generation's job is polled.
 pub const GENERATION_POLL: Duration = Duration::from_secs(3);
 /// How often a running training is looked at (its Job's changes wake it too).
@@ -1161,8 +1163,8 @@ async fn prepare_submission(
         ))));
     };
     // While the model scales up, a job waits for a fresh pod rather than queue behind busy
-    // ones, but never longer than a pod may take to become ready.
-    let per_replica = autoscaler::Policy::of(model.spec.replicas.as_ref()).queue_per_replica;
+    // ones (when that queue would take longer than a pod takes to start), but never longer
+    // than `unready_grace` from its creation.
     let waited =
         generation
             .metadata
@@ -1176,7 +1178,29 @@ async fn prepare_submission(
                     .unwrap_or(Duration::ZERO)
             });
     if waited < ctx.config.unready_grace {
-        if let Some(why) = pod_choice::wait_for_starting_pod(&choice, &pods, per_replica) {
+        let policy = autoscaler::Policy::of(model.spec.replicas.as_ref());
+        let queue = generations_using_model(&ctx.generations.state(), &model).len() as u32;
+        let count = model.spec.replicas.and_then(|r| r.count).unwrap_or(0);
+        let expected = if policy.queue_driven {
+            policy.needed(queue).max(policy.bounded(count))
+        } else {
+            policy.bounded(count)
+        };
+        let ready = pods.iter().filter(|p| p.ready).count() as u32;
+        let pod_start = model
+            .status
+            .as_ref()
+            .and_then(|s| s.autoscaling.as_ref())
+            .and_then(|a| a.last_cold_start_seconds)
+            .map_or(DEFAULT_POD_START, |s| Duration::from_secs(u64::from(s)));
+        let starting = expected.saturating_sub(ready);
+        let wait = pod_choice::wait_for_starting_pod(
+            &choice,
+            starting,
+            policy.queue_per_replica,
+            pod_start,
+        );
+        if let Some(why) = wait {
             return Ok(Err(GenerationBlocked::WaitingForModel(why)));
         }
     }

@@ -59,6 +59,8 @@ pub struct Choice {
     pub load: Option<u64>,
     /// The request's LoRAs that the pod had warm.
     pub warm_loras: usize,
+    /// Recent seconds per job of the pod (`None`: unknown).
+    pub seconds_per_job: Option<f64>,
 }
 
 /// The jobs a pod's load counts as.
@@ -121,6 +123,7 @@ pub fn choose<'a>(
         jobs: Option<u64>,
         warm: usize,
         full: bool,
+        seconds_per_job: Option<f64>,
     }
     let others_ready = pods
         .iter()
@@ -135,6 +138,7 @@ pub fn choose<'a>(
                 jobs: load.map(jobs),
                 warm: load.map_or(0, |l| warm(l, loras)),
                 full: load.is_some_and(is_full),
+                seconds_per_job: load.map(|l| l.seconds_per_job),
             }
         })
         .collect();
@@ -171,28 +175,32 @@ pub fn choose<'a>(
         reason,
         load: best.jobs,
         warm_loras: best.warm,
+        seconds_per_job: best.seconds_per_job,
     })
 }
 
 /// Why a new job should wait for a pod that is starting rather than join the queue of the
-/// `choice` (a ready pod), if it should: the model is scaling up (some of its pods are
-/// listed but not ready yet) and the chosen pod already has `per_replica` jobs or more, so
-/// the job would only wait there while a fresh pod idles. The wait is bounded by the
-/// caller (a pod that never becomes ready must not hold jobs back for ever).
+/// `choice` (a ready pod), if it should: `starting` more pods are on their way (the queue
+/// needs more replicas than are ready), the chosen pod already has `per_replica` jobs or
+/// more, and those jobs would take longer than a pod takes to start (`pod_start`, as the
+/// model's last cold start measured it). A short queue is better joined at once; a long
+/// one, left to the fresh pod. The caller bounds the wait (a pod that never becomes ready
+/// must not hold jobs back for ever).
 pub fn wait_for_starting_pod(
     choice: &Choice,
-    pods: &[PodEndpoint],
+    starting: u32,
     per_replica: u32,
+    pod_start: std::time::Duration,
 ) -> Option<String> {
-    let starting = pods.iter().filter(|p| !p.ready).count();
-    let busy = choice
-        .load
-        .is_some_and(|jobs| jobs >= u64::from(per_replica));
-    (starting > 0 && busy).then(|| {
+    let jobs = choice.load?;
+    let wait_here = jobs as f64 * choice.seconds_per_job?;
+    let hold =
+        starting > 0 && jobs >= u64::from(per_replica) && wait_here >= pod_start.as_secs_f64();
+    hold.then(|| {
         format!(
-            "the least busy ready pod has {} jobs, and {starting} more pod(s) are starting: \
-             waiting for one",
-            choice.load.unwrap_or_default()
+            "the least busy ready pod has {jobs} jobs ahead (about {wait_here:.0}s), and \
+             {starting} more pod(s) are starting (about {}s): waiting for one",
+            pod_start.as_secs()
         )
     })
 }
@@ -219,6 +227,7 @@ mod tests {
             queue_capacity: 8,
             running,
             loaded_loras: loaded.iter().map(|s| s.to_string()).collect(),
+            seconds_per_job: 1.0,
             device: "cpu".into(),
             ..RuntimeLoad::default()
         }
@@ -365,14 +374,21 @@ mod tests {
     }
 
     #[test]
-    fn busy_pods_wait_for_the_ones_starting() {
-        let pods = [pod("a", true), pod("b", false)];
-        let loads = HashMap::from([("a", load(1, 1, &[]))]);
+    fn busy_pods_wait_for_the_ones_starting_when_their_queue_is_longer() {
+        let pods = [pod("a", true)];
+        let mut busy = load(9, 1, &[]);
+        busy.seconds_per_job = 2.0;
+        let loads = HashMap::from([("a", busy)]);
         let choice = pick(&pods, &loads, &[], "job-1");
-        assert!(wait_for_starting_pod(&choice, &pods, 2).is_some_and(|w| w.contains("2 jobs")));
-        assert_eq!(wait_for_starting_pod(&choice, &pods, 3), None);
-        // Nothing starting: queue at the busy pod.
-        assert_eq!(wait_for_starting_pod(&choice, &pods[..1], 2), None);
+        let start = std::time::Duration::from_secs(15);
+        // Ten jobs of 2 s ahead: longer than a pod's 15 s start.
+        assert!(wait_for_starting_pod(&choice, 1, 2, start).is_some_and(|w| w.contains("10 jobs")));
+        // Nothing starting, or a start slower than the queue: join the queue.
+        assert_eq!(wait_for_starting_pod(&choice, 0, 2, start), None);
+        let slow_start = std::time::Duration::from_secs(60);
+        assert_eq!(wait_for_starting_pod(&choice, 1, 2, slow_start), None);
+        // Fewer jobs than a replica's share: no wait.
+        assert_eq!(wait_for_starting_pod(&choice, 1, 11, start), None);
     }
 
     #[test]

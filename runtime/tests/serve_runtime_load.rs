@@ -80,9 +80,10 @@ fn load_reports_the_queue_the_loras_and_the_device() {
         },
     );
     let (a, b) = (Some(TOKEN_A), Some(TOKEN_B));
-    // Idle, on the CPU: no memory figures, no LoRAs, nothing running.
+    // Idle, on the CPU: no memory figures, no LoRAs, nothing running; a job is guessed
+    // at 1 s until one has run.
     let idle = json!({
-        "queued": 0, "queueCapacity": 7, "running": 0,
+        "queued": 0, "queueCapacity": 7, "running": 0, "secondsPerJob": 1.0,
         "trainings": {"running": false, "queued": 0}, "device": "cpu",
     });
     assert_eq!(load(&server, a), idle);

@@ -92,6 +92,8 @@ pub struct QueueLoad {
     pub running_jobs: Vec<RunningJob>,
     /// The LoRAs of that tenant's queued jobs, as store paths, each once.
     pub queued_loras: Vec<String>,
+    /// Recent seconds per job (start to end, a moving average).
+    pub seconds_per_job: f64,
 }
 
 /// Work for the worker that is not a job: checks that need the loaded model.
@@ -244,6 +246,7 @@ impl Jobs<Work> {
             running: state.running.len(),
             running_jobs,
             queued_loras,
+            seconds_per_job: state.recent_seconds,
         }
     }
 }

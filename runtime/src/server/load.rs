@@ -102,6 +102,7 @@ pub fn runtime_load(shared: &Shared, tenant: &str) -> Result<RuntimeLoad, ApiErr
         running_jobs: queue.running_jobs,
         loaded_loras: shared.warm.loras_of(tenant),
         queued_loras: queue.queued_loras,
+        seconds_per_job: queue.seconds_per_job,
         trainings: TrainingLoad {
             running: shared.device.holder() == Some(Holder::Training),
             queued: count(shared.trainings.depth()),
