@@ -421,7 +421,13 @@ check "inpainting with the trained LoRA" generate e2e-inpaint \
 step "server-side apply"
 rv() { kubectl get -n "$namespace" "$1" -o jsonpath='{.metadata.resourceVersion}'; }
 # A change the reconciler does not act on: the model is reconciled again, and the
-# Deployment, the Service and the model's status, all unchanged, must not be written.
+# Deployment, the Service and the model's status, all unchanged, must not be written. (Once
+# its queue, which the last generation just left, reads empty: that is a change.)
+queue_empty() {
+    test "$(kubectl get -n "$namespace" dmodel/tiny -o jsonpath='{.status.autoscaling.queue}')" = 0
+}
+wait_for "the model's queue to empty" 30 queue_empty
+sleep 2
 kubectl annotate -n "$namespace" dmodel/tiny e2e.imagegen.dev/touched="$(date +%s)" >/dev/null
 before="$(rv dmodel/tiny) $(rv deployment/tiny) $(rv service/tiny)"
 sleep 5
@@ -556,20 +562,44 @@ check "its artifact is recorded with a sha256" test -n "$(kubectl get -n "$names
 
 # ---------------------------------------------------------------------------------------
 step "replica count"
-# Scaling by hand within replicas.min..max is kept by the reconciler; beyond max it is not.
+# The model's scale subresource (spec.replicas.count): kubectl scale and an HPA scale the
+# model, and the Deployment follows within replicas.min..max.
 replicas() { kubectl get -n "$namespace" deployment/tiny -o jsonpath='{.spec.replicas}'; }
-kubectl scale -n "$namespace" deployment/tiny --replicas=2 >/dev/null
-kubectl annotate -n "$namespace" --overwrite dmodel/tiny e2e.imagegen.dev/touched="scaled" >/dev/null
-sleep 5
-check "kubectl scale to 2 (max 2) is kept after a reconcile" test "$(replicas)" = 2
+kubectl scale -n "$namespace" dmodel/tiny --replicas=2 >/dev/null
+check "kubectl scale dmodel/tiny --replicas=2 sets spec.replicas.count" test \
+    "$(kubectl get -n "$namespace" dmodel/tiny -o jsonpath='{.spec.replicas.count}')" = 2
+check "and the Deployment follows" wait_for "replicas 2" 30 sh -c \
+    "test \"\$(kubectl get -n '$namespace' deployment/tiny -o jsonpath='{.spec.replicas}')\" = 2"
 ready_count_is() { [ "$(ready_addresses | sort -u | wc -l)" = "$1" ]; }
 check "both replicas become ready, each with its own address" wait_for "2 ready addresses" \
     "$wait_timeout" ready_count_is 2
 log "ready addresses: $(ready_addresses | tr '\n' ' ')"
-kubectl scale -n "$namespace" deployment/tiny --replicas=5 >/dev/null
-kubectl annotate -n "$namespace" --overwrite dmodel/tiny e2e.imagegen.dev/touched="overscaled" >/dev/null
-check "kubectl scale to 5 is brought back to max 2" wait_for "replicas 2" 30 \
-    sh -c "test \"\$(kubectl get -n '$namespace' deployment/tiny -o jsonpath='{.spec.replicas}')\" = 2"
+kubectl scale -n "$namespace" dmodel/tiny --replicas=5 >/dev/null
+kubectl scale -n "$namespace" deployment/tiny --replicas=4 >/dev/null
+check "a count of 5 is held at max 2, and scaling the Deployment itself is undone" wait_for \
+    "replicas 2" 30 sh -c "test \"\$(kubectl get -n '$namespace' deployment/tiny -o jsonpath='{.spec.replicas}')\" = 2"
+kubectl scale -n "$namespace" dmodel/tiny --replicas=2 >/dev/null
+# An HPA reads the model's scale (and its status.selector) through the same subresource.
+kubectl apply -n "$namespace" -f - >/dev/null <<YAML
+apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata:
+  name: tiny
+spec:
+  scaleTargetRef: {apiVersion: imagegen.dev/v1alpha1, kind: DiffusionModel, name: tiny}
+  minReplicas: 1
+  maxReplicas: 2
+  metrics:
+    - type: Resource
+      resource: {name: cpu, target: {type: Utilization, averageUtilization: 80}}
+YAML
+hpa_got_scale() {
+    kubectl get -n "$namespace" hpa/tiny \
+        -o jsonpath='{.status.conditions[?(@.type=="AbleToScale")].reason}' | grep -q SucceededGetScale
+}
+check "a HorizontalPodAutoscaler on the DiffusionModel reads its scale (AbleToScale: SucceededGetScale)" \
+    wait_for "the HPA's AbleToScale" 60 hpa_got_scale
+kubectl delete -n "$namespace" hpa/tiny >/dev/null
 # Generations over two pods: each is polled at the pod that took it, which holds its job.
 for i in 1 2 3 4; do
     kubectl apply -n "$namespace" -f - >/dev/null <<YAML
@@ -645,7 +675,8 @@ kubectl delete -n "$namespace" dmodel/e2e-adopt secret/e2e-adopt-runtime-auth --
 step "namespaces"
 # A model outside the release namespace: its pods get a copy of the runtime environment
 # Secret (the original is the release's) and the store claim of their own namespace. This
-# one is ReadWriteOnce, as most storage classes offer: both replicas must share a node.
+# one is ReadWriteOnce, as most storage classes offer: several replicas are refused (they
+# could not spread over nodes), one serves, and the pods that mount it share a node.
 tenant=e2e-tenant-b
 kubectl create namespace "$tenant" >/dev/null
 tenant_store="$volumes/$tenant/imagegen-e2e-store"
@@ -662,12 +693,21 @@ spec:
   source: {path: /store/models/tiny-sd1}
   family: sd15
   dtype: f32
-  replicas: {min: 2, max: 2}
+  replicas: {min: 1, max: 2}
   resources: {gpus: 1, gpuResourceName: nvidia.com/gpu}
   nodeSelector: {nvidia.com/gpu.present: "true"}
 YAML
-check "DiffusionModel $tenant/tiny: Ready, both replicas" kubectl wait -n "$tenant" dmodel/tiny \
-    --for=jsonpath='{.status.readyReplicas}'=2 --timeout="${wait_timeout}s"
+store_refused() {
+    kubectl get -n "$tenant" dmodel/tiny \
+        -o jsonpath='{.status.conditions[?(@.type=="Reconciled")].message}' |
+        grep -q 'replicas.max is 2, but the store claim imagegen-e2e-store is not ReadWriteMany'
+}
+check "replicas.max 2 on a ReadWriteOnce store claim is refused on the Reconciled condition" \
+    wait_for "the Reconciled condition" 60 store_refused
+check "and makes no Deployment" sh -c "! kubectl get -n $tenant deployment/tiny 2>/dev/null"
+kubectl patch -n "$tenant" dmodel/tiny --type=merge -p '{"spec": {"replicas": {"max": 1}}}' >/dev/null
+check "DiffusionModel $tenant/tiny with replicas.max 1: Ready" kubectl wait -n "$tenant" dmodel/tiny \
+    --for=condition=Ready --timeout="${wait_timeout}s"
 secret_data() { # namespace, name: the Secret's data as sorted JSON
     kubectl get secret -n "$1" "$2" -o json | python3 -c \
         'import json, sys; print(json.dumps(json.load(sys.stdin)["data"], sort_keys=True))'
@@ -686,10 +726,6 @@ tenant_pods() { # nodes of the pods of $tenant that mount the store, one per lin
         -o jsonpath='{range .items[*]}{.metadata.name} {.spec.nodeName}{"\n"}{end}'
 }
 tenant_pods | sed 's/^/e2e:   pod on node: /'
-check "with a ReadWriteOnce store, both replicas run on one node (of two GPU nodes)" \
-    test "$(tenant_pods | awk '{print $2}' | sort -u | wc -l)" = 1
-check "and the pod runner saw no Multi-Attach of a ReadWriteOnce claim" \
-    sh -c "! grep 'Multi-Attach' '$IMAGEGEN_CLUSTER_DIR/logs/pod-runner.log'"
 namespace="$tenant"
 check "ImageGeneration in $tenant: Succeeded, and the image has the sha256 of its status" \
     generate e2e-apple <"$root/tests/e2e/manifests/generation.yaml"
@@ -712,6 +748,8 @@ check "and changes the pod template, so the replicas roll ($digest_before -> $(t
     test -n "$digest_before" -a "$(template_digest)" != "$digest_before"
 check "DiffusionModel $tenant/tiny: Ready again after the roll" kubectl rollout status \
     -n "$tenant" deployment/tiny --timeout="${wait_timeout}s"
+check "during the roll, old and new pods of the ReadWriteOnce claim shared a node: no Multi-Attach" \
+    sh -c "! grep 'Multi-Attach' '$IMAGEGEN_CLUSTER_DIR/logs/pod-runner.log'"
 # A namespace without the store claim: the model says why it cannot be served.
 kubectl create namespace e2e-tenant-c >/dev/null
 kubectl apply -n e2e-tenant-c -f - >/dev/null <<YAML
@@ -731,6 +769,9 @@ claim_missing() {
 check "a model in a namespace without the store claim says so on its Reconciled condition" \
     wait_for "the Reconciled condition" 60 claim_missing
 check "and makes no Deployment" sh -c "! kubectl get -n e2e-tenant-c deployment/tiny 2>/dev/null"
+# Their GPUs go back for the serving-at-scale step.
+check "namespaces $tenant and e2e-tenant-c, with their models, go away" \
+    kubectl delete namespace "$tenant" e2e-tenant-c --timeout=120s
 
 # ---------------------------------------------------------------------------------------
 step "extra manifests"
@@ -790,6 +831,9 @@ check "and its pods" wait_for "the pods to go" 60 \
     sh -c "test -z \"\$(kubectl get pods -n '$namespace' -l imagegen.dev/model=tiny -o name)\""
 
 # ---------------------------------------------------------------------------------------
+. "$root/tests/e2e/steps/serving-at-scale.sh"
+
+# ---------------------------------------------------------------------------------------
 step "uninstall"
 # What the chart grants, read while it is installed (the RBAC step compares it with what
 # the audit log shows was used).
@@ -824,8 +868,8 @@ check "the objects stay ($(kubectl get imagegenerations,loratrainings -A -o name
     test -n "$(kubectl get imagegenerations,loratrainings -A -o name)"
 check "each says why, with a FinalizerReleased event" sh -c \
     "kubectl get events -A --field-selector reason=FinalizerReleased -o name | grep -q ."
-check "with no operator, a namespace with a generation and a model in it goes away" \
-    kubectl delete namespace "$tenant" e2e-tenant-c --timeout=60s
+check "with no operator, namespaces with generations, trainings and models in them go away" \
+    kubectl delete namespace "${scale_tenants[@]}" --timeout=120s
 
 # ---------------------------------------------------------------------------------------
 step "RBAC"
