@@ -135,7 +135,12 @@ step "control plane"
 "$root/scripts/cluster" down >/dev/null 2>&1 || true
 rm -rf "$work"
 mkdir -p "$work/bin" "$work/seed"
-eval "$("$root/scripts/cluster" up 2>&1 | grep '^export KUBECONFIG=')" || exit 1
+# Its output is kept: a failed start says why there.
+"$root/scripts/cluster" up >"$work/cluster-up.log" 2>&1 || {
+    sed 's/^/e2e:   cluster up: /' "$work/cluster-up.log"
+    exit 1
+}
+eval "$(grep '^export KUBECONFIG=' "$work/cluster-up.log")" || exit 1
 check "the API server answers as $(kubectl version -o json 2>/dev/null |
     python3 -c 'import json, sys; print(json.load(sys.stdin)["serverVersion"]["gitVersion"])')" \
     kubectl get --raw /readyz
