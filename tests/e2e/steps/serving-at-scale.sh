@@ -39,16 +39,13 @@ spec:
 YAML
 done
 deployment_replicas() { kubectl get -n "$1" deployment/tiny -o jsonpath='{.spec.replicas}'; }
-ready_reason() {
-    kubectl get -n "$1" dmodel/tiny -o jsonpath='{.status.conditions[?(@.type=="Ready")].reason}'
-}
 for ns in "${scale_tenants[@]}"; do
     check "$ns/tiny (min 0): a Deployment of 0 replicas, Ready False ScaledToZero" wait_for \
         "$ns's Deployment" 60 sh -c "test \"\$(kubectl get -n $ns deployment/tiny \
         -o jsonpath='{.spec.replicas}')/\$(kubectl get -n $ns dmodel/tiny \
         -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].reason}')\" = 0/ScaledToZero"
 done
-check "kubectl scale sees the model's scale subresource (status.selector)" \
+check "the model's scale subresource has its pods' selector (status.selector, for an HPA)" \
     test -n "$(kubectl get -n e2e-scale-a dmodel/tiny -o jsonpath='{.status.selector}')"
 
 # LoRAs, trained while the models run no replica: a training is a Job with its own GPU.
