@@ -12,6 +12,7 @@ use tch::{Kind, Tensor};
 use crate::canny::{canny_edges, check_thresholds, DEFAULT_HIGH, DEFAULT_LOW};
 use crate::engine::StableDiffusion;
 use crate::error::{catch_torch, Error, Result};
+use crate::input::round_down_to_side_multiple;
 use crate::models::controlnet::ControlNetModel;
 use crate::text_to_image::{only_request, GeneratedImage, Progress, Resolved};
 
@@ -23,8 +24,12 @@ pub const MAX_CONTROL_SCALE: f64 = 10.0;
 /// size rounded down to a multiple of 8.
 fn sized_like(params: &GenerationParams, image: &RgbImage) -> GenerationParams {
     GenerationParams {
-        width: params.width.or(Some(image.width() - image.width() % 8)),
-        height: params.height.or(Some(image.height() - image.height() % 8)),
+        width: params
+            .width
+            .or(Some(round_down_to_side_multiple(image.width()))),
+        height: params
+            .height
+            .or(Some(round_down_to_side_multiple(image.height()))),
         ..params.clone()
     }
 }

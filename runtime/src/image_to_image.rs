@@ -21,10 +21,10 @@ use tch::Tensor;
 use crate::engine::StableDiffusion;
 use crate::error::{catch_torch, Error, Result};
 use crate::image_processor::resize_rgb;
+use crate::input::round_down_to_side_multiple;
 use crate::noise::DrawPlan;
 use crate::pipeline::{
     draw_noises, from_rgb, stack_noise, step_draws, GeneratedImage, Progress, Resolved,
-    SIDE_MULTIPLE,
 };
 use crate::schedulers::{self, Scheduler};
 
@@ -36,7 +36,7 @@ pub const DEFAULT_IMAGE_GUIDANCE: f64 = 1.5;
 /// The output size when the request gives none: the input's size rounded down to a multiple
 /// of 8 (diffusers' `get_default_height_width`).
 pub fn default_size(image: &RgbImage) -> (u32, u32) {
-    let down = |v: u32| v - v % SIDE_MULTIPLE;
+    let down = round_down_to_side_multiple;
     (down(image.width()), down(image.height()))
 }
 

@@ -19,6 +19,8 @@ use tch::Tensor;
 use crate::engine::StableDiffusion;
 use crate::error::{catch_torch, Error, Result};
 use crate::image_processor;
+use crate::image_to_image::start_step;
+use crate::input::round_down_to_side_multiple;
 use crate::noise::{self, Draw};
 use crate::pipeline::step_draws;
 use crate::schedulers;
@@ -86,8 +88,16 @@ impl StableDiffusion {
         }
         let route = self.inpaint_route()?;
         let sized = GenerationParams {
-            width: Some(params.width.unwrap_or(image.width() - image.width() % 8)),
-            height: Some(params.height.unwrap_or(image.height() - image.height() % 8)),
+            width: Some(
+                params
+                    .width
+                    .unwrap_or(round_down_to_side_multiple(image.width())),
+            ),
+            height: Some(
+                params
+                    .height
+                    .unwrap_or(round_down_to_side_multiple(image.height())),
+            ),
             ..params.clone()
         };
         let request = Resolved::new(&sized, self)?;
@@ -271,13 +281,6 @@ struct Job<'a> {
     start: usize,
     image: &'a RgbImage,
     mask: &'a GrayImage,
-}
-
-/// diffusers' `get_timesteps`: the loop index to start at for `strength` of `steps`
-/// (`steps` when no step would be left).
-pub fn start_step(steps: usize, strength: f64) -> usize {
-    let init = ((steps as f64 * strength) as usize).min(steps);
-    steps - init
 }
 
 #[cfg(test)]

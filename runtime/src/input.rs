@@ -31,7 +31,13 @@ use image::{
 use crate::error::{Error, Result};
 
 /// Side lengths handed to the models are multiples of this (the VAE downsamples by 8).
-pub const SIZE_MULTIPLE: u32 = 8;
+pub const SIDE_MULTIPLE: u32 = 8;
+
+/// `side` rounded down to a multiple of [`SIDE_MULTIPLE`] (diffusers' default output size of
+/// an input image); 0 below it.
+pub fn round_down_to_side_multiple(side: u32) -> u32 {
+    side - side % SIDE_MULTIPLE
+}
 
 /// How much an input image may weigh, encoded and decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,12 +143,12 @@ fn describe(error: image::ImageError) -> String {
 /// down to a multiple of 8. An image under 8 pixels on a side is refused.
 pub fn default_size(image: &DynamicImage) -> Result<(u32, u32)> {
     let (width, height) = image.dimensions();
-    let round = |v: u32| v - v % SIZE_MULTIPLE;
+    let round = round_down_to_side_multiple;
     if round(width) == 0 || round(height) == 0 {
         return Err(Error::invalid(
             "image",
             format!(
-                "{width}×{height} is too small: at least {SIZE_MULTIPLE}×{SIZE_MULTIPLE} pixels"
+                "{width}×{height} is too small: at least {SIDE_MULTIPLE}×{SIDE_MULTIPLE} pixels"
             ),
         ));
     }
@@ -171,10 +177,10 @@ pub fn fit_to_multiple(
     rule: FitRule,
 ) -> Result<DynamicImage> {
     for (field, value) in [("width", width), ("height", height)] {
-        if value == 0 || !value.is_multiple_of(SIZE_MULTIPLE) {
+        if value == 0 || !value.is_multiple_of(SIDE_MULTIPLE) {
             return Err(Error::invalid(
                 field,
-                format!("{value} must be a positive multiple of {SIZE_MULTIPLE}"),
+                format!("{value} must be a positive multiple of {SIDE_MULTIPLE}"),
             ));
         }
     }

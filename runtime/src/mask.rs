@@ -5,7 +5,7 @@ use image::imageops::FilterType;
 use image::{DynamicImage, GenericImageView, GrayImage, Luma, RgbImage};
 
 use crate::error::{Error, Result};
-use crate::input::{to_luma_bt601, ImageLimits, SIZE_MULTIPLE};
+use crate::input::{to_luma_bt601, ImageLimits, SIDE_MULTIPLE};
 
 /// A rectangle of pixels: columns `x..x + width`, rows `y..y + height`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -403,7 +403,7 @@ pub fn extend_canvas(
     };
     let side = |a: u32, b: u32, c: u32| -> Option<u32> {
         let total = a.checked_add(b)?.checked_add(c)?;
-        total.checked_next_multiple_of(SIZE_MULTIPLE)
+        total.checked_next_multiple_of(SIDE_MULTIPLE)
     };
     let canvas_w = side(left, w, right).ok_or_else(too_large)?;
     let canvas_h = side(top, h, bottom).ok_or_else(too_large)?;

@@ -9,6 +9,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::engine::StableDiffusion;
 use crate::error::{Error, Result};
+use crate::input::SIDE_MULTIPLE;
 use crate::noise::{self, DrawPlan, ImageNoise};
 use crate::output::ImageMetadata;
 use crate::schedulers::{Scheduler, SchedulerKind};
@@ -18,8 +19,6 @@ pub const DEFAULT_GUIDANCE: f64 = 7.5;
 pub const MAX_SIDE: u32 = 2048;
 pub const MAX_COUNT: u32 = 16;
 pub const MAX_STEPS: u32 = 500;
-/// Output sides are multiples of this (the VAE's downscaling factor for SD).
-pub const SIDE_MULTIPLE: u32 = 8;
 
 /// Where a generation is, reported after every denoising step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
