@@ -8,24 +8,23 @@
 use std::collections::BTreeMap;
 
 use imagegen_crds::common::condition_types::{DEGRADED, PROGRESSING, READY};
-use imagegen_crds::diffusion_model::{
-    AutoscalingStatus, Dtype, Family, ModelCache, ModelSource, DEFAULT_GPU_RESOURCE,
-};
+use imagegen_crds::diffusion_model::{AutoscalingStatus, Dtype, ModelSource, DEFAULT_GPU_RESOURCE};
 use imagegen_crds::{DiffusionModel, DiffusionModelStatus};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
     Container, ContainerPort, HTTPGetAction, KeyToPath, PersistentVolumeClaim,
     PersistentVolumeClaimSpec, PodTemplateSpec, Probe, Secret, SecretVolumeSource, Service,
-    ServicePort, ServiceSpec, Toleration, Volume, VolumeMount, VolumeResourceRequirements,
+    ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
-    LabelSelector, ObjectMeta, OwnerReference, Time,
-};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, Time};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 
 use crate::autoscaler;
 use crate::conditions::{condition, set_condition};
+pub use crate::valid_model::{
+    cache_claim_name, endpoint, ValidModel, CACHE_MOUNT_PATH, SERVICE_PORT,
+};
 use crate::workload::{self, Found};
 use crate::{Error, OperatorConfig};
 
@@ -33,10 +32,6 @@ use crate::{Error, OperatorConfig};
 pub const RUNTIME_PORT: i32 = 8080;
 /// Name of the runtime's port, in the pod and the Service (and so in its EndpointSlices).
 pub const RUNTIME_PORT_NAME: &str = "http";
-/// Port of the model's Service.
-pub const SERVICE_PORT: i32 = 80;
-/// Where the model cache volume is mounted; `HF_HOME` points there.
-pub const CACHE_MOUNT_PATH: &str = "/cache";
 /// Name of the runtime container.
 pub const CONTAINER_NAME: &str = "runtime";
 /// Label naming the DiffusionModel a runtime pod serves.
@@ -53,60 +48,6 @@ const AUTH_VOLUME: &str = "auth";
 /// Where the C2PA signing Secret (`tls.crt`, `tls.key`) is mounted, when there is one.
 pub const C2PA_MOUNT_PATH: &str = "/etc/imagegen/c2pa";
 const C2PA_VOLUME: &str = "c2pa";
-
-/// A DiffusionModel that passed [`validate`], with every default resolved.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ValidModel {
-    /// Name of the model, and of its Deployment and Service.
-    pub name: String,
-    /// Namespace of the model and of every object built for it.
-    pub namespace: String,
-    /// Owner reference (controller) that makes the built objects the model's.
-    pub owner: OwnerReference,
-    /// `metadata.generation` of the model.
-    pub generation: Option<i64>,
-    /// The `--model` argument of `imagegen serve`.
-    pub model_arg: String,
-    /// Model family.
-    pub family: Family,
-    /// Weights and activations type (default f16).
-    pub dtype: Dtype,
-    /// Fewest replicas.
-    pub min_replicas: u32,
-    /// Most replicas.
-    pub max_replicas: u32,
-    /// `spec.replicas.count`: the scale subresource's count, if set.
-    pub count: Option<u32>,
-    /// How the model scales.
-    pub scaling: autoscaler::Policy,
-    /// GPUs per replica (default 1).
-    pub gpus: u32,
-    /// Extended resource name of the GPUs (default `nvidia.com/gpu`).
-    pub gpu_resource_name: String,
-    /// Node selector of the pods.
-    pub node_selector: BTreeMap<String, String>,
-    /// Tolerations of the pods.
-    pub tolerations: Vec<Toleration>,
-    /// The weight cache claim, if any (otherwise the cache is an emptyDir).
-    pub cache: Option<ModelCache>,
-}
-
-impl ValidModel {
-    /// Name of the cache PersistentVolumeClaim.
-    pub fn cache_claim_name(&self) -> String {
-        cache_claim_name(&self.name)
-    }
-
-    /// In-cluster URL of the model's Service.
-    pub fn endpoint(&self) -> String {
-        endpoint(&self.name, &self.namespace)
-    }
-}
-
-/// Name of the cache PersistentVolumeClaim of the model `name`.
-pub fn cache_claim_name(name: &str) -> String {
-    format!("{name}-cache")
-}
 
 /// Whether `model` reports enough ready replicas to serve (its Ready condition is True).
 pub fn is_ready(model: &DiffusionModel) -> bool {
@@ -187,11 +128,6 @@ pub fn token_from_auth_secret(secret: &Secret, tenant: &str) -> Option<String> {
         .filter_map(|line| line.split_once(':'))
         .find(|(t, token)| *t == tenant && !token.is_empty())
         .map(|(_, token)| token.to_string())
-}
-
-/// In-cluster URL of the Service of the model `name` in `namespace`.
-pub fn endpoint(name: &str, namespace: &str) -> String {
-    format!("http://{name}.{namespace}.svc:{SERVICE_PORT}")
 }
 
 /// Checks what the schema cannot (or what a resource that skipped the schema may get wrong)
@@ -870,7 +806,7 @@ mod tests {
         );
         assert_eq!(valid.gpu_resource_name, "amd.com/gpu");
         assert_eq!(valid.dtype, Dtype::Bf16);
-        assert_eq!(valid.family, Family::Sd15);
+        assert_eq!(valid.family, imagegen_crds::diffusion_model::Family::Sd15);
     }
 
     #[test]

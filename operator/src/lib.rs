@@ -39,6 +39,7 @@ pub mod runtime_pods;
 pub mod secret_copies;
 pub mod server;
 pub mod uninstall;
+pub mod valid_model;
 pub mod workload;
 
 use std::time::Duration;

@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
-use crate::diffusion_model::{ValidModel, CACHE_MOUNT_PATH};
+use crate::valid_model::{ValidModel, CACHE_MOUNT_PATH};
 use crate::{Error, OperatorConfig, STORE_MOUNT_PATH};
 
 /// Name of the store volume in pod specs.
