@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use c2pa::{BoxedSigner, Builder, Context, Reader, SigningAlg, ValidationState};
 
-use super::media::Format;
+use super::format::Format;
 use crate::output::DIGITAL_SOURCE_TYPE;
 
 /// The algorithms tried against a key, in order: the key's type decides which one works.

@@ -13,7 +13,6 @@ use imagegen_crds::api::{
     ResponseFormat, Upload,
 };
 use object_store::path::Path as StorePath;
-use sha2::{Digest, Sha256};
 use tokio::sync::broadcast;
 use warp::http::{header, HeaderMap, Method, StatusCode};
 use warp::reply::Response;
@@ -522,22 +521,8 @@ pub fn serves_model(shared: &Shared, name: &str) -> bool {
     name == served || name == short
 }
 
+pub use super::store::{hex_sha256, image_path, info_path, lora_path};
 pub use imagegen_crds::api::lora_file;
-
-/// The store path of a tenant's LoRA by name.
-pub fn lora_path(tenant: &str, name: &str) -> StorePath {
-    Store::tenant_path(tenant, &lora_file(name))
-}
-
-/// The store path of the description of a tenant's LoRA.
-pub fn info_path(tenant: &str, name: &str) -> StorePath {
-    Store::tenant_path(tenant, &format!("{}/info.json", api::lora_folder(name)))
-}
-
-/// The store path of a generated image (always kept as PNG).
-pub fn image_path(tenant: &str, id: &str) -> StorePath {
-    Store::tenant_path(tenant, &format!("images/{id}.png"))
-}
 
 /// A digest of a request, which a re-submission of its job id must match; only a request
 /// that names its job id is ever compared, so the others (which may carry megabytes of
@@ -1260,13 +1245,6 @@ async fn describe_lora_file(
         }
     }
     Ok(stored.info)
-}
-
-pub fn hex_sha256(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 async fn post_lora(request: &mut Request, tenant: &str) -> Result<Response, ApiError> {

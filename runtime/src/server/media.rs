@@ -10,6 +10,7 @@ use warp::Buf;
 
 use super::credentials::ContentCredentials;
 use super::error::ApiError;
+pub use super::format::Format;
 use crate::output::xmp_packet;
 
 /// Most parts of one multipart form.
@@ -109,59 +110,6 @@ pub fn decode_base64(text: &str, field: &str, limit: u64) -> Result<Vec<u8>, Api
 
 pub fn base64_encode(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
-}
-
-/// An output format of `GET /v1/images/{id}`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    Png,
-    Jpeg,
-    Webp,
-}
-
-impl Format {
-    pub fn from_extension(ext: &str) -> Option<Format> {
-        match ext.to_ascii_lowercase().as_str() {
-            "png" => Some(Format::Png),
-            "jpg" | "jpeg" => Some(Format::Jpeg),
-            "webp" => Some(Format::Webp),
-            _ => None,
-        }
-    }
-
-    /// The file extension of an image URL in this format.
-    pub fn extension(self) -> &'static str {
-        match self {
-            Format::Png => "png",
-            Format::Jpeg => "jpg",
-            Format::Webp => "webp",
-        }
-    }
-
-    /// The first of PNG, JPEG or WebP an `Accept` header names (PNG for `*/*` or none).
-    pub fn from_accept(accept: Option<&str>) -> Option<Format> {
-        let Some(accept) = accept else {
-            return Some(Format::Png);
-        };
-        for item in accept.split(',') {
-            let media = item.split(';').next().unwrap_or("").trim();
-            match media {
-                "image/png" | "image/*" | "*/*" => return Some(Format::Png),
-                "image/jpeg" | "image/jpg" => return Some(Format::Jpeg),
-                "image/webp" => return Some(Format::Webp),
-                _ => {}
-            }
-        }
-        None
-    }
-
-    pub fn content_type(self) -> &'static str {
-        match self {
-            Format::Png => "image/png",
-            Format::Jpeg => "image/jpeg",
-            Format::Webp => "image/webp",
-        }
-    }
 }
 
 /// Converts a stored PNG to `format`, with the XMP marking, and signs the new image when

@@ -12,6 +12,7 @@ pub mod config;
 pub mod credentials;
 pub mod device;
 pub mod error;
+pub mod format;
 pub mod http;
 pub mod jobs;
 pub mod load;

@@ -11,6 +11,7 @@ use object_store::path::Path as StorePath;
 use object_store::{ObjectMeta, ObjectStore, PutPayload};
 
 use super::error::ApiError;
+use sha2::{Digest, Sha256};
 
 #[derive(Clone)]
 pub struct Store {
@@ -193,6 +194,32 @@ impl Store {
         }
         Ok(file)
     }
+}
+
+/// The store path of a tenant's LoRA by name.
+pub fn lora_path(tenant: &str, name: &str) -> StorePath {
+    Store::tenant_path(tenant, &imagegen_crds::api::lora_file(name))
+}
+
+/// The store path of the description of a tenant's LoRA.
+pub fn info_path(tenant: &str, name: &str) -> StorePath {
+    Store::tenant_path(
+        tenant,
+        &format!("{}/info.json", imagegen_crds::api::lora_folder(name)),
+    )
+}
+
+/// The store path of a generated image (always kept as PNG).
+pub fn image_path(tenant: &str, id: &str) -> StorePath {
+    Store::tenant_path(tenant, &format!("images/{id}.png"))
+}
+
+/// The lowercase hex SHA-256 of `bytes`: what results and LoRA listings report of a file.
+pub fn hex_sha256(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 #[cfg(test)]

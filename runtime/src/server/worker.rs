@@ -388,8 +388,8 @@ fn store_outcome(
                 .map_err(|e| error_detail(codes::INTERNAL, e, false))?;
         }
         let id = random_id();
-        let sha256 = super::http::hex_sha256(&png);
-        let path = super::http::image_path(tenant, &id);
+        let sha256 = super::store::hex_sha256(&png);
+        let path = super::store::image_path(tenant, &id);
         let b64_json = b64.then(|| super::media::base64_encode(&png));
         shared
             .runtime
