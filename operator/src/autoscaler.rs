@@ -64,6 +64,17 @@ impl Policy {
             .clamp(self.min.max(1).min(self.max), self.max)
     }
 
+    /// The replicas the model is heading for: what its `queue` needs when the queue drives
+    /// the count, and never fewer than the `count` set through the scale subresource.
+    pub fn heading_for(&self, queue: u32, count: Option<u32>) -> u32 {
+        let set = self.bounded(count.unwrap_or(0));
+        if self.queue_driven {
+            self.needed(queue).max(set)
+        } else {
+            set
+        }
+    }
+
     /// A count (`spec.replicas.count`, or the Deployment's) brought within `min..=max`.
     pub fn bounded(&self, count: u32) -> u32 {
         count.clamp(self.min.min(self.max), self.max)
@@ -86,13 +97,6 @@ pub struct Decision {
     pub direction: Option<&'static str>,
     pub status: AutoscalingStatus,
     pub notes: Vec<Note>,
-}
-
-fn seconds_between(from: &Time, to: &Time) -> Duration {
-    from.0
-        .duration_until(to.0)
-        .try_into()
-        .unwrap_or(Duration::ZERO)
 }
 
 /// Decides from the model's `queue`, the replica count it runs now (`current`, within
@@ -120,7 +124,7 @@ pub fn decide(
     };
     if let Some(began) = status.cold_start_time.clone() {
         if ready > 0 {
-            let took = seconds_between(&began, now);
+            let took = crate::time_between(&began, now);
             status.last_cold_start_seconds = Some(took.as_secs().try_into().unwrap_or(u32::MAX));
             status.cold_start_time = None;
             notes.push(Note {
@@ -148,7 +152,7 @@ pub fn decide(
         .status
         .fewer_needed_since
         .as_ref()
-        .map_or(Duration::ZERO, |t| seconds_between(t, now));
+        .map_or(Duration::ZERO, |t| crate::time_between(t, now));
     if needed > current {
         decision.scale_to = Some(needed);
         if current == 0 {
@@ -193,7 +197,7 @@ pub fn recheck_after(policy: &Policy, decision: &Decision, now: &Time) -> Option
     Some(
         policy
             .scale_down_after
-            .saturating_sub(seconds_between(since, now))
+            .saturating_sub(crate::time_between(since, now))
             .max(Duration::from_secs(1)),
     )
 }
@@ -280,6 +284,20 @@ mod tests {
         let d = decide(&p, 0, 3, 3, Some(&d.status), &at(101));
         assert_eq!((d.scale_to, d.direction), (Some(0), Some("down")));
         assert_eq!(d.notes[0].reason, "ScaledDown");
+    }
+
+    #[test]
+    fn a_model_heads_for_what_its_queue_needs_or_its_set_count() {
+        let p = policy(0, 3);
+        assert_eq!(p.heading_for(5, None), 3);
+        assert_eq!(p.heading_for(1, Some(2)), 2);
+        assert_eq!(p.heading_for(0, Some(9)), 3);
+        let external = Policy {
+            queue_driven: false,
+            ..p
+        };
+        assert_eq!(external.heading_for(5, Some(1)), 1);
+        assert_eq!(external.heading_for(5, None), 0);
     }
 
     #[test]

@@ -254,13 +254,8 @@ pub fn ttl_remaining(generation: &ImageGeneration, now: &Time) -> Option<Duratio
         .as_ref()
         .and_then(|t| t.completion_time.clone())
         .or_else(|| find(&status.conditions, COMPLETE).map(|c| c.last_transition_time.clone()))?;
-    let deadline = finished.0 + Duration::from_secs(u64::from(ttl));
-    Some(
-        now.0
-            .duration_until(deadline)
-            .try_into()
-            .unwrap_or(Duration::ZERO),
-    )
+    let deadline = Time(finished.0 + Duration::from_secs(u64::from(ttl)));
+    Some(crate::time_between(now, &deadline))
 }
 
 struct StatusBuilder<'a> {

@@ -59,6 +59,17 @@ pub fn doubling_delay(n: u32, base: Duration, max: Duration) -> Duration {
         .min(max)
 }
 
+/// The time from `from` to `to`; zero when `to` is not later.
+pub fn time_between(
+    from: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+    to: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+) -> Duration {
+    from.0
+        .duration_until(to.0)
+        .try_into()
+        .unwrap_or(Duration::ZERO)
+}
+
 /// Settings of the operator itself, the same for every resource it manages.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OperatorConfig {

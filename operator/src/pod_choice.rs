@@ -19,7 +19,7 @@
 use imagegen_crds::api::RuntimeLoad;
 
 use crate::api::image_generation::RuntimePod;
-use crate::runtime_pods::PodEndpoint;
+use crate::runtime_pods::{rendezvous_weight, PodEndpoint};
 
 /// The jobs a running training counts as: it holds the device for minutes.
 pub const TRAINING_LOAD: u64 = 1000;
@@ -86,19 +86,6 @@ fn warm(load: &RuntimeLoad, loras: &[String]) -> usize {
         .count()
 }
 
-/// Rendezvous (highest random weight) hash of a job on a pod: FNV-1a, then splitmix64's
-/// finalizer to spread every input bit over the word. Stable across processes and
-/// releases, unlike std's hasher.
-fn weight(job_id: &str, pod: &str) -> u64 {
-    let bytes = job_id.bytes().chain([0]).chain(pod.bytes());
-    let mut z = bytes.fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
 /// What a job asks of the choice.
 #[derive(Debug, Clone, Copy)]
 pub struct Request<'a> {
@@ -157,7 +144,7 @@ pub fn choose<'a>(
         (
             affinity(r),
             std::cmp::Reverse(r.jobs.unwrap_or(UNKNOWN_LOAD)),
-            weight(job_id, &r.pod.name),
+            rendezvous_weight(job_id, &r.pod.name),
         )
     };
     let best = candidates.iter().max_by_key(|r| key(r))?;

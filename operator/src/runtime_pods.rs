@@ -83,25 +83,28 @@ pub fn model_pods<'a>(
     pods
 }
 
-/// The ready pod that a new job goes to: one of the ready pods, chosen by `key` (the job
-/// id), so that jobs spread evenly and a retried submission of the same job picks the same
-/// pod while the set of pods stays the same.
+/// The ready pod that a new job goes to when no load is known (a job submitted before pods
+/// were recorded, images and LoRAs deleted through any pod): the ready pod of highest
+/// [`rendezvous_weight`] for `key` (the job id), so that jobs spread evenly and the same
+/// key picks the same pod while that pod stays.
 pub fn choose<'a>(pods: &'a [PodEndpoint], key: &str) -> Option<&'a RuntimePod> {
-    let ready: Vec<&PodEndpoint> = pods.iter().filter(|p| p.ready).collect();
-    if ready.is_empty() {
-        return None;
-    }
-    // FNV-1a: stable across processes and releases, unlike std's hasher.
-    let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+    pods.iter()
+        .filter(|p| p.ready)
+        .max_by_key(|p| rendezvous_weight(key, &p.pod.name))
+        .map(|p| &p.pod)
+}
+
+/// Rendezvous (highest random weight) hash of `key` on the pod `pod`: FNV-1a, then
+/// splitmix64's finalizer to spread every input bit over the word. Stable across processes
+/// and releases, unlike std's hasher; a pod leaving moves only the keys it had.
+pub fn rendezvous_weight(key: &str, pod: &str) -> u64 {
+    let bytes = key.bytes().chain([0]).chain(pod.bytes());
+    let mut z = bytes.fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
     });
-    // FNV alone mixes poorly into a modulus (its lowest bit is the parity of the input's
-    // low bits): splitmix64's finalizer spreads every input bit over the whole word.
-    let mut z = hash;
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^= z >> 31;
-    Some(&ready[(z % ready.len() as u64) as usize].pod)
+    z ^ (z >> 31)
 }
 
 /// `pod` if the model still lists it (ready or not): the pod that holds a job.

@@ -89,27 +89,12 @@ async fn prepare_submission(
     // While the model scales up, a job waits for a fresh pod rather than queue behind busy
     // ones (when that queue would take longer than a pod takes to start), but never longer
     // than `unready_grace` from its creation.
-    let waited =
-        generation
-            .metadata
-            .creation_timestamp
-            .as_ref()
-            .map_or(Duration::ZERO, |created| {
-                created
-                    .0
-                    .duration_until((ctx.now)().0)
-                    .try_into()
-                    .unwrap_or(Duration::ZERO)
-            });
+    let created = generation.metadata.creation_timestamp.as_ref();
+    let waited = created.map_or(Duration::ZERO, |t| crate::time_between(t, &(ctx.now)()));
     if waited < ctx.config.unready_grace {
         let policy = autoscaler::Policy::of(model.spec.replicas.as_ref());
-        let queue = generations_using_model(&ctx.generations.state(), &model).len() as u32;
-        let count = model.spec.replicas.and_then(|r| r.count).unwrap_or(0);
-        let expected = if policy.queue_driven {
-            policy.needed(queue).max(policy.bounded(count))
-        } else {
-            policy.bounded(count)
-        };
+        let count = model.spec.replicas.and_then(|r| r.count);
+        let expected = policy.heading_for(queue_length(ctx, &model), count);
         let ready = pods.iter().filter(|p| p.ready).count() as u32;
         let pod_start = model
             .status

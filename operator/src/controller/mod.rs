@@ -689,16 +689,31 @@ where
     })
 }
 
+/// The unfinished ImageGenerations of `model`'s namespace that run on it: its queue.
+fn queued_on<'a>(
+    generations: &'a [Arc<ImageGeneration>],
+    model: &'a DiffusionModel,
+) -> impl Iterator<Item = &'a Arc<ImageGeneration>> + 'a {
+    let name = model.name_any();
+    unfinished_in(generations, &model.metadata.namespace, |g| {
+        g.status.as_ref()?.phase
+    })
+    .filter(move |g| g.spec.model_ref.name == name)
+}
+
 /// The unfinished ImageGenerations of `model`'s namespace that run on it.
 pub fn generations_using_model(
     generations: &[Arc<ImageGeneration>],
     model: &DiffusionModel,
 ) -> Vec<ObjectRef<ImageGeneration>> {
-    let namespace = model.namespace();
-    unfinished_in(generations, &namespace, |g| g.status.as_ref()?.phase)
-        .filter(|g| g.spec.model_ref.name == model.name_any())
+    queued_on(generations, model)
         .map(|g| ObjectRef::from_obj(g.as_ref()))
         .collect()
+}
+
+/// How many generations `model` has pending or running, from the operator's cache.
+fn queue_length(ctx: &Context, model: &DiffusionModel) -> u32 {
+    queued_on(&ctx.generations.state(), model).count() as u32
 }
 
 /// The model whose queue a change of `generation` may change: when it arrives (no phase

@@ -156,7 +156,7 @@ async fn autoscale(
         .and_then(|s| s.ready_replicas)
         .unwrap_or(0)
         .max(0) as u32;
-    let queue = generations_using_model(&ctx.generations.state(), model).len() as u32;
+    let queue = queue_length(ctx, model);
     let old = model.status.as_ref().and_then(|s| s.autoscaling.as_ref());
     let decision = autoscaler::decide(&valid.scaling, queue, current, ready, old, now);
     let mut count = current;

@@ -411,7 +411,10 @@ impl<W> Jobs<W> {
         Ok(())
     }
 
-    /// The worker's next task, taken at once; None once shutting down with nothing left.
+    /// The next task, taken at once; None once shutting down with nothing left. (The worker
+    /// waits for the device between [`Self::wait_pending`] and [`Self::try_next`]; the
+    /// queue's own tests take tasks in one call.)
+    #[cfg(test)]
     pub fn next(&self) -> Option<Result<Running<W>, Control>> {
         loop {
             match self.wait_pending()? {
