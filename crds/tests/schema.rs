@@ -1,7 +1,7 @@
 //! The generated definitions: the chart's copies are current, the schemas are structural,
 //! the examples are valid and invalid resources are refused.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use imagegen_crds::{crd_yaml, crds, DiffusionModel, ImageGeneration, LoraTraining};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -9,10 +9,12 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    // Read when the test runs, not when it was built: a test binary reused from another
+    // checkout carries that checkout's folder.
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest_dir.parent().unwrap().to_path_buf()
 }
 
 fn crd_for(kind: &str) -> CustomResourceDefinition {

@@ -92,7 +92,12 @@ const OPERATOR_ENV_ALWAYS: &[&str] = &[
 ];
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    // Read when the test runs, not when it was built: a test binary reused from another
+    // checkout carries that checkout's folder.
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest_dir
         .parent()
         .expect("the operator crate sits in the workspace")
         .to_path_buf()

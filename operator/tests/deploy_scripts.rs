@@ -2,11 +2,16 @@
 //! served model) are at least well-formed: shell scripts parse with `bash -n`, Python files
 //! parse, the e2e script says plainly where it runs, and its workflow runs it.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    // Read when the test runs, not when it was built: a test binary reused from another
+    // checkout carries that checkout's folder.
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    manifest_dir
         .parent()
         .expect("the operator crate sits in the workspace")
         .to_path_buf()

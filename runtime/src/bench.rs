@@ -9,9 +9,9 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use imagegen_crds::GenerationParams;
-use imagegen_runtime::styles::StyleBook;
-use imagegen_runtime::train::{train, MixedPrecision, TrainConfig, TrainerEvent};
-use imagegen_runtime::{Inputs, Lora, StableDiffusion};
+use imagegen_engine::styles::StyleBook;
+use imagegen_engine::train::{train, MixedPrecision, TrainConfig, TrainerEvent};
+use imagegen_engine::{Inputs, Lora, StableDiffusion};
 use serde::Serialize;
 use tch::{Device, Kind};
 
@@ -151,7 +151,7 @@ fn timed_call(
     sync(device);
     let start = Instant::now();
     let mut step_ends = Vec::new();
-    let mut progress = |_: imagegen_runtime::Progress| {
+    let mut progress = |_: imagegen_engine::Progress| {
         sync(device);
         step_ends.push(start.elapsed().as_secs_f64());
     };
@@ -255,11 +255,11 @@ pub fn run(args: BenchArgs) -> Result<(), String> {
     if let Some(&bad) = args
         .batches
         .iter()
-        .find(|&&b| b == 0 || b > imagegen_runtime::pipeline::MAX_COUNT)
+        .find(|&&b| b == 0 || b > imagegen_engine::pipelines::denoise::MAX_COUNT)
     {
         return Err(format!(
             "batch size {bad} is outside 1..={}",
-            imagegen_runtime::pipeline::MAX_COUNT
+            imagegen_engine::pipelines::denoise::MAX_COUNT
         ));
     }
     let name = args.model.display().to_string();

@@ -10,19 +10,18 @@ use std::sync::atomic::AtomicBool;
 
 use clap::{Parser, Subcommand};
 use imagegen_crds::{Mode, Outpaint, Strategy};
-use imagegen_runtime::engine::load_controlnet;
-use imagegen_runtime::generate::MaskPrompt;
-use imagegen_runtime::input::{load_image_file, ImageLimits};
-use imagegen_runtime::mask::{check_same_size, mask_from_image};
-use imagegen_runtime::mask_prompt::{
+use imagegen_engine::image::input::{load_image_file, ImageLimits};
+use imagegen_engine::image::mask::{check_same_size, mask_from_image};
+use imagegen_engine::image::output::write_png;
+use imagegen_engine::pipelines::generate::MaskPrompt;
+use imagegen_engine::pipelines::mask_prompt::{
     load_clipseg, MaskOptions, DEFAULT_GROW, DEFAULT_MASK_MODEL, DEFAULT_THRESHOLD,
 };
-use imagegen_runtime::output::write_png;
-use imagegen_runtime::source::resolve_component;
-use imagegen_runtime::styles::StyleBook;
-use imagegen_runtime::{
-    GenerationParams, Inputs, LoadOptions, Lora, SafetyPolicy, StableDiffusion,
-};
+use imagegen_engine::source::resolve_component;
+use imagegen_engine::stable_diffusion::load_controlnet;
+use imagegen_engine::styles::StyleBook;
+use imagegen_engine::{GenerationParams, Inputs, LoadOptions, Lora, SafetyPolicy, StableDiffusion};
+use imagegen_runtime::hub::HfHub;
 use tch::{Device, Kind};
 
 #[derive(Parser)]
@@ -308,7 +307,7 @@ fn parse_lora(text: &str) -> Result<(PathBuf, f64), String> {
     if path.as_os_str().is_empty() {
         return Err(format!("`{text}` names no LoRA file"));
     }
-    let file = imagegen_runtime::lora::lora_file(&path);
+    let file = imagegen_engine::lora::lora_file(&path);
     if !file.is_file() {
         return Err(format!("LoRA file {} not found", file.display()));
     }
@@ -316,11 +315,11 @@ fn parse_lora(text: &str) -> Result<(PathBuf, f64), String> {
 }
 
 fn parse_device(text: Option<&str>) -> Result<Device, String> {
-    imagegen_runtime::engine::parse_device(text, "--device")
+    imagegen_engine::stable_diffusion::parse_device(text, "--device")
 }
 
 fn parse_dtype(text: Option<&str>, device: Device) -> Result<Kind, String> {
-    imagegen_runtime::engine::parse_dtype(text, device, "--dtype")
+    imagegen_engine::stable_diffusion::parse_dtype(text, device, "--dtype")
 }
 
 /// `out.png` for one image; `out-0.png`, `out-1.png`, ... for several.
@@ -336,9 +335,11 @@ fn output_paths(out: &Path, count: usize) -> Vec<PathBuf> {
 
 fn generate(args: GenerateArgs) -> Result<(), String> {
     let device = parse_device(args.device.as_deref())?;
-    imagegen_runtime::engine::check_device(device, "--device")?;
+    imagegen_engine::stable_diffusion::check_device(device, "--device")?;
     let dtype = parse_dtype(args.dtype.as_deref(), device)?;
+    let hub = HfHub::shared().map_err(|e| e.to_string())?;
     let mut options = LoadOptions::new(&args.model);
+    options.hub = Some(hub.clone());
     options.device = device;
     options.dtype = dtype;
     options.safety = args.safety.into();
@@ -386,7 +387,7 @@ fn generate(args: GenerateArgs) -> Result<(), String> {
     let model = StableDiffusion::load(&options).map_err(|e| e.to_string())?;
     let controlnet = match &args.controlnet {
         Some(spec) => {
-            let dir = resolve_component(spec).map_err(|e| e.to_string())?;
+            let dir = resolve_component(spec, Some(hub.as_ref())).map_err(|e| e.to_string())?;
             Some(load_controlnet(&dir, device, dtype).map_err(|e| e.to_string())?)
         }
         None => None,
@@ -403,7 +404,10 @@ fn generate(args: GenerateArgs) -> Result<(), String> {
     let finder = if args.mask_prompts.is_empty() {
         None
     } else {
-        Some(load_clipseg(&args.mask_model, device, dtype).map_err(|e| e.to_string())?)
+        Some(
+            load_clipseg(&args.mask_model, Some(hub.as_ref()), device, dtype)
+                .map_err(|e| e.to_string())?,
+        )
     };
     let loaded = started.elapsed();
     let inputs = Inputs {
@@ -425,7 +429,7 @@ fn generate(args: GenerateArgs) -> Result<(), String> {
     };
     let cancel = AtomicBool::new(false);
     let mut report =
-        |p: imagegen_runtime::Progress| tracing::info!(step = p.step, total = p.total, "denoising");
+        |p: imagegen_engine::Progress| tracing::info!(step = p.step, total = p.total, "denoising");
     let outcome = model
         .generate(&params, &inputs, &styles, &mut report, &cancel)
         .map_err(|e| e.to_string())?;
@@ -445,7 +449,7 @@ fn generate(args: GenerateArgs) -> Result<(), String> {
                 "image {} (seed {}) blurred: {}",
                 image.index,
                 image.metadata.seed,
-                imagegen_runtime::safety::reason(verdict)
+                imagegen_engine::safety::reason(verdict)
             );
         }
         println!("{}", path.display());
@@ -470,7 +474,8 @@ fn find_mask(args: MaskArgs) -> Result<(), String> {
     let image = load_image_file(&args.image, &ImageLimits::default())
         .map_err(|e| e.to_string())?
         .to_rgb8();
-    let finder = load_clipseg(&args.model, device, dtype).map_err(|e| e.to_string())?;
+    let hub = HfHub::new().map_err(|e| e.to_string())?;
+    let finder = load_clipseg(&args.model, Some(&hub), device, dtype).map_err(|e| e.to_string())?;
     let options = MaskOptions {
         threshold: args.threshold,
         grow: args.grow,

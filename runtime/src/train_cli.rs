@@ -2,14 +2,16 @@
 //! object per line on stdout (nothing else goes there), logs and the error line on stderr.
 //!
 //! With `--store` (or `IMAGEGEN_STORE`), relative `--images`, `--out` and `--resume` paths
-//! are paths in the store, fetched and uploaded by [`imagegen_runtime::train::store`]; the
+//! are paths in the store, fetched and uploaded by [`imagegen_runtime::store::training`]; the
 //! `checkpoint` and `done` events then name store paths. Absolute paths stay local files.
 
 use std::path::PathBuf;
 
-use imagegen_runtime::train::store::TrainStore;
-use imagegen_runtime::train::{train, MixedPrecision, ProgressReporter, TrainConfig, TrainerEvent};
-use imagegen_runtime::{LoadOptions, SafetyPolicy, StableDiffusion};
+use imagegen_engine::train::{train, MixedPrecision, TrainConfig, TrainerEvent};
+use imagegen_engine::{LoadOptions, SafetyPolicy, StableDiffusion};
+use imagegen_runtime::hub::HfHub;
+use imagegen_runtime::store::training::TrainStore;
+use imagegen_runtime::train_progress::ProgressReporter;
 
 #[derive(clap::Args)]
 pub struct TrainArgs {
@@ -164,16 +166,17 @@ fn load_and_train(
     reporter: &ProgressReporter,
 ) -> Result<(), String> {
     let device = crate::parse_device(device.as_deref())?;
-    imagegen_runtime::engine::check_device(device, "--device")?;
+    imagegen_engine::stable_diffusion::check_device(device, "--device")?;
     // Checked before the (slow) downloads and model load.
     config.validate(device).map_err(|e| e.to_string())?;
     let store = store_url
         .map(|url| TrainStore::prepare(url, config))
         .transpose()
         .map_err(|e| e.to_string())?;
-    imagegen_runtime::train::data::collect_images(&config.images, "images")
+    imagegen_engine::train::data::collect_images(&config.images, "images")
         .map_err(|e| e.to_string())?;
     let mut options = LoadOptions::new(&config.model);
+    options.hub = Some(HfHub::shared().map_err(|e| e.to_string())?);
     options.device = device;
     options.dtype = config.mixed_precision.model_dtype();
     options.safety = SafetyPolicy::Off;

@@ -1,5 +1,6 @@
 //! The `imagegen` binary as a user runs it: flags, output files, exit codes, one-line errors.
 
+#[path = "../../engine/tests/common/mod.rs"]
 mod common;
 
 use std::path::PathBuf;
@@ -85,7 +86,8 @@ fn generate_writes_the_diffusers_image_with_metadata() {
         want_bytes.len()
     );
 
-    let metadata = imagegen_runtime::output::read_metadata(&bytes).expect("imagegen text chunk");
+    let metadata =
+        imagegen_engine::image::output::read_metadata(&bytes).expect("imagegen text chunk");
     assert_eq!(metadata["seed"], 42);
     assert_eq!(metadata["prompt"], "a photo of a cat");
     assert_eq!(metadata["negative_prompt"], "blurry");
@@ -314,7 +316,7 @@ fn black_and_white_style_is_gray_and_records_the_applied_prompt() {
         img.pixels().all(|p| p[0] == p[1] && p[1] == p[2]),
         "not grayscale"
     );
-    let metadata = imagegen_runtime::output::read_metadata(&bytes).unwrap();
+    let metadata = imagegen_engine::image::output::read_metadata(&bytes).unwrap();
     let prompt = metadata["prompt"].as_str().unwrap();
     assert!(
         prompt.contains("a cat") && prompt != "a cat",

@@ -130,8 +130,7 @@ fn the_key_decides_the_algorithm() {
 #[test]
 fn the_test_certificate_script_makes_a_working_certificate() {
     let dir = scratch("script-cert");
-    let script =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/c2pa-test-cert.sh");
+    let script = workspace_root().join("scripts/c2pa-test-cert.sh");
     let status = Command::new("bash")
         .arg(&script)
         .arg(&dir)

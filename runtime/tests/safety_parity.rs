@@ -1,6 +1,7 @@
 //! The safety checker against diffusers' `StableDiffusionSafetyChecker` on a tiny random
 //! checker, the policies applied to generated images, and the command line.
 
+#[path = "../../engine/tests/common/mod.rs"]
 mod common;
 
 use std::path::PathBuf;
@@ -8,10 +9,10 @@ use std::sync::atomic::AtomicBool;
 
 use common::{assert_close, fixtures_dir, load_reference};
 use image::RgbImage;
-use imagegen_runtime::engine::load_safety_checker;
-use imagegen_runtime::safety::{clip_pixel_values, Safety, SafetyChecker};
-use imagegen_runtime::styles::StyleBook;
-use imagegen_runtime::{
+use imagegen_engine::safety::{clip_pixel_values, Safety, SafetyChecker};
+use imagegen_engine::stable_diffusion::load_safety_checker;
+use imagegen_engine::styles::StyleBook;
+use imagegen_engine::{
     Error, GenerationOutcome, GenerationParams, Inputs, LoadOptions, SafetyPolicy, StableDiffusion,
 };
 use tch::{Device, Kind, Tensor};

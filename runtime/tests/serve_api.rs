@@ -40,7 +40,7 @@ fn generations_jobs_events_and_images() {
     assert_eq!(png.header("content-type"), Some("image/png"));
     assert_eq!(image["sha256"], hex_sha256(&png.body));
     assert!(has_mark(&png.body), "PNG carries the XMP marking");
-    let meta = imagegen_runtime::output::read_metadata(&png.body).unwrap();
+    let meta = imagegen_engine::image::output::read_metadata(&png.body).unwrap();
     assert_eq!(meta["prompt"], "a cat");
     let id = image["id"].as_str().unwrap();
     for (ext, ct, format) in [
@@ -977,7 +977,7 @@ fn open_mode_and_startup_refusals() {
 #[test]
 fn openai_sdk_against_the_compatible_endpoints() {
     let server = Server::start("openai", Options::default());
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/serve_openai.py");
+    let script = workspace_root().join("tests/serve_openai.py");
     let dir = server.store.parent().unwrap().to_path_buf();
     let image = dir.join("edit.png");
     std::fs::write(&image, png(64, 64, true)).unwrap();

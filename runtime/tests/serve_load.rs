@@ -40,15 +40,15 @@ fn overhead(server: &Server) -> usize {
     const RUNS: usize = 30;
     // The server runs libtorch on one thread (OMP_NUM_THREADS=1): so does this process.
     tch::set_num_threads(1);
-    let model = imagegen_runtime::StableDiffusion::load_dir(
+    let model = imagegen_engine::StableDiffusion::load_dir(
         &fixtures_dir().join("tiny-sd1"),
         "tiny-sd1",
         tch::Device::Cpu,
         tch::Kind::Float,
     )
     .unwrap();
-    let styles = imagegen_runtime::styles::StyleBook::builtin();
-    let params: imagegen_runtime::GenerationParams =
+    let styles = imagegen_engine::styles::StyleBook::builtin();
+    let params: imagegen_engine::GenerationParams =
         serde_json::from_value(small("a lighthouse at dusk", STEPS)).unwrap();
     let cancel = AtomicBool::new(false);
     let mut engine = Vec::new();
@@ -57,7 +57,7 @@ fn overhead(server: &Server) -> usize {
         let outcome = model
             .generate(
                 &params,
-                &imagegen_runtime::Inputs::default(),
+                &imagegen_engine::Inputs::default(),
                 &styles,
                 &mut |_| {},
                 &cancel,

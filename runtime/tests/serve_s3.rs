@@ -23,7 +23,7 @@ struct S3 {
 
 impl S3 {
     fn start() -> S3 {
-        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/s3_server.py");
+        let script = workspace_root().join("tests/s3_server.py");
         let mut child = Command::new(python())
             .arg(&script)
             .arg(BUCKET)

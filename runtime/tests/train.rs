@@ -2,6 +2,7 @@
 //! diffusers expects (and diffusers gives our image with it), resume continues from the
 //! checkpoint's step, v-prediction and prior preservation train, CLI errors are one line.
 
+#[path = "../../engine/tests/common/mod.rs"]
 mod common;
 
 use std::collections::BTreeMap;
@@ -11,10 +12,10 @@ use std::rc::Rc;
 use std::sync::atomic::AtomicBool;
 
 use common::{assert_images_match, fixtures_dir, python, step_numbers, subject_photo, temp_dir};
-use imagegen_runtime::lora::Lora;
-use imagegen_runtime::styles::StyleBook;
-use imagegen_runtime::train::{train, TrainConfig, TrainOutcome, TrainerEvent};
-use imagegen_runtime::{GeneratedImage, GenerationParams, Inputs, StableDiffusion};
+use imagegen_engine::lora::Lora;
+use imagegen_engine::styles::StyleBook;
+use imagegen_engine::train::{train, TrainConfig, TrainOutcome, TrainerEvent};
+use imagegen_engine::{GeneratedImage, GenerationParams, Inputs, StableDiffusion};
 use tch::{Device, Kind};
 
 fn model(name: &str) -> StableDiffusion {
@@ -258,7 +259,7 @@ fn resume_continues_from_the_checkpoint_step() {
 /// must not shift a seeded sequence on another.
 #[test]
 fn loading_a_model_leaves_the_generator_alone() {
-    use imagegen_runtime::noise::with_seed;
+    use imagegen_engine::noise::with_seed;
     let draw = || tch::Tensor::randn([64], (Kind::Float, Device::Cpu));
     let alone = with_seed(9, draw);
     let after_loads = with_seed(9, || {
@@ -574,7 +575,7 @@ fn a_trained_lora_gives_diffusers_image() {
     ];
     let cases_file = dir.join("cases.json");
     std::fs::write(&cases_file, serde_json::to_string(&cases).unwrap()).unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/check_trained_lora.py");
+    let script = common::workspace_root().join("tests/check_trained_lora.py");
     let status = single_threaded(Command::new(python()))
         .arg(&script)
         .arg(&cases_file)
@@ -634,7 +635,7 @@ fn bf16_mixed_precision_trains_on_the_cpu_with_float32_lora_weights() {
     let mut c = config("tiny-sd1", &images, &dir.join("out"));
     c.steps = 5;
     c.train_text_encoder = true;
-    c.mixed_precision = imagegen_runtime::train::MixedPrecision::Bf16;
+    c.mixed_precision = imagegen_engine::train::MixedPrecision::Bf16;
     let (outcome, _) = run(&model, &c);
     assert!(outcome.losses.iter().all(|l| l.is_finite()));
     let bytes = std::fs::read(&outcome.output).unwrap();
@@ -756,13 +757,13 @@ fn progress_is_posted_with_the_bearer_token_and_a_dead_url_does_not_stop_trainin
 /// LoRA written to a file, loaded and fused (scale alpha / rank on both sides).
 #[test]
 fn unfused_training_adapters_equal_the_fused_file() {
-    use imagegen_runtime::train::lora_params::{write_tensors, TrainableLora};
+    use imagegen_engine::train::lora_params::{write_tensors, TrainableLora};
     let dir = temp_dir("train", "unfused");
     let model = model("tiny-sd1");
     let lora = TrainableLora::new(&model, 4, 8.0, true, 5);
     // Draws go through the generator's lock: a draw outside it would shift the sequence of
     // a seeded training running beside this test.
-    let sample = imagegen_runtime::noise::with_seed(5, || {
+    let sample = imagegen_engine::noise::with_seed(5, || {
         tch::no_grad(|| {
             for m in &lora.modules {
                 let mut up = m.up.shallow_clone();

@@ -3,15 +3,16 @@
 //! working directory than the `file://` store's, so relative paths only work through the
 //! store (`object_store`), as they would with S3.
 
+#[path = "../../engine/tests/common/mod.rs"]
 mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::{fixtures_dir, step_numbers, subject_photo, temp_dir};
-use imagegen_runtime::lora::Lora;
-use imagegen_runtime::train::TrainerEvent;
-use imagegen_runtime::StableDiffusion;
+use imagegen_engine::lora::Lora;
+use imagegen_engine::train::TrainerEvent;
+use imagegen_engine::StableDiffusion;
 use tch::{Device, Kind};
 
 const OUT: &str = "tenants/t/loras/cat";

@@ -12,7 +12,7 @@ use imagegen_crds::api::{Job, JobState};
 use object_store::path::Path as StorePath;
 use serde::{Deserialize, Serialize};
 
-use super::store::Store;
+use crate::store::Store;
 
 /// The store folder of finished generations, in each tenant's folder.
 pub const JOBS_FOLDER: &str = "jobs";

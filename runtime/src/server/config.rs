@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use imagegen_crds::generation::{MAX_COUNT, MAX_PROMPT_CHARS, MAX_SIDE, MAX_STEPS};
 use serde::Deserialize;
 
-use crate::safety::SafetyPolicy;
+use imagegen_engine::safety::SafetyPolicy;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_QUEUE_SIZE: usize = 16;
@@ -157,7 +157,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
-            max_pixels: crate::input::ImageLimits::default().max_pixels,
+            max_pixels: imagegen_engine::image::input::ImageLimits::default().max_pixels,
             max_prompt_chars: MAX_PROMPT_CHARS,
             max_steps: MAX_STEPS,
             max_count: MAX_COUNT,
@@ -167,8 +167,8 @@ impl Default for Limits {
 }
 
 impl Limits {
-    pub fn image_limits(&self) -> crate::input::ImageLimits {
-        crate::input::ImageLimits {
+    pub fn image_limits(&self) -> imagegen_engine::image::input::ImageLimits {
+        imagegen_engine::image::input::ImageLimits {
             max_bytes: self.max_body_bytes,
             max_pixels: self.max_pixels,
         }
@@ -328,7 +328,9 @@ impl Config {
             ));
         }
         let safety = match args.safety.clone().or(file.safety.clone()) {
-            Some(text) => text.parse().map_err(|e: crate::Error| e.to_string())?,
+            Some(text) => text
+                .parse()
+                .map_err(|e: imagegen_engine::Error| e.to_string())?,
             None => SafetyPolicy::Block,
         };
         let store = match args.store.clone().or(file.store.clone()) {
@@ -410,7 +412,9 @@ impl Config {
                 .mask_model
                 .clone()
                 .or(file.mask_model.clone())
-                .unwrap_or_else(|| crate::mask_prompt::DEFAULT_MASK_MODEL.to_string()),
+                .unwrap_or_else(|| {
+                    imagegen_engine::pipelines::mask_prompt::DEFAULT_MASK_MODEL.to_string()
+                }),
             url_signing_key: args
                 .url_signing_key
                 .clone()

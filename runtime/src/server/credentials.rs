@@ -14,7 +14,7 @@ use std::sync::Arc;
 use c2pa::{BoxedSigner, Builder, Context, Reader, SigningAlg, ValidationState};
 
 use super::format::Format;
-use crate::output::DIGITAL_SOURCE_TYPE;
+use imagegen_engine::image::output::DIGITAL_SOURCE_TYPE;
 
 /// The algorithms tried against a key, in order: the key's type decides which one works.
 const ALGORITHMS: [SigningAlg; 5] = [

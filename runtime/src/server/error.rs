@@ -4,6 +4,8 @@ use imagegen_crds::api::{codes, ErrorBody, ErrorDetail};
 use warp::http::{header, StatusCode};
 use warp::reply::Response;
 
+use crate::store::StoreError;
+
 #[derive(Debug, Clone)]
 pub struct ApiError {
     pub status: StatusCode,
@@ -106,13 +108,13 @@ impl ApiError {
     }
 
     /// An engine error of a request: invalid input is the client's (422), the rest ours.
-    pub fn from_engine(error: &crate::Error) -> Self {
+    pub fn from_engine(error: &imagegen_engine::Error) -> Self {
         match error {
-            crate::Error::InvalidRequest { field, message } => {
+            imagegen_engine::Error::InvalidRequest { field, message } => {
                 Self::invalid(camel_case(field), message.clone())
             }
-            crate::Error::Lora { .. } => Self::invalid("loras", error.to_string()),
-            crate::Error::Cancelled => Self::new(
+            imagegen_engine::Error::Lora { .. } => Self::invalid("loras", error.to_string()),
+            imagegen_engine::Error::Cancelled => Self::new(
                 StatusCode::CONFLICT,
                 codes::CANCELLED,
                 "the job was cancelled",
@@ -156,6 +158,16 @@ pub fn camel_case(field: &str) -> String {
         }
     }
     out
+}
+
+/// A store failure as the API reports it.
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound => ApiError::not_found("not found"),
+            StoreError::Other(message) => ApiError::internal(message),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -21,9 +21,9 @@ use warp::{Buf, Reply};
 use super::error::{json_response, ApiError};
 use super::jobs::{error_detail, random_id, JobLora, Submission, Work};
 use super::media::{self, Format};
-use super::store::{check_name, check_store_path, Store, StoreError};
 use super::Shared;
-use crate::lora::DIFFUSERS_LORA_FILE;
+use crate::store::{check_name, check_store_path, Store, StoreError};
+use imagegen_engine::lora::DIFFUSERS_LORA_FILE;
 
 /// Which error shape a route answers in.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -374,7 +374,7 @@ pub async fn wait_for(
 /// Checks a request against the limits before anything is read or queued.
 pub fn check_limits(
     limits: &super::config::Limits,
-    styles: &crate::styles::StyleBook,
+    styles: &imagegen_engine::styles::StyleBook,
     webhook_hosts: &[String],
     body: &GenerationRequest,
 ) -> Result<(), ApiError> {
@@ -521,7 +521,7 @@ pub fn serves_model(shared: &Shared, name: &str) -> bool {
     name == served || name == short
 }
 
-pub use super::store::{hex_sha256, image_path, info_path, lora_path};
+pub use crate::store::{hex_sha256, image_path, info_path, lora_path};
 pub use imagegen_crds::api::lora_file;
 
 /// A digest of a request, which a re-submission of its job id must match; only a request
@@ -642,7 +642,7 @@ pub async fn submit(
                 let mask = mask_bytes
                     .map(|b| media::decode(&b, "mask", &limits))
                     .transpose()?
-                    .map(|m| crate::mask::mask_from_image(&m));
+                    .map(|m| imagegen_engine::image::mask::mask_from_image(&m));
                 Ok((image, mask))
             })
             .await
@@ -650,7 +650,7 @@ pub async fn submit(
         }
     };
     if let (Some(image), Some(mask)) = (&image, &mask) {
-        crate::mask::check_same_size(image, mask)
+        imagegen_engine::image::mask::check_same_size(image, mask)
             .map_err(|e| ApiError::invalid("mask", e.to_string()))?;
     }
     if body.mask_prompt.is_some() && image.is_none() {
@@ -1347,7 +1347,7 @@ mod tests {
 
     #[test]
     fn limits_name_the_field() {
-        let styles = crate::styles::StyleBook::builtin();
+        let styles = imagegen_engine::styles::StyleBook::builtin();
         let check = |json: serde_json::Value| {
             let body: GenerationRequest = serde_json::from_value(json).unwrap();
             check_limits(&limits(), &styles, &[], &body)
@@ -1419,7 +1419,7 @@ mod tests {
                                      width in any::<u32>(),
                                      count in any::<u32>(),
                                      guidance in -1e6f64..1e6) {
-            let styles = crate::styles::StyleBook::builtin();
+            let styles = imagegen_engine::styles::StyleBook::builtin();
             let _ = serde_json::from_slice::<GenerationRequest>(&bytes);
             if let Ok(body) = serde_json::from_value::<GenerationRequest>(value) {
                 let _ = check_limits(&limits(), &styles, &[], &body);

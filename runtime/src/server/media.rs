@@ -11,7 +11,7 @@ use warp::Buf;
 use super::credentials::ContentCredentials;
 use super::error::ApiError;
 pub use super::format::Format;
-use crate::output::xmp_packet;
+use imagegen_engine::image::output::xmp_packet;
 
 /// Most parts of one multipart form.
 pub const MAX_PARTS: usize = 16;
@@ -217,14 +217,15 @@ pub fn sniff(bytes: &[u8]) -> Option<&'static str> {
 pub fn decode(
     bytes: &[u8],
     field: &str,
-    limits: &crate::input::ImageLimits,
+    limits: &imagegen_engine::image::input::ImageLimits,
 ) -> Result<DynamicImage, ApiError> {
     if sniff(bytes).is_none() {
         return Err(
             ApiError::unsupported_media("the image is not PNG, JPEG or WebP").with_field(field),
         );
     }
-    crate::input::decode_image(bytes, limits).map_err(|e| ApiError::invalid(field, e.to_string()))
+    imagegen_engine::image::input::decode_image(bytes, limits)
+        .map_err(|e| ApiError::invalid(field, e.to_string()))
 }
 
 #[cfg(test)]
@@ -317,7 +318,7 @@ mod tests {
 
         #[test]
         fn image_decoding_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
-            let limits = crate::input::ImageLimits { max_bytes: 1 << 20, max_pixels: 1 << 16 };
+            let limits = imagegen_engine::image::input::ImageLimits { max_bytes: 1 << 20, max_pixels: 1 << 16 };
             let _ = decode(&bytes, "image", &limits);
         }
 
@@ -331,7 +332,7 @@ mod tests {
                 let i = at % png.len();
                 png[i] = value;
             }
-            let limits = crate::input::ImageLimits { max_bytes: 1 << 20, max_pixels: 1 << 16 };
+            let limits = imagegen_engine::image::input::ImageLimits { max_bytes: 1 << 20, max_pixels: 1 << 16 };
             let _ = decode(&png, "image", &limits);
         }
     }

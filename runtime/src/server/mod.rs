@@ -20,7 +20,6 @@ pub mod media;
 pub mod metrics;
 pub mod openai;
 pub mod openapi;
-pub mod store;
 pub mod trainer;
 pub mod webhook;
 pub mod worker;
@@ -42,10 +41,10 @@ pub struct Shared {
     pub jobs: jobs::Jobs,
     /// Trainings, run one at a time by the trainer thread (`imagegen train` children).
     pub trainings: jobs::Jobs<trainer::TrainingWork>,
-    pub store: store::Store,
+    pub store: crate::store::Store,
     pub metrics: metrics::Metrics,
     pub auth: auth::Auth,
-    pub styles: crate::styles::StyleBook,
+    pub styles: imagegen_engine::styles::StyleBook,
     /// The tokio runtime, for the worker thread's store writes and webhooks.
     pub runtime: tokio::runtime::Handle,
     pub worker_alive: AtomicBool,
@@ -83,9 +82,9 @@ pub fn run(args: ServeArgs) -> Result<(), String> {
         }
         None => None,
     };
-    let store = store::Store::open(&config.store)?;
-    let styles =
-        crate::styles::StyleBook::load(config.styles_file.as_deref()).map_err(|e| e.to_string())?;
+    let store = crate::store::Store::open(&config.store)?;
+    let styles = imagegen_engine::styles::StyleBook::load(config.styles_file.as_deref())
+        .map_err(|e| e.to_string())?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("imagegen-http")

@@ -173,7 +173,7 @@ fn train(shared: &Shared, running: &Running<TrainingWork>) -> Result<Output, Err
         })));
     };
     let bytes = std::fs::read(&output).map_err(|e| internal(format!("{output}: {e}")))?;
-    let sha256 = super::store::hex_sha256(&bytes);
+    let sha256 = crate::store::hex_sha256(&bytes);
     let tenant = &running.key.0;
     let relative = imagegen_crds::api::lora_file(&work.name);
     let info = LoraInfo {
@@ -189,13 +189,13 @@ fn train(shared: &Shared, running: &Running<TrainingWork>) -> Result<Output, Err
         .block_on(async {
             store
                 .put(
-                    &super::store::lora_path(tenant, &work.name),
+                    &crate::store::lora_path(tenant, &work.name),
                     Bytes::from(bytes),
                 )
                 .await?;
             store
                 .put(
-                    &super::store::info_path(tenant, &work.name),
+                    &crate::store::info_path(tenant, &work.name),
                     Bytes::from(serde_json::to_vec(&info).unwrap_or_default()),
                 )
                 .await

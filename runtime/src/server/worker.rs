@@ -20,11 +20,13 @@ use super::jobs::{
 };
 use super::load::LoraOwners;
 use super::Shared;
-use crate::engine::{check_device, parse_device, parse_dtype};
-use crate::generate::MaskPrompt;
-use crate::mask_prompt::{load_clipseg, MaskFinder, MaskOptions};
-use crate::output::encode_png;
-use crate::{GenerationOutcome, Inputs, LoadOptions, Lora, LoraCache, StableDiffusion};
+use crate::hub::HfHub;
+use imagegen_engine::image::output::encode_png;
+use imagegen_engine::pipelines::generate::MaskPrompt;
+use imagegen_engine::pipelines::mask_prompt::{load_clipseg, MaskFinder, MaskOptions};
+use imagegen_engine::source::Hub;
+use imagegen_engine::stable_diffusion::{check_device, parse_device, parse_dtype};
+use imagegen_engine::{GenerationOutcome, Inputs, LoadOptions, Lora, LoraCache, StableDiffusion};
 
 /// What the worker tells the server once the model is loaded (or failed to load).
 pub struct Loaded {
@@ -39,6 +41,8 @@ struct Engine {
     owners: LoraOwners,
     /// CLIPSeg for mask prompts, loaded on first use.
     finder: Option<MaskFinder>,
+    /// Where hub ids are fetched from (the model's, and CLIPSeg's on first use).
+    hub: Arc<dyn Hub>,
 }
 
 /// Runs on the worker thread until the queue shuts down.
@@ -48,7 +52,9 @@ pub fn run(shared: Arc<Shared>, loaded: std::sync::mpsc::Sender<Result<Loaded, S
         let device = parse_device(config.device.as_deref(), "device")?;
         check_device(device, "device")?;
         let dtype = parse_dtype(config.dtype.as_deref(), device, "dtype")?;
+        let hub = HfHub::shared().map_err(|e| e.to_string())?;
         let mut options = LoadOptions::new(&config.model);
+        options.hub = Some(hub.clone());
         options.device = device;
         options.dtype = dtype;
         options.safety = config.safety;
@@ -59,6 +65,7 @@ pub fn run(shared: Arc<Shared>, loaded: std::sync::mpsc::Sender<Result<Loaded, S
             loras: LoraCache::new(config.lora_cache_bytes as usize),
             owners: LoraOwners::default(),
             finder: None,
+            hub,
         })
     })();
     let mut engine = match engine {
@@ -205,7 +212,7 @@ fn load_loras(
     engine: &mut Engine,
     tenant: &str,
     job_loras: &[JobLora],
-) -> crate::Result<Vec<(Rc<Lora>, f64)>> {
+) -> imagegen_engine::Result<Vec<(Rc<Lora>, f64)>> {
     let mut loras = Vec::new();
     let mut outcome = Ok(());
     for lora in job_loras {
@@ -265,7 +272,7 @@ fn run_batch(shared: &Shared, engine: &mut Engine, batch: Vec<Running>) {
     let requests: Vec<_> = live.iter().map(|r| r.work.params.clone()).collect();
     let all_stopped = AtomicBool::new(false);
     let mut steps_done = 0;
-    let mut report = |p: crate::Progress| {
+    let mut report = |p: imagegen_engine::Progress| {
         steps_done = p.step as u32;
         let now = Instant::now();
         for r in &live {
@@ -305,9 +312,9 @@ fn run_batch(shared: &Shared, engine: &mut Engine, batch: Vec<Running>) {
 }
 
 /// A job's error for the engine's: a stopped run ends with the reason it was stopped for.
-fn engine_error(shared: &Shared, key: &JobKey, error: &crate::Error) -> ErrorDetail {
+fn engine_error(shared: &Shared, key: &JobKey, error: &imagegen_engine::Error) -> ErrorDetail {
     match error {
-        crate::Error::Cancelled => shared.jobs.cancel_reason(key),
+        imagegen_engine::Error::Cancelled => shared.jobs.cancel_reason(key),
         other => super::error::ApiError::from_engine(other).detail,
     }
 }
@@ -320,11 +327,12 @@ fn generate(
     cancel: &AtomicBool,
     deadline: Instant,
 ) -> Result<GenerationResult, ErrorDetail> {
-    let engine_error = |e: crate::Error| engine_error(shared, key, &e);
+    let engine_error = |e: imagegen_engine::Error| engine_error(shared, key, &e);
     let loras = load_loras(shared, engine, &key.0, &work.loras).map_err(engine_error)?;
     if work.mask_prompt.is_some() && engine.finder.is_none() {
         let finder = load_clipseg(
             &shared.config.mask_model,
+            Some(engine.hub.as_ref()),
             engine.model.device,
             engine.model.dtype,
         )
@@ -357,7 +365,7 @@ fn generate(
             _ => None,
         },
     };
-    let mut report = |p: crate::Progress| {
+    let mut report = |p: imagegen_engine::Progress| {
         shared.jobs.progress(key, p.step as u32, p.total as u32);
         if Instant::now() >= deadline {
             shared.jobs.stop(key, deadline_error());
@@ -388,8 +396,8 @@ fn store_outcome(
                 .map_err(|e| error_detail(codes::INTERNAL, e, false))?;
         }
         let id = random_id();
-        let sha256 = super::store::hex_sha256(&png);
-        let path = super::store::image_path(tenant, &id);
+        let sha256 = crate::store::hex_sha256(&png);
+        let path = crate::store::image_path(tenant, &id);
         let b64_json = b64.then(|| super::media::base64_encode(&png));
         shared
             .runtime

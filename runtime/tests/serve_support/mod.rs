@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 pub const TOKEN_A: &str = "token-tenant-a-0001";
 pub const TOKEN_B: &str = "token-tenant-b-0002";
 
-#[path = "../common/mod.rs"]
+#[path = "../../../engine/tests/common/mod.rs"]
 mod common;
 // Each test file uses some of these.
 #[allow(unused_imports)]
-pub use common::{compare_u8, fixture_index, fixtures_dir, python};
+pub use common::{compare_u8, fixture_index, fixtures_dir, python, workspace_root};
 
 /// A LoRA file of the fixture model tiny-sd1.
 pub fn lora_fixture() -> PathBuf {

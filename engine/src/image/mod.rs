@@ -1,0 +1,8 @@
+//! Images in and out of the pipelines: decoding uploads within limits, tensors and resizing,
+//! masks, Canny edges, and PNG files with their metadata.
+
+pub mod canny;
+pub mod input;
+pub mod mask;
+pub mod output;
+pub mod processor;

@@ -1,0 +1,25 @@
+//! imagegen's engine: Stable Diffusion on libtorch (through `tch`), as a library that the
+//! command line, the HTTP service, the trainer and the benchmarks all call. It knows no
+//! transport: models come from local folders, or through a [`source::Hub`] the caller gives.
+
+pub mod error;
+pub mod image;
+pub mod lora;
+pub mod models;
+pub mod noise;
+pub mod pipelines;
+pub mod safety;
+pub mod schedulers;
+pub mod source;
+pub mod stable_diffusion;
+pub mod styles;
+pub mod tokenizer;
+pub mod train;
+pub mod weights;
+
+pub use error::{Error, Result};
+pub use imagegen_crds::{GenerationParams, Strategy};
+pub use lora::{FusedLoras, Lora, LoraCache};
+pub use pipelines::{GeneratedImage, InpaintRoute, Inputs, Progress};
+pub use safety::{GenerationOutcome, SafetyPolicy, Withheld};
+pub use stable_diffusion::{LoadOptions, StableDiffusion};
