@@ -2,11 +2,13 @@
 //! command line, the HTTP service, the trainer and the benchmarks all call. It knows no
 //! transport: models come from local folders, or through a [`source::Hub`] the caller gives.
 
+pub mod device;
 pub mod error;
 pub mod image;
 pub mod lora;
 pub mod models;
 pub mod noise;
+pub mod outcome;
 pub mod pipelines;
 pub mod safety;
 pub mod schedulers;
@@ -20,6 +22,7 @@ pub mod weights;
 pub use error::{Error, Result};
 pub use imagegen_crds::{GenerationParams, Strategy};
 pub use lora::{FusedLoras, Lora, LoraCache};
-pub use pipelines::{GeneratedImage, InpaintRoute, Inputs, Progress};
-pub use safety::{GenerationOutcome, SafetyPolicy, Withheld};
+pub use outcome::{GeneratedImage, GenerationOutcome, Progress, Withheld};
+pub use pipelines::{InpaintRoute, Inputs};
+pub use safety::SafetyPolicy;
 pub use stable_diffusion::{LoadOptions, StableDiffusion};

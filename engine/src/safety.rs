@@ -1,6 +1,6 @@
 //! What happens to generated images that the safety checker flags.
 //!
-//! Every output of [`StableDiffusion::generate`](crate::StableDiffusion::generate) goes
+//! Every output of [`generate`](crate::pipelines::generate()) goes
 //! through the model's [`Safety`] after decoding (and after a style's correction):
 //!
 //! * [`SafetyPolicy::Block`] (the default) withholds flagged images: the outcome lists
@@ -21,9 +21,9 @@ use image::RgbImage;
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
+use crate::models::loading::{load_safety_checker, Loaded};
 use crate::models::safety_checker::{SafetyVerdict, StableDiffusionSafetyChecker};
-use crate::pipelines::denoise::GeneratedImage;
-use crate::stable_diffusion::{load_safety_checker, Loaded};
+use crate::outcome::{GeneratedImage, GenerationOutcome, Withheld};
 
 /// CLIP's normalization (OpenAI CLIP mean and std, per RGB channel).
 pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
@@ -76,26 +76,6 @@ impl std::fmt::Display for SafetyPolicy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
     }
-}
-
-/// An image that was generated but not delivered.
-#[derive(Debug, Clone)]
-pub struct Withheld {
-    /// Its position in the request (its seed is the request's seed + index).
-    pub index: usize,
-    pub seed: u64,
-    /// One line for people: "flagged as unsafe (concept 3, score 0.012)".
-    pub reason: String,
-    pub verdict: SafetyVerdict,
-}
-
-/// What a generation delivers.
-#[derive(Debug, Clone)]
-pub struct GenerationOutcome {
-    /// Delivered images in request order; [`GeneratedImage::index`] says which.
-    pub images: Vec<GeneratedImage>,
-    /// Images withheld by [`SafetyPolicy::Block`], in request order.
-    pub withheld: Vec<Withheld>,
 }
 
 /// "flagged as unsafe (concept 3, score 0.012)", naming the highest-scoring concept.

@@ -4,19 +4,17 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use tch::{nn::VarStore, Device, Kind};
+use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
-use crate::models::controlnet::{ControlNetConfig, ControlNetModel};
-use crate::models::safety_checker::{SafetyCheckerConfig, StableDiffusionSafetyChecker};
-use crate::models::unet::{UNet2DConditionModel, UNetConfig};
-use crate::models::vae::{legacy_name, AutoencoderKL, VaeConfig};
+use crate::models::loading::{load_text_encoder, load_unet, load_vae, Loaded};
+use crate::models::unet::UNet2DConditionModel;
+use crate::models::vae::{AutoencoderKL, VaeConfig};
 use crate::safety::{Safety, SafetyChecker, SafetyPolicy};
 use crate::schedulers::{SchedulerConfig, SchedulerKind};
 use crate::source::{self, Hub};
 use crate::tokenizer::ClipTokenizer;
-use crate::weights::{load_var_store, weight_files};
 
 /// How to load a model.
 #[derive(Clone)]
@@ -61,189 +59,6 @@ impl LoadOptions {
             hub: None,
         }
     }
-}
-
-/// A device by name: `cpu`, `cuda`, `cuda:N` or `auto` (also what none means: CUDA when this
-/// machine has it, else the CPU). `setting` names where the text came from in the error
-/// (`--device` on the command line).
-pub fn parse_device(text: Option<&str>, setting: &str) -> std::result::Result<Device, String> {
-    match text {
-        None | Some("auto") => Ok(Device::cuda_if_available()),
-        Some("cpu") => Ok(Device::Cpu),
-        Some("cuda") => Ok(Device::Cuda(0)),
-        Some(other) => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(index)) => Ok(Device::Cuda(index)),
-            _ => Err(format!(
-                "invalid {setting} `{other}` (expected cpu, cuda, cuda:N or auto)"
-            )),
-        },
-    }
-}
-
-/// A dtype by name (`f32`, `f16`, `bf16`); none means f16 on CUDA and f32 on the CPU.
-pub fn parse_dtype(
-    text: Option<&str>,
-    device: Device,
-    setting: &str,
-) -> std::result::Result<Kind, String> {
-    match text {
-        None if device.is_cuda() => Ok(Kind::Half),
-        None => Ok(Kind::Float),
-        Some("f32" | "fp32" | "float32") => Ok(Kind::Float),
-        Some("f16" | "fp16" | "float16") => Ok(Kind::Half),
-        Some("bf16" | "bfloat16") => Ok(Kind::BFloat16),
-        Some(other) => Err(format!(
-            "invalid {setting} `{other}` (expected f32, f16 or bf16)"
-        )),
-    }
-}
-
-/// An error unless the device is the CPU or a CUDA device this machine has (checked before
-/// a slow model load that would fail late).
-pub fn check_device(device: Device, setting: &str) -> std::result::Result<(), String> {
-    if let Device::Cuda(index) = device {
-        if !tch::Cuda::is_available() || index >= tch::Cuda::device_count() as usize {
-            return Err(format!(
-                "{setting} cuda:{index} is not available on this machine"
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// A component with the VarStore that owns its weights (kept for LoRA and training).
-pub struct Loaded<M> {
-    pub model: M,
-    pub vars: VarStore,
-}
-
-fn no_alias(_: &str) -> Option<String> {
-    None
-}
-
-/// transformers 5 saves `CLIPTextModel` without the `text_model.` prefix that the
-/// checkpoints on the hub (and our module paths) have: accept both.
-fn clip_alias(name: &str) -> Option<String> {
-    name.strip_prefix("text_model.").map(String::from)
-}
-
-/// Weight files of a component: the fp16 variant first when computing in half precision,
-/// the full-precision files first otherwise; either is accepted when it is all there is.
-fn component_weights(dir: &Path, stem: &str, dtype: Kind) -> Result<Vec<PathBuf>> {
-    let order: [Option<&str>; 2] = if matches!(dtype, Kind::Half | Kind::BFloat16) {
-        [Some("fp16"), None]
-    } else {
-        [None, Some("fp16")]
-    };
-    let mut first_err = None;
-    for variant in order {
-        match weight_files(dir, stem, variant) {
-            Ok(files) => return Ok(files),
-            Err(e @ Error::PickleRefused { .. }) => return Err(e),
-            Err(e) => {
-                first_err.get_or_insert(e);
-            }
-        }
-    }
-    Err(first_err.expect("two attempts were made"))
-}
-
-fn new_var_store(device: Device, dtype: Kind) -> VarStore {
-    let mut vars = VarStore::new(device);
-    vars.set_kind(dtype);
-    vars
-}
-
-fn finish(mut vars: VarStore) -> VarStore {
-    vars.freeze();
-    vars
-}
-
-pub fn load_text_encoder(dir: &Path, device: Device, dtype: Kind) -> Result<Loaded<ClipTextModel>> {
-    let config = ClipTextConfig::from_file(&dir.join("config.json"))?;
-    let vars = new_var_store(device, dtype);
-    let model = ClipTextModel::new(vars.root(), &config);
-    load_var_store(&vars, &component_weights(dir, "model", dtype)?, clip_alias)?;
-    Ok(Loaded {
-        model,
-        vars: finish(vars),
-    })
-}
-
-pub fn load_unet(dir: &Path, device: Device, dtype: Kind) -> Result<Loaded<UNet2DConditionModel>> {
-    let config_path = dir.join("config.json");
-    let config = UNetConfig::from_file(&config_path)?;
-    let vars = new_var_store(device, dtype);
-    let model = UNet2DConditionModel::new(vars.root(), config, &config_path)?;
-    load_var_store(
-        &vars,
-        &component_weights(dir, "diffusion_pytorch_model", dtype)?,
-        no_alias,
-    )?;
-    Ok(Loaded {
-        model,
-        vars: finish(vars),
-    })
-}
-
-/// A ControlNet folder (`config.json` and `diffusion_pytorch_model[.fp16].safetensors`).
-pub fn load_controlnet(dir: &Path, device: Device, dtype: Kind) -> Result<Loaded<ControlNetModel>> {
-    let config_path = dir.join("config.json");
-    let config = ControlNetConfig::from_file(&config_path)?;
-    let vars = new_var_store(device, dtype);
-    let model = ControlNetModel::new(vars.root(), config, &config_path)?;
-    load_var_store(
-        &vars,
-        &component_weights(dir, "diffusion_pytorch_model", dtype)?,
-        no_alias,
-    )?;
-    Ok(Loaded {
-        model,
-        vars: finish(vars),
-    })
-}
-
-pub fn load_vae(dir: &Path, device: Device, dtype: Kind) -> Result<Loaded<AutoencoderKL>> {
-    let config = VaeConfig::from_file(&dir.join("config.json"))?;
-    let vars = new_var_store(device, dtype);
-    let model = AutoencoderKL::new(vars.root(), config);
-    load_var_store(
-        &vars,
-        &component_weights(dir, "diffusion_pytorch_model", dtype)?,
-        legacy_name,
-    )?;
-    Ok(Loaded {
-        model,
-        vars: finish(vars),
-    })
-}
-
-/// transformers 5 saves the safety checker's vision tower as `vision_model.…`, the
-/// checkpoints on the hub have `vision_model.vision_model.…`: accept both.
-fn safety_checker_alias(name: &str) -> Option<String> {
-    name.strip_prefix("vision_model.vision_model.")
-        .map(|rest| format!("vision_model.{rest}"))
-}
-
-/// A safety checker folder (transformers layout: `config.json` and
-/// `model[.fp16].safetensors`), as in a model's `safety_checker/`.
-pub fn load_safety_checker(
-    dir: &Path,
-    device: Device,
-    dtype: Kind,
-) -> Result<Loaded<StableDiffusionSafetyChecker>> {
-    let config = SafetyCheckerConfig::from_file(&dir.join("config.json"))?;
-    let vars = new_var_store(device, dtype);
-    let model = StableDiffusionSafetyChecker::new(vars.root(), &config);
-    load_var_store(
-        &vars,
-        &component_weights(dir, "model", dtype)?,
-        safety_checker_alias,
-    )?;
-    Ok(Loaded {
-        model,
-        vars: finish(vars),
-    })
 }
 
 /// A text-to-image model ready to run.
@@ -351,5 +166,44 @@ impl StableDiffusion {
     /// The size the model was trained at (diffusers' default height/width).
     pub fn native_size(&self) -> i64 {
         self.unet.model.config_sample_size() * self.vae.model.config.scale_factor()
+    }
+
+    /// Text embeddings `[batch, tokens, dim]` for `texts`.
+    pub fn encode_text(&self, texts: &[&str], clip_skip: usize) -> Result<Tensor> {
+        let ids = texts
+            .iter()
+            .map(|t| self.tokenizer.encode(t).map(|ids| Tensor::from_slice(&ids)))
+            .collect::<Result<Vec<_>>>()?;
+        let ids = Tensor::stack(&ids, 0).to_device(self.device);
+        Ok(tch::no_grad(|| {
+            self.text_encoder.model.forward(&ids, clip_skip)
+        }))
+    }
+
+    /// Refuses a UNet that takes more than the latents (inpainting or InstructPix2Pix
+    /// models) for a pipeline that feeds it latents only.
+    pub fn require_plain_unet(&self, what: &str) -> Result<()> {
+        let unet = self.unet.model.config.in_channels;
+        let latents = self.vae.model.config.latent_channels;
+        if unet != latents {
+            return Err(Error::invalid(
+                "strategy",
+                format!(
+                    "{what} needs a UNet that takes the {latents} latent channels; {}'s takes {unet}",
+                    self.name
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Latents to pixel values in [0, 1] (`[batch, 3, h, w]`, float32 on the CPU).
+    pub fn decode(&self, latents: &Tensor) -> Tensor {
+        let scaled = (latents / self.vae.model.config.scaling_factor).to_kind(self.vae_dtype);
+        let image = self.vae.model.decode(&scaled);
+        (image / 2.0 + 0.5)
+            .clamp(0.0, 1.0)
+            .to_kind(Kind::Float)
+            .to_device(Device::Cpu)
     }
 }

@@ -5,6 +5,7 @@ mod common;
 use std::sync::atomic::AtomicBool;
 
 use common::fixtures_dir;
+use imagegen_engine::pipelines;
 use imagegen_engine::styles::StyleBook;
 use imagegen_engine::{GenerationParams, Inputs, StableDiffusion};
 
@@ -44,21 +45,27 @@ fn batched_requests_match_their_single_runs() {
             requests.push(params(body));
         }
         let mut steps = Vec::new();
-        let batched = model
-            .generate_batch(
-                &requests,
-                &[],
-                &styles,
-                &mut |p| steps.push(p.step),
-                &cancel,
-            )
-            .unwrap();
+        let batched = pipelines::generate_batch(
+            &model,
+            &requests,
+            &[],
+            &styles,
+            &mut |p| steps.push(p.step),
+            &cancel,
+        )
+        .unwrap();
         assert_eq!(steps.len(), 5, "one loop for the whole batch");
         assert_eq!(batched.len(), 3);
         for (request, outcome) in requests.iter().zip(&batched) {
-            let alone = model
-                .generate(request, &Inputs::default(), &styles, &mut |_| {}, &cancel)
-                .unwrap();
+            let alone = pipelines::generate(
+                &model,
+                request,
+                &Inputs::default(),
+                &styles,
+                &mut |_| {},
+                &cancel,
+            )
+            .unwrap();
             assert_eq!(outcome.images.len(), alone.images.len());
             for (b, a) in outcome.images.iter().zip(&alone.images) {
                 assert_eq!(b.metadata, a.metadata);
@@ -75,8 +82,7 @@ fn batched_requests_match_their_single_runs() {
     // Incompatible requests are refused.
     let a = params(serde_json::json!({"prompt": "a", "width": 64, "height": 64, "steps": 2}));
     let b = params(serde_json::json!({"prompt": "b", "width": 64, "height": 64, "steps": 3}));
-    let error = model
-        .generate_batch(&[a, b], &[], &styles, &mut |_| {}, &cancel)
-        .unwrap_err();
+    let error =
+        pipelines::generate_batch(&model, &[a, b], &[], &styles, &mut |_| {}, &cancel).unwrap_err();
     assert!(error.to_string().contains("batch"), "{error}");
 }

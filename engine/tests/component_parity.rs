@@ -6,7 +6,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{assert_close, fixtures_dir, load_reference};
-use imagegen_engine::stable_diffusion::{load_text_encoder, load_unet, load_vae};
+use imagegen_engine::models::loading::{load_text_encoder, load_unet, load_vae};
 use imagegen_engine::tokenizer::ClipTokenizer;
 use imagegen_engine::{noise, Error};
 use tch::{Device, Kind, Tensor};

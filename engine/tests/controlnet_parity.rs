@@ -15,7 +15,8 @@ use image::RgbImage;
 use imagegen_crds::Strategy;
 use imagegen_engine::image::canny::canny_edges;
 use imagegen_engine::models::controlnet::{ControlNetModel, ControlResiduals};
-use imagegen_engine::stable_diffusion::{load_controlnet, load_unet};
+use imagegen_engine::models::loading::{load_controlnet, load_unet};
+use imagegen_engine::pipelines;
 use imagegen_engine::{Error, GenerationParams, StableDiffusion};
 use tch::{Device, Kind};
 
@@ -182,15 +183,15 @@ fn run_case(name: &str) {
     let model = model(&case.model);
     let controlnet = controlnet();
     let mut steps_seen = 0;
-    let images = model
-        .controlnet(
-            &case.params(),
-            &controlnet,
-            &case.control_image(),
-            &mut |p| steps_seen = p.step,
-            &no_cancel(),
-        )
-        .unwrap();
+    let images = pipelines::controlnet(
+        &model,
+        &case.params(),
+        &controlnet,
+        &case.control_image(),
+        &mut |p| steps_seen = p.step,
+        &no_cancel(),
+    )
+    .unwrap();
     assert_eq!(steps_seen, case.steps as usize);
     assert_images_match(
         name,
@@ -218,8 +219,7 @@ fn every_fixture_case_has_a_test() {
 }
 
 fn text_to_image(model: &StableDiffusion, params: &GenerationParams) -> Vec<RgbImage> {
-    model
-        .text_to_image(params, &mut |_| {}, &no_cancel())
+    pipelines::text_to_image(model, params, &mut |_| {}, &no_cancel())
         .unwrap()
         .into_iter()
         .map(|g| g.image)
@@ -232,12 +232,18 @@ fn with_control(
     params: &GenerationParams,
     control: &RgbImage,
 ) -> Vec<RgbImage> {
-    model
-        .controlnet(params, controlnet, control, &mut |_| {}, &no_cancel())
-        .unwrap()
-        .into_iter()
-        .map(|g| g.image)
-        .collect()
+    pipelines::controlnet(
+        model,
+        params,
+        controlnet,
+        control,
+        &mut |_| {},
+        &no_cancel(),
+    )
+    .unwrap()
+    .into_iter()
+    .map(|g| g.image)
+    .collect()
 }
 
 /// The ControlNet does something: the same request without it gives another image.
@@ -291,9 +297,15 @@ fn canny_to_image_uses_the_edges_of_the_input() {
         strategy: Some(Strategy::Canny),
         ..case.params()
     };
-    let out = model
-        .canny_to_image(&params, &controlnet, &input, &mut |_| {}, &no_cancel())
-        .unwrap();
+    let out = pipelines::canny_to_image(
+        &model,
+        &params,
+        &controlnet,
+        &input,
+        &mut |_| {},
+        &no_cancel(),
+    )
+    .unwrap();
     assert_eq!(out[0].image.dimensions(), input.dimensions());
     let edges = canny_edges(&input, 50.0, 120.0).unwrap();
     assert!(edges.pixels().any(|p| p.0 == [255, 255, 255]));
@@ -364,26 +376,32 @@ fn bad_requests_name_the_field() {
         ),
     ];
     for (field, params) in cases {
-        let err = model
-            .canny_to_image(&params, &controlnet, &control, &mut |_| {}, &no_cancel())
-            .expect_err(field);
-        match &err {
-            Error::InvalidRequest { field: f, .. } => assert_eq!(*f, field, "{err}"),
-            other => panic!("{field}: {other}"),
-        }
-    }
-    let err = model
-        .controlnet(
-            &GenerationParams {
-                control_scale: Some(11.0),
-                ..base.clone()
-            },
+        let err = pipelines::canny_to_image(
+            &model,
+            &params,
             &controlnet,
             &control,
             &mut |_| {},
             &no_cancel(),
         )
-        .expect_err("scale above the maximum");
+        .expect_err(field);
+        match &err {
+            Error::InvalidRequest { field: f, .. } => assert_eq!(*f, field, "{err}"),
+            other => panic!("{field}: {other}"),
+        }
+    }
+    let err = pipelines::controlnet(
+        &model,
+        &GenerationParams {
+            control_scale: Some(11.0),
+            ..base.clone()
+        },
+        &controlnet,
+        &control,
+        &mut |_| {},
+        &no_cancel(),
+    )
+    .expect_err("scale above the maximum");
     assert!(err.to_string().contains("control_scale"), "{err}");
 }
 
@@ -391,19 +409,19 @@ fn bad_requests_name_the_field() {
 #[test]
 fn a_controlnet_for_another_unet_is_refused() {
     let model = model("tiny-sd2");
-    let err = model
-        .controlnet(
-            &GenerationParams {
-                prompt: "a cat".into(),
-                steps: Some(2),
-                ..Default::default()
-            },
-            &controlnet(),
-            &RgbImage::new(64, 40),
-            &mut |_| {},
-            &no_cancel(),
-        )
-        .expect_err("mismatched ControlNet");
+    let err = pipelines::controlnet(
+        &model,
+        &GenerationParams {
+            prompt: "a cat".into(),
+            steps: Some(2),
+            ..Default::default()
+        },
+        &controlnet(),
+        &RgbImage::new(64, 40),
+        &mut |_| {},
+        &no_cancel(),
+    )
+    .expect_err("mismatched ControlNet");
     assert!(
         matches!(
             &err,

@@ -10,6 +10,7 @@ use std::sync::atomic::AtomicBool;
 use common::{fixtures_dir, load_reference, u8_values};
 use image::RgbImage;
 use imagegen_engine::image::processor::resize_rgb;
+use imagegen_engine::pipelines;
 use imagegen_engine::pipelines::image_to_image::{default_size, start_step};
 use imagegen_engine::{Error, GenerationParams, StableDiffusion, Strategy};
 use tch::{Device, Kind, Tensor};
@@ -108,14 +109,14 @@ fn run_case(name: &str) {
     );
 
     let mut last = None;
-    let images = model
-        .image_to_image(
-            &params(&case),
-            &init,
-            &mut |p| last = Some(p),
-            &AtomicBool::new(false),
-        )
-        .unwrap();
+    let images = pipelines::image_to_image(
+        &model,
+        &params(&case),
+        &init,
+        &mut |p| last = Some(p),
+        &AtomicBool::new(false),
+    )
+    .unwrap();
     let last = last.expect("progress reported");
     assert_eq!(last.step, last.total, "{name}: progress ends at the total");
     if case.strategy == "sdedit" {
@@ -229,8 +230,7 @@ fn strength_must_be_in_range_and_run_a_step() {
             strength: Some(strength),
             ..small_request(Strategy::Sdedit)
         };
-        let err = model
-            .sdedit(&params, &init, &mut |_| {}, &AtomicBool::new(false))
+        let err = pipelines::sdedit(&model, &params, &init, &mut |_| {}, &AtomicBool::new(false))
             .expect_err("out of range");
         assert_eq!(field_of(&err), "strength", "{strength}: {err}");
     }
@@ -241,8 +241,7 @@ fn strength_must_be_in_range_and_run_a_step() {
             scheduler: Some("ddim".into()),
             ..small_request(Strategy::Sdedit)
         };
-        let err = model
-            .sdedit(&params, &init, &mut |_| {}, &AtomicBool::new(false))
+        let err = pipelines::sdedit(&model, &params, &init, &mut |_| {}, &AtomicBool::new(false))
             .expect_err("no step runs");
         assert_eq!(field_of(&err), "strength", "{strength}: {err}");
         assert!(err.to_string().contains("no denoising step"), "{err}");
@@ -257,14 +256,14 @@ fn strength_must_be_in_range_and_run_a_step() {
             ..small_request(Strategy::Sdedit)
         };
         let mut seen = Vec::new();
-        let images = model
-            .sdedit(
-                &params,
-                &init,
-                &mut |p| seen.push(p.step),
-                &AtomicBool::new(false),
-            )
-            .unwrap();
+        let images = pipelines::sdedit(
+            &model,
+            &params,
+            &init,
+            &mut |p| seen.push(p.step),
+            &AtomicBool::new(false),
+        )
+        .unwrap();
         assert_eq!(seen, (1..=steps).collect::<Vec<_>>(), "strength {strength}");
         assert_eq!(images[0].metadata.strength, Some(strength));
         assert_eq!(
@@ -278,14 +277,14 @@ fn strength_must_be_in_range_and_run_a_step() {
 fn instruct_refuses_a_four_channel_model() {
     let model = model("tiny-sd1");
     let init = RgbImage::from_pixel(64, 64, image::Rgb([10, 200, 30]));
-    let err = model
-        .image_to_image(
-            &small_request(Strategy::Instruct),
-            &init,
-            &mut |_| {},
-            &AtomicBool::new(false),
-        )
-        .expect_err("4-channel UNet");
+    let err = pipelines::image_to_image(
+        &model,
+        &small_request(Strategy::Instruct),
+        &init,
+        &mut |_| {},
+        &AtomicBool::new(false),
+    )
+    .expect_err("4-channel UNet");
     assert!(
         err.to_string()
             .contains("instruct needs an InstructPix2Pix model"),
@@ -297,22 +296,22 @@ fn instruct_refuses_a_four_channel_model() {
 fn sdedit_and_text_to_image_refuse_an_instruct_model() {
     let model = model("tiny-pix2pix");
     let init = RgbImage::from_pixel(64, 64, image::Rgb([10, 200, 30]));
-    let err = model
-        .sdedit(
-            &small_request(Strategy::Sdedit),
-            &init,
-            &mut |_| {},
-            &AtomicBool::new(false),
-        )
-        .expect_err("8-channel UNet");
+    let err = pipelines::sdedit(
+        &model,
+        &small_request(Strategy::Sdedit),
+        &init,
+        &mut |_| {},
+        &AtomicBool::new(false),
+    )
+    .expect_err("8-channel UNet");
     assert_eq!(field_of(&err), "strategy", "{err}");
-    let err = model
-        .text_to_image(
-            &small_request(Strategy::Sdedit),
-            &mut |_| {},
-            &AtomicBool::new(false),
-        )
-        .expect_err("8-channel UNet");
+    let err = pipelines::text_to_image(
+        &model,
+        &small_request(Strategy::Sdedit),
+        &mut |_| {},
+        &AtomicBool::new(false),
+    )
+    .expect_err("8-channel UNet");
     assert_eq!(field_of(&err), "strategy", "{err}");
 }
 
@@ -324,29 +323,28 @@ fn bad_image_requests_name_the_field() {
         image_guidance_scale: Some(f64::INFINITY),
         ..small_request(Strategy::Instruct)
     };
-    let err = model
-        .instruct(&params, &init, &mut |_| {}, &AtomicBool::new(false))
+    let err = pipelines::instruct(&model, &params, &init, &mut |_| {}, &AtomicBool::new(false))
         .expect_err("infinite image guidance");
     assert_eq!(field_of(&err), "image_guidance_scale", "{err}");
     // Too small to give a default size.
     let tiny = RgbImage::from_pixel(7, 64, image::Rgb([1, 2, 3]));
-    let err = model
-        .instruct(
-            &small_request(Strategy::Instruct),
-            &tiny,
-            &mut |_| {},
-            &AtomicBool::new(false),
-        )
-        .expect_err("7 pixels wide");
+    let err = pipelines::instruct(
+        &model,
+        &small_request(Strategy::Instruct),
+        &tiny,
+        &mut |_| {},
+        &AtomicBool::new(false),
+    )
+    .expect_err("7 pixels wide");
     assert_eq!(field_of(&err), "width", "{err}");
-    let err = model
-        .image_to_image(
-            &small_request(Strategy::Canny),
-            &init,
-            &mut |_| {},
-            &AtomicBool::new(false),
-        )
-        .expect_err("canny");
+    let err = pipelines::image_to_image(
+        &model,
+        &small_request(Strategy::Canny),
+        &init,
+        &mut |_| {},
+        &AtomicBool::new(false),
+    )
+    .expect_err("canny");
     assert_eq!(field_of(&err), "strategy", "{err}");
 }
 
@@ -373,7 +371,8 @@ fn cancel_stops_sdedit_between_steps() {
         ..small_request(Strategy::Sdedit)
     };
     let mut seen = 0;
-    let result = model.sdedit(
+    let result = pipelines::sdedit(
+        &model,
         &params,
         &init,
         &mut |p| {

@@ -11,6 +11,7 @@ use std::sync::atomic::AtomicBool;
 
 use common::{assert_images_match, fixtures_dir};
 use image::{GrayImage, RgbImage};
+use imagegen_engine::pipelines;
 use imagegen_engine::{
     image::processor as image_processor, noise, GenerationParams, InpaintRoute, StableDiffusion,
 };
@@ -81,7 +82,7 @@ fn run_case(name: &str) {
     } else {
         InpaintRoute::Blend
     };
-    assert_eq!(model.inpaint_route().unwrap(), expected_route);
+    assert_eq!(pipelines::inpaint_route(&model).unwrap(), expected_route);
     let params = GenerationParams {
         prompt: case.prompt.clone(),
         negative_prompt: case.negative_prompt.clone(),
@@ -98,15 +99,15 @@ fn run_case(name: &str) {
     let image = rgb(&fixtures_dir().join(&case.image));
     let mask = gray(&fixtures_dir().join(&case.mask));
     let mut steps_seen = 0;
-    let images = model
-        .inpaint(
-            &params,
-            &image,
-            &mask,
-            &mut |p| steps_seen = p.step,
-            &AtomicBool::new(false),
-        )
-        .unwrap();
+    let images = pipelines::inpaint(
+        &model,
+        &params,
+        &image,
+        &mask,
+        &mut |p| steps_seen = p.step,
+        &AtomicBool::new(false),
+    )
+    .unwrap();
     assert!(steps_seen >= 1, "progress was never reported");
     assert_images_match(
         name,
@@ -215,11 +216,17 @@ fn kept_area_survives_with_a_regular_unet() {
         seed: Some(seed),
         ..Default::default()
     };
-    let out = model
-        .inpaint(&params, &image, &mask, &mut |_| {}, &AtomicBool::new(false))
-        .unwrap()
-        .remove(0)
-        .image;
+    let out = pipelines::inpaint(
+        &model,
+        &params,
+        &image,
+        &mask,
+        &mut |_| {},
+        &AtomicBool::new(false),
+    )
+    .unwrap()
+    .remove(0)
+    .image;
     assert_eq!(
         out.dimensions(),
         (SIZE, SIZE),
@@ -286,17 +293,17 @@ fn kept_area_survives_with_a_regular_unet() {
     );
     // With nothing to repaint, the kept latents are the image's own: the output is exactly
     // the VAE round trip.
-    let untouched = model
-        .inpaint(
-            &params,
-            &image,
-            &GrayImage::new(SIZE, SIZE),
-            &mut |_| {},
-            &AtomicBool::new(false),
-        )
-        .unwrap()
-        .remove(0)
-        .image;
+    let untouched = pipelines::inpaint(
+        &model,
+        &params,
+        &image,
+        &GrayImage::new(SIZE, SIZE),
+        &mut |_| {},
+        &AtomicBool::new(false),
+    )
+    .unwrap()
+    .remove(0)
+    .image;
     assert!(
         untouched == round_trip,
         "an all-black mask must give the VAE round trip"
@@ -317,15 +324,15 @@ fn mask_of_another_size_is_refused() {
         steps: Some(2),
         ..Default::default()
     };
-    let err = model
-        .inpaint(
-            &params,
-            &synthetic_image(64, 64),
-            &GrayImage::new(64, 32),
-            &mut |_| {},
-            &AtomicBool::new(false),
-        )
-        .expect_err("must fail");
+    let err = pipelines::inpaint(
+        &model,
+        &params,
+        &synthetic_image(64, 64),
+        &GrayImage::new(64, 32),
+        &mut |_| {},
+        &AtomicBool::new(false),
+    )
+    .expect_err("must fail");
     assert!(
         matches!(
             err,
@@ -346,15 +353,15 @@ fn bad_strength_is_refused() {
             strength: Some(strength),
             ..Default::default()
         };
-        let err = model
-            .inpaint(
-                &params,
-                &synthetic_image(64, 64),
-                &GrayImage::new(64, 64),
-                &mut |_| {},
-                &AtomicBool::new(false),
-            )
-            .expect_err("must fail");
+        let err = pipelines::inpaint(
+            &model,
+            &params,
+            &synthetic_image(64, 64),
+            &GrayImage::new(64, 64),
+            &mut |_| {},
+            &AtomicBool::new(false),
+        )
+        .expect_err("must fail");
         assert!(err.to_string().contains("strength"), "{strength}: {err}");
     }
 }
@@ -369,14 +376,14 @@ fn size_defaults_to_the_image_rounded_down_to_8() {
         seed: Some(1),
         ..Default::default()
     };
-    let out = model
-        .inpaint(
-            &params,
-            &synthetic_image(70, 45),
-            &GrayImage::from_pixel(70, 45, image::Luma([255])),
-            &mut |_| {},
-            &AtomicBool::new(false),
-        )
-        .unwrap();
+    let out = pipelines::inpaint(
+        &model,
+        &params,
+        &synthetic_image(70, 45),
+        &GrayImage::from_pixel(70, 45, image::Luma([255])),
+        &mut |_| {},
+        &AtomicBool::new(false),
+    )
+    .unwrap();
     assert_eq!(out[0].image.dimensions(), (64, 40));
 }

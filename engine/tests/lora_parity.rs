@@ -12,7 +12,9 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use common::{assert_images_match, fixtures_dir};
+use imagegen_engine::lora;
 use imagegen_engine::lora::{Lora, LoraModule};
+use imagegen_engine::pipelines;
 use imagegen_engine::styles::StyleBook;
 use imagegen_engine::{GeneratedImage, GenerationParams, Inputs, StableDiffusion};
 use tch::{Device, Kind, Tensor};
@@ -88,16 +90,16 @@ fn text_to_image(
         loras,
         ..Default::default()
     };
-    model
-        .generate(
-            &params(case),
-            &inputs,
-            &StyleBook::builtin(),
-            &mut |_| {},
-            &AtomicBool::new(false),
-        )
-        .unwrap()
-        .images
+    pipelines::generate(
+        model,
+        &params(case),
+        &inputs,
+        &StyleBook::builtin(),
+        &mut |_| {},
+        &AtomicBool::new(false),
+    )
+    .unwrap()
+    .images
 }
 
 fn run_case(name: &str) {
@@ -112,16 +114,16 @@ fn run_case(name: &str) {
             // The pipeline method itself (diffusers' inpainting), with the LoRAs fused.
             let image = image::open(fixtures_dir().join(image)).unwrap().to_rgb8();
             let mask = image::open(fixtures_dir().join(mask)).unwrap().to_luma8();
-            let _fused = model.fuse_loras(&loras).unwrap();
-            model
-                .inpaint(
-                    &params(&case),
-                    &image,
-                    &mask,
-                    &mut |_| {},
-                    &AtomicBool::new(false),
-                )
-                .unwrap()
+            let _fused = lora::fuse_loras(&model, &loras).unwrap();
+            pipelines::inpaint(
+                &model,
+                &params(&case),
+                &image,
+                &mask,
+                &mut |_| {},
+                &AtomicBool::new(false),
+            )
+            .unwrap()
         }
         _ => text_to_image(&model, &case, loras),
     };
@@ -216,7 +218,7 @@ fn fuse_then_unfuse_restores_every_weight_bit_for_bit() {
         "lora-a: UNet and text encoder projections"
     );
     let before = snapshot(&model);
-    let fused = model.fuse_loras(&[(a.clone(), 0.7), (b, 0.5)]).unwrap();
+    let fused = lora::fuse_loras(&model, &[(a.clone(), 0.7), (b, 0.5)]).unwrap();
     assert_eq!(fused.touched(), a.modules.len());
     let during = snapshot(&model);
     assert_eq!(assert_same("fused", &before, &during), a.modules.len());
@@ -243,7 +245,9 @@ fn fuse_then_unfuse_restores_every_weight_bit_for_bit() {
         path: PathBuf::from("broken"),
         modules,
     });
-    let err = model.fuse_loras(&[(broken, 1.0)]).err().expect("refused");
+    let err = lora::fuse_loras(&model, &[(broken, 1.0)])
+        .err()
+        .expect("refused");
     assert!(err.to_string().contains("mid_block.zzz.weight"), "{err}");
     assert_same("restored", &before, &snapshot(&model));
 }

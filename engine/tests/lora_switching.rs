@@ -7,6 +7,7 @@ mod common;
 use std::time::Instant;
 
 use common::fixtures_dir;
+use imagegen_engine::lora;
 use imagegen_engine::lora::{var_store_bytes, LoraCache};
 use imagegen_engine::StableDiffusion;
 use tch::{Device, Kind};
@@ -53,7 +54,9 @@ fn switching_is_fast_and_memory_stays_flat() {
     let mut times = Vec::new();
     for _ in 0..21 {
         let started = Instant::now();
-        model.fuse_loras(&[(lora.clone(), 1.0)]).unwrap().unfuse();
+        lora::fuse_loras(&model, &[(lora.clone(), 1.0)])
+            .unwrap()
+            .unfuse();
         times.push(started.elapsed().as_secs_f64() * 1e3);
     }
     times.sort_by(|a, b| a.partial_cmp(b).unwrap());
@@ -64,9 +67,7 @@ fn switching_is_fast_and_memory_stays_flat() {
 
     let switch = |cache: &mut LoraCache, i: usize| {
         let lora = cache.get(&files[i % files.len()], &model, false).unwrap();
-        let fused = model
-            .fuse_loras(&[(lora, 0.5 + (i % 3) as f64 * 0.25)])
-            .unwrap();
+        let fused = lora::fuse_loras(&model, &[(lora, 0.5 + (i % 3) as f64 * 0.25)]).unwrap();
         drop(fused);
     };
     for i in 0..10 {

@@ -5,7 +5,7 @@ mod common;
 
 use common::fixtures_dir;
 use image::{GrayImage, Luma};
-use imagegen_engine::image::mask::{crop_region, Rect};
+use imagegen_engine::image::canvas::{crop_region, Rect};
 use serde::Deserialize;
 
 #[derive(Deserialize)]

@@ -7,6 +7,7 @@ mod common;
 use std::sync::atomic::AtomicBool;
 
 use common::{assert_images_match, fixtures_dir};
+use imagegen_engine::pipelines;
 use imagegen_engine::{GenerationParams, StableDiffusion};
 use tch::{Device, Kind};
 
@@ -61,13 +62,13 @@ fn run_case(name: &str) {
         ..Default::default()
     };
     let mut steps_seen = 0;
-    let images = model
-        .text_to_image(
-            &params,
-            &mut |p| steps_seen = p.step,
-            &AtomicBool::new(false),
-        )
-        .unwrap();
+    let images = pipelines::text_to_image(
+        &model,
+        &params,
+        &mut |p| steps_seen = p.step,
+        &AtomicBool::new(false),
+    )
+    .unwrap();
     assert!(
         steps_seen >= case.steps as usize,
         "progress reported {steps_seen} steps"
@@ -126,7 +127,8 @@ fn cancel_stops_between_steps() {
         ..Default::default()
     };
     let mut seen = 0;
-    let result = model.text_to_image(
+    let result = pipelines::text_to_image(
+        &model,
         &params,
         &mut |p| {
             seen = p.step;
@@ -197,21 +199,20 @@ fn bad_requests_name_the_field() {
         ),
     ];
     for (field, params) in cases {
-        let err = model
-            .text_to_image(&params, &mut |_| {}, &AtomicBool::new(false))
+        let err = pipelines::text_to_image(&model, &params, &mut |_| {}, &AtomicBool::new(false))
             .expect_err("must fail");
         assert!(err.to_string().contains(field), "{field}: {err}");
     }
-    let err = model
-        .text_to_image(
-            &GenerationParams {
-                scheduler: Some("heun".into()),
-                ..base
-            },
-            &mut |_| {},
-            &AtomicBool::new(false),
-        )
-        .expect_err("must fail");
+    let err = pipelines::text_to_image(
+        &model,
+        &GenerationParams {
+            scheduler: Some("heun".into()),
+            ..base
+        },
+        &mut |_| {},
+        &AtomicBool::new(false),
+    )
+    .expect_err("must fail");
     assert!(
         err.to_string().contains("dpmpp-2m-karras"),
         "lists the valid schedulers: {err}"
@@ -232,8 +233,7 @@ fn seeds_are_reproducible() {
             seed: Some(seed),
             ..Default::default()
         };
-        model
-            .text_to_image(&params, &mut |_| {}, &AtomicBool::new(false))
+        pipelines::text_to_image(&model, &params, &mut |_| {}, &AtomicBool::new(false))
             .unwrap()
             .remove(0)
             .image

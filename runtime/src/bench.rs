@@ -1,6 +1,6 @@
 //! `imagegen bench`: times a model the way the service runs it, through
-//! [`StableDiffusion::generate`] (text-to-image, safety off): time to ready, denoising
-//! throughput per batch size, peak memory and the LoRA switch. One JSON object goes to
+//! [`pipelines::generate`](imagegen_engine::pipelines::generate()) (text-to-image, safety
+//! off): time to ready, denoising throughput per batch size, peak memory and the LoRA switch. One JSON object goes to
 //! stdout, a table to stderr. Nothing here judges the numbers.
 
 use std::path::{Path, PathBuf};
@@ -9,6 +9,8 @@ use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
 use imagegen_crds::GenerationParams;
+use imagegen_engine::lora;
+use imagegen_engine::pipelines;
 use imagegen_engine::styles::StyleBook;
 use imagegen_engine::train::{train, MixedPrecision, TrainConfig, TrainerEvent};
 use imagegen_engine::{Inputs, Lora, StableDiffusion};
@@ -155,9 +157,15 @@ fn timed_call(
         sync(device);
         step_ends.push(start.elapsed().as_secs_f64());
     };
-    let outcome = model
-        .generate(params, &Inputs::default(), styles, &mut progress, &cancel)
-        .map_err(|e| e.to_string())?;
+    let outcome = pipelines::generate(
+        model,
+        params,
+        &Inputs::default(),
+        styles,
+        &mut progress,
+        &cancel,
+    )
+    .map_err(|e| e.to_string())?;
     sync(device);
     let seconds = start.elapsed().as_secs_f64();
     if outcome.images.len() != params.count.unwrap_or(1) as usize {
@@ -177,7 +185,7 @@ fn lora_switch(model: &StableDiffusion, path: &Path, runs: u32) -> Result<LoraRe
     for _ in 0..runs + 1 {
         sync(model.device);
         let start = Instant::now();
-        let fused = model.fuse_loras(&loras).map_err(|e| e.to_string())?;
+        let fused = lora::fuse_loras(model, &loras).map_err(|e| e.to_string())?;
         fused.unfuse();
         sync(model.device);
         times.push(start.elapsed().as_secs_f64());

@@ -13,12 +13,13 @@ use imagegen_crds::{Mode, Outpaint, Strategy};
 use imagegen_engine::image::input::{load_image_file, ImageLimits};
 use imagegen_engine::image::mask::{check_same_size, mask_from_image};
 use imagegen_engine::image::output::write_png;
+use imagegen_engine::models::loading::load_controlnet;
+use imagegen_engine::pipelines;
 use imagegen_engine::pipelines::generate::MaskPrompt;
 use imagegen_engine::pipelines::mask_prompt::{
     load_clipseg, MaskOptions, DEFAULT_GROW, DEFAULT_MASK_MODEL, DEFAULT_THRESHOLD,
 };
 use imagegen_engine::source::resolve_component;
-use imagegen_engine::stable_diffusion::load_controlnet;
 use imagegen_engine::styles::StyleBook;
 use imagegen_engine::{GenerationParams, Inputs, LoadOptions, Lora, SafetyPolicy, StableDiffusion};
 use imagegen_runtime::hub::HfHub;
@@ -315,11 +316,11 @@ fn parse_lora(text: &str) -> Result<(PathBuf, f64), String> {
 }
 
 fn parse_device(text: Option<&str>) -> Result<Device, String> {
-    imagegen_engine::stable_diffusion::parse_device(text, "--device")
+    imagegen_engine::device::parse_device(text, "--device")
 }
 
 fn parse_dtype(text: Option<&str>, device: Device) -> Result<Kind, String> {
-    imagegen_engine::stable_diffusion::parse_dtype(text, device, "--dtype")
+    imagegen_engine::device::parse_dtype(text, device, "--dtype")
 }
 
 /// `out.png` for one image; `out-0.png`, `out-1.png`, ... for several.
@@ -335,7 +336,7 @@ fn output_paths(out: &Path, count: usize) -> Vec<PathBuf> {
 
 fn generate(args: GenerateArgs) -> Result<(), String> {
     let device = parse_device(args.device.as_deref())?;
-    imagegen_engine::stable_diffusion::check_device(device, "--device")?;
+    imagegen_engine::device::check_device(device, "--device")?;
     let dtype = parse_dtype(args.dtype.as_deref(), device)?;
     let hub = HfHub::shared().map_err(|e| e.to_string())?;
     let mut options = LoadOptions::new(&args.model);
@@ -430,8 +431,7 @@ fn generate(args: GenerateArgs) -> Result<(), String> {
     let cancel = AtomicBool::new(false);
     let mut report =
         |p: imagegen_engine::Progress| tracing::info!(step = p.step, total = p.total, "denoising");
-    let outcome = model
-        .generate(&params, &inputs, &styles, &mut report, &cancel)
+    let outcome = pipelines::generate(&model, &params, &inputs, &styles, &mut report, &cancel)
         .map_err(|e| e.to_string())?;
     tracing::info!(
         load_seconds = loaded.as_secs_f64(),

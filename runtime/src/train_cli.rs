@@ -166,7 +166,7 @@ fn load_and_train(
     reporter: &ProgressReporter,
 ) -> Result<(), String> {
     let device = crate::parse_device(device.as_deref())?;
-    imagegen_engine::stable_diffusion::check_device(device, "--device")?;
+    imagegen_engine::device::check_device(device, "--device")?;
     // Checked before the (slow) downloads and model load.
     config.validate(device).map_err(|e| e.to_string())?;
     let store = store_url

@@ -9,8 +9,9 @@ use std::sync::atomic::AtomicBool;
 
 use common::{assert_close, fixtures_dir, load_reference};
 use image::RgbImage;
+use imagegen_engine::models::loading::load_safety_checker;
+use imagegen_engine::pipelines;
 use imagegen_engine::safety::{clip_pixel_values, Safety, SafetyChecker};
-use imagegen_engine::stable_diffusion::load_safety_checker;
 use imagegen_engine::styles::StyleBook;
 use imagegen_engine::{
     Error, GenerationOutcome, GenerationParams, Inputs, LoadOptions, SafetyPolicy, StableDiffusion,
@@ -130,15 +131,15 @@ fn params() -> GenerationParams {
 }
 
 fn generate(model: &StableDiffusion) -> GenerationOutcome {
-    model
-        .generate(
-            &params(),
-            &Inputs::default(),
-            &StyleBook::builtin(),
-            &mut |_| {},
-            &AtomicBool::new(false),
-        )
-        .unwrap()
+    pipelines::generate(
+        model,
+        &params(),
+        &Inputs::default(),
+        &StyleBook::builtin(),
+        &mut |_| {},
+        &AtomicBool::new(false),
+    )
+    .unwrap()
 }
 
 /// The tiny checker with thresholds re-set so that, of `images`, exactly one is flagged

@@ -8,6 +8,7 @@ use std::collections::HashSet;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
+use imagegen_engine::pipelines;
 use serde_json::json;
 use serve_support::*;
 
@@ -54,15 +55,15 @@ fn overhead(server: &Server) -> usize {
     let mut engine = Vec::new();
     for i in 0..RUNS + 2 {
         let started = Instant::now();
-        let outcome = model
-            .generate(
-                &params,
-                &imagegen_engine::Inputs::default(),
-                &styles,
-                &mut |_| {},
-                &cancel,
-            )
-            .unwrap();
+        let outcome = pipelines::generate(
+            &model,
+            &params,
+            &imagegen_engine::Inputs::default(),
+            &styles,
+            &mut |_| {},
+            &cancel,
+        )
+        .unwrap();
         assert_eq!(outcome.images.len(), 1);
         if i >= 2 {
             engine.push(started.elapsed().as_secs_f64());

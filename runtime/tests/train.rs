@@ -12,7 +12,9 @@ use std::rc::Rc;
 use std::sync::atomic::AtomicBool;
 
 use common::{assert_images_match, fixtures_dir, python, step_numbers, subject_photo, temp_dir};
+use imagegen_engine::lora;
 use imagegen_engine::lora::Lora;
+use imagegen_engine::pipelines;
 use imagegen_engine::styles::StyleBook;
 use imagegen_engine::train::{train, TrainConfig, TrainOutcome, TrainerEvent};
 use imagegen_engine::{GeneratedImage, GenerationParams, Inputs, StableDiffusion};
@@ -453,26 +455,24 @@ fn ours(model: &StableDiffusion, case: &Case) -> Vec<GeneratedImage> {
         (Some(image), Some(mask)) => {
             let image = image::open(image).unwrap().to_rgb8();
             let mask = image::open(mask).unwrap().to_luma8();
-            let _fused = model.fuse_loras(&loras).unwrap();
-            model
-                .inpaint(&params(case), &image, &mask, &mut |_| {}, &cancel)
-                .unwrap()
+            let _fused = lora::fuse_loras(model, &loras).unwrap();
+            pipelines::inpaint(model, &params(case), &image, &mask, &mut |_| {}, &cancel).unwrap()
         }
         _ => {
             let inputs = Inputs {
                 loras,
                 ..Default::default()
             };
-            model
-                .generate(
-                    &params(case),
-                    &inputs,
-                    &StyleBook::builtin(),
-                    &mut |_| {},
-                    &cancel,
-                )
-                .unwrap()
-                .images
+            pipelines::generate(
+                model,
+                &params(case),
+                &inputs,
+                &StyleBook::builtin(),
+                &mut |_| {},
+                &cancel,
+            )
+            .unwrap()
+            .images
         }
     }
 }
@@ -800,7 +800,7 @@ fn unfused_training_adapters_equal_the_fused_file() {
     write_tensors(&file, &lora.diffusers_tensors(), metadata).unwrap();
     let loaded = Rc::new(Lora::load(&file, &model, false).unwrap());
     let fused = {
-        let _fused = model.fuse_loras(&[(loaded, 1.0)]).unwrap();
+        let _fused = lora::fuse_loras(&model, &[(loaded, 1.0)]).unwrap();
         forward()
     };
     let change = common::max_abs_diff(&unfused, &base);

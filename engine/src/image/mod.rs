@@ -2,6 +2,8 @@
 //! masks, Canny edges, and PNG files with their metadata.
 
 pub mod canny;
+pub mod canvas;
+pub mod fit;
 pub mod input;
 pub mod mask;
 pub mod output;

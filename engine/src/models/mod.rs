@@ -8,6 +8,7 @@ pub mod clip_vision;
 pub mod clipseg;
 pub mod controlnet;
 pub mod layers;
+pub mod loading;
 pub mod resnet;
 pub mod safety_checker;
 pub mod transformer;

@@ -8,9 +8,10 @@ use imagegen_crds::GenerationParams;
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
-use crate::image::input::SIDE_MULTIPLE;
+use crate::image::fit::SIDE_MULTIPLE;
 use crate::image::output::ImageMetadata;
 use crate::noise::{self, DrawPlan, ImageNoise};
+pub use crate::outcome::{GeneratedImage, Progress};
 use crate::schedulers::{Scheduler, SchedulerKind};
 use crate::stable_diffusion::StableDiffusion;
 
@@ -19,25 +20,6 @@ pub const DEFAULT_GUIDANCE: f64 = 7.5;
 pub const MAX_SIDE: u32 = 2048;
 pub const MAX_COUNT: u32 = 16;
 pub const MAX_STEPS: u32 = 500;
-
-/// Where a generation is, reported after every denoising step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Progress {
-    pub step: usize,
-    pub total: usize,
-}
-
-/// One output image with what produced it.
-#[derive(Debug, Clone)]
-pub struct GeneratedImage {
-    pub image: RgbImage,
-    pub metadata: ImageMetadata,
-    /// Position in the request (the image's seed is the request's seed + index).
-    pub index: usize,
-    /// Set when the safety checker flagged the image and the policy delivered it
-    /// obscured ([`SafetyPolicy::Blur`](crate::safety::SafetyPolicy::Blur)).
-    pub flagged: Option<crate::models::safety_checker::SafetyVerdict>,
-}
 
 /// A request with every default filled in and every value checked.
 #[derive(Debug, Clone)]
@@ -224,105 +206,68 @@ pub fn stack_noise(
 /// Predicts the (guided) model output for `latents` at loop index `step`, timestep `t`.
 pub type Predict<'a> = dyn Fn(&dyn Scheduler, &Tensor, usize, f64) -> Tensor + 'a;
 
-impl StableDiffusion {
-    /// Text embeddings `[batch, tokens, dim]` for `texts`.
-    pub fn encode_text(&self, texts: &[&str], clip_skip: usize) -> Result<Tensor> {
-        let ids = texts
-            .iter()
-            .map(|t| self.tokenizer.encode(t).map(|ids| Tensor::from_slice(&ids)))
-            .collect::<Result<Vec<_>>>()?;
-        let ids = Tensor::stack(&ids, 0).to_device(self.device);
-        Ok(tch::no_grad(|| {
-            self.text_encoder.model.forward(&ids, clip_skip)
-        }))
-    }
+/// The prompt's embeddings and, when `negative` is set, the negative prompt's, each
+/// repeated for every image. diffusers applies clip skip to the prompt only: the
+/// negative side always uses the last layer.
+pub fn encode_prompts(
+    model: &StableDiffusion,
+    r: &Resolved,
+    negative: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let count = r.count as i64;
+    let cond = model
+        .encode_text(&[&r.prompt], r.clip_skip)?
+        .repeat([count, 1, 1]);
+    let uncond = if negative {
+        Some(model.encode_text(&[r.negative()], 0)?.repeat([count, 1, 1]))
+    } else {
+        None
+    };
+    Ok((cond, uncond))
+}
 
-    /// The prompt's embeddings and, when `negative` is set, the negative prompt's, each
-    /// repeated for every image. diffusers applies clip skip to the prompt only: the
-    /// negative side always uses the last layer.
-    pub fn encode_prompts(&self, r: &Resolved, negative: bool) -> Result<(Tensor, Option<Tensor>)> {
-        let count = r.count as i64;
-        let cond = self
-            .encode_text(&[&r.prompt], r.clip_skip)?
-            .repeat([count, 1, 1]);
-        let uncond = if negative {
-            Some(self.encode_text(&[r.negative()], 0)?.repeat([count, 1, 1]))
-        } else {
-            None
-        };
-        Ok((cond, uncond))
-    }
-
-    /// Refuses a UNet that takes more than the latents (inpainting or InstructPix2Pix
-    /// models) for a pipeline that feeds it latents only.
-    pub fn require_plain_unet(&self, what: &str) -> Result<()> {
-        let unet = self.unet.model.config.in_channels;
-        let latents = self.vae.model.config.latent_channels;
-        if unet != latents {
-            return Err(Error::invalid(
-                "strategy",
-                format!(
-                    "{what} needs a UNet that takes the {latents} latent channels; {}'s takes {unet}",
-                    self.name
-                ),
-            ));
+/// The denoising loop from loop index `start` to the end of `scheduler`'s timesteps:
+/// `predict`, then a scheduler step with that step's noise from `noises`
+/// (`per_step[0]` is the first step taken). Reports progress after every step and stops
+/// between steps when `cancel` is set.
+#[allow(clippy::too_many_arguments)]
+pub fn denoise(
+    model: &StableDiffusion,
+    scheduler: &mut dyn Scheduler,
+    mut latents: Tensor,
+    start: usize,
+    noises: &[ImageNoise],
+    predict: &Predict,
+    progress: &mut dyn FnMut(Progress),
+    cancel: &AtomicBool,
+) -> Result<Tensor> {
+    let timesteps = scheduler.timesteps().to_vec();
+    let total = timesteps.len().saturating_sub(start);
+    for (taken, (i, &t)) in timesteps.iter().enumerate().skip(start).enumerate() {
+        if cancel.load(Ordering::Relaxed) {
+            return Err(Error::Cancelled);
         }
-        Ok(())
+        let prediction = predict(&*scheduler, &latents, i, t);
+        let step_noise = scheduler
+            .needs_noise()
+            .then(|| stack_noise(noises, model.device, |n| &n.per_step[taken]));
+        latents = scheduler.step(&prediction, i, &latents, step_noise.as_ref());
+        progress(Progress {
+            step: taken + 1,
+            total,
+        });
     }
+    Ok(latents)
+}
 
-    /// The denoising loop from loop index `start` to the end of `scheduler`'s timesteps:
-    /// `predict`, then a scheduler step with that step's noise from `noises`
-    /// (`per_step[0]` is the first step taken). Reports progress after every step and stops
-    /// between steps when `cancel` is set.
-    #[allow(clippy::too_many_arguments)]
-    pub fn denoise(
-        &self,
-        scheduler: &mut dyn Scheduler,
-        mut latents: Tensor,
-        start: usize,
-        noises: &[ImageNoise],
-        predict: &Predict,
-        progress: &mut dyn FnMut(Progress),
-        cancel: &AtomicBool,
-    ) -> Result<Tensor> {
-        let timesteps = scheduler.timesteps().to_vec();
-        let total = timesteps.len().saturating_sub(start);
-        for (taken, (i, &t)) in timesteps.iter().enumerate().skip(start).enumerate() {
-            if cancel.load(Ordering::Relaxed) {
-                return Err(Error::Cancelled);
-            }
-            let prediction = predict(&*scheduler, &latents, i, t);
-            let step_noise = scheduler
-                .needs_noise()
-                .then(|| stack_noise(noises, self.device, |n| &n.per_step[taken]));
-            latents = scheduler.step(&prediction, i, &latents, step_noise.as_ref());
-            progress(Progress {
-                step: taken + 1,
-                total,
-            });
-        }
-        Ok(latents)
-    }
-
-    /// Decodes the final latents into one image per request image, with metadata.
-    pub fn finish(
-        &self,
-        r: &Resolved,
-        latents: &Tensor,
-        metadata: impl Fn(usize) -> ImageMetadata,
-    ) -> Result<Vec<GeneratedImage>> {
-        generated_images(&self.decode(latents), 0, r, metadata)
-    }
-
-    /// Latents to pixel values in [0, 1] (`[batch, 3, h, w]`, float32 on the CPU).
-    pub fn decode(&self, latents: &Tensor) -> Tensor {
-        let scaled = (latents / self.vae.model.config.scaling_factor).to_kind(self.vae_dtype);
-        let image = self.vae.model.decode(&scaled);
-        (image / 2.0 + 0.5)
-            .clamp(0.0, 1.0)
-            .to_kind(Kind::Float)
-            .to_device(Device::Cpu)
-    }
+/// Decodes the final latents into one image per request image, with metadata.
+pub fn to_images(
+    model: &StableDiffusion,
+    r: &Resolved,
+    latents: &Tensor,
+    metadata: impl Fn(usize) -> ImageMetadata,
+) -> Result<Vec<GeneratedImage>> {
+    generated_images(&model.decode(latents), 0, r, metadata)
 }
 
 /// `r`'s images from decoded `pixels` (`[batch, 3, h, w]`), whose rows `first..first +

@@ -10,16 +10,19 @@
 use std::rc::Rc;
 use std::sync::atomic::AtomicBool;
 
+use crate::lora;
+use crate::pipelines::{controlnet, image_to_image, inpaint, text_to_image};
 use image::{DynamicImage, GrayImage, RgbImage};
 use imagegen_crds::{GenerationParams, Mode, Strategy};
 
 use crate::error::{Error, Result};
-use crate::image::mask::{self, Rect};
+use crate::image::canvas::{self, Rect};
+use crate::image::mask;
 use crate::lora::Lora;
 use crate::models::controlnet::ControlNetModel;
+use crate::outcome::GenerationOutcome;
 use crate::pipelines::mask_prompt::{MaskFinder, MaskOptions};
 use crate::pipelines::text_to_image::{GeneratedImage, Progress};
-use crate::safety::GenerationOutcome;
 use crate::stable_diffusion::StableDiffusion;
 use crate::styles::{Style, StyleBook};
 
@@ -162,170 +165,169 @@ fn prepared_mask(params: &GenerationParams, mask: &GrayImage) -> Result<(GrayIma
     Ok((grown, blur))
 }
 
-impl StableDiffusion {
-    /// Generates what `params` asks for. `progress` is called after every denoising step;
-    /// setting `cancel` stops between steps with [`Error::Cancelled`]. The images then go
-    /// through the model's safety policy ([`crate::safety`]): with `Block`, flagged images
-    /// are left out of the outcome's images and listed in its `withheld`.
-    pub fn generate(
-        &self,
-        params: &GenerationParams,
-        inputs: &Inputs,
-        styles: &StyleBook,
-        progress: &mut dyn FnMut(Progress),
-        cancel: &AtomicBool,
-    ) -> Result<GenerationOutcome> {
-        if let (None, Some(wanted), Some(image)) =
-            (&inputs.mask, &inputs.mask_prompt, &inputs.image)
-        {
-            resolve_mode(params, inputs)?;
-            let found = wanted.finder.find(
-                &image.to_rgb8(),
-                &wanted.prompts,
-                wanted.negative.as_deref(),
-                &wanted.options,
-            )?;
-            if found.pixels().all(|p| p[0] == 0) {
-                return Err(Error::invalid(
-                    "mask_prompt",
-                    format!(
-                        "nothing in the image matched {:?} above the threshold {}",
-                        wanted.prompts, wanted.options.threshold
-                    ),
-                ));
-            }
-            let with_mask = Inputs {
-                image: inputs.image.clone(),
-                mask: Some(found),
-                controlnet: inputs.controlnet,
-                loras: inputs.loras.clone(),
-                mask_prompt: None,
-            };
-            return self.generate(params, &with_mask, styles, progress, cancel);
+/// Generates what `params` asks for. `progress` is called after every denoising step;
+/// setting `cancel` stops between steps with [`Error::Cancelled`]. The images then go
+/// through the model's safety policy ([`crate::safety`]): with `Block`, flagged images
+/// are left out of the outcome's images and listed in its `withheld`.
+pub fn generate(
+    model: &StableDiffusion,
+    params: &GenerationParams,
+    inputs: &Inputs,
+    styles: &StyleBook,
+    progress: &mut dyn FnMut(Progress),
+    cancel: &AtomicBool,
+) -> Result<GenerationOutcome> {
+    if let (None, Some(wanted), Some(image)) = (&inputs.mask, &inputs.mask_prompt, &inputs.image) {
+        resolve_mode(params, inputs)?;
+        let found = wanted.finder.find(
+            &image.to_rgb8(),
+            &wanted.prompts,
+            wanted.negative.as_deref(),
+            &wanted.options,
+        )?;
+        if found.pixels().all(|p| p[0] == 0) {
+            return Err(Error::invalid(
+                "mask_prompt",
+                format!(
+                    "nothing in the image matched {:?} above the threshold {}",
+                    wanted.prompts, wanted.options.threshold
+                ),
+            ));
         }
-        let (params, style) = apply_style(params, styles)?;
-        let mode = resolve_mode(&params, inputs)?;
-        // Restores the base weights when dropped: on return, error or panic.
-        let _fused = if inputs.loras.is_empty() {
-            None
-        } else {
-            Some(self.fuse_loras(&inputs.loras)?)
+        let with_mask = Inputs {
+            image: inputs.image.clone(),
+            mask: Some(found),
+            controlnet: inputs.controlnet,
+            loras: inputs.loras.clone(),
+            mask_prompt: None,
         };
-        let image = || {
-            inputs
-                .image
-                .as_ref()
-                .map(DynamicImage::to_rgb8)
-                .expect("checked by resolve_mode")
-        };
-        let mask = || inputs.mask.as_ref().expect("checked by resolve_mode");
-        let mut images = match mode {
-            Mode::TextToImage => self.text_to_image(&params, progress, cancel)?,
-            Mode::ImageToImage => match params.strategy.unwrap_or(Strategy::Sdedit) {
-                Strategy::Sdedit => self.sdedit(&params, &image(), progress, cancel)?,
-                Strategy::Instruct => self.instruct(&params, &image(), progress, cancel)?,
-                Strategy::Canny => {
-                    let controlnet = inputs.controlnet.ok_or_else(|| {
-                        Error::invalid("controlnet", "the canny strategy needs a ControlNet model")
-                    })?;
-                    self.canny_to_image(&params, controlnet, &image(), progress, cancel)?
-                }
-            },
-            Mode::Inpaint => self.inpaint_and_paste(&params, &image(), mask(), progress, cancel)?,
-            Mode::RemoveObject => self.inpaint_and_paste(
-                &remove_object_params(&params),
-                &image(),
-                mask(),
-                progress,
-                cancel,
-            )?,
-            Mode::Outpaint => {
-                let margins = params.outpaint.unwrap_or_default();
-                let (canvas, new_area) = mask::extend_canvas(
-                    &image(),
-                    margins.left,
-                    margins.right,
-                    margins.top,
-                    margins.bottom,
-                )?;
-                // The canvas sets the size; only the new area is generated.
-                let sized = GenerationParams {
-                    width: None,
-                    height: None,
-                    only_masked: None,
-                    ..params.clone()
-                };
-                self.inpaint_and_paste(&sized, &canvas, &new_area, progress, cancel)?
-            }
-        };
-        if let Some(style) = style {
-            for image in &mut images {
-                style.postprocess(&mut image.image);
-            }
-        }
-        Ok(self.safety.apply(images))
+        return generate(model, params, &with_mask, styles, progress, cancel);
     }
-
-    /// Inpaints `original` where `mask` is white and pastes the result back with the
-    /// blurred mask. With `only_masked`, only a crop around the mask is generated (at the
-    /// requested size, default the model's native square), which gives small areas (a face
-    /// in an avatar) the model's full resolution.
-    fn inpaint_and_paste(
-        &self,
-        params: &GenerationParams,
-        original: &RgbImage,
-        mask: &GrayImage,
-        progress: &mut dyn FnMut(Progress),
-        cancel: &AtomicBool,
-    ) -> Result<Vec<GeneratedImage>> {
-        mask::check_same_size(original, mask)?;
-        let (mask, blur) = prepared_mask(params, mask)?;
-        let (region, generated) = if params.only_masked.unwrap_or(false) {
-            let native = u32::try_from(self.native_size()).unwrap_or(512);
-            let width = params.width.unwrap_or(native);
-            let height = params.height.unwrap_or(native);
-            let padding = params
-                .only_masked_padding
-                .unwrap_or(DEFAULT_ONLY_MASKED_PADDING);
-            let region = mask::crop_region(&mask, width, height, padding);
-            let crop = |img: &RgbImage| {
-                image::imageops::crop_imm(img, region.x, region.y, region.width, region.height)
-                    .to_image()
-            };
-            let crop_mask =
-                image::imageops::crop_imm(&mask, region.x, region.y, region.width, region.height)
-                    .to_image();
+    let (params, style) = apply_style(params, styles)?;
+    let mode = resolve_mode(&params, inputs)?;
+    // Restores the base weights when dropped: on return, error or panic.
+    let _fused = if inputs.loras.is_empty() {
+        None
+    } else {
+        Some(lora::fuse_loras(model, &inputs.loras)?)
+    };
+    let image = || {
+        inputs
+            .image
+            .as_ref()
+            .map(DynamicImage::to_rgb8)
+            .expect("checked by resolve_mode")
+    };
+    let mask = || inputs.mask.as_ref().expect("checked by resolve_mode");
+    let mut images = match mode {
+        Mode::TextToImage => text_to_image::text_to_image(model, &params, progress, cancel)?,
+        Mode::ImageToImage => match params.strategy.unwrap_or(Strategy::Sdedit) {
+            Strategy::Sdedit => image_to_image::sdedit(model, &params, &image(), progress, cancel)?,
+            Strategy::Instruct => {
+                image_to_image::instruct(model, &params, &image(), progress, cancel)?
+            }
+            Strategy::Canny => {
+                let controlnet = inputs.controlnet.ok_or_else(|| {
+                    Error::invalid("controlnet", "the canny strategy needs a ControlNet model")
+                })?;
+                controlnet::canny_to_image(model, &params, controlnet, &image(), progress, cancel)?
+            }
+        },
+        Mode::Inpaint => inpaint_and_paste(model, &params, &image(), mask(), progress, cancel)?,
+        Mode::RemoveObject => inpaint_and_paste(
+            model,
+            &remove_object_params(&params),
+            &image(),
+            mask(),
+            progress,
+            cancel,
+        )?,
+        Mode::Outpaint => {
+            let margins = params.outpaint.unwrap_or_default();
+            let (canvas, new_area) = canvas::extend_canvas(
+                &image(),
+                margins.left,
+                margins.right,
+                margins.top,
+                margins.bottom,
+            )?;
+            // The canvas sets the size; only the new area is generated.
             let sized = GenerationParams {
-                width: Some(width),
-                height: Some(height),
+                width: None,
+                height: None,
+                only_masked: None,
                 ..params.clone()
             };
-            (
-                region,
-                self.inpaint(&sized, &crop(original), &crop_mask, progress, cancel)?,
-            )
-        } else {
-            let whole = Rect {
-                x: 0,
-                y: 0,
-                width: original.width(),
-                height: original.height(),
-            };
-            (
-                whole,
-                self.inpaint(params, original, &mask, progress, cancel)?,
-            )
-        };
-        generated
-            .into_iter()
-            .map(|mut g| {
-                g.image = mask::paste_back(original, &g.image, region, &mask, blur)?;
-                g.metadata.width = original.width();
-                g.metadata.height = original.height();
-                Ok(g)
-            })
-            .collect()
+            inpaint_and_paste(model, &sized, &canvas, &new_area, progress, cancel)?
+        }
+    };
+    if let Some(style) = style {
+        for image in &mut images {
+            style.postprocess(&mut image.image);
+        }
     }
+    Ok(model.safety.apply(images))
+}
+
+/// Inpaints `original` where `mask` is white and pastes the result back with the
+/// blurred mask. With `only_masked`, only a crop around the mask is generated (at the
+/// requested size, default the model's native square), which gives small areas (a face
+/// in an avatar) the model's full resolution.
+fn inpaint_and_paste(
+    model: &StableDiffusion,
+    params: &GenerationParams,
+    original: &RgbImage,
+    mask: &GrayImage,
+    progress: &mut dyn FnMut(Progress),
+    cancel: &AtomicBool,
+) -> Result<Vec<GeneratedImage>> {
+    mask::check_same_size(original, mask)?;
+    let (mask, blur) = prepared_mask(params, mask)?;
+    let (region, generated) = if params.only_masked.unwrap_or(false) {
+        let native = u32::try_from(model.native_size()).unwrap_or(512);
+        let width = params.width.unwrap_or(native);
+        let height = params.height.unwrap_or(native);
+        let padding = params
+            .only_masked_padding
+            .unwrap_or(DEFAULT_ONLY_MASKED_PADDING);
+        let region = canvas::crop_region(&mask, width, height, padding);
+        let crop = |img: &RgbImage| {
+            image::imageops::crop_imm(img, region.x, region.y, region.width, region.height)
+                .to_image()
+        };
+        let crop_mask =
+            image::imageops::crop_imm(&mask, region.x, region.y, region.width, region.height)
+                .to_image();
+        let sized = GenerationParams {
+            width: Some(width),
+            height: Some(height),
+            ..params.clone()
+        };
+        (
+            region,
+            inpaint::inpaint(model, &sized, &crop(original), &crop_mask, progress, cancel)?,
+        )
+    } else {
+        let whole = Rect {
+            x: 0,
+            y: 0,
+            width: original.width(),
+            height: original.height(),
+        };
+        (
+            whole,
+            inpaint::inpaint(model, params, original, &mask, progress, cancel)?,
+        )
+    };
+    generated
+        .into_iter()
+        .map(|mut g| {
+            g.image = canvas::paste_back(original, &g.image, region, &mask, blur)?;
+            g.metadata.width = original.width();
+            g.metadata.height = original.height();
+            Ok(g)
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -10,6 +10,12 @@ pub mod inpaint;
 pub mod mask_prompt;
 pub mod text_to_image;
 
+pub use batch::generate_batch;
+pub use controlnet::{canny_to_image, controlnet};
 pub use denoise::{GeneratedImage, Progress};
+pub use generate::generate;
 pub use generate::Inputs;
+pub use image_to_image::{image_to_image, instruct, sdedit};
 pub use inpaint::InpaintRoute;
+pub use inpaint::{inpaint, inpaint_route};
+pub use text_to_image::text_to_image;

@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
+use crate::pipelines::text_to_image;
 use image::{imageops, RgbImage};
 use imagegen_crds::GenerationParams;
 use tch::{Kind, Tensor};
@@ -161,7 +162,7 @@ pub fn ensure_class_images(
                 count: Some(1),
                 ..Default::default()
             };
-            let images = model.text_to_image(&params, &mut |_| {}, &cancel)?;
+            let images = text_to_image::text_to_image(model, &params, &mut |_| {}, &cancel)?;
             for image in images {
                 let path = dir.join(format!("class-{index:05}.png"));
                 write_png(&path, &image.image, &image.metadata)?;

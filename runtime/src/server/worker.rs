@@ -13,6 +13,7 @@ use bytes::Bytes;
 use imagegen_crds::api::{
     codes, DeviceMemory, ErrorDetail, GenerationResult, ImageResult, WithheldImage,
 };
+use imagegen_engine::pipelines;
 use tch::Device;
 
 use super::jobs::{
@@ -21,11 +22,11 @@ use super::jobs::{
 use super::load::LoraOwners;
 use super::Shared;
 use crate::hub::HfHub;
+use imagegen_engine::device::{check_device, parse_device, parse_dtype};
 use imagegen_engine::image::output::encode_png;
 use imagegen_engine::pipelines::generate::MaskPrompt;
 use imagegen_engine::pipelines::mask_prompt::{load_clipseg, MaskFinder, MaskOptions};
 use imagegen_engine::source::Hub;
-use imagegen_engine::stable_diffusion::{check_device, parse_device, parse_dtype};
 use imagegen_engine::{GenerationOutcome, Inputs, LoadOptions, Lora, LoraCache, StableDiffusion};
 
 /// What the worker tells the server once the model is loaded (or failed to load).
@@ -285,10 +286,14 @@ fn run_batch(shared: &Shared, engine: &mut Engine, batch: Vec<Running>) {
             all_stopped.store(true, Ordering::SeqCst);
         }
     };
-    let outcomes =
-        engine
-            .model
-            .generate_batch(&requests, &loras, &shared.styles, &mut report, &all_stopped);
+    let outcomes = pipelines::generate_batch(
+        &engine.model,
+        &requests,
+        &loras,
+        &shared.styles,
+        &mut report,
+        &all_stopped,
+    );
     let images: u32 = live.iter().map(|r| r.work.images).sum();
     record_throughput(shared, engine, steps_done * images, started);
     match outcomes {
@@ -371,10 +376,15 @@ fn generate(
             shared.jobs.stop(key, deadline_error());
         }
     };
-    let outcome: GenerationOutcome = engine
-        .model
-        .generate(&work.params, &inputs, &shared.styles, &mut report, cancel)
-        .map_err(engine_error)?;
+    let outcome: GenerationOutcome = pipelines::generate(
+        &engine.model,
+        &work.params,
+        &inputs,
+        &shared.styles,
+        &mut report,
+        cancel,
+    )
+    .map_err(engine_error)?;
     store_outcome(shared, &key.0, outcome, work.b64)
 }
 
