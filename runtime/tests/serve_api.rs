@@ -781,6 +781,28 @@ fn health_metrics_and_openapi() {
         );
     }
     assert!(doc["components"]["schemas"]["GenerationRequest"].is_object());
+    // ...and every documented operation reaches a handler: neither 405 nor "no route".
+    for (path, operations) in doc["paths"].as_object().unwrap() {
+        let concrete = path
+            .replace("{id}", "no-such-id")
+            .replace("{name}", "no-such-name");
+        for method in operations.as_object().unwrap().keys() {
+            let body = (method == "post").then_some(&b""[..]);
+            let reply = request(
+                &method.to_uppercase(),
+                &server.url(&concrete),
+                Some(TOKEN_A),
+                &[],
+                body,
+            );
+            let text = String::from_utf8_lossy(&reply.body);
+            assert!(
+                reply.status != 405 && !text.contains("no route"),
+                "{method} {path}: {} {text}",
+                reply.status
+            );
+        }
+    }
 }
 
 #[test]

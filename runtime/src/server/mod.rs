@@ -13,13 +13,15 @@ pub mod credentials;
 pub mod device;
 pub mod error;
 pub mod format;
-pub mod http;
 pub mod jobs;
+pub mod limits;
 pub mod load;
 pub mod media;
 pub mod metrics;
-pub mod openai;
 pub mod openapi;
+pub mod reply;
+pub mod router;
+pub mod routes;
 pub mod trainer;
 pub mod webhook;
 pub mod worker;
@@ -181,7 +183,7 @@ async fn serve(shared: Arc<Shared>) -> Result<(), String> {
             let shared = shared.clone();
             move || shared.clone()
         }))
-        .then(http::handle);
+        .then(router::handle);
     let server = warp::serve(routes)
         .incoming(listener)
         .graceful(async move {

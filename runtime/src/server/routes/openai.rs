@@ -11,10 +11,11 @@ use serde::Deserialize;
 use warp::http::{header, StatusCode};
 use warp::reply::Response;
 
-use super::error::{json_response, ApiError};
-use super::http::{json_ok, submit, wait_for, Request};
-use super::media::{self, Format};
-use super::Shared;
+use super::generations::{submit, wait_for};
+use crate::server::error::{json_response, ApiError};
+use crate::server::media::{self, Format};
+use crate::server::reply::{job_error, json_ok, Request};
+use crate::server::Shared;
 
 /// Model names OpenAI clients send by default; they all mean the served model.
 const OPENAI_MODELS: [&str; 4] = ["dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini"];
@@ -128,7 +129,7 @@ async fn answer(
 ) -> Result<Response, ApiError> {
     if job.state != JobState::Succeeded {
         // OpenAI's error answers carry no Retry-After.
-        let mut error = super::http::job_error(job);
+        let mut error = job_error(job);
         error.retry_after = None;
         return Err(error);
     }
@@ -156,7 +157,7 @@ async fn answer(
                 data.push(serde_json::json!({ "b64_json": converted }));
             }
             _ => {
-                let query = super::webhook::signed_image_query(
+                let query = crate::server::webhook::signed_image_query(
                     &shared.config.url_signing_key,
                     tenant,
                     &image.id,

@@ -165,7 +165,7 @@ fn load_and_train(
     config: &mut TrainConfig,
     reporter: &ProgressReporter,
 ) -> Result<(), String> {
-    let device = crate::parse_device(device.as_deref())?;
+    let device = super::parse_device(device.as_deref())?;
     imagegen_engine::device::check_device(device, "--device")?;
     // Checked before the (slow) downloads and model load.
     config.validate(device).map_err(|e| e.to_string())?;

@@ -258,8 +258,8 @@ fn training_rate(
 }
 
 pub fn run(args: BenchArgs) -> Result<(), String> {
-    let device = crate::parse_device(args.device.as_deref())?;
-    let dtype = crate::parse_dtype(args.dtype.as_deref(), device)?;
+    let device = super::parse_device(args.device.as_deref())?;
+    let dtype = super::parse_dtype(args.dtype.as_deref(), device)?;
     if let Some(&bad) = args
         .batches
         .iter()
