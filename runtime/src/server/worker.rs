@@ -1,5 +1,8 @@
 //! The engine worker: one OS thread that loads the model and runs every job on it, one at a
-//! time (libtorch tensors and the LoRA cache stay on this thread). It takes a job off the
+//! time (libtorch tensors and the LoRA cache stay on this thread). What follows the
+//! denoising loop and the safety check (PNG encoding, C2PA signing, the store upload and
+//! answering the job) runs on a second thread, the finisher, so the engine starts the next
+//! job as soon as the device is done with this one. It takes a job off the
 //! queue only once it holds the device ([`super::device`]): while a training holds it, the
 //! jobs stay queued. A check of an uploaded LoRA does not wait for a training: it loads
 //! one small file, where waiting could outlast its client.
@@ -82,6 +85,7 @@ pub fn run(shared: Arc<Shared>, loaded: std::sync::mpsc::Sender<Result<Loaded, S
             return;
         }
     };
+    let finisher = Finisher::start(shared.clone());
     shared.worker_alive.store(true, Ordering::SeqCst);
     while let Some(pending) = shared.jobs.wait_pending() {
         if let Pending::Control(control) = pending {
@@ -113,9 +117,9 @@ pub fn run(shared: Arc<Shared>, loaded: std::sync::mpsc::Sender<Result<Loaded, S
         // A bug must cost its jobs, not the worker (and with it every later job).
         let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             if batch.len() == 1 {
-                run_job(&shared, &mut engine, batch.remove(0))
+                run_job(&shared, &mut engine, &finisher, batch.remove(0))
             } else {
-                run_batch(&shared, &mut engine, batch)
+                run_batch(&shared, &mut engine, &finisher, batch)
             }
         }));
         if ran.is_err() {
@@ -125,7 +129,82 @@ pub fn run(shared: Arc<Shared>, loaded: std::sync::mpsc::Sender<Result<Loaded, S
             }
         }
     }
+    // Every job handed over is answered before the worker counts as stopped.
+    finisher.stop();
     shared.worker_alive.store(false, Ordering::SeqCst);
+}
+
+/// A generation's images on their way out, with what answering its job needs.
+struct Delivery {
+    key: JobKey,
+    mode: &'static str,
+    created: Instant,
+    b64: bool,
+    outcome: GenerationOutcome,
+}
+
+/// The thread that encodes, signs and stores generated images and answers their jobs, in
+/// the order the engine finished them. At most [`Finisher::WAITING`] deliveries wait: a
+/// slow store then slows the engine rather than filling memory with images.
+struct Finisher {
+    deliveries: std::sync::mpsc::SyncSender<Delivery>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Finisher {
+    const WAITING: usize = 2;
+
+    fn start(shared: Arc<Shared>) -> Self {
+        let (deliveries, received) = std::sync::mpsc::sync_channel::<Delivery>(Self::WAITING);
+        let thread = std::thread::Builder::new()
+            .name("imagegen-finisher".into())
+            .spawn(move || {
+                for delivery in received {
+                    let Delivery {
+                        key,
+                        mode,
+                        created,
+                        b64,
+                        outcome,
+                    } = delivery;
+                    let stored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        store_outcome(&shared, &key.0, outcome, b64)
+                    }))
+                    .unwrap_or_else(|_| {
+                        Err(error_detail(
+                            codes::INTERNAL,
+                            "storing the images failed",
+                            true,
+                        ))
+                    });
+                    finish(&shared, &key, mode, created, stored);
+                }
+            })
+            .expect("the finisher thread starts");
+        Finisher { deliveries, thread }
+    }
+
+    /// Hands a finished generation over; waits only while [`Self::WAITING`] are queued.
+    fn deliver(&self, shared: &Shared, delivery: Delivery) {
+        if let Err(returned) = self.deliveries.send(delivery) {
+            // The finisher is gone (it panicked outside a delivery): answer here instead.
+            let Delivery {
+                key,
+                mode,
+                created,
+                b64,
+                outcome,
+            } = returned.0;
+            let stored = store_outcome(shared, &key.0, outcome, b64);
+            finish(shared, &key, mode, created, stored);
+        }
+    }
+
+    /// Waits until every delivery is answered.
+    fn stop(self) {
+        drop(self.deliveries);
+        let _ = self.thread.join();
+    }
 }
 
 fn run_control(engine: &Engine, control: Control) {
@@ -139,7 +218,7 @@ fn run_control(engine: &Engine, control: Control) {
     }
 }
 
-fn run_job(shared: &Shared, engine: &mut Engine, running: Running) {
+fn run_job(shared: &Shared, engine: &mut Engine, finisher: &Finisher, running: Running) {
     let Running {
         key,
         work,
@@ -159,7 +238,19 @@ fn run_job(shared: &Shared, engine: &mut Engine, running: Running) {
         .map(|j| j.progress.step)
         .unwrap_or(0);
     record_throughput(shared, engine, steps_done * work.images, started);
-    finish(shared, &key, work.mode, created, outcome);
+    match outcome {
+        Ok(outcome) => finisher.deliver(
+            shared,
+            Delivery {
+                key,
+                mode: work.mode,
+                created,
+                b64: work.b64,
+                outcome,
+            },
+        ),
+        Err(error) => finish(shared, &key, work.mode, created, Err(error)),
+    }
 }
 
 fn record_throughput(shared: &Shared, engine: &Engine, image_steps: u32, started: Instant) {
@@ -242,7 +333,7 @@ fn load_loras(
 /// Compatible text-to-image jobs in one denoising loop. A member cancelled (or past its
 /// deadline) while the batch runs ends cancelled (or failed) when it is done; the loop
 /// itself stops only when every member has been stopped.
-fn run_batch(shared: &Shared, engine: &mut Engine, batch: Vec<Running>) {
+fn run_batch(shared: &Shared, engine: &mut Engine, finisher: &Finisher, batch: Vec<Running>) {
     let started = Instant::now();
     let (live, expired): (Vec<Running>, Vec<Running>) =
         batch.into_iter().partition(|r| Instant::now() < r.deadline);
@@ -299,12 +390,19 @@ fn run_batch(shared: &Shared, engine: &mut Engine, batch: Vec<Running>) {
     match outcomes {
         Ok(outcomes) => {
             for (r, outcome) in live.iter().zip(outcomes) {
-                let result = if r.cancel.load(Ordering::SeqCst) {
-                    Err(shared.jobs.cancel_reason(&r.key))
+                if r.cancel.load(Ordering::SeqCst) {
+                    let reason = shared.jobs.cancel_reason(&r.key);
+                    finish(shared, &r.key, r.work.mode, r.created, Err(reason));
                 } else {
-                    store_outcome(shared, &r.key.0, outcome, r.work.b64)
-                };
-                finish(shared, &r.key, r.work.mode, r.created, result);
+                    let delivery = Delivery {
+                        key: r.key.clone(),
+                        mode: r.work.mode,
+                        created: r.created,
+                        b64: r.work.b64,
+                        outcome,
+                    };
+                    finisher.deliver(shared, delivery);
+                }
             }
         }
         Err(e) => {
@@ -331,7 +429,7 @@ fn generate(
     work: &super::jobs::Work,
     cancel: &AtomicBool,
     deadline: Instant,
-) -> Result<GenerationResult, ErrorDetail> {
+) -> Result<GenerationOutcome, ErrorDetail> {
     let engine_error = |e: imagegen_engine::Error| engine_error(shared, key, &e);
     let loras = load_loras(shared, engine, &key.0, &work.loras).map_err(engine_error)?;
     if work.mask_prompt.is_some() && engine.finder.is_none() {
@@ -376,7 +474,7 @@ fn generate(
             shared.jobs.stop(key, deadline_error());
         }
     };
-    let outcome: GenerationOutcome = pipelines::generate(
+    pipelines::generate(
         &engine.model,
         &work.params,
         &inputs,
@@ -384,8 +482,7 @@ fn generate(
         &mut report,
         cancel,
     )
-    .map_err(engine_error)?;
-    store_outcome(shared, &key.0, outcome, work.b64)
+    .map_err(engine_error)
 }
 
 /// Encodes the images as PNG (with their metadata and the AI marking) and stores them.
