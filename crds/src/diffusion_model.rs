@@ -80,6 +80,11 @@ pub struct DiffusionModelSpec {
     /// The volume the weights are downloaded to and loaded from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<ModelCache>,
+    /// A Canny ControlNet from the hub, for generations with `strategy: canny`; each
+    /// replica fetches and loads it on the first such request. Without one, those
+    /// generations are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub controlnet: Option<HubSource>,
 }
 
 /// Where a model's weights are: exactly one of `hub`, `path` or `url`.

@@ -8,7 +8,9 @@
 use std::collections::BTreeMap;
 
 use imagegen_crds::common::condition_types::{DEGRADED, PROGRESSING, READY};
-use imagegen_crds::diffusion_model::{AutoscalingStatus, Dtype, ModelSource, DEFAULT_GPU_RESOURCE};
+use imagegen_crds::diffusion_model::{
+    AutoscalingStatus, Dtype, HubSource, ModelSource, DEFAULT_GPU_RESOURCE,
+};
 use imagegen_crds::{DiffusionModel, DiffusionModelStatus};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
@@ -151,20 +153,7 @@ pub fn validate(model: &DiffusionModel) -> Result<ValidModel, Error> {
     }
 
     let model_arg = match &spec.source {
-        ModelSource::Hub(hub) => {
-            let parts: Vec<&str> = hub.repo.split('/').collect();
-            if parts.len() != 2 || parts.iter().any(|p| p.is_empty()) {
-                return Err(Error::InvalidSource(format!(
-                    "hub repo {:?} is not owner/name",
-                    hub.repo
-                )));
-            }
-            match hub.revision.as_deref() {
-                Some("") => return Err(Error::InvalidSource("hub revision is empty".into())),
-                Some(revision) => format!("{}@{revision}", hub.repo),
-                None => hub.repo.clone(),
-            }
-        }
+        ModelSource::Hub(hub) => hub_arg(hub)?,
         ModelSource::Path(path) if path.trim().is_empty() => {
             return Err(Error::InvalidSource("path is empty".into()))
         }
@@ -174,6 +163,8 @@ pub fn validate(model: &DiffusionModel) -> Result<ValidModel, Error> {
         }
         ModelSource::Url(url) => url.clone(),
     };
+
+    let controlnet_arg = spec.controlnet.as_ref().map(hub_arg).transpose()?;
 
     let resources = spec.resources.as_ref();
     let gpus = resources.and_then(|r| r.gpus).unwrap_or(1);
@@ -197,6 +188,7 @@ pub fn validate(model: &DiffusionModel) -> Result<ValidModel, Error> {
         owner,
         generation: model.metadata.generation,
         model_arg,
+        controlnet_arg,
         family: spec.family,
         dtype: spec.dtype.unwrap_or(Dtype::F16),
         min_replicas,
@@ -359,6 +351,22 @@ pub fn desired_replicas(model: &ValidModel, existing: Option<&Deployment>) -> u3
     model.scaling.bounded(current)
 }
 
+/// `owner/name` or `owner/name@revision`: the runtime's spelling of a hub repository.
+fn hub_arg(hub: &HubSource) -> Result<String, Error> {
+    let parts: Vec<&str> = hub.repo.split('/').collect();
+    if parts.len() != 2 || parts.iter().any(|p| p.is_empty()) {
+        return Err(Error::InvalidSource(format!(
+            "hub repo {:?} is not owner/name",
+            hub.repo
+        )));
+    }
+    match hub.revision.as_deref() {
+        Some("") => Err(Error::InvalidSource("hub revision is empty".into())),
+        Some(revision) => Ok(format!("{}@{revision}", hub.repo)),
+        None => Ok(hub.repo.clone()),
+    }
+}
+
 /// The label selector of the model's pods as a string: the scale subresource's
 /// `status.selector`, which an HPA reads.
 pub fn selector_string(name: &str) -> String {
@@ -395,6 +403,12 @@ pub fn build_deployment(model: &ValidModel, config: &OperatorConfig, found: &Fou
             .safety_policy
             .iter()
             .map(|policy| workload::env("IMAGEGEN_SAFETY", policy.clone())),
+    );
+    env.extend(
+        model
+            .controlnet_arg
+            .iter()
+            .map(|controlnet| workload::env("IMAGEGEN_CONTROLNET", controlnet.clone())),
     );
     env.extend(config.c2pa_secret.iter().flat_map(|_| {
         [
@@ -747,6 +761,7 @@ mod tests {
     fn full() -> DiffusionModel {
         model(json!({
             "source": {"hub": {"repo": "owner/sd15", "revision": "v1"}},
+            "controlnet": {"repo": "owner/canny"},
             "family": "sd15",
             "dtype": "bf16",
             "replicas": {"min": 2, "max": 4},
@@ -800,6 +815,21 @@ mod tests {
     fn validate_reads_the_full_spec() {
         let valid = validate(&full()).unwrap();
         assert_eq!(valid.model_arg, "owner/sd15@v1");
+        assert_eq!(valid.controlnet_arg.as_deref(), Some("owner/canny"));
+        let bad = model(json!({"source": {"path": "m"}, "family": "sd15",
+            "controlnet": {"repo": "owner/canny", "revision": ""}}));
+        assert!(matches!(validate(&bad), Err(Error::InvalidSource(_))));
+        let env = |valid: &ValidModel| {
+            let d = build_deployment(valid, &OperatorConfig::default(), &Found::default());
+            pod_spec(&d).containers[0].env.clone().unwrap_or_default()
+        };
+        let controlnet = |env: Vec<k8s_openapi::api::core::v1::EnvVar>| {
+            env.into_iter()
+                .find(|e| e.name == "IMAGEGEN_CONTROLNET")
+                .and_then(|e| e.value)
+        };
+        assert_eq!(controlnet(env(&valid)).as_deref(), Some("owner/canny"));
+        assert_eq!(controlnet(env(&validate(&minimal()).unwrap())), None);
         assert_eq!(
             (valid.min_replicas, valid.max_replicas, valid.gpus),
             (2, 4, 2)

@@ -29,6 +29,8 @@ pub struct ValidModel {
     pub generation: Option<i64>,
     /// The `--model` argument of `imagegen serve`.
     pub model_arg: String,
+    /// The Canny ControlNet (`owner/name[@revision]`) of `imagegen serve`, if any.
+    pub controlnet_arg: Option<String>,
     /// Model family.
     pub family: Family,
     /// Weights and activations type (default f16).

@@ -1336,3 +1336,34 @@ fn trainings_run_imagegen_train_and_make_a_lora() {
         .iter()
         .all(|l| l["name"] != "long"));
 }
+
+#[test]
+fn canny_runs_with_the_configured_controlnet_and_is_refused_without_one() {
+    let a = Some(TOKEN_A);
+    let mut canny = small("a lighthouse", 3);
+    canny["image"] = json!({"base64": base64_encode(&serve_support::png(64, 64, false))});
+    canny["strategy"] = json!("canny");
+
+    let without = Server::start("canny-none", Options::default());
+    let (code, field) = post_json(&without, "/v1/generations", a, &canny).error(422);
+    assert_eq!(
+        (code.as_str(), field.as_deref()),
+        ("invalid_field", Some("strategy"))
+    );
+    drop(without);
+
+    let controlnet = fixtures_dir().join(fixture_index()["controlnet"]["dir"].as_str().unwrap());
+    let server = Server::start(
+        "canny",
+        Options {
+            extra: vec!["--controlnet".into(), controlnet.display().to_string()],
+            ..Default::default()
+        },
+    );
+    let job = post_json(&server, "/v1/generations", a, &canny).expect(200);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["result"]["images"].as_array().map(Vec::len), Some(1));
+    // The ControlNet stays loaded for the next canny request.
+    let again = post_json(&server, "/v1/generations", a, &canny).expect(200);
+    assert_eq!(again["state"], "succeeded", "{again}");
+}

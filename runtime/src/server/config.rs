@@ -91,6 +91,10 @@ pub struct ServeArgs {
     /// The CLIPSeg folder or hub id that finds masks from `maskPrompt`.
     #[arg(long, env = "IMAGEGEN_MASK_MODEL")]
     pub mask_model: Option<String>,
+    /// A Canny ControlNet folder or hub id for `strategy: canny`, loaded on the first such
+    /// request; without one, those requests are refused.
+    #[arg(long, env = "IMAGEGEN_CONTROLNET")]
+    pub controlnet: Option<String>,
     /// Largest request body in bytes [default: 32 MiB].
     #[arg(long, env = "IMAGEGEN_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<u64>,
@@ -128,6 +132,7 @@ pub struct FileConfig {
     pub lora_cache_bytes: Option<u64>,
     pub default_deadline_seconds: Option<u32>,
     pub mask_model: Option<String>,
+    pub controlnet: Option<String>,
     pub url_signing_key: Option<String>,
 }
 
@@ -201,6 +206,8 @@ pub struct Config {
     pub lora_cache_bytes: u64,
     pub default_deadline_seconds: u32,
     pub mask_model: String,
+    /// The ControlNet of `strategy: canny`, when the service has one.
+    pub controlnet: Option<String>,
     pub url_signing_key: String,
 }
 
@@ -415,6 +422,7 @@ impl Config {
                 .unwrap_or_else(|| {
                     imagegen_engine::pipelines::mask_prompt::DEFAULT_MASK_MODEL.to_string()
                 }),
+            controlnet: args.controlnet.clone().or(file.controlnet.clone()),
             url_signing_key: args
                 .url_signing_key
                 .clone()

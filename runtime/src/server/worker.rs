@@ -27,9 +27,12 @@ use super::Shared;
 use crate::hub::HfHub;
 use imagegen_engine::device::{check_device, parse_device, parse_dtype};
 use imagegen_engine::image::output::encode_png;
+use imagegen_engine::models::controlnet::ControlNetModel;
+use imagegen_engine::models::loading::{self, load_controlnet};
 use imagegen_engine::pipelines::generate::MaskPrompt;
 use imagegen_engine::pipelines::mask_prompt::{load_clipseg, MaskFinder, MaskOptions};
-use imagegen_engine::source::Hub;
+use imagegen_engine::source::{resolve_component, Hub};
+use imagegen_engine::Strategy;
 use imagegen_engine::{GenerationOutcome, Inputs, LoadOptions, Lora, LoraCache, StableDiffusion};
 
 /// What the worker tells the server once the model is loaded (or failed to load).
@@ -45,6 +48,8 @@ struct Engine {
     owners: LoraOwners,
     /// CLIPSeg for mask prompts, loaded on first use.
     finder: Option<MaskFinder>,
+    /// The ControlNet of `strategy: canny` (`--controlnet`), loaded on first use.
+    controlnet: Option<loading::Loaded<ControlNetModel>>,
     /// Where hub ids are fetched from (the model's, and CLIPSeg's on first use).
     hub: Arc<dyn Hub>,
 }
@@ -69,6 +74,7 @@ pub fn run(shared: Arc<Shared>, loaded: std::sync::mpsc::Sender<Result<Loaded, S
             loras: LoraCache::new(config.lora_cache_bytes as usize),
             owners: LoraOwners::default(),
             finder: None,
+            controlnet: None,
             hub,
         })
     })();
@@ -448,10 +454,13 @@ fn generate(
         })?;
         engine.finder = Some(finder);
     }
+    if work.params.strategy == Some(Strategy::Canny) && engine.controlnet.is_none() {
+        engine.controlnet = Some(load_canny_controlnet(shared, engine)?);
+    }
     let inputs = Inputs {
         image: work.image.clone(),
         mask: work.mask.clone(),
-        controlnet: None,
+        controlnet: engine.controlnet.as_ref().map(|c| &c.model),
         loras,
         mask_prompt: match (&work.mask_prompt, &engine.finder) {
             (Some(prompt), Some(finder)) => Some(MaskPrompt {
@@ -483,6 +492,29 @@ fn generate(
         cancel,
     )
     .map_err(engine_error)
+}
+
+/// The service's ControlNet (`--controlnet`), fetched through the hub when it is a hub id.
+fn load_canny_controlnet(
+    shared: &Shared,
+    engine: &Engine,
+) -> Result<loading::Loaded<ControlNetModel>, ErrorDetail> {
+    let unavailable = |message: String| {
+        error_detail(
+            codes::INTERNAL,
+            format!("the canny strategy needs the ControlNet: {message}"),
+            false,
+        )
+    };
+    let spec = shared
+        .config
+        .controlnet
+        .as_deref()
+        .ok_or_else(|| unavailable("this service has none (--controlnet)".into()))?;
+    let dir = resolve_component(spec, Some(engine.hub.as_ref()))
+        .map_err(|e| unavailable(e.to_string()))?;
+    load_controlnet(&dir, engine.model.device, engine.model.dtype)
+        .map_err(|e| unavailable(e.to_string()))
 }
 
 /// Encodes the images as PNG (with their metadata and the AI marking) and stores them.

@@ -228,6 +228,14 @@ pub async fn submit(
         imagegen_engine::image::mask::check_same_size(image, mask)
             .map_err(|e| ApiError::invalid("mask", e.to_string()))?;
     }
+    if body.params.strategy == Some(imagegen_crds::Strategy::Canny)
+        && shared.config.controlnet.is_none()
+    {
+        return Err(ApiError::invalid(
+            "strategy",
+            "canny needs a ControlNet, and this service has none (start it with --controlnet)",
+        ));
+    }
     if body.mask_prompt.is_some() && image.is_none() {
         return Err(ApiError::invalid(
             "maskPrompt",
