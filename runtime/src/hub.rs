@@ -19,10 +19,7 @@ impl HfHub {
         let api = ApiBuilder::from_env()
             .with_progress(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .build()
-            .map_err(|e| Error::Download {
-                repo: "(hub)".to_string(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| download_error("(hub)", e.to_string()))?;
         Ok(HfHub { api })
     }
 

@@ -149,6 +149,31 @@ struct Delivery {
     outcome: GenerationOutcome,
 }
 
+impl Delivery {
+    /// Encodes, signs and stores the images, then answers the job; a panic on the way fails
+    /// the job (retryable) instead of leaving it running.
+    fn answer(self, shared: &Shared) {
+        let Delivery {
+            key,
+            mode,
+            created,
+            b64,
+            outcome,
+        } = self;
+        let stored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            store_outcome(shared, &key.0, outcome, b64)
+        }))
+        .unwrap_or_else(|_| {
+            Err(error_detail(
+                codes::INTERNAL,
+                "storing the images failed",
+                true,
+            ))
+        });
+        finish(shared, &key, mode, created, stored);
+    }
+}
+
 /// The thread that encodes, signs and stores generated images and answers their jobs, in
 /// the order the engine finished them. At most [`Finisher::WAITING`] deliveries wait: a
 /// slow store then slows the engine rather than filling memory with images.
@@ -164,28 +189,7 @@ impl Finisher {
         let (deliveries, received) = std::sync::mpsc::sync_channel::<Delivery>(Self::WAITING);
         let thread = std::thread::Builder::new()
             .name("imagegen-finisher".into())
-            .spawn(move || {
-                for delivery in received {
-                    let Delivery {
-                        key,
-                        mode,
-                        created,
-                        b64,
-                        outcome,
-                    } = delivery;
-                    let stored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        store_outcome(&shared, &key.0, outcome, b64)
-                    }))
-                    .unwrap_or_else(|_| {
-                        Err(error_detail(
-                            codes::INTERNAL,
-                            "storing the images failed",
-                            true,
-                        ))
-                    });
-                    finish(&shared, &key, mode, created, stored);
-                }
-            })
+            .spawn(move || received.into_iter().for_each(|d| d.answer(&shared)))
             .expect("the finisher thread starts");
         Finisher { deliveries, thread }
     }
@@ -193,16 +197,8 @@ impl Finisher {
     /// Hands a finished generation over; waits only while [`Self::WAITING`] are queued.
     fn deliver(&self, shared: &Shared, delivery: Delivery) {
         if let Err(returned) = self.deliveries.send(delivery) {
-            // The finisher is gone (it panicked outside a delivery): answer here instead.
-            let Delivery {
-                key,
-                mode,
-                created,
-                b64,
-                outcome,
-            } = returned.0;
-            let stored = store_outcome(shared, &key.0, outcome, b64);
-            finish(shared, &key, mode, created, stored);
+            // The finisher is gone (it panicked answering a job): answer here instead.
+            returned.0.answer(shared);
         }
     }
 
