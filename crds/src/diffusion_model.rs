@@ -57,11 +57,19 @@ pub const DEFAULT_GPU_RESOURCE: &str = "nvidia.com/gpu";
     )
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!has(self.refiner) || !has(self.family) || self.family == 'sdxl'",
+    "message": "a refiner goes with an SDXL model: family sdxl, or family left out",
+    "fieldPath": ".refiner"
+}]))]
 pub struct DiffusionModelSpec {
     /// Where the weights come from (diffusers layout, safetensors only).
     pub source: ModelSource,
-    /// Model family: sd15 (Stable Diffusion 1.x) or sd2 (2.x).
-    pub family: Family,
+    /// Model family: sd15 (Stable Diffusion 1.x), sd2 (2.x) or sdxl. Default: read from the
+    /// model's model_index.json when a replica loads it; when given, a replica refuses to
+    /// serve a model of another family.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub family: Option<Family>,
     /// Weights and activations type. Default f16.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dtype: Option<Dtype>,
@@ -85,6 +93,10 @@ pub struct DiffusionModelSpec {
     /// generations are refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub controlnet: Option<HubSource>,
+    /// An SDXL refiner from the hub, loaded by each replica at start: text-to-image
+    /// generations hand over to it at their `highNoiseFraction` (default 0.8).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refiner: Option<HubSource>,
 }
 
 /// Where a model's weights are: exactly one of `hub`, `path` or `url`.
@@ -124,6 +136,19 @@ pub enum Family {
     Sd15,
     /// Stable Diffusion 2.x.
     Sd2,
+    /// Stable Diffusion XL (base, refiner or inpainting).
+    Sdxl,
+}
+
+impl Family {
+    /// The name in the API (`sd15`, `sd2`, `sdxl`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Family::Sd15 => "sd15",
+            Family::Sd2 => "sd2",
+            Family::Sdxl => "sdxl",
+        }
+    }
 }
 
 /// Weights and activations type.
@@ -290,9 +315,29 @@ mod tests {
                 revision: Some("v1".into())
             })
         );
-        assert_eq!((spec.family, spec.dtype), (Family::Sd2, Some(Dtype::Bf16)));
+        assert_eq!(
+            (spec.family, spec.dtype),
+            (Some(Family::Sd2), Some(Dtype::Bf16))
+        );
         assert_eq!(spec.cache.as_ref().unwrap().size, Quantity("20Gi".into()));
         assert_eq!(serde_json::to_value(&spec).unwrap(), value);
+    }
+
+    #[test]
+    fn family_is_optional_and_sdxl_may_name_a_refiner() {
+        let spec: DiffusionModelSpec = serde_json::from_value(json!({
+            "source": {"hub": {"repo": "owner/sdxl"}},
+            "refiner": {"repo": "owner/refiner"}
+        }))
+        .unwrap();
+        assert_eq!(spec.family, None);
+        assert_eq!(
+            spec.refiner.map(|r| r.repo).as_deref(),
+            Some("owner/refiner")
+        );
+        let sdxl: DiffusionModelSpec =
+            serde_json::from_value(json!({"source": {"path": "m"}, "family": "sdxl"})).unwrap();
+        assert_eq!(sdxl.family.map(Family::as_str), Some("sdxl"));
     }
 
     #[test]

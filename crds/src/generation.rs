@@ -114,6 +114,12 @@ pub struct GenerationParams {
     /// Outpainting: pixels added on each side of the input image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outpaint: Option<Outpaint>,
+    /// SDXL text-to-image where the model has a refiner: the share of the noise schedule
+    /// the base model denoises before the refiner takes over. 1 leaves the refiner out.
+    /// Default 0.8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub high_noise_fraction: Option<f64>,
 }
 
 /// The kind of generation.

@@ -469,7 +469,7 @@ fn invalid_resources_are_refused() {
         r["spec"]["source"]["path"] = json!("models/sd15")
     });
     assert_refused("diffusion-model.yaml", "unknown family", |r| {
-        r["spec"]["family"] = json!("sdxl")
+        r["spec"]["family"] = json!("sd3")
     });
     assert_refused("diffusion-model.yaml", "unknown dtype", |r| {
         r["spec"]["dtype"] = json!("fp16")

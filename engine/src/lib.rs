@@ -4,6 +4,7 @@
 
 pub mod device;
 pub mod error;
+pub mod family;
 pub mod image;
 pub mod lora;
 pub mod models;
@@ -20,6 +21,7 @@ pub mod train;
 pub mod weights;
 
 pub use error::{Error, Result};
+pub use family::Family;
 pub use imagegen_crds::{GenerationParams, Strategy};
 pub use lora::{FusedLoras, Lora, LoraCache};
 pub use outcome::{GeneratedImage, GenerationOutcome, Progress, Withheld};

@@ -1,5 +1,5 @@
-//! A loaded Stable Diffusion model: tokenizer, text encoder, UNet, VAE and the scheduler
-//! config, on one device in one dtype.
+//! A loaded Stable Diffusion (1.x, 2.x or SDXL) model: its tokenizers and text encoders,
+//! UNet, VAE and the scheduler config, on one device in one dtype.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -7,6 +7,7 @@ use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
+use crate::family::{Family, PipelineIndex};
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::loading::{load_text_encoder, load_unet, load_vae, Loaded};
 use crate::models::unet::UNet2DConditionModel;
@@ -61,13 +62,31 @@ impl LoadOptions {
     }
 }
 
+/// One text encoder with its tokenizer.
+pub struct TextEncoder {
+    /// Its folder and LoRA key prefix: `text_encoder` or `text_encoder_2`.
+    pub component: &'static str,
+    pub tokenizer: ClipTokenizer,
+    pub model: ClipTextModel,
+    pub vars: tch::nn::VarStore,
+}
+
+/// The folders of the text encoders, each with its tokenizer's.
+const TEXT_ENCODERS: [(&str, &str); 2] = [
+    ("text_encoder", "tokenizer"),
+    ("text_encoder_2", "tokenizer_2"),
+];
+
 /// A text-to-image model ready to run.
 pub struct StableDiffusion {
     /// What the user named (folder or hub id), recorded in image metadata.
     pub name: String,
     pub dir: PathBuf,
-    pub tokenizer: ClipTokenizer,
-    pub text_encoder: Loaded<ClipTextModel>,
+    /// The family and pipeline settings from `model_index.json`.
+    pub index: PipelineIndex,
+    /// SD 1.x/2.x: `text_encoder`; SDXL: `text_encoder` and `text_encoder_2`; an SDXL
+    /// refiner: `text_encoder_2` alone. Never empty.
+    pub text_encoders: Vec<TextEncoder>,
     pub unet: Loaded<UNet2DConditionModel>,
     pub vae: Loaded<AutoencoderKL>,
     /// The VAE runs in float32 when the config asks for it in half precision
@@ -114,18 +133,14 @@ impl StableDiffusion {
     /// Loads a local diffusers folder with the safety check off; [`Self::load`] applies a
     /// policy, or set [`Self::safety`] with [`Safety::new`].
     pub fn load_dir(dir: &Path, name: &str, device: Device, dtype: Kind) -> Result<Self> {
+        let index = PipelineIndex::read(dir)?;
         let scheduler_path = dir.join("scheduler").join("scheduler_config.json");
         let scheduler_config = SchedulerConfig::from_file(&scheduler_path)?;
         let default_scheduler = SchedulerKind::from_class_name(&scheduler_config).unwrap_or_else(|| {
             tracing::warn!(path = %scheduler_path.display(), "unknown scheduler class; using pndm");
             SchedulerKind::Pndm
         });
-        let text_config = ClipTextConfig::from_file(&dir.join("text_encoder").join("config.json"))?;
-        let tokenizer = ClipTokenizer::from_dir(
-            &dir.join("tokenizer"),
-            text_config.max_position_embeddings as usize,
-        )?;
-        let text_encoder = load_text_encoder(&dir.join("text_encoder"), device, dtype)?;
+        let text_encoders = load_text_encoders(dir, index.family, device, dtype)?;
         let unet = load_unet(&dir.join("unet"), device, dtype)?;
         let vae_config = VaeConfig::from_file(&dir.join("vae").join("config.json"))?;
         let vae_dtype = if dtype == Kind::Half && vae_config.force_upcast {
@@ -134,24 +149,12 @@ impl StableDiffusion {
             dtype
         };
         let vae = load_vae(&dir.join("vae"), device, vae_dtype)?;
-        let unet_context = match &unet.model.config.cross_attention_dim {
-            crate::models::unet::PerBlock::One(d) => *d,
-            crate::models::unet::PerBlock::Each(v) => v.first().copied().unwrap_or_default(),
-        };
-        if unet_context != text_config.hidden_size {
-            return Err(Error::Unsupported {
-                path: dir.to_path_buf(),
-                message: format!(
-                    "the UNet attends to {unet_context}-wide text but the text encoder gives {}",
-                    text_config.hidden_size
-                ),
-            });
-        }
+        check_conditioning(dir, &index, &text_encoders, &unet.model)?;
         Ok(StableDiffusion {
             name: name.to_string(),
             dir: dir.to_path_buf(),
-            tokenizer,
-            text_encoder,
+            index,
+            text_encoders,
             unet,
             vae,
             vae_dtype,
@@ -163,21 +166,47 @@ impl StableDiffusion {
         })
     }
 
+    pub fn family(&self) -> Family {
+        self.index.family
+    }
+
+    /// The first text encoder (SD's only one; for SDXL `text_encoder`, or a refiner's
+    /// `text_encoder_2`).
+    pub fn text_encoder(&self) -> &TextEncoder {
+        &self.text_encoders[0]
+    }
+
+    /// The text encoder loaded from `component` (`text_encoder` or `text_encoder_2`).
+    pub fn text_encoder_named(&self, component: &str) -> Option<&TextEncoder> {
+        self.text_encoders.iter().find(|e| e.component == component)
+    }
+
+    /// Refuses SDXL for what runs SD 1.x/2.x only.
+    pub fn require_family(&self, family: Family, what: &str) -> Result<()> {
+        if self.family() != family {
+            return Err(Error::invalid(
+                "strategy",
+                format!(
+                    "{what} runs {family} models; {} is {}",
+                    self.name,
+                    self.family()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// The size the model was trained at (diffusers' default height/width).
     pub fn native_size(&self) -> i64 {
         self.unet.model.config_sample_size() * self.vae.model.config.scale_factor()
     }
 
-    /// Text embeddings `[batch, tokens, dim]` for `texts`.
+    /// SD 1.x/2.x text embeddings `[batch, tokens, dim]` for `texts`, from the first text
+    /// encoder.
     pub fn encode_text(&self, texts: &[&str], clip_skip: usize) -> Result<Tensor> {
-        let ids = texts
-            .iter()
-            .map(|t| self.tokenizer.encode(t).map(|ids| Tensor::from_slice(&ids)))
-            .collect::<Result<Vec<_>>>()?;
-        let ids = Tensor::stack(&ids, 0).to_device(self.device);
-        Ok(tch::no_grad(|| {
-            self.text_encoder.model.forward(&ids, clip_skip)
-        }))
+        let encoder = self.text_encoder();
+        let ids = encoder.token_ids(texts, self.device)?;
+        Ok(tch::no_grad(|| encoder.model.forward(&ids, clip_skip)))
     }
 
     /// Refuses a UNet that takes more than the latents (inpainting or InstructPix2Pix
@@ -205,5 +234,120 @@ impl StableDiffusion {
             .clamp(0.0, 1.0)
             .to_kind(Kind::Float)
             .to_device(Device::Cpu)
+    }
+}
+
+impl TextEncoder {
+    /// `texts` tokenized and padded to the encoder's length: `[batch, tokens]` on `device`.
+    pub fn token_ids(&self, texts: &[&str], device: Device) -> Result<Tensor> {
+        let ids = texts
+            .iter()
+            .map(|t| self.tokenizer.encode(t).map(|ids| Tensor::from_slice(&ids)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::stack(&ids, 0).to_device(device))
+    }
+}
+
+/// The family's text encoders with their tokenizers: SD's `text_encoder`, SDXL's
+/// `text_encoder` and `text_encoder_2` where present (a refiner has only the second).
+fn load_text_encoders(
+    dir: &Path,
+    family: Family,
+    device: Device,
+    dtype: Kind,
+) -> Result<Vec<TextEncoder>> {
+    let wanted = match family {
+        Family::StableDiffusion => &TEXT_ENCODERS[..1],
+        Family::Sdxl => &TEXT_ENCODERS[..],
+    };
+    let mut encoders = Vec::new();
+    for &(component, tokenizer) in wanted {
+        let config_path = dir.join(component).join("config.json");
+        if family == Family::Sdxl && !config_path.is_file() {
+            continue;
+        }
+        let config = ClipTextConfig::from_file(&config_path)?;
+        let tokenizer = ClipTokenizer::from_dir(
+            &dir.join(tokenizer),
+            config.max_position_embeddings as usize,
+        )?;
+        let Loaded { model, vars } = load_text_encoder(&dir.join(component), device, dtype)?;
+        encoders.push(TextEncoder {
+            component,
+            tokenizer,
+            model,
+            vars,
+        });
+    }
+    if encoders.is_empty() {
+        return Err(Error::Unsupported {
+            path: dir.to_path_buf(),
+            message: "an SDXL model needs text_encoder/ or text_encoder_2/".into(),
+        });
+    }
+    Ok(encoders)
+}
+
+/// Checks that the text side fits the UNet: the width of the text it attends to, and for
+/// SDXL the pooled output and the number of time ids its added embedding takes.
+fn check_conditioning(
+    dir: &Path,
+    index: &PipelineIndex,
+    encoders: &[TextEncoder],
+    unet: &UNet2DConditionModel,
+) -> Result<()> {
+    let unsupported = |message: String| Error::Unsupported {
+        path: dir.to_path_buf(),
+        message,
+    };
+    let widths: Vec<i64> = encoders.iter().map(|e| e.model.hidden_size()).collect();
+    let text_width = match index.family {
+        Family::StableDiffusion => widths[0],
+        Family::Sdxl => widths.iter().sum(),
+    };
+    let unet_context = unet.config.context_dim();
+    if unet_context != text_width {
+        return Err(unsupported(format!(
+            "the UNet attends to {unet_context}-wide text but the text encoders give {text_width}"
+        )));
+    }
+    match (index.family, unet.config.text_time()) {
+        (Family::StableDiffusion, None) => Ok(()),
+        (Family::StableDiffusion, Some(_)) => Err(unsupported(
+            "the UNet takes SDXL's added conditioning but model_index.json names an SD 1.x/2.x \
+             pipeline"
+                .into(),
+        )),
+        (Family::Sdxl, None) => Err(unsupported(
+            "an SDXL UNet needs `addition_embed_type` \"text_time\"".into(),
+        )),
+        (Family::Sdxl, Some((time_channels, input))) => {
+            let last = encoders.last().expect("never empty");
+            let Some(pooled) = last.model.projection_dim() else {
+                return Err(unsupported(format!(
+                    "SDXL's pooled text comes from a CLIPTextModelWithProjection; {}'s has no \
+                     projection",
+                    last.component
+                )));
+            };
+            let time_ids = if index.requires_aesthetics_score {
+                5
+            } else {
+                6
+            };
+            let expected = time_ids * time_channels + pooled;
+            if input != expected {
+                return Err(unsupported(format!(
+                    "the UNet's added embedding takes {input} values, but {time_ids} time ids \
+                     ({}) of {time_channels} and a pooled text of {pooled} make {expected}",
+                    if index.requires_aesthetics_score {
+                        "with an aesthetic score: requires_aesthetics_score is true"
+                    } else {
+                        "sizes and crop: requires_aesthetics_score is false"
+                    }
+                )));
+            }
+            Ok(())
+        }
     }
 }

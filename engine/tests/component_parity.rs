@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use common::{assert_close, fixtures_dir, load_reference};
 use imagegen_engine::models::loading::{load_text_encoder, load_unet, load_vae};
+use imagegen_engine::models::unet::Conditioning;
 use imagegen_engine::tokenizer::ClipTokenizer;
 use imagegen_engine::{noise, Error};
 use tch::{Device, Kind, Tensor};
@@ -148,8 +149,11 @@ fn unet_matches_diffusers() {
         let unet = load_unet(&dir.join("unet"), Device::Cpu, Kind::Float).unwrap();
         let timestep = r["timestep"].double_value(&[]);
         let out = tch::no_grad(|| {
-            unet.model
-                .forward(&r["sample"], timestep, &r["encoder_hidden_states"])
+            unet.model.forward(
+                &r["sample"],
+                timestep,
+                &Conditioning::text(r["encoder_hidden_states"].shallow_clone()),
+            )
         });
         assert_close(&format!("{name} unet"), &out, &r["out"], TOL);
     }

@@ -16,6 +16,7 @@ use imagegen_crds::Strategy;
 use imagegen_engine::image::canny::canny_edges;
 use imagegen_engine::models::controlnet::{ControlNetModel, ControlResiduals};
 use imagegen_engine::models::loading::{load_controlnet, load_unet};
+use imagegen_engine::models::unet::Conditioning;
 use imagegen_engine::pipelines;
 use imagegen_engine::{Error, GenerationParams, StableDiffusion};
 use tch::{Device, Kind};
@@ -158,8 +159,14 @@ fn residuals_match_diffusers() {
         mid: reference["mid"].shallow_clone(),
     };
     for (what, control) in [("diffusers'", &theirs), ("our", &residuals)] {
-        let out =
-            tch::no_grad(|| unet.forward_with_control(sample, timestep, context, Some(control)));
+        let out = tch::no_grad(|| {
+            unet.forward_with_control(
+                sample,
+                timestep,
+                &Conditioning::text(context.shallow_clone()),
+                Some(control),
+            )
+        });
         eprintln!(
             "UNet with {what} residuals: max abs diff {:e}",
             max_abs_diff(&out, &reference["unet_out"])
@@ -171,7 +178,13 @@ fn residuals_match_diffusers() {
             TOL,
         );
     }
-    let plain = tch::no_grad(|| unet.forward(sample, timestep, context));
+    let plain = tch::no_grad(|| {
+        unet.forward(
+            sample,
+            timestep,
+            &Conditioning::text(context.shallow_clone()),
+        )
+    });
     assert!(
         max_abs_diff(&plain, &reference["unet_out"]) > 1e-2,
         "the residuals must change the UNet's output"
@@ -209,13 +222,11 @@ parity_tests! {
 
 #[test]
 fn every_fixture_case_has_a_test() {
-    for case in fixtures().cases {
-        assert!(
-            COVERED.contains(&case.name.as_str()),
-            "controlnet fixture case {} has no test",
-            case.name
-        );
-    }
+    common::assert_cases_covered(
+        "controlnet",
+        fixtures().cases.into_iter().map(|c| c.name),
+        COVERED,
+    );
 }
 
 fn text_to_image(model: &StableDiffusion, params: &GenerationParams) -> Vec<RgbImage> {

@@ -193,15 +193,7 @@ parity_tests! {
 /// A case added to the fixtures must get a test here.
 #[test]
 fn every_fixture_case_has_a_test() {
-    let cases = cases();
-    assert!(!cases.is_empty());
-    for case in cases {
-        assert!(
-            COVERED.contains(&case.name.as_str()),
-            "img2img fixture case {} has no test",
-            case.name
-        );
-    }
+    common::assert_cases_covered("img2img", cases().into_iter().map(|c| c.name), COVERED);
 }
 
 fn small_request(strategy: Strategy) -> GenerationParams {

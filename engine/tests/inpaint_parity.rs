@@ -6,10 +6,9 @@
 #[macro_use]
 mod common;
 
-use std::path::Path;
 use std::sync::atomic::AtomicBool;
 
-use common::{assert_images_match, fixtures_dir};
+use common::{assert_images_match, fixtures_dir, gray, rgb};
 use image::{GrayImage, RgbImage};
 use imagegen_engine::pipelines;
 use imagegen_engine::{
@@ -57,18 +56,6 @@ fn cases() -> Vec<Case> {
 fn model(name: &str) -> StableDiffusion {
     let dir = fixtures_dir().join(name);
     StableDiffusion::load_dir(&dir, name, Device::Cpu, Kind::Float).unwrap()
-}
-
-fn rgb(path: &Path) -> RgbImage {
-    image::open(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .to_rgb8()
-}
-
-fn gray(path: &Path) -> GrayImage {
-    image::open(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .to_luma8()
 }
 
 fn run_case(name: &str) {
@@ -136,15 +123,7 @@ parity_tests! {
 /// A case added to the fixtures must get a test here.
 #[test]
 fn every_fixture_case_has_a_test() {
-    let cases = cases();
-    assert!(!cases.is_empty());
-    for case in cases {
-        assert!(
-            COVERED.contains(&case.name.as_str()),
-            "inpaint fixture case {} has no test",
-            case.name
-        );
-    }
+    common::assert_cases_covered("inpaint", cases().into_iter().map(|c| c.name), COVERED);
 }
 
 /// The resize diffusers applies to PIL inputs, byte for byte.

@@ -145,13 +145,7 @@ parity_tests! {
 
 #[test]
 fn every_fixture_case_has_a_test() {
-    for case in cases() {
-        assert!(
-            COVERED.contains(&case.name.as_str()),
-            "fixture case {} has no test",
-            case.name
-        );
-    }
+    common::assert_cases_covered("lora", cases().into_iter().map(|c| c.name), COVERED);
 }
 
 #[test]
@@ -183,7 +177,7 @@ fn snapshot(model: &StableDiffusion) -> Vec<(String, Tensor)> {
     let mut all = Vec::new();
     for (prefix, vars) in [
         ("unet", &model.unet.vars),
-        ("text_encoder", &model.text_encoder.vars),
+        ("text_encoder", &model.text_encoder().vars),
     ] {
         for (name, t) in vars.variables() {
             all.push((format!("{prefix}.{name}"), t.copy()));

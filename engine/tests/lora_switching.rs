@@ -46,7 +46,7 @@ fn switching_is_fast_and_memory_stays_flat() {
     ];
     let mut cache = LoraCache::new(64 << 20);
     let weights_bytes =
-        || var_store_bytes(&model.unet.vars) + var_store_bytes(&model.text_encoder.vars);
+        || var_store_bytes(&model.unet.vars) + var_store_bytes(&model.text_encoder().vars);
     let base_weights = weights_bytes();
 
     // Fuse + unfuse of one LoRA (lora-a: UNet and text encoder, 60 modules), cached.

@@ -105,13 +105,7 @@ parity_tests! {
 /// A case added to the fixtures must get a test here.
 #[test]
 fn every_fixture_case_has_a_test() {
-    for case in cases() {
-        assert!(
-            COVERED.contains(&case.name.as_str()),
-            "fixture case {} has no test",
-            case.name
-        );
-    }
+    common::assert_cases_covered("pipeline", cases().into_iter().map(|c| c.name), COVERED);
 }
 
 #[test]

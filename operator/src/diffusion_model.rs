@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use imagegen_crds::common::condition_types::{DEGRADED, PROGRESSING, READY};
 use imagegen_crds::diffusion_model::{
-    AutoscalingStatus, Dtype, HubSource, ModelSource, DEFAULT_GPU_RESOURCE,
+    AutoscalingStatus, Dtype, Family, HubSource, ModelSource, DEFAULT_GPU_RESOURCE,
 };
 use imagegen_crds::{DiffusionModel, DiffusionModelStatus};
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
@@ -165,6 +165,15 @@ pub fn validate(model: &DiffusionModel) -> Result<ValidModel, Error> {
     };
 
     let controlnet_arg = spec.controlnet.as_ref().map(hub_arg).transpose()?;
+    let refiner_arg = spec.refiner.as_ref().map(hub_arg).transpose()?;
+    if let (Some(_), Some(family)) = (&refiner_arg, spec.family) {
+        if family != Family::Sdxl {
+            return Err(Error::InvalidSource(format!(
+                "a refiner goes with an SDXL model, not family {}",
+                family.as_str()
+            )));
+        }
+    }
 
     let resources = spec.resources.as_ref();
     let gpus = resources.and_then(|r| r.gpus).unwrap_or(1);
@@ -189,6 +198,7 @@ pub fn validate(model: &DiffusionModel) -> Result<ValidModel, Error> {
         generation: model.metadata.generation,
         model_arg,
         controlnet_arg,
+        refiner_arg,
         family: spec.family,
         dtype: spec.dtype.unwrap_or(Dtype::F16),
         min_replicas,
@@ -409,6 +419,17 @@ pub fn build_deployment(model: &ValidModel, config: &OperatorConfig, found: &Fou
             .controlnet_arg
             .iter()
             .map(|controlnet| workload::env("IMAGEGEN_CONTROLNET", controlnet.clone())),
+    );
+    env.extend(
+        model
+            .refiner_arg
+            .iter()
+            .map(|refiner| workload::env("IMAGEGEN_REFINER", refiner.clone())),
+    );
+    env.extend(
+        model
+            .family
+            .map(|family| workload::env("IMAGEGEN_FAMILY", family.as_str().to_string())),
     );
     env.extend(config.c2pa_secret.iter().flat_map(|_| {
         [
@@ -836,7 +857,40 @@ mod tests {
         );
         assert_eq!(valid.gpu_resource_name, "amd.com/gpu");
         assert_eq!(valid.dtype, Dtype::Bf16);
-        assert_eq!(valid.family, imagegen_crds::diffusion_model::Family::Sd15);
+        assert_eq!(valid.family, Some(Family::Sd15));
+        assert_eq!(
+            env_value(&env(&valid), "IMAGEGEN_FAMILY").as_deref(),
+            Some("sd15")
+        );
+        assert_eq!(env_value(&env(&valid), "IMAGEGEN_REFINER"), None);
+    }
+
+    fn env_value(env: &[k8s_openapi::api::core::v1::EnvVar], name: &str) -> Option<String> {
+        env.iter()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.clone())
+    }
+
+    #[test]
+    fn an_sdxl_model_hands_its_refiner_and_family_to_the_replicas() {
+        let sdxl = model(json!({"source": {"hub": {"repo": "owner/sdxl"}},
+            "refiner": {"repo": "owner/refiner", "revision": "v2"}}));
+        let valid = validate(&sdxl).unwrap();
+        assert_eq!(valid.family, None);
+        let d = build_deployment(&valid, &OperatorConfig::default(), &Found::default());
+        let env = pod_spec(&d).containers[0].env.clone().unwrap_or_default();
+        assert_eq!(
+            env_value(&env, "IMAGEGEN_REFINER").as_deref(),
+            Some("owner/refiner@v2")
+        );
+        // No family named: the replica reads it from the model, and checks nothing.
+        assert_eq!(env_value(&env, "IMAGEGEN_FAMILY"), None);
+        let sd15 = model(json!({"source": {"path": "m"}, "family": "sd15",
+            "refiner": {"repo": "owner/refiner"}}));
+        match validate(&sd15) {
+            Err(Error::InvalidSource(message)) => assert!(message.contains("SDXL"), "{message}"),
+            other => panic!("an sd15 model with a refiner was not refused: {other:?}"),
+        }
     }
 
     #[test]

@@ -31,8 +31,10 @@ pub struct ValidModel {
     pub model_arg: String,
     /// The Canny ControlNet (`owner/name[@revision]`) of `imagegen serve`, if any.
     pub controlnet_arg: Option<String>,
-    /// Model family.
-    pub family: Family,
+    /// The SDXL refiner (`owner/name[@revision]`) of `imagegen serve`, if any.
+    pub refiner_arg: Option<String>,
+    /// Model family, when the spec names one (the replicas check it at load).
+    pub family: Option<Family>,
     /// Weights and activations type (default f16).
     pub dtype: Dtype,
     /// Fewest replicas.

@@ -768,3 +768,82 @@ fn mask_prompt_finds_the_mask_and_inpaints_only_there() {
     assert!(kept > 0, "the found mask covers the whole image");
     assert_ne!(result, input, "the found area was repainted");
 }
+
+/// The fraction of `decoded`'s 8-bit values within 1/255 of image `index` of a reference.
+fn close_to_reference(decoded: &image::RgbImage, reference: &str, index: i64) -> f64 {
+    let reference = load_reference(&fixtures_dir().join(reference));
+    let want = u8_values(&reference["images_u8"].get(index));
+    let close = decoded
+        .as_raw()
+        .iter()
+        .zip(&want)
+        .filter(|(a, b)| a.abs_diff(**b) <= 1)
+        .count();
+    close as f64 / want.len() as f64
+}
+
+/// An SDXL folder runs with the SD 1.5 flags alone: its family, size (the UNet's) and
+/// scheduler (Euler) come from the folder; with --refiner the base hands over in latents.
+#[test]
+fn sdxl_runs_with_the_sd15_flags_and_hands_over_to_a_refiner() {
+    let dir = scratch("sdxl");
+    let model = fixtures_dir().join("tiny-sdxl");
+    let out = dir.join("base.png");
+    let common = |seed: &'static str, steps: &'static str| {
+        vec![
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "a photo of a cat",
+            "--negative-prompt",
+            "blurry",
+            "--steps",
+            steps,
+            "--guidance",
+            "5",
+            "--seed",
+            seed,
+            "--device",
+            "cpu",
+        ]
+    };
+    let mut args = common("40", "6");
+    args.extend(["--out", out.to_str().unwrap()]);
+    let (code, _, stderr) = run(&args);
+    assert_eq!(code, 0, "stderr: {stderr}");
+    let decoded = image::open(&out).unwrap().to_rgb8();
+    assert_eq!(decoded.dimensions(), (64, 64));
+    let close = close_to_reference(&decoded, "references/sdxl/sdxl-euler.safetensors", 0);
+    assert!(close >= 0.999, "{:.3}% within 1/255", close * 100.0);
+
+    let refiner = fixtures_dir().join("tiny-sdxl-refiner");
+    let refined = dir.join("refined.png");
+    let mut args = common("80", "10");
+    args.extend([
+        "--refiner",
+        refiner.to_str().unwrap(),
+        "--high-noise-fraction",
+        "0.8",
+        "--out",
+        refined.to_str().unwrap(),
+    ]);
+    let (code, _, stderr) = run(&args);
+    assert_eq!(code, 0, "stderr: {stderr}");
+    let decoded = image::open(&refined).unwrap().to_rgb8();
+    let close = close_to_reference(&decoded, "references/sdxl/sdxl-base-refiner.safetensors", 0);
+    assert!(close >= 0.999, "{:.3}% within 1/255", close * 100.0);
+
+    // A fraction without a refiner is a one-line error.
+    let mut args = common("1", "2");
+    args.extend([
+        "--high-noise-fraction",
+        "0.5",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let (code, _, stderr) = run(&args);
+    assert_ne!(code, 0);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("refiner"), "{stderr}");
+}

@@ -1367,3 +1367,84 @@ fn canny_runs_with_the_configured_controlnet_and_is_refused_without_one() {
     let again = post_json(&server, "/v1/generations", a, &canny).expect(200);
     assert_eq!(again["state"], "succeeded", "{again}");
 }
+
+/// An SDXL model with its refiner over HTTP: the base-to-refiner hand-off equals diffusers'
+/// (the images are lossless PNGs), a service without a refiner refuses a hand-off, and one
+/// told another family refuses to start.
+#[test]
+fn sdxl_serves_with_its_refiner() {
+    let a = Some(TOKEN_A);
+    let body = json!({"prompt": "a photo of a cat", "negativePrompt": "blurry", "steps": 10,
+        "guidanceScale": 5.0, "seed": 80, "highNoiseFraction": 0.8});
+
+    let without = Server::start(
+        "sdxl-alone",
+        Options {
+            model: Some("tiny-sdxl"),
+            ..Default::default()
+        },
+    );
+    let (code, field) = post_json(&without, "/v1/generations", a, &body).error(422);
+    assert_eq!(
+        (code.as_str(), field.as_deref()),
+        ("invalid_field", Some("highNoiseFraction"))
+    );
+    // Without a hand-off the base alone runs, at its native size.
+    let mut alone = body.clone();
+    alone.as_object_mut().unwrap().remove("highNoiseFraction");
+    alone["steps"] = json!(2);
+    let job = post_json(&without, "/v1/generations", a, &alone).expect(200);
+    assert_eq!(job["result"]["images"][0]["width"], 64, "{job}");
+    drop(without);
+
+    let refiner = fixtures_dir().join("tiny-sdxl-refiner");
+    let server = Server::start(
+        "sdxl",
+        Options {
+            model: Some("tiny-sdxl"),
+            extra: vec![
+                "--refiner".into(),
+                refiner.display().to_string(),
+                "--family".into(),
+                "sdxl".into(),
+            ],
+            ..Default::default()
+        },
+    );
+    let job = post_json(&server, "/v1/generations", a, &body).expect(200);
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let url = job["result"]["images"][0]["url"].as_str().unwrap();
+    let png = get(&server, url, a);
+    let decoded = image::load_from_memory(&png.body).unwrap().to_rgb8();
+    let reference =
+        load_reference(&fixtures_dir().join("references/sdxl/sdxl-base-refiner.safetensors"));
+    let want = u8_values(&reference["images_u8"].get(0));
+    let (close, worst) = compare_u8(decoded.as_raw(), &want);
+    assert!(
+        close >= 0.999,
+        "{:.3}% within 1/255 (worst {worst})",
+        close * 100.0
+    );
+    drop(server);
+
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_imagegen"))
+        .arg("serve")
+        .arg("--model")
+        .arg(fixtures_dir().join("tiny-sdxl"))
+        .args([
+            "--family",
+            "sd15",
+            "--listen",
+            "127.0.0.1:0",
+            "--safety",
+            "off",
+        ])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("sdxl") && stderr.contains("--family"),
+        "{stderr}"
+    );
+}

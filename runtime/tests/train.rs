@@ -14,6 +14,7 @@ use std::sync::atomic::AtomicBool;
 use common::{assert_images_match, fixtures_dir, python, step_numbers, subject_photo, temp_dir};
 use imagegen_engine::lora;
 use imagegen_engine::lora::Lora;
+use imagegen_engine::models::unet::Conditioning;
 use imagegen_engine::pipelines;
 use imagegen_engine::styles::StyleBook;
 use imagegen_engine::train::{train, TrainConfig, TrainOutcome, TrainerEvent};
@@ -155,7 +156,7 @@ fn the_file_has_diffusers_keys_shapes_and_metadata() {
         ),
         (
             "text_encoder",
-            &model.text_encoder.vars,
+            &model.text_encoder().vars,
             &["q_proj", "k_proj", "v_proj", "out_proj"][..],
         ),
     ] {
@@ -772,14 +773,19 @@ fn unfused_training_adapters_equal_the_fused_file() {
         });
         tch::Tensor::randn([1, 4, 8, 8], (Kind::Float, Device::Cpu))
     });
-    let ids = model.tokenizer.encode("a photo of sks cat").unwrap();
+    let ids = model
+        .text_encoder()
+        .tokenizer
+        .encode("a photo of sks cat")
+        .unwrap();
     let ids = tch::Tensor::from_slice(&ids).unsqueeze(0);
     let forward = || {
         tch::no_grad(|| {
-            model
-                .unet
-                .model
-                .forward(&sample, 500.0, &model.text_encoder.model.forward(&ids, 0))
+            model.unet.model.forward(
+                &sample,
+                500.0,
+                &Conditioning::text(model.text_encoder().model.forward(&ids, 0)),
+            )
         })
     };
     let base = forward();

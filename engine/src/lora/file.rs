@@ -308,7 +308,7 @@ impl Lora {
             ),
             (
                 Component::TextEncoder,
-                ModuleIndex::new(&model.text_encoder.vars, Component::TextEncoder),
+                ModuleIndex::new(&model.text_encoder().vars, Component::TextEncoder),
             ),
         ];
         let index_of = |c: Component| &indexes.iter().find(|(k, _)| *k == c).expect("both").1;

@@ -61,7 +61,7 @@ pub fn fuse_loras<'m>(
         }
     }
     let unet_vars = model.unet.vars.variables();
-    let text_vars = model.text_encoder.vars.variables();
+    let text_vars = model.text_encoder().vars.variables();
     tch::no_grad(|| -> Result<()> {
         for ((component, target), parts) in deltas {
             let vars = match component {

@@ -1,5 +1,6 @@
 //! The CLIP text encoder (transformers' `CLIPTextModel`): token and position embeddings,
-//! a stack of pre-norm transformer layers with a causal mask, a final layer norm.
+//! a stack of pre-norm transformer layers with a causal mask, a final layer norm; with
+//! `CLIPTextModelWithProjection` (SDXL's second encoder), the projected pooled output too.
 //! VarStore paths equal the state-dict keys (`text_model.encoder.layers.0.self_attn.q_proj.weight`).
 
 use std::path::Path;
@@ -49,6 +50,16 @@ pub struct ClipTextConfig {
     pub hidden_act: Activation,
     #[serde(default = "defaults::layer_norm_eps")]
     pub layer_norm_eps: f64,
+    /// The width of `text_projection` (`CLIPTextModelWithProjection` only).
+    #[serde(default = "defaults::projection_dim")]
+    pub projection_dim: i64,
+    /// Where the pooled output is taken: the first end token, or with the legacy value 2
+    /// (the configs OpenAI's and SDXL's checkpoints ship), the highest token id.
+    #[serde(default = "defaults::eos_token_id")]
+    pub eos_token_id: i64,
+    /// `["CLIPTextModelWithProjection"]` adds the projection.
+    #[serde(default)]
+    pub architectures: Vec<String>,
 }
 
 mod defaults {
@@ -77,6 +88,12 @@ mod defaults {
     pub fn layer_norm_eps() -> f64 {
         1e-5
     }
+    pub fn projection_dim() -> i64 {
+        512
+    }
+    pub fn eos_token_id() -> i64 {
+        2
+    }
 }
 
 impl ClipTextConfig {
@@ -91,6 +108,9 @@ impl ClipTextConfig {
             max_position_embeddings: 77,
             hidden_act: Activation::QuickGelu,
             layer_norm_eps: 1e-5,
+            projection_dim: 768,
+            eos_token_id: 2,
+            architectures: vec!["CLIPTextModel".into()],
         }
     }
 
@@ -105,6 +125,9 @@ impl ClipTextConfig {
             max_position_embeddings: 77,
             hidden_act: Activation::Gelu,
             layer_norm_eps: 1e-5,
+            projection_dim: 1024,
+            eos_token_id: 2,
+            architectures: vec!["CLIPTextModel".into()],
         }
     }
 
@@ -117,6 +140,13 @@ impl ClipTextConfig {
             });
         }
         Ok(config)
+    }
+
+    /// Whether the checkpoint is a `CLIPTextModelWithProjection`.
+    pub fn with_projection(&self) -> bool {
+        self.architectures
+            .iter()
+            .any(|a| a == "CLIPTextModelWithProjection")
     }
 }
 
@@ -168,19 +198,39 @@ impl EncoderLayer {
     }
 }
 
-/// `CLIPTextModel` up to `last_hidden_state` (the pooled output is not used by Stable Diffusion).
+/// `CLIPTextModel`, and `CLIPTextModelWithProjection` when the config names it.
 #[derive(Debug)]
 pub struct ClipTextModel {
     token_embedding: nn::Embedding,
     position_embedding: nn::Embedding,
     layers: Vec<EncoderLayer>,
     final_layer_norm: nn::LayerNorm,
+    text_projection: Option<nn::Linear>,
     max_positions: i64,
+    eos_token_id: i64,
+    hidden_size: i64,
+    projection_dim: i64,
+}
+
+/// What SDXL takes from a text encoder: one layer's hidden states (not normed) and, from
+/// an encoder with a projection, the projected pooled output (`text_embeds`).
+#[derive(Debug)]
+pub struct EncoderOutput {
+    pub hidden: Tensor,
+    pub pooled: Option<Tensor>,
 }
 
 impl ClipTextModel {
     /// `p` is the VarStore root: paths start with `text_model.`.
     pub fn new(p: nn::Path, c: &ClipTextConfig) -> Self {
+        let text_projection = c.with_projection().then(|| {
+            linear(
+                &p / "text_projection",
+                c.hidden_size,
+                c.projection_dim,
+                false,
+            )
+        });
         let p = &p / "text_model";
         let emb = &p / "embeddings";
         let layers = (0..c.num_hidden_layers)
@@ -195,8 +245,22 @@ impl ClipTextModel {
             ),
             layers,
             final_layer_norm: layer_norm(&p / "final_layer_norm", c.hidden_size, c.layer_norm_eps),
+            text_projection,
             max_positions: c.max_position_embeddings,
+            eos_token_id: c.eos_token_id,
+            hidden_size: c.hidden_size,
+            projection_dim: c.projection_dim,
         }
+    }
+
+    /// The width of the hidden states.
+    pub fn hidden_size(&self) -> i64 {
+        self.hidden_size
+    }
+
+    /// The width of the projected pooled output, for a `CLIPTextModelWithProjection`.
+    pub fn projection_dim(&self) -> Option<i64> {
+        self.text_projection.as_ref().map(|_| self.projection_dim)
     }
 
     pub fn num_layers(&self) -> usize {
@@ -207,6 +271,56 @@ impl ClipTextModel {
     /// `last_hidden_state`; `clip_skip` = n stops n layers early and applies the final layer
     /// norm there, which is what diffusers' pipelines do with `clip_skip=n`.
     pub fn forward(&self, input_ids: &Tensor, clip_skip: usize) -> Tensor {
+        let used = self.layers.len().saturating_sub(clip_skip);
+        self.final_layer_norm
+            .forward(&self.run_layers(input_ids, used, |_, _| {}))
+    }
+
+    /// SDXL's use of an encoder (diffusers' `hidden_states[-(clip_skip + 2)]`): the hidden
+    /// states `clip_skip + 1` layers before the end, as they are (no final layer norm),
+    /// and with a projection the pooled output, taken from the last layer.
+    pub fn encode_hidden(&self, input_ids: &Tensor, clip_skip: usize) -> EncoderOutput {
+        let wanted = self.layers.len().saturating_sub(clip_skip + 1);
+        let mut hidden = None;
+        let keep = |done: usize, x: &Tensor| {
+            if done == wanted {
+                hidden = Some(x.shallow_clone());
+            }
+        };
+        let Some(projection) = &self.text_projection else {
+            let x = self.run_layers(input_ids, wanted, keep);
+            return EncoderOutput {
+                hidden: hidden.unwrap_or(x),
+                pooled: None,
+            };
+        };
+        let last =
+            self.final_layer_norm
+                .forward(&self.run_layers(input_ids, self.layers.len(), keep));
+        let positions = if self.eos_token_id == 2 {
+            input_ids.argmax(-1, false)
+        } else {
+            input_ids
+                .eq(self.eos_token_id)
+                .to_kind(tch::Kind::Int)
+                .argmax(-1, false)
+        };
+        let rows = Tensor::arange(last.size()[0], (tch::Kind::Int64, last.device()));
+        let pooled = last.index(&[Some(rows), Some(positions)]);
+        EncoderOutput {
+            hidden: hidden.expect("the wanted layer is within the stack"),
+            pooled: Some(projection.forward(&pooled)),
+        }
+    }
+
+    /// The embeddings through the first `layers` layers; `seen(n, x)` gets the hidden
+    /// states after `n` layers (`n` = 0: the embeddings).
+    fn run_layers(
+        &self,
+        input_ids: &Tensor,
+        layers: usize,
+        mut seen: impl FnMut(usize, &Tensor),
+    ) -> Tensor {
         let tokens = input_ids.size()[1];
         assert!(
             tokens <= self.max_positions,
@@ -215,11 +329,12 @@ impl ClipTextModel {
         let positions = Tensor::arange(tokens, (tch::Kind::Int64, input_ids.device())).unsqueeze(0);
         let mut x =
             self.token_embedding.forward(input_ids) + self.position_embedding.forward(&positions);
-        let used = self.layers.len().saturating_sub(clip_skip);
-        for layer in &self.layers[..used] {
+        seen(0, &x);
+        for (n, layer) in self.layers[..layers].iter().enumerate() {
             x = layer.forward(&x);
+            seen(n + 1, &x);
         }
-        self.final_layer_norm.forward(&x)
+        x
     }
 
     /// The self-attention projections (q, k, v, out) of every layer, in module order: what

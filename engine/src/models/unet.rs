@@ -1,6 +1,8 @@
-//! diffusers' `UNet2DConditionModel` for the Stable Diffusion 1.x/2.x family, built from
-//! `unet/config.json`: a time embedding, down blocks that keep skip connections, a
-//! cross-attention mid block, and up blocks that consume the skips in reverse.
+//! diffusers' `UNet2DConditionModel` for the Stable Diffusion 1.x/2.x and SDXL families,
+//! built from `unet/config.json`: a time embedding (for SDXL plus the `text_time` added
+//! embedding of the pooled text and the size/crop time ids), down blocks that keep skip
+//! connections, a cross-attention mid block, and up blocks that consume the skips in
+//! reverse.
 
 use std::path::Path;
 
@@ -86,6 +88,10 @@ pub struct UNetConfig {
     pub class_embed_type: Option<String>,
     #[serde(default)]
     pub addition_embed_type: Option<String>,
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<i64>,
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<i64>,
     #[serde(default)]
     pub num_class_embeds: Option<i64>,
     #[serde(default)]
@@ -218,14 +224,29 @@ impl UNetConfig {
         let refuse_some = |key: &str, set: bool| -> Result<()> {
             if set {
                 Err(unsupported(format!(
-                    "`{key}` is not supported by this UNet (SD 1.x/2.x)"
+                    "`{key}` is not supported by this UNet (SD 1.x/2.x, SDXL)"
                 )))
             } else {
                 Ok(())
             }
         };
         refuse_some("class_embed_type", self.class_embed_type.is_some())?;
-        refuse_some("addition_embed_type", self.addition_embed_type.is_some())?;
+        match self.addition_embed_type.as_deref() {
+            None => {}
+            Some("text_time") if self.text_time().is_none() => {
+                return Err(unsupported(
+                    "`addition_embed_type` \"text_time\" needs `addition_time_embed_dim` and \
+                     `projection_class_embeddings_input_dim`"
+                        .into(),
+                ));
+            }
+            Some("text_time") => {}
+            Some(other) => {
+                return Err(unsupported(format!(
+                    "`addition_embed_type` {other:?} (only \"text_time\", SDXL's, is supported)"
+                )))
+            }
+        }
         refuse_some("num_class_embeds", self.num_class_embeds.is_some())?;
         refuse_some("time_cond_proj_dim", self.time_cond_proj_dim.is_some())?;
         refuse_some("encoder_hid_dim", self.encoder_hid_dim.is_some())?;
@@ -345,6 +366,21 @@ impl UNetConfig {
                 other => Err(unsupported(format!("up block type {other:?}"))),
             })
             .collect()
+    }
+
+    /// SDXL's added conditioning: (the width of one time id's sinusoids, the width of the
+    /// projection's input: every time id's sinusoids and the pooled text embedding).
+    pub fn text_time(&self) -> Option<(i64, i64)> {
+        match (
+            self.addition_embed_type.as_deref(),
+            self.addition_time_embed_dim,
+            self.projection_class_embeddings_input_dim,
+        ) {
+            (Some("text_time"), Some(time), Some(input)) if time > 0 && input > 0 => {
+                Some((time, input))
+            }
+            _ => None,
+        }
     }
 
     /// The width of the text the model attends to (checked to be one value for all
@@ -472,20 +508,132 @@ impl TimeEmbedding {
 
     /// The embedding of one timestep per sample (`timesteps`: `[batch]`, any numeric kind).
     pub(crate) fn forward_each(&self, timesteps: &Tensor, kind: Kind) -> Tensor {
-        let device = timesteps.device();
-        let timesteps = timesteps.to_kind(Kind::Float);
-        let half = self.channels / 2;
-        let exponent = Tensor::arange(half, (Kind::Float, device)) * (-(10000f64.ln()))
-            / (half as f64 - self.freq_shift);
-        let args = timesteps.unsqueeze(1) * exponent.exp().unsqueeze(0);
-        let (sin, cos) = (args.sin(), args.cos());
-        let sinusoids = if self.flip_sin_to_cos {
-            Tensor::cat(&[cos, sin], -1)
-        } else {
-            Tensor::cat(&[sin, cos], -1)
-        };
+        let sinusoids = sinusoids(
+            timesteps,
+            self.channels,
+            self.flip_sin_to_cos,
+            self.freq_shift,
+        );
         self.linear_2
             .forward(&self.linear_1.forward(&sinusoids.to_kind(kind)).silu())
+    }
+}
+
+/// diffusers' `get_timestep_embedding` (`Timesteps`): `channels` sinusoids per value of
+/// `values` (`[n]`), in float32.
+fn sinusoids(values: &Tensor, channels: i64, flip_sin_to_cos: bool, freq_shift: f64) -> Tensor {
+    let device = values.device();
+    let values = values.to_kind(Kind::Float);
+    let half = channels / 2;
+    let exponent = Tensor::arange(half, (Kind::Float, device)) * (-(10000f64.ln()))
+        / (half as f64 - freq_shift);
+    let args = values.unsqueeze(1) * exponent.exp().unsqueeze(0);
+    let (sin, cos) = (args.sin(), args.cos());
+    if flip_sin_to_cos {
+        Tensor::cat(&[cos, sin], -1)
+    } else {
+        Tensor::cat(&[sin, cos], -1)
+    }
+}
+
+/// SDXL's added conditioning for each sample: the pooled, projected text embedding
+/// (`text_embeds`, `[batch, pooled]`) and the time ids (`[batch, n]`: the original size,
+/// the crop's top-left corner, and the target size or the aesthetic score).
+#[derive(Debug)]
+pub struct AddedConditioning {
+    pub text_embeds: Tensor,
+    pub time_ids: Tensor,
+}
+
+/// What the UNet is conditioned on besides the timestep: the text it attends to
+/// (`[batch, tokens, dim]`) and, for SDXL, the added conditioning.
+#[derive(Debug)]
+pub struct Conditioning {
+    pub context: Tensor,
+    pub added: Option<AddedConditioning>,
+}
+
+impl Conditioning {
+    /// Text only (SD 1.x/2.x).
+    pub fn text(context: Tensor) -> Self {
+        Conditioning {
+            context,
+            added: None,
+        }
+    }
+
+    /// `parts` one after the other along the batch; all with added conditioning or none.
+    pub fn cat(parts: &[&Conditioning]) -> Self {
+        let context = Tensor::cat(&parts.iter().map(|p| &p.context).collect::<Vec<_>>(), 0);
+        let added: Option<Vec<&AddedConditioning>> =
+            parts.iter().map(|p| p.added.as_ref()).collect();
+        Conditioning {
+            context,
+            added: added.filter(|a| !a.is_empty()).map(|a| AddedConditioning {
+                text_embeds: Tensor::cat(&a.iter().map(|a| &a.text_embeds).collect::<Vec<_>>(), 0),
+                time_ids: Tensor::cat(&a.iter().map(|a| &a.time_ids).collect::<Vec<_>>(), 0),
+            }),
+        }
+    }
+
+    /// Every sample `times` times over (`[a, b]` → `[a, b, a, b]`), as `Tensor::repeat`.
+    pub fn repeat(&self, times: i64) -> Self {
+        Conditioning {
+            context: self.context.repeat([times, 1, 1]),
+            added: self.added.as_ref().map(|a| AddedConditioning {
+                text_embeds: a.text_embeds.repeat([times, 1]),
+                time_ids: a.time_ids.repeat([times, 1]),
+            }),
+        }
+    }
+
+    pub fn shallow_clone(&self) -> Self {
+        Conditioning {
+            context: self.context.shallow_clone(),
+            added: self.added.as_ref().map(|a| AddedConditioning {
+                text_embeds: a.text_embeds.shallow_clone(),
+                time_ids: a.time_ids.shallow_clone(),
+            }),
+        }
+    }
+}
+
+/// `add_time_proj` and `add_embedding`: SDXL's added conditioning, embedded to the width of
+/// the time embedding it is added to.
+#[derive(Debug)]
+struct AddEmbedding {
+    linear_1: nn::Linear,
+    linear_2: nn::Linear,
+    time_id_channels: i64,
+    flip_sin_to_cos: bool,
+    freq_shift: f64,
+}
+
+impl AddEmbedding {
+    fn new(p: &nn::Path, config: &UNetConfig, time_dim: i64) -> Option<Self> {
+        let (time_id_channels, input) = config.text_time()?;
+        let p = p / "add_embedding";
+        Some(AddEmbedding {
+            linear_1: linear(&p / "linear_1", input, time_dim, true),
+            linear_2: linear(&p / "linear_2", time_dim, time_dim, true),
+            time_id_channels,
+            flip_sin_to_cos: config.flip_sin_to_cos,
+            freq_shift: config.freq_shift,
+        })
+    }
+
+    fn forward(&self, added: &AddedConditioning, kind: Kind) -> Tensor {
+        let batch = added.text_embeds.size()[0];
+        let time_embeds = sinusoids(
+            &added.time_ids.flatten(0, -1),
+            self.time_id_channels,
+            self.flip_sin_to_cos,
+            self.freq_shift,
+        )
+        .reshape([batch, -1]);
+        let input =
+            Tensor::cat(&[added.text_embeds.to_kind(Kind::Float), time_embeds], -1).to_kind(kind);
+        self.linear_2.forward(&self.linear_1.forward(&input).silu())
     }
 }
 
@@ -610,6 +758,7 @@ pub struct UNet2DConditionModel {
     pub config: UNetConfig,
     conv_in: nn::Conv2D,
     time_embedding: TimeEmbedding,
+    add_embedding: Option<AddEmbedding>,
     down_path: DownPath,
     up_blocks: Vec<UpBlock>,
     conv_norm_out: nn::GroupNorm,
@@ -685,6 +834,7 @@ impl UNet2DConditionModel {
                 1,
                 pad_in,
             ),
+            add_embedding: AddEmbedding::new(&p, c, time_dim),
             time_embedding,
             down_path,
             up_blocks,
@@ -707,9 +857,9 @@ impl UNet2DConditionModel {
     }
 
     /// Predicts the noise (or v) in `sample` (`[batch, in_channels, h, w]`) at `timestep`,
-    /// conditioned on `context` (`[batch, tokens, cross_attention_dim]`).
-    pub fn forward(&self, sample: &Tensor, timestep: f64, context: &Tensor) -> Tensor {
-        self.forward_with_control(sample, timestep, context, None)
+    /// conditioned on `cond` (its context: `[batch, tokens, cross_attention_dim]`).
+    pub fn forward(&self, sample: &Tensor, timestep: f64, cond: &Conditioning) -> Tensor {
+        self.forward_with_control(sample, timestep, cond, None)
     }
 
     /// [`forward`](Self::forward) with a ControlNet's residuals added as diffusers adds
@@ -719,13 +869,13 @@ impl UNet2DConditionModel {
         &self,
         sample: &Tensor,
         timestep: f64,
-        context: &Tensor,
+        cond: &Conditioning,
         control: Option<&ControlResiduals>,
     ) -> Tensor {
         let temb =
             self.time_embedding
                 .forward(timestep, sample.size()[0], sample.kind(), sample.device());
-        self.forward_embedded(sample, &temb, context, control)
+        self.forward_embedded(sample, &temb, cond, control)
     }
 
     /// [`forward`](Self::forward) with one timestep per sample (`timesteps`: `[batch]`), as
@@ -734,10 +884,15 @@ impl UNet2DConditionModel {
         &self,
         sample: &Tensor,
         timesteps: &Tensor,
-        context: &Tensor,
+        cond: &Conditioning,
     ) -> Tensor {
         let temb = self.time_embedding.forward_each(timesteps, sample.kind());
-        self.forward_embedded(sample, &temb, context, None)
+        self.forward_embedded(sample, &temb, cond, None)
+    }
+
+    /// Whether the model takes SDXL's added conditioning (and needs it).
+    pub fn takes_added_conditioning(&self) -> bool {
+        self.add_embedding.is_some()
     }
 
     /// The attention projections (to_q, to_k, to_v, to_out.0) of every transformer block,
@@ -757,10 +912,17 @@ impl UNet2DConditionModel {
         &self,
         sample: &Tensor,
         temb: &Tensor,
-        context: &Tensor,
+        cond: &Conditioning,
         control: Option<&ControlResiduals>,
     ) -> Tensor {
-        let temb = temb.shallow_clone();
+        let context = &cond.context;
+        let temb = match (&self.add_embedding, &cond.added) {
+            (Some(embedding), Some(added)) => temb + embedding.forward(added, temb.kind()),
+            (None, _) => temb.shallow_clone(),
+            (Some(_), None) => {
+                panic!("an SDXL UNet needs the added conditioning (pooled text and time ids)")
+            }
+        };
         let sample = if self.config.center_input_sample {
             sample * 2.0 - 1.0
         } else {

@@ -11,6 +11,7 @@ use imagegen_crds::{GenerationParams, Strategy};
 use tch::{Kind, Tensor};
 
 use crate::error::{catch_torch, Error, Result};
+use crate::family::Family;
 use crate::image::canny::{canny_edges, check_thresholds, DEFAULT_HIGH, DEFAULT_LOW};
 use crate::image::fit::round_down_to_side_multiple;
 use crate::models::controlnet::ControlNetModel;
@@ -66,6 +67,7 @@ pub fn controlnet(
     progress: &mut dyn FnMut(Progress),
     cancel: &AtomicBool,
 ) -> Result<Vec<GeneratedImage>> {
+    model.require_family(Family::StableDiffusion, "a ControlNet")?;
     let request = Resolved::new(&sized_like(params, control_image), model)?;
     let scale = control_scale(params)?;
     check_controlnet(model, controlnet)?;
@@ -76,9 +78,9 @@ pub fn controlnet(
             text_to_image::run_with(
                 model,
                 std::slice::from_ref(&request),
-                &|input, t, context| {
-                    let residuals = controlnet.forward(input, t, context, &image, scale);
-                    unet.forward_with_control(input, t, context, Some(&residuals))
+                &|input, t, cond| {
+                    let residuals = controlnet.forward(input, t, &cond.context, &image, scale);
+                    unet.forward_with_control(input, t, cond, Some(&residuals))
                 },
                 progress,
                 cancel,

@@ -12,6 +12,7 @@ use crate::image::fit::SIDE_MULTIPLE;
 use crate::image::output::ImageMetadata;
 use crate::noise::{self, DrawPlan, ImageNoise};
 pub use crate::outcome::{GeneratedImage, Progress};
+pub use crate::pipelines::conditioning::encode_prompts;
 use crate::schedulers::{Scheduler, SchedulerKind};
 use crate::stable_diffusion::StableDiffusion;
 
@@ -100,13 +101,16 @@ impl Resolved {
             None => model.default_scheduler,
         };
         let clip_skip = params.clip_skip.unwrap_or(0) as usize;
-        if clip_skip >= model.text_encoder.model.num_layers() {
+        let layers = model
+            .text_encoders
+            .iter()
+            .map(|e| e.model.num_layers())
+            .min()
+            .unwrap_or_default();
+        if clip_skip >= layers {
             return Err(Error::invalid(
                 "clip_skip",
-                format!(
-                    "{clip_skip} must be less than the text encoder's {} layers",
-                    model.text_encoder.model.num_layers()
-                ),
+                format!("{clip_skip} must be less than the text encoder's {layers} layers"),
             ));
         }
         Ok(Resolved {
@@ -206,26 +210,6 @@ pub fn stack_noise(
 /// Predicts the (guided) model output for `latents` at loop index `step`, timestep `t`.
 pub type Predict<'a> = dyn Fn(&dyn Scheduler, &Tensor, usize, f64) -> Tensor + 'a;
 
-/// The prompt's embeddings and, when `negative` is set, the negative prompt's, each
-/// repeated for every image. diffusers applies clip skip to the prompt only: the
-/// negative side always uses the last layer.
-pub fn encode_prompts(
-    model: &StableDiffusion,
-    r: &Resolved,
-    negative: bool,
-) -> Result<(Tensor, Option<Tensor>)> {
-    let count = r.count as i64;
-    let cond = model
-        .encode_text(&[&r.prompt], r.clip_skip)?
-        .repeat([count, 1, 1]);
-    let uncond = if negative {
-        Some(model.encode_text(&[r.negative()], 0)?.repeat([count, 1, 1]))
-    } else {
-        None
-    };
-    Ok((cond, uncond))
-}
-
 /// The denoising loop from loop index `start` to the end of `scheduler`'s timesteps:
 /// `predict`, then a scheduler step with that step's noise from `noises`
 /// (`per_step[0]` is the first step taken). Reports progress after every step and stops
@@ -234,16 +218,44 @@ pub fn encode_prompts(
 pub fn denoise(
     model: &StableDiffusion,
     scheduler: &mut dyn Scheduler,
-    mut latents: Tensor,
+    latents: Tensor,
     start: usize,
     noises: &[ImageNoise],
     predict: &Predict,
     progress: &mut dyn FnMut(Progress),
     cancel: &AtomicBool,
 ) -> Result<Tensor> {
+    let end = scheduler.timesteps().len();
+    denoise_range(
+        model,
+        scheduler,
+        latents,
+        start..end,
+        noises,
+        predict,
+        progress,
+        cancel,
+    )
+}
+
+/// [`denoise`] over the loop indices `steps` only (SDXL's base stops early and hands its
+/// latents to the refiner: diffusers' `denoising_end`).
+#[allow(clippy::too_many_arguments)]
+pub fn denoise_range(
+    model: &StableDiffusion,
+    scheduler: &mut dyn Scheduler,
+    mut latents: Tensor,
+    steps: std::ops::Range<usize>,
+    noises: &[ImageNoise],
+    predict: &Predict,
+    progress: &mut dyn FnMut(Progress),
+    cancel: &AtomicBool,
+) -> Result<Tensor> {
     let timesteps = scheduler.timesteps().to_vec();
-    let total = timesteps.len().saturating_sub(start);
-    for (taken, (i, &t)) in timesteps.iter().enumerate().skip(start).enumerate() {
+    let end = steps.end.min(timesteps.len());
+    let start = steps.start.min(end);
+    let total = end - start;
+    for (taken, (i, &t)) in timesteps[..end].iter().enumerate().skip(start).enumerate() {
         if cancel.load(Ordering::Relaxed) {
             return Err(Error::Cancelled);
         }

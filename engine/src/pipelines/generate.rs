@@ -11,7 +11,7 @@ use std::rc::Rc;
 use std::sync::atomic::AtomicBool;
 
 use crate::lora;
-use crate::pipelines::{controlnet, image_to_image, inpaint, text_to_image};
+use crate::pipelines::{controlnet, image_to_image, inpaint, refiner, text_to_image};
 use image::{DynamicImage, GrayImage, RgbImage};
 use imagegen_crds::{GenerationParams, Mode, Strategy};
 
@@ -46,6 +46,8 @@ pub struct Inputs<'a> {
     /// The inpainting mask: white = repaint, black = keep.
     pub mask: Option<GrayImage>,
     pub controlnet: Option<&'a ControlNetModel>,
+    /// An SDXL refiner: text-to-image hands over to it at `high_noise_fraction`.
+    pub refiner: Option<&'a StableDiffusion>,
     /// LoRAs (loaded for this model) and their weights, fused into the UNet and the text
     /// encoder for the duration of the call and removed after, whatever its outcome.
     pub loras: Vec<(Rc<Lora>, f64)>,
@@ -165,6 +167,24 @@ fn prepared_mask(params: &GenerationParams, mask: &GrayImage) -> Result<(GrayIma
     Ok((grown, blur))
 }
 
+/// The refiner a text-to-image request hands over to: the one given, unless the request
+/// sets `high_noise_fraction` to 1 (the base alone). A fraction below 1 without a refiner
+/// is an error.
+fn refiner_for<'a>(
+    params: &GenerationParams,
+    inputs: &Inputs<'a>,
+) -> Result<Option<&'a StableDiffusion>> {
+    match (inputs.refiner, params.high_noise_fraction) {
+        (_, Some(1.0)) => Ok(None),
+        (Some(refiner), _) => Ok(Some(refiner)),
+        (None, Some(_)) => Err(Error::invalid(
+            "high_noise_fraction",
+            "this model has no refiner to hand over to",
+        )),
+        (None, None) => Ok(None),
+    }
+}
+
 /// Generates what `params` asks for. `progress` is called after every denoising step;
 /// setting `cancel` stops between steps with [`Error::Cancelled`]. The images then go
 /// through the model's safety policy ([`crate::safety`]): with `Block`, flagged images
@@ -198,6 +218,7 @@ pub fn generate(
             image: inputs.image.clone(),
             mask: Some(found),
             controlnet: inputs.controlnet,
+            refiner: inputs.refiner,
             loras: inputs.loras.clone(),
             mask_prompt: None,
         };
@@ -205,6 +226,12 @@ pub fn generate(
     }
     let (params, style) = apply_style(params, styles)?;
     let mode = resolve_mode(&params, inputs)?;
+    if mode != Mode::TextToImage && params.high_noise_fraction.is_some_and(|f| f < 1.0) {
+        return Err(Error::invalid(
+            "high_noise_fraction",
+            "the refiner hand-off is for text-to-image",
+        ));
+    }
     // Restores the base weights when dropped: on return, error or panic.
     let _fused = if inputs.loras.is_empty() {
         None
@@ -220,7 +247,12 @@ pub fn generate(
     };
     let mask = || inputs.mask.as_ref().expect("checked by resolve_mode");
     let mut images = match mode {
-        Mode::TextToImage => text_to_image::text_to_image(model, &params, progress, cancel)?,
+        Mode::TextToImage => match refiner_for(&params, inputs)? {
+            Some(refiner) => {
+                refiner::text_to_image_refined(model, refiner, &params, progress, cancel)?
+            }
+            None => text_to_image::text_to_image(model, &params, progress, cancel)?,
+        },
         Mode::ImageToImage => match params.strategy.unwrap_or(Strategy::Sdedit) {
             Strategy::Sdedit => image_to_image::sdedit(model, &params, &image(), progress, cancel)?,
             Strategy::Instruct => {

@@ -20,9 +20,12 @@ use imagegen_crds::{GenerationParams, Strategy};
 use tch::Tensor;
 
 use crate::error::{catch_torch, Error, Result};
+use crate::family::Family;
 use crate::image::fit::round_down_to_side_multiple;
 use crate::image::processor::resize_rgb;
+use crate::models::unet::Conditioning;
 use crate::noise::DrawPlan;
+use crate::pipelines::conditioning;
 use crate::pipelines::denoise::{
     draw_noises, from_rgb, stack_noise, step_draws, GeneratedImage, Progress, Resolved,
 };
@@ -131,10 +134,7 @@ fn run_sdedit(
     cancel: &AtomicBool,
 ) -> Result<Vec<GeneratedImage>> {
     let (cond, uncond) = denoise::encode_prompts(model, r, r.guided())?;
-    let context = match uncond {
-        Some(uncond) => Tensor::cat(&[uncond, cond], 0),
-        None => cond,
-    };
+    let context = conditioning::guidance_pair(cond, uncond);
 
     let posterior = model.vae.model.encode(&vae_input(model, init_image, r));
     let shape = posterior.mean.size();
@@ -189,6 +189,7 @@ pub fn instruct(
     progress: &mut dyn FnMut(Progress),
     cancel: &AtomicBool,
 ) -> Result<Vec<GeneratedImage>> {
+    model.require_family(Family::StableDiffusion, "instruct")?;
     let r = resolve(params, model, init_image)?;
     let image_guidance = params
         .image_guidance_scale
@@ -229,7 +230,7 @@ fn run_instruct(
     let (cond, uncond) = denoise::encode_prompts(model, r, guided)?;
     // diffusers' three-way batch: [prompt + image, image only, neither].
     let context = match uncond {
-        Some(uncond) => Tensor::cat(&[&cond, &uncond, &uncond], 0),
+        Some(uncond) => Conditioning::cat(&[&cond, &uncond, &uncond]),
         None => cond,
     };
 

@@ -9,6 +9,7 @@ use imagegen_crds::GenerationParams;
 use tch::Tensor;
 
 use crate::error::{catch_torch, Result};
+use crate::models::unet::Conditioning;
 use crate::noise::{DrawPlan, ImageNoise};
 use crate::pipelines::denoise::{draw_noises, generated_images, stack_noise, step_draws};
 pub use crate::pipelines::denoise::{
@@ -44,7 +45,7 @@ pub(crate) fn run(
     run_with(
         model,
         requests,
-        &|input, t, context| unet.forward(input, t, context),
+        &|input, t, cond| unet.forward(input, t, cond),
         progress,
         cancel,
     )
@@ -56,10 +57,11 @@ pub(crate) fn run(
 /// context)` gets the scaled latents (doubled for classifier-free guidance,
 /// unconditional half first) and returns the UNet's output for them (the ControlNet
 /// pipeline adds its residuals there). Each image keeps the noise of its own seed.
+/// `cond` is the conditioning of those rows.
 pub(crate) fn run_with(
     model: &StableDiffusion,
     requests: &[Resolved],
-    predict: &dyn Fn(&Tensor, f64, &Tensor) -> Tensor,
+    predict: &dyn Fn(&Tensor, f64, &Conditioning) -> Tensor,
     progress: &mut dyn FnMut(Progress),
     cancel: &AtomicBool,
 ) -> Result<Vec<Vec<GeneratedImage>>> {
@@ -106,16 +108,16 @@ pub(crate) fn run_with(
         .collect()
 }
 
-/// The UNet's text context for `r.count` images: `[uncond..., cond...]` when guided
+/// The UNet's conditioning for `r.count` images: `[uncond..., cond...]` when guided
 /// (diffusers' order).
-pub(crate) fn text_context(model: &StableDiffusion, r: &Resolved) -> Result<Tensor> {
+pub(crate) fn text_context(model: &StableDiffusion, r: &Resolved) -> Result<Conditioning> {
     batch_text_context(model, std::slice::from_ref(r))
 }
 
 /// The text context for the images of every request, in the order of their latents:
 /// every request's conditional rows, preceded when guided by all their unconditional
 /// rows in the same order (as one request's context is laid out).
-fn batch_text_context(model: &StableDiffusion, requests: &[Resolved]) -> Result<Tensor> {
+fn batch_text_context(model: &StableDiffusion, requests: &[Resolved]) -> Result<Conditioning> {
     let guided = requests.first().is_some_and(Resolved::guided);
     let mut conds = Vec::with_capacity(requests.len());
     let mut unconds = Vec::with_capacity(requests.len());
@@ -124,9 +126,10 @@ fn batch_text_context(model: &StableDiffusion, requests: &[Resolved]) -> Result<
         conds.push(cond);
         unconds.extend(uncond);
     }
-    let cond = Tensor::cat(&conds, 0);
+    let all = |parts: &[Conditioning]| Conditioning::cat(&parts.iter().collect::<Vec<_>>());
+    let cond = all(&conds);
     Ok(if guided {
-        Tensor::cat(&[Tensor::cat(&unconds, 0), cond], 0)
+        Conditioning::cat(&[&all(&unconds), &cond])
     } else {
         cond
     })
@@ -141,10 +144,10 @@ pub(crate) fn guided_prediction(
     latents: &Tensor,
     i: usize,
     t: f64,
-    context: &Tensor,
+    cond: &Conditioning,
 ) -> Tensor {
     let model_input = scheduler.scale_model_input(&r.guidance_batch(latents), i);
-    guided_unet(model, r, &model_input, t, context)
+    guided_unet(model, r, &model_input, t, cond)
 }
 
 /// The UNet's prediction for an already scaled (and, when guided, doubled) model input,
@@ -154,9 +157,9 @@ pub(crate) fn guided_unet(
     r: &Resolved,
     model_input: &Tensor,
     t: f64,
-    context: &Tensor,
+    cond: &Conditioning,
 ) -> Tensor {
-    apply_guidance(r, model.unet.model.forward(model_input, t, context))
+    apply_guidance(r, model.unet.model.forward(model_input, t, cond))
 }
 
 /// The images of a run of one request.

@@ -42,7 +42,7 @@ fn targets(model: &StableDiffusion, text_encoder: bool) -> Vec<(Component, &Adap
         .into_iter()
         .map(|l| (Component::Unet, l));
     let text: Vec<_> = if text_encoder {
-        model.text_encoder.model.attention_projections()
+        model.text_encoder().model.attention_projections()
     } else {
         Vec::new()
     };

@@ -21,7 +21,7 @@ mod steps;
 
 use std::path::Path;
 
-use crate::error::{catch_torch, Result};
+use crate::error::{catch_torch, Error, Result};
 use crate::stable_diffusion::StableDiffusion;
 use checkpoint::{check_resume, latest_checkpoint, read_checkpoint_state};
 use config::io_error;
@@ -46,6 +46,16 @@ pub fn train(
     emit: &mut dyn FnMut(TrainerEvent),
 ) -> Result<TrainOutcome> {
     config.validate(model.device)?;
+    if model.family() != crate::family::Family::StableDiffusion {
+        return Err(Error::invalid(
+            "model",
+            format!(
+                "LoRA training runs SD 1.x/2.x models; {} is {}",
+                model.name,
+                model.family()
+            ),
+        ));
+    }
     let files = data::collect_images(&config.images, "images")?;
     let resume_dir = match config.resume.as_deref() {
         Some(dir) if dir == Path::new(RESUME_LATEST) => {

@@ -18,6 +18,7 @@ use super::optim;
 use super::optim::{AdamW, AdamWConfig, LossScaler};
 use crate::error::{Error, Result};
 use crate::lora::DIFFUSERS_LORA_FILE;
+use crate::models::unet::Conditioning;
 use crate::schedulers::{training_alphas_cumprod, PredictionType};
 use crate::stable_diffusion::StableDiffusion;
 use crate::train::TrainerEvent;
@@ -88,7 +89,7 @@ pub(super) enum TextInput {
 impl TextInput {
     fn context(&self, model: &StableDiffusion) -> Tensor {
         match self {
-            TextInput::Ids(ids) => model.text_encoder.model.forward(ids, 0),
+            TextInput::Ids(ids) => model.text_encoder().model.forward(ids, 0),
             TextInput::Embedding(e) => e.shallow_clone(),
         }
     }
@@ -180,7 +181,11 @@ impl Setup<'_> {
         let pred = model
             .unet
             .model
-            .forward_timesteps(&noisy.to_kind(model.dtype), &timesteps, &context)
+            .forward_timesteps(
+                &noisy.to_kind(model.dtype),
+                &timesteps,
+                &Conditioning::text(context),
+            )
             .to_kind(Kind::Float);
 
         let (pred, pred_prior, target, target_prior) = if prior {
@@ -234,7 +239,7 @@ pub(super) fn text_input(
     trained: bool,
 ) -> Result<TextInput> {
     if trained {
-        let ids = model.tokenizer.encode(prompt)?;
+        let ids = model.text_encoder().tokenizer.encode(prompt)?;
         Ok(TextInput::Ids(
             Tensor::from_slice(&ids)
                 .unsqueeze(0)

@@ -16,6 +16,33 @@ use image::{Rgb, RgbImage};
 use imagegen_engine::train::TrainerEvent;
 use tch::Tensor;
 
+/// Asserts that the fixture set has cases of `kind` and that each has a test (is in
+/// `covered`, the list `parity_tests!` makes): a case added to the fixtures must get one.
+pub fn assert_cases_covered(kind: &str, names: impl IntoIterator<Item = String>, covered: &[&str]) {
+    let names: Vec<String> = names.into_iter().collect();
+    assert!(!names.is_empty(), "no {kind} fixture cases");
+    for name in names {
+        assert!(
+            covered.contains(&name.as_str()),
+            "{kind} fixture case {name} has no test"
+        );
+    }
+}
+
+/// An image file as 8-bit RGB.
+pub fn rgb(path: &std::path::Path) -> RgbImage {
+    image::open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .to_rgb8()
+}
+
+/// An image file as 8-bit gray.
+pub fn gray(path: &std::path::Path) -> image::GrayImage {
+    image::open(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .to_luma8()
+}
+
 /// The workspace's root, read when the test runs: `cargo test` names the package's folder
 /// then, where a test binary reused from another checkout would carry that checkout's.
 pub fn workspace_root() -> PathBuf {

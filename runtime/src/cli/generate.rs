@@ -78,6 +78,14 @@ pub struct GenerateArgs {
     /// canny: a ControlNet folder or hub id.
     #[arg(long)]
     controlnet: Option<String>,
+    /// SDXL text-to-image: a refiner folder or hub id that takes over from the model at
+    /// --high-noise-fraction.
+    #[arg(long)]
+    refiner: Option<String>,
+    /// With --refiner: the share of the noise schedule the model denoises before the
+    /// refiner takes over [default: 0.8]; 1 leaves the refiner out.
+    #[arg(long)]
+    high_noise_fraction: Option<f64>,
     /// canny: the ControlNet's conditioning scale [default: 1].
     #[arg(long)]
     control_scale: Option<f64>,
@@ -290,6 +298,7 @@ pub fn generate(args: GenerateArgs) -> Result<(), String> {
         only_masked: args.only_masked.then_some(true),
         only_masked_padding: args.only_masked_padding,
         outpaint: args.outpaint,
+        high_noise_fraction: args.high_noise_fraction,
     };
     let styles = StyleBook::load(args.styles_file.as_deref()).map_err(|e| e.to_string())?;
     // Inputs are read and checked before the (slow) model load.
@@ -307,6 +316,18 @@ pub fn generate(args: GenerateArgs) -> Result<(), String> {
     }
     let started = std::time::Instant::now();
     let model = StableDiffusion::load(&options).map_err(|e| e.to_string())?;
+    let refiner = match &args.refiner {
+        Some(spec) => {
+            let mut refiner_options = LoadOptions::new(spec);
+            refiner_options.hub = Some(hub.clone());
+            refiner_options.device = device;
+            refiner_options.dtype = dtype;
+            // The model's safety policy checks the final images.
+            refiner_options.safety = SafetyPolicy::Off;
+            Some(StableDiffusion::load(&refiner_options).map_err(|e| e.to_string())?)
+        }
+        None => None,
+    };
     let controlnet = match &args.controlnet {
         Some(spec) => {
             let dir = resolve_component(spec, Some(hub.as_ref())).map_err(|e| e.to_string())?;
@@ -336,6 +357,7 @@ pub fn generate(args: GenerateArgs) -> Result<(), String> {
         image,
         mask,
         controlnet: controlnet.as_ref().map(|c| &c.model),
+        refiner: refiner.as_ref(),
         loras,
         // The found mask is grown and blurred by --mask-grow/--mask-blur like a drawn one.
         mask_prompt: finder.as_ref().map(|finder| MaskPrompt {

@@ -95,6 +95,14 @@ pub struct ServeArgs {
     /// request; without one, those requests are refused.
     #[arg(long, env = "IMAGEGEN_CONTROLNET")]
     pub controlnet: Option<String>,
+    /// An SDXL refiner folder or hub id, loaded at start: text-to-image requests hand over
+    /// to it at their `highNoiseFraction` (default 0.8).
+    #[arg(long, env = "IMAGEGEN_REFINER")]
+    pub refiner: Option<String>,
+    /// The family the model must be (sd15, sd2 or sdxl): the service refuses to start
+    /// with a model of another. Default: whatever model_index.json says.
+    #[arg(long, env = "IMAGEGEN_FAMILY")]
+    pub family: Option<String>,
     /// Largest request body in bytes [default: 32 MiB].
     #[arg(long, env = "IMAGEGEN_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<u64>,
@@ -133,6 +141,8 @@ pub struct FileConfig {
     pub default_deadline_seconds: Option<u32>,
     pub mask_model: Option<String>,
     pub controlnet: Option<String>,
+    pub refiner: Option<String>,
+    pub family: Option<String>,
     pub url_signing_key: Option<String>,
 }
 
@@ -208,6 +218,10 @@ pub struct Config {
     pub mask_model: String,
     /// The ControlNet of `strategy: canny`, when the service has one.
     pub controlnet: Option<String>,
+    /// The SDXL refiner text-to-image hands over to, when the service has one.
+    pub refiner: Option<String>,
+    /// The family the model must be, when the service was told one.
+    pub family: Option<imagegen_engine::Family>,
     pub url_signing_key: String,
 }
 
@@ -423,12 +437,28 @@ impl Config {
                     imagegen_engine::pipelines::mask_prompt::DEFAULT_MASK_MODEL.to_string()
                 }),
             controlnet: args.controlnet.clone().or(file.controlnet.clone()),
+            refiner: args.refiner.clone().or(file.refiner.clone()),
+            family: args
+                .family
+                .clone()
+                .or(file.family.clone())
+                .map(|f| parse_family(&f))
+                .transpose()?,
             url_signing_key: args
                 .url_signing_key
                 .clone()
                 .or(file.url_signing_key.clone())
                 .unwrap_or_else(super::jobs::random_id),
         })
+    }
+}
+
+/// `sd15`, `sd2` (both load as SD) or `sdxl`, as a DiffusionModel names them.
+fn parse_family(name: &str) -> Result<imagegen_engine::Family, String> {
+    match name {
+        "sd15" | "sd2" => Ok(imagegen_engine::Family::StableDiffusion),
+        "sdxl" => Ok(imagegen_engine::Family::Sdxl),
+        other => Err(format!("family: {other:?} is not one of sd15, sd2, sdxl")),
     }
 }
 

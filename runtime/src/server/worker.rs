@@ -33,7 +33,9 @@ use imagegen_engine::pipelines::generate::MaskPrompt;
 use imagegen_engine::pipelines::mask_prompt::{load_clipseg, MaskFinder, MaskOptions};
 use imagegen_engine::source::{resolve_component, Hub};
 use imagegen_engine::Strategy;
-use imagegen_engine::{GenerationOutcome, Inputs, LoadOptions, Lora, LoraCache, StableDiffusion};
+use imagegen_engine::{
+    GenerationOutcome, Inputs, LoadOptions, Lora, LoraCache, SafetyPolicy, StableDiffusion,
+};
 
 /// What the worker tells the server once the model is loaded (or failed to load).
 pub struct Loaded {
@@ -50,6 +52,8 @@ struct Engine {
     finder: Option<MaskFinder>,
     /// The ControlNet of `strategy: canny` (`--controlnet`), loaded on first use.
     controlnet: Option<loading::Loaded<ControlNetModel>>,
+    /// The SDXL refiner (`--refiner`), loaded at start.
+    refiner: Option<StableDiffusion>,
     /// Where hub ids are fetched from (the model's, and CLIPSeg's on first use).
     hub: Arc<dyn Hub>,
 }
@@ -69,7 +73,28 @@ pub fn run(shared: Arc<Shared>, loaded: std::sync::mpsc::Sender<Result<Loaded, S
         options.safety = config.safety;
         options.safety_checker = config.safety_checker.clone();
         let model = StableDiffusion::load(&options).map_err(|e| e.to_string())?;
+        if let Some(family) = config.family.filter(|f| *f != model.family()) {
+            return Err(format!(
+                "{} is an {} model, not the {family} the service was told (--family)",
+                model.name,
+                model.family()
+            ));
+        }
+        let refiner = config
+            .refiner
+            .as_deref()
+            .map(|spec| {
+                let mut refiner_options = options.clone();
+                refiner_options.model = spec.to_string();
+                // The model's safety policy checks the final images.
+                refiner_options.safety = SafetyPolicy::Off;
+                refiner_options.safety_checker = None;
+                StableDiffusion::load(&refiner_options)
+                    .map_err(|e| format!("the refiner {spec}: {e}"))
+            })
+            .transpose()?;
         Ok(Engine {
+            refiner,
             model,
             loras: LoraCache::new(config.lora_cache_bytes as usize),
             owners: LoraOwners::default(),
@@ -457,6 +482,7 @@ fn generate(
         image: work.image.clone(),
         mask: work.mask.clone(),
         controlnet: engine.controlnet.as_ref().map(|c| &c.model),
+        refiner: engine.refiner.as_ref(),
         loras,
         mask_prompt: match (&work.mask_prompt, &engine.finder) {
             (Some(prompt), Some(finder)) => Some(MaskPrompt {

@@ -14,7 +14,9 @@ pub const TOKEN_B: &str = "token-tenant-b-0002";
 mod common;
 // Each test file uses some of these.
 #[allow(unused_imports)]
-pub use common::{compare_u8, fixture_index, fixtures_dir, python, workspace_root};
+pub use common::{
+    compare_u8, fixture_index, fixtures_dir, load_reference, python, u8_values, workspace_root,
+};
 
 /// A LoRA file of the fixture model tiny-sd1.
 pub fn lora_fixture() -> PathBuf {
@@ -35,6 +37,8 @@ pub struct Options {
     pub env: Vec<(String, String)>,
     /// The store URL; `None`: a fresh folder, `Server::store`.
     pub store: Option<String>,
+    /// The fixture model served; `None`: tiny-sd1.
+    pub model: Option<&'static str>,
 }
 
 impl Default for Options {
@@ -44,6 +48,7 @@ impl Default for Options {
             extra: vec![],
             env: vec![],
             store: None,
+            model: None,
         }
     }
 }
@@ -70,7 +75,7 @@ impl Server {
         command
             .arg("serve")
             .arg("--model")
-            .arg(fixtures_dir().join("tiny-sd1"))
+            .arg(fixtures_dir().join(options.model.unwrap_or("tiny-sd1")))
             // The server picks a free port and prints it: a port picked here and bound later
             // could be taken in between by a client connection of a test beside this one.
             .args(["--listen", "127.0.0.1:0"])

@@ -236,6 +236,12 @@ pub async fn submit(
             "canny needs a ControlNet, and this service has none (start it with --controlnet)",
         ));
     }
+    if body.params.high_noise_fraction.is_some_and(|f| f < 1.0) && shared.config.refiner.is_none() {
+        return Err(ApiError::invalid(
+            "highNoiseFraction",
+            "the refiner hand-off needs a refiner, and this service has none (start it with --refiner)",
+        ));
+    }
     if body.mask_prompt.is_some() && image.is_none() {
         return Err(ApiError::invalid(
             "maskPrompt",
