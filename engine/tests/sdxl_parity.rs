@@ -306,3 +306,131 @@ fn high_noise_fraction_outside_the_schedule_is_refused() {
         assert!(err.to_string().contains("high_noise_fraction"), "{err}");
     }
 }
+
+/// SDXL's VAE overflows in half precision: with `force_upcast` it runs in float32 while the
+/// rest of the model runs in float16, and a half-precision generation gives a real image.
+#[test]
+fn half_precision_upcasts_the_vae() {
+    let dir = fixtures_dir().join("tiny-sdxl");
+    let model = StableDiffusion::load_dir(&dir, "tiny-sdxl", Device::Cpu, Kind::Half).unwrap();
+    assert_eq!((model.dtype, model.vae_dtype), (Kind::Half, Kind::Float));
+    let images = pipelines::text_to_image(
+        &model,
+        &GenerationParams {
+            prompt: "a photo of a cat".into(),
+            steps: Some(2),
+            seed: Some(3),
+            ..Default::default()
+        },
+        &mut |_| {},
+        &AtomicBool::new(false),
+    )
+    .unwrap();
+    let pixels = images[0].image.as_raw();
+    let (lo, hi) = (pixels.iter().min().unwrap(), pixels.iter().max().unwrap());
+    assert!(hi - lo > 16, "a flat image ({lo}..{hi}): NaN or overflow");
+}
+
+/// What `generate` adds on top of the pipelines works for SDXL as for SD: a style, the
+/// safety checker, inpainting only the masked region, and outpainting.
+#[test]
+fn generate_applies_styles_safety_only_masked_and_outpainting() {
+    use imagegen_crds::{Mode, Outpaint};
+    use imagegen_engine::safety::{Safety, SafetyChecker, SafetyPolicy};
+    use imagegen_engine::styles::StyleBook;
+    use imagegen_engine::{GenerationOutcome, Inputs};
+
+    let run = |model: &StableDiffusion, params: GenerationParams, inputs: Inputs| {
+        pipelines::generate(
+            model,
+            &params,
+            &inputs,
+            &StyleBook::builtin(),
+            &mut |_| {},
+            &AtomicBool::new(false),
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let base = GenerationParams {
+        prompt: "a photo of a cat".into(),
+        steps: Some(2),
+        seed: Some(5),
+        count: Some(2),
+        ..Default::default()
+    };
+
+    let mut model = model("tiny-sdxl");
+    let checker_dir = fixtures_dir().join(
+        common::fixture_index()["safety"]["model"]
+            .as_str()
+            .expect("the safety fixture"),
+    );
+    let checker = SafetyChecker::load(&checker_dir, Device::Cpu, Kind::Float).unwrap();
+    model.safety = Safety::new(SafetyPolicy::Block, Some(checker)).unwrap();
+    let styled = run(
+        &model,
+        GenerationParams {
+            style: Some("portrait".into()),
+            ..base.clone()
+        },
+        Inputs::default(),
+    );
+    // The checker saw every image: each is delivered or withheld with its reason.
+    assert_eq!(styled.images.len() + styled.withheld.len(), 2);
+    for image in &styled.images {
+        assert_ne!(
+            image.metadata.prompt, "a photo of a cat",
+            "the style's prompt"
+        );
+    }
+
+    // The product behaviour around inpainting, with the checker off so that every image
+    // is delivered.
+    model.safety = Safety::off();
+    let photo = rgb(&fixtures_dir().join("references/sdxl/inpaint-image.png"));
+    let mask = gray(&fixtures_dir().join("references/sdxl/inpaint-mask.png"));
+    let only_one = |outcome: GenerationOutcome| {
+        assert_eq!(outcome.images.len(), 1);
+        outcome.images.into_iter().next().unwrap().image
+    };
+    let only_masked = only_one(run(
+        &model,
+        GenerationParams {
+            mode: Some(Mode::Inpaint),
+            only_masked: Some(true),
+            only_masked_padding: Some(8),
+            count: Some(1),
+            ..base.clone()
+        },
+        Inputs {
+            image: Some(image::DynamicImage::ImageRgb8(photo.clone())),
+            mask: Some(mask),
+            ..Default::default()
+        },
+    ));
+    assert_eq!(only_masked.dimensions(), photo.dimensions());
+    // Far from the mask (its box is 20..44 × 16..40): the input's exact pixels.
+    assert_eq!(only_masked.get_pixel(2, 60), photo.get_pixel(2, 60));
+    assert_ne!(only_masked.get_pixel(32, 28), photo.get_pixel(32, 28));
+
+    let outpainted = only_one(run(
+        &model,
+        GenerationParams {
+            mode: Some(Mode::Outpaint),
+            outpaint: Some(Outpaint {
+                left: 16,
+                right: 0,
+                top: 0,
+                bottom: 8,
+            }),
+            count: Some(1),
+            ..base
+        },
+        Inputs {
+            image: Some(image::DynamicImage::ImageRgb8(photo.clone())),
+            ..Default::default()
+        },
+    ));
+    assert_eq!(outpainted.dimensions(), (80, 72));
+    assert_eq!(outpainted.get_pixel(16 + 40, 30), photo.get_pixel(40, 30));
+}

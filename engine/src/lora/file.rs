@@ -9,7 +9,9 @@ use memmap2::Mmap;
 use safetensors::SafeTensors;
 use tch::{nn::VarStore, Kind, Tensor};
 
+use super::sgm::sgm_to_diffusers;
 use crate::error::{Error, Result};
+use crate::models::unet::PerBlock;
 use crate::stable_diffusion::StableDiffusion;
 
 /// The file a user names: a `.safetensors` file, or a folder holding diffusers'
@@ -24,6 +26,8 @@ const SHOWN_KEYS: usize = 5;
 pub enum Component {
     Unet,
     TextEncoder,
+    /// SDXL's second text encoder.
+    TextEncoder2,
 }
 
 impl Component {
@@ -32,6 +36,7 @@ impl Component {
         match self {
             Component::Unet => "unet",
             Component::TextEncoder => "text_encoder",
+            Component::TextEncoder2 => "text_encoder_2",
         }
     }
 
@@ -40,7 +45,19 @@ impl Component {
         match self {
             Component::Unet => "lora_unet",
             Component::TextEncoder => "lora_te",
+            Component::TextEncoder2 => "lora_te2",
         }
+    }
+
+    /// Every component, in the order modules are listed.
+    pub(crate) const ALL: [Component; 3] = [
+        Component::Unet,
+        Component::TextEncoder,
+        Component::TextEncoder2,
+    ];
+
+    fn is_text(self) -> bool {
+        matches!(self, Component::TextEncoder | Component::TextEncoder2)
     }
 }
 
@@ -124,7 +141,7 @@ impl ModuleIndex {
             }
             flat.insert(module.replace('.', "_"), module.to_string());
             // transformers 5 saves CLIPTextModel without `text_model.`: accept both.
-            if component == Component::TextEncoder {
+            if component.is_text() {
                 if let Some(short) = module.strip_prefix("text_model.") {
                     flat.insert(short.replace('.', "_"), module.to_string());
                 }
@@ -139,7 +156,7 @@ impl ModuleIndex {
             return Some(path.to_string());
         }
         let long = format!("text_model.{path}");
-        (component == Component::TextEncoder && self.dotted.contains_key(&long)).then_some(long)
+        (component.is_text() && self.dotted.contains_key(&long)).then_some(long)
     }
 }
 
@@ -155,6 +172,9 @@ fn classify(key: &str) -> Option<(Component, String, bool, Part)> {
     for (prefix, component) in [
         ("lora_unet_", Component::Unet),
         ("lora_te_", Component::TextEncoder),
+        // kohya's SDXL files number the two text encoders.
+        ("lora_te1_", Component::TextEncoder),
+        ("lora_te2_", Component::TextEncoder2),
     ] {
         if let Some(rest) = key.strip_prefix(prefix) {
             let (flat, suffix) = rest.split_once('.')?;
@@ -171,6 +191,8 @@ fn classify(key: &str) -> Option<(Component, String, bool, Part)> {
         (Component::Unet, rest)
     } else if let Some(rest) = key.strip_prefix("text_encoder.") {
         (Component::TextEncoder, rest)
+    } else if let Some(rest) = key.strip_prefix("text_encoder_2.") {
+        (Component::TextEncoder2, rest)
     } else {
         return None;
     };
@@ -301,17 +323,25 @@ impl Lora {
             .and_then(|m| m.get("lora_adapter_metadata"))
             .and_then(|text| serde_json::from_str(text).ok());
 
-        let indexes = [
-            (
-                Component::Unet,
-                ModuleIndex::new(&model.unet.vars, Component::Unet),
-            ),
-            (
-                Component::TextEncoder,
-                ModuleIndex::new(&model.text_encoder().vars, Component::TextEncoder),
-            ),
-        ];
-        let index_of = |c: Component| &indexes.iter().find(|(k, _)| *k == c).expect("both").1;
+        // A component the model lacks (an SD model's text_encoder_2, a refiner's
+        // text_encoder) has no index: its keys match nothing.
+        let indexes: Vec<(Component, ModuleIndex)> = Component::ALL
+            .into_iter()
+            .filter_map(|c| {
+                let vars = match c {
+                    Component::Unet => &model.unet.vars,
+                    text => &model.text_encoder_named(text.prefix())?.vars,
+                };
+                Some((c, ModuleIndex::new(vars, c)))
+            })
+            .collect();
+        let index_of = |c: Component| indexes.iter().find(|(k, _)| *k == c).map(|(_, i)| i);
+        // kohya's SDXL block numbers count layers_per_block + 1 modules per block.
+        let layers_per_block = match &model.unet.model.config.layers_per_block {
+            PerBlock::One(n) => *n,
+            PerBlock::Each(v) => v.first().copied().unwrap_or_default(),
+        }
+        .max(0) as usize;
 
         let mut unmatched = Vec::new();
         let mut pieces: BTreeMap<(Component, String), Pieces> = BTreeMap::new();
@@ -322,12 +352,18 @@ impl Lora {
                 unmatched.push(key.to_string());
                 continue;
             };
-            let index = index_of(component);
-            let resolved = if kohya {
-                index.flat.get(&module).cloned()
-            } else {
-                index.dotted(component, &module)
-            };
+            let resolved = index_of(component).and_then(|index| {
+                if !kohya {
+                    index.dotted(component, &module)
+                } else if let Some(found) = index.flat.get(&module) {
+                    Some(found.clone())
+                } else if component == Component::Unet {
+                    let diffusers = sgm_to_diffusers(&module, layers_per_block)?;
+                    index.flat.get(&diffusers).cloned()
+                } else {
+                    None
+                }
+            });
             let Some(resolved) = resolved else {
                 unmatched.push(key.to_string());
                 continue;
@@ -342,7 +378,7 @@ impl Lora {
         }
 
         let mut modules = Vec::new();
-        for component in [Component::Unet, Component::TextEncoder] {
+        for component in Component::ALL {
             let meta = MetadataAlpha::read(metadata.as_ref(), component);
             let file_alphas: Vec<f64> = pieces
                 .iter()
@@ -350,7 +386,9 @@ impl Lora {
                 .filter_map(|(_, p)| p.alpha)
                 .collect();
             let common_alpha = most_common(&file_alphas);
-            let index = index_of(component);
+            let Some(index) = index_of(component) else {
+                continue;
+            };
             for ((c, module), p) in pieces.iter_mut().filter(|((c, _), _)| *c == component) {
                 let (Some(down), Some(up)) = (p.down.take(), p.up.take()) else {
                     unmatched.push(format!(

@@ -61,12 +61,22 @@ pub fn fuse_loras<'m>(
         }
     }
     let unet_vars = model.unet.vars.variables();
-    let text_vars = model.text_encoder().vars.variables();
+    let text_vars = |component: Component| {
+        model
+            .text_encoder_named(component.prefix())
+            .map(|e| e.vars.variables())
+            .unwrap_or_default()
+    };
+    let text_vars = [
+        text_vars(Component::TextEncoder),
+        text_vars(Component::TextEncoder2),
+    ];
     tch::no_grad(|| -> Result<()> {
         for ((component, target), parts) in deltas {
             let vars = match component {
                 Component::Unet => &unet_vars,
-                Component::TextEncoder => &text_vars,
+                Component::TextEncoder => &text_vars[0],
+                Component::TextEncoder2 => &text_vars[1],
             };
             let mut var = vars.get(target).map(Tensor::shallow_clone).ok_or_else(|| {
                 Error::invalid(

@@ -26,6 +26,7 @@
 mod cache;
 mod file;
 mod fuse;
+mod sgm;
 
 pub use cache::{var_store_bytes, LoraCache};
 pub use file::{lora_file, Component, Lora, LoraModule, DIFFUSERS_LORA_FILE};
