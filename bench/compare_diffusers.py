@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""The `imagegen bench` measurements, taken on diffusers' StableDiffusionPipeline (eager,
+"""The `imagegen bench` measurements, taken on diffusers' pipeline for the folder
+(StableDiffusionPipeline or StableDiffusionXLPipeline, from its model_index.json; eager,
 the same dtype, PyTorch's default attention, SDPA), printed as the same JSON object.
 
     python bench/compare_diffusers.py --model DIR [--device cpu|cuda] [--dtype f32|f16|bf16]
@@ -19,7 +20,7 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 import diffusers  # noqa: E402
-from diffusers import StableDiffusionPipeline  # noqa: E402
+from diffusers import DiffusionPipeline  # noqa: E402
 
 diffusers.utils.logging.set_verbosity_error()
 diffusers.utils.logging.disable_progress_bar()
@@ -81,9 +82,11 @@ def main():
 
     sync(args.device)
     start = time.perf_counter()
-    pipe = StableDiffusionPipeline.from_pretrained(
-        args.model, torch_dtype=DTYPES[dtype_name], safety_checker=None, requires_safety_checker=False,
-    ).to(args.device)
+    with open(os.path.join(args.model, "model_index.json")) as f:
+        sdxl = "XL" in json.load(f)["_class_name"]
+    # Safety checker off on both sides; SDXL: no invisible watermark (imagegen adds none).
+    extra = {"add_watermarker": False} if sdxl else {"safety_checker": None, "requires_safety_checker": False}
+    pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=DTYPES[dtype_name], **extra).to(args.device)
     pipe.set_progress_bar_config(disable=True)
     sync(args.device)
     ready_seconds = time.perf_counter() - start

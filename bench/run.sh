@@ -10,7 +10,9 @@
 # Environment: PYTHON (default: the project's venv), IMAGEGEN_BIN (an already built binary:
 # no cargo build then), RUNS (timed runs per batch size), SIZE, STEPS, BATCHES, TRAIN_STEPS
 # (DreamBooth-LoRA training steps timed on our side at SIZE; 0 = none), SHAPE
-# (sd15 or tiny), IMAGEGEN_CACHE (the model goes to $IMAGEGEN_CACHE/bench/<shape>).
+# (sd15 or tiny), IMAGEGEN_CACHE (the model goes to $IMAGEGEN_CACHE/bench/<shape>), MODEL
+# (an existing diffusers folder to time instead, e.g. the test fixtures' sdxl-shapes: SDXL's
+# real shapes; the LoRA switch is timed when it has lora/pytorch_lora_weights.safetensors).
 set -euo pipefail
 mode="${1:-cpu}"
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -35,8 +37,12 @@ fi
 torch_lib="$("$PYTHON" -c 'import os, torch; print(os.path.join(os.path.dirname(torch.__file__), "lib"))')"
 export LD_LIBRARY_PATH="$torch_lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
-model="$IMAGEGEN_CACHE/bench/$shape"
-"$PYTHON" bench/make_model.py --out "$model" --shape "$shape" >&2
+if [ -n "${MODEL:-}" ]; then
+  model="$MODEL"
+else
+  model="$IMAGEGEN_CACHE/bench/$shape"
+  "$PYTHON" bench/make_model.py --out "$model" --shape "$shape" >&2
+fi
 lora="$model/lora/pytorch_lora_weights.safetensors"
 
 results="$(mktemp -d)"
@@ -45,7 +51,8 @@ first=1
 for batch in ${batches//,/ }; do
   # The LoRA switch is timed once per side, with the first batch size.
   extra=() train=()
-  [ "$first" = 1 ] && extra=(--lora "$lora") && train=(--train-steps "$train_steps")
+  [ "$first" = 1 ] && [ -f "$lora" ] && extra=(--lora "$lora")
+  [ "$first" = 1 ] && train=(--train-steps "$train_steps")
   echo "== imagegen, batch $batch" >&2
   "$IMAGEGEN_BIN" bench "${common[@]}" --batches "$batch" "${extra[@]}" "${train[@]}" >>"$results/imagegen.jsonl"
   echo "== diffusers, batch $batch" >&2

@@ -50,7 +50,7 @@ pub struct GenerationParams {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = MAX_STEPS))]
     pub steps: Option<u32>,
-    /// Classifier-free guidance scale; 1 or less turns guidance off. Default 7.5.
+    /// Classifier-free guidance scale; 1 or less turns guidance off. Default 7.5 (SDXL: 5).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0.0, max = 100.0))]
     pub guidance_scale: Option<f64>,

@@ -135,6 +135,7 @@ parity_tests! {
     inpaint_dedicated => "sdxl-inpaint-9ch",
     base_then_refiner => "sdxl-base-refiner",
     base_then_refiner_ddim_count2 => "sdxl-base-refiner-ddim",
+    real_shapes => "sdxl-shapes-euler",
 }
 
 /// A case added to the fixtures must get a test here.

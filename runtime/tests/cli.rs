@@ -782,8 +782,9 @@ fn close_to_reference(decoded: &image::RgbImage, reference: &str, index: i64) ->
     close as f64 / want.len() as f64
 }
 
-/// An SDXL folder runs with the SD 1.5 flags alone: its family, size (the UNet's) and
-/// scheduler (Euler) come from the folder; with --refiner the base hands over in latents.
+/// An SDXL folder runs with the SD 1.5 flags alone: its family, size (the UNet's),
+/// scheduler (Euler) and guidance (5, diffusers' SDXL default) come from the folder and
+/// the family; with --refiner the base hands over in latents; mask prompts inpaint.
 #[test]
 fn sdxl_runs_with_the_sd15_flags_and_hands_over_to_a_refiner() {
     let dir = scratch("sdxl");
@@ -800,8 +801,6 @@ fn sdxl_runs_with_the_sd15_flags_and_hands_over_to_a_refiner() {
             "blurry",
             "--steps",
             steps,
-            "--guidance",
-            "5",
             "--seed",
             seed,
             "--device",
@@ -812,10 +811,19 @@ fn sdxl_runs_with_the_sd15_flags_and_hands_over_to_a_refiner() {
     args.extend(["--out", out.to_str().unwrap()]);
     let (code, _, stderr) = run(&args);
     assert_eq!(code, 0, "stderr: {stderr}");
-    let decoded = image::open(&out).unwrap().to_rgb8();
+    let bytes = std::fs::read(&out).unwrap();
+    let decoded = image::load_from_memory(&bytes).unwrap().to_rgb8();
     assert_eq!(decoded.dimensions(), (64, 64));
     let close = close_to_reference(&decoded, "references/sdxl/sdxl-euler.safetensors", 0);
     assert!(close >= 0.999, "{:.3}% within 1/255", close * 100.0);
+    let metadata = imagegen_engine::image::output::read_metadata(&bytes).unwrap();
+    assert_eq!(
+        (
+            metadata["guidance_scale"].as_f64(),
+            metadata["scheduler"].as_str()
+        ),
+        (Some(5.0), Some("euler"))
+    );
 
     let refiner = fixtures_dir().join("tiny-sdxl-refiner");
     let refined = dir.join("refined.png");
@@ -833,6 +841,27 @@ fn sdxl_runs_with_the_sd15_flags_and_hands_over_to_a_refiner() {
     let decoded = image::open(&refined).unwrap().to_rgb8();
     let close = close_to_reference(&decoded, "references/sdxl/sdxl-base-refiner.safetensors", 0);
     assert!(close >= 0.999, "{:.3}% within 1/255", close * 100.0);
+
+    let (img, _) = write_inputs(&dir, (64, 48), (0, 0, 1, 1));
+    let clipseg = fixtures_dir().join("tiny-clipseg");
+    let inpainted = dir.join("inpainted.png");
+    let mut args = common("3", "2");
+    args.extend([
+        "--init-image",
+        img.to_str().unwrap(),
+        "--mask-prompt",
+        "a red ball",
+        "--mask-model",
+        clipseg.to_str().unwrap(),
+        "--out",
+        inpainted.to_str().unwrap(),
+    ]);
+    let (code, _, stderr) = run(&args);
+    assert_eq!(code, 0, "stderr: {stderr}");
+    assert_eq!(
+        image::open(&inpainted).unwrap().to_rgb8().dimensions(),
+        (64, 48)
+    );
 
     // A fraction without a refiner is a one-line error.
     let mut args = common("1", "2");

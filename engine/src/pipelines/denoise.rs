@@ -8,6 +8,7 @@ use imagegen_crds::GenerationParams;
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
+use crate::family::Family;
 use crate::image::fit::SIDE_MULTIPLE;
 use crate::image::output::ImageMetadata;
 use crate::noise::{self, DrawPlan, ImageNoise};
@@ -17,7 +18,9 @@ use crate::schedulers::{Scheduler, SchedulerKind};
 use crate::stable_diffusion::StableDiffusion;
 
 pub const DEFAULT_STEPS: u32 = 25;
+/// SD 1.x/2.x's default guidance scale (diffusers'); SDXL's is [`DEFAULT_SDXL_GUIDANCE`].
 pub const DEFAULT_GUIDANCE: f64 = 7.5;
+pub const DEFAULT_SDXL_GUIDANCE: f64 = 5.0;
 pub const MAX_SIDE: u32 = 2048;
 pub const MAX_COUNT: u32 = 16;
 pub const MAX_STEPS: u32 = 500;
@@ -82,7 +85,10 @@ impl Resolved {
                 format!("{steps} must be between 1 and {MAX_STEPS}"),
             ));
         }
-        let guidance = params.guidance_scale.unwrap_or(DEFAULT_GUIDANCE);
+        let guidance = params.guidance_scale.unwrap_or(match model.family() {
+            Family::StableDiffusion => DEFAULT_GUIDANCE,
+            Family::Sdxl => DEFAULT_SDXL_GUIDANCE,
+        });
         if !guidance.is_finite() || !(0.0..=100.0).contains(&guidance) {
             return Err(Error::invalid(
                 "guidance",

@@ -39,9 +39,10 @@ pub struct GenerateArgs {
     height: Option<u32>,
     #[arg(long, default_value_t = 25)]
     steps: u32,
-    /// Classifier-free guidance scale (1 or less: no guidance).
-    #[arg(long, default_value_t = 7.5)]
-    guidance: f64,
+    /// Classifier-free guidance scale (1 or less: no guidance) [default: 7.5; SDXL: 5, as
+    /// diffusers].
+    #[arg(long)]
+    guidance: Option<f64>,
     /// Seed of the first image; image i uses seed + i [default: random].
     #[arg(long)]
     seed: Option<u64>,
@@ -280,7 +281,7 @@ pub fn generate(args: GenerateArgs) -> Result<(), String> {
         width: args.width,
         height: args.height,
         steps: Some(args.steps),
-        guidance_scale: Some(args.guidance),
+        guidance_scale: args.guidance,
         scheduler: args.scheduler,
         seed: args.seed,
         count: Some(args.count),
