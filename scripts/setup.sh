@@ -25,3 +25,24 @@ if ! command -v cargo >/dev/null; then
     echo "setup: cargo not found: install Rust (https://rustup.rs) first" >&2
     exit 1
 fi
+
+# The real clients the service is tested with, besides the Python SDK in the venv: the
+# OpenAI Node SDK (tests/clients/node, as its lock file pins it) and Spring AI's
+# OpenAiImageModel (examples/spring-ai, compiled with its classpath written beside it).
+# Their package caches live beside the venv.
+root="$(cd "$here/.." && pwd)"
+for tool in npm mvn java; do
+    if ! command -v "$tool" >/dev/null; then
+        echo "setup: $tool not found: install Node.js 20+ and a JDK 17+ with Maven" >&2
+        exit 1
+    fi
+done
+node_dir="$root/tests/clients/node"
+node_stamp="$node_dir/node_modules/.imagegen-lock"
+if [ -f "$node_stamp" ] && cmp -s "$node_dir/package-lock.json" "$node_stamp"; then
+    echo "setup: Node clients up to date" >&2
+else
+    npm_config_cache="$IMAGEGEN_CACHE/npm" npm ci --prefix "$node_dir" --no-audit --no-fund --loglevel=error >&2
+    cp "$node_dir/package-lock.json" "$node_stamp"
+fi
+mvn -q -B -Dstyle.color=never -Dmaven.repo.local="$IMAGEGEN_CACHE/m2" -f "$root/examples/spring-ai/pom.xml" compile >&2

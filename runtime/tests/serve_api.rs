@@ -1022,6 +1022,81 @@ fn openai_sdk_against_the_compatible_endpoints() {
     assert!(stdout.contains("openai ok"), "{stdout}");
 }
 
+/// The OpenAI Node SDK (`tests/clients/node`, installed by `scripts/setup.sh` from its lock
+/// file) against the compatible endpoints: generations as base64 and as signed URLs, other
+/// formats, edits uploaded as the SDK uploads files, and errors as the SDK's classes.
+#[test]
+fn openai_node_sdk_against_the_compatible_endpoints() {
+    let server = Server::start("openai-node", Options::default());
+    let script = workspace_root().join("tests/clients/node/serve_openai.mjs");
+    assert!(
+        workspace_root()
+            .join("tests/clients/node/node_modules/openai")
+            .is_dir(),
+        "the Node SDK is not installed: run scripts/setup.sh"
+    );
+    let dir = server.store.parent().unwrap().to_path_buf();
+    let image = dir.join("edit.png");
+    std::fs::write(&image, png(64, 64, true)).unwrap();
+    let mask = dir.join("mask.png");
+    std::fs::write(&mask, png(64, 64, true)).unwrap();
+    let output = std::process::Command::new("node")
+        .arg(&script)
+        .args([&format!("{}/v1", server.base), TOKEN_A])
+        .arg(&image)
+        .arg(&mask)
+        .output()
+        .expect("running node");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "stdout:\n{stdout}\nstderr:\n{stderr}\nserver:\n{}",
+        server.log_text()
+    );
+    assert!(stdout.contains("openai-node ok"), "{stdout}");
+}
+
+/// Spring AI's `OpenAiImageModel` (`examples/spring-ai`, compiled by `scripts/setup.sh`)
+/// unchanged but for its base URL and key: the example runs against the service and checks
+/// the PNG it gets.
+#[test]
+fn spring_ai_image_model_against_the_compatible_endpoint() {
+    let server = Server::start("spring-ai", Options::default());
+    let example = workspace_root().join("examples/spring-ai");
+    let classpath = std::fs::read_to_string(example.join("target/classpath.txt"))
+        .expect("examples/spring-ai is compiled by scripts/setup.sh");
+    let classpath = format!(
+        "{}:{}",
+        example.join("target/classes").display(),
+        classpath.trim()
+    );
+    let out = server.store.parent().unwrap().join("fox.png");
+    let output = std::process::Command::new("java")
+        .args([
+            "-cp",
+            &classpath,
+            "com.example.imagegen.ImagegenImageClient",
+        ])
+        .env("IMAGEGEN_URL", &server.base)
+        .env("IMAGEGEN_TOKEN", TOKEN_A)
+        .env("IMAGEGEN_MODEL", "dall-e-2")
+        .env("IMAGEGEN_SIZE", "64")
+        .env("IMAGEGEN_OUT", &out)
+        .output()
+        .expect("running java");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "stdout:\n{stdout}\nstderr:\n{stderr}\nserver:\n{}",
+        server.log_text()
+    );
+    assert!(stdout.contains("spring-ai ok"), "{stdout}");
+    let written = image::open(&out).unwrap().to_rgb8();
+    assert_eq!(written.dimensions(), (64, 64));
+}
+
 #[test]
 fn results_expire_after_the_ttl() {
     let server = Server::start(
