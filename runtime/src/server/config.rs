@@ -14,6 +14,8 @@ use imagegen_engine::safety::SafetyPolicy;
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub const DEFAULT_QUEUE_SIZE: usize = 16;
 pub const DEFAULT_BATCH_LIMIT: u32 = 4;
+/// The longest batching window: beyond it, waiting costs more than batching gains.
+const MAX_BATCH_WINDOW_MS: u32 = 1000;
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 32 * 1024 * 1024;
 pub const DEFAULT_RESULT_TTL_SECONDS: u64 = 24 * 3600;
 pub const DEFAULT_LORA_CACHE_BYTES: u64 = 1024 * 1024 * 1024;
@@ -62,6 +64,10 @@ pub struct ServeArgs {
     /// steps, scheduler, guidance, clip skip and LoRAs) run together [default: 4; 1 = off].
     #[arg(long, env = "IMAGEGEN_BATCH_LIMIT")]
     pub batch_limit: Option<u32>,
+    /// Milliseconds the worker waits for compatible requests to fill a batch that has
+    /// room, before it starts (at most 1000) [default: 0, start at once].
+    #[arg(long, env = "IMAGEGEN_BATCH_WINDOW_MS")]
+    pub batch_window_ms: Option<u32>,
     /// Seconds a result (image, upload, finished job) is kept [default: 86400].
     #[arg(long, env = "IMAGEGEN_RESULT_TTL")]
     pub result_ttl: Option<u64>,
@@ -119,6 +125,7 @@ pub struct FileConfig {
     pub insecure: Option<bool>,
     pub queue_size: Option<usize>,
     pub batch_limit: Option<u32>,
+    pub batch_window_ms: Option<u32>,
     #[serde(default)]
     pub limits: FileLimits,
     /// tenant → token.
@@ -201,6 +208,8 @@ pub struct Config {
     pub queue_size: usize,
     /// Most images per UNet batch (1: no batching).
     pub batch_limit: u32,
+    /// How long a batch with room waits for compatible requests.
+    pub batch_window: std::time::Duration,
     pub limits: Limits,
     /// Token → tenant: a tenant may have several tokens (its clients', the operator's).
     pub tokens: BTreeMap<String, String>,
@@ -411,6 +420,14 @@ impl Config {
                 .or(file.batch_limit)
                 .unwrap_or(DEFAULT_BATCH_LIMIT)
                 .clamp(1, 64),
+            batch_window: match args.batch_window_ms.or(file.batch_window_ms).unwrap_or(0) {
+                ms if ms <= MAX_BATCH_WINDOW_MS => std::time::Duration::from_millis(ms.into()),
+                ms => {
+                    return Err(format!(
+                        "batch window: {ms} ms is more than {MAX_BATCH_WINDOW_MS}"
+                    ))
+                }
+            },
             limits,
             tokens,
             store,

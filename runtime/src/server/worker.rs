@@ -140,7 +140,8 @@ pub fn run(shared: Arc<Shared>, loaded: std::sync::mpsc::Sender<Result<Loaded, S
                 .batch_limit
                 .saturating_sub(batch[0].work.images);
             if room > 0 {
-                batch.extend(shared.jobs.take_batch(&key, room));
+                let until = Instant::now() + shared.config.batch_window;
+                batch.extend(shared.jobs.take_batch_until(&key, room, until));
                 shared.metrics.queue_depth.set(shared.jobs.depth() as i64);
             }
         }

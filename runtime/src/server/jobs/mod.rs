@@ -223,6 +223,36 @@ impl Jobs<Work> {
         running
     }
 
+    /// [`Self::take_batch`], then, while the batch has room, every compatible job submitted
+    /// before `until` (the batching window). Stops waiting early on shutdown or a check.
+    pub fn take_batch_until(&self, key: &str, mut room: u32, until: Instant) -> Vec<Running> {
+        let mut taken = Vec::new();
+        loop {
+            let more = self.take_batch(key, room);
+            room -= more.iter().map(|r| r.work.images).sum::<u32>();
+            taken.extend(more);
+            let now = Instant::now();
+            if room == 0 || now >= until {
+                return taken;
+            }
+            let state = self.lock();
+            if state.shutting_down || !state.control.is_empty() {
+                return taken;
+            }
+            // One may have arrived since take_batch let go of the lock.
+            let waiting = state.queue.iter().any(|queued| {
+                queued.work.batch_key.as_deref() == Some(key) && queued.work.images <= room
+            });
+            if !waiting {
+                drop(
+                    self.wake
+                        .wait_timeout(state, until - now)
+                        .unwrap_or_else(|p| p.into_inner()),
+                );
+            }
+        }
+    }
+
     /// What `GET /v1/load` reports of the generations: counts of every tenant's, the running
     /// jobs and queued LoRAs of `tenant`'s.
     pub fn load(&self, tenant: &str) -> QueueLoad {

@@ -217,3 +217,41 @@ fn compatible_jobs_are_taken_together() {
     assert_eq!(jobs.get("a", "4").unwrap().queue_position, Some(0));
     assert_eq!(jobs.get("a", "5").unwrap().queue_position, Some(1));
 }
+
+/// The batching window: a compatible job submitted while the window is open joins the
+/// batch; one that comes after it closes does not; a full batch does not wait at all.
+#[test]
+fn the_batching_window_gathers_what_arrives_in_time() {
+    let jobs = Arc::new(Jobs::new(8));
+    jobs.submit(submission("a", "first", "x")).unwrap();
+    let Some(Ok(_first)) = jobs.next() else {
+        panic!("a job to run")
+    };
+    let late_submitter = {
+        let jobs = jobs.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            jobs.submit(submission("a", "in-time", "x")).unwrap();
+        })
+    };
+    let started = Instant::now();
+    let taken = jobs.take_batch_until("k", 3, started + Duration::from_secs(5));
+    late_submitter.join().unwrap();
+    // It waited for the second job, then for the rest of its room until the window closed.
+    assert_eq!(
+        taken.iter().map(|r| r.key.1.as_str()).collect::<Vec<_>>(),
+        ["in-time"]
+    );
+    assert!(started.elapsed() >= Duration::from_secs(5));
+
+    // A full batch returns at once, whatever the window.
+    jobs.submit(submission("a", "second", "x")).unwrap();
+    let started = Instant::now();
+    let taken = jobs.take_batch_until("k", 1, started + Duration::from_secs(60));
+    assert_eq!(taken.len(), 1);
+    assert!(started.elapsed() < Duration::from_secs(30));
+
+    // A closed window takes only what is queued.
+    let taken = jobs.take_batch_until("k", 4, Instant::now());
+    assert!(taken.is_empty());
+}
