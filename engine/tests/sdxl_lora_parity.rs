@@ -163,3 +163,33 @@ fn keys_for_a_missing_text_encoder_are_refused_by_name() {
     assert!(Lora::load(&file, &model("tiny-sdxl"), false).is_ok());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The header alone (what the fuzzer drives): every key of the kohya SDXL file is a LoRA
+/// tensor of a module spelled as diffusers spells it, and garbage is an error.
+#[test]
+fn a_kohya_sdxl_header_reads_as_diffusers_modules() {
+    let path = index()["files"]["sdxl-kohya-a"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let bytes = std::fs::read(fixtures_dir().join(path)).unwrap();
+    let header = imagegen_engine::lora::read_lora_header(&bytes, 2).unwrap();
+    assert!(!header.keys.is_empty());
+    for (key, layout) in &header.keys {
+        let (component, module) = layout
+            .as_ref()
+            .unwrap_or_else(|| panic!("{key} is not read as a LoRA tensor"));
+        if *component == Component::Unet {
+            assert!(
+                ["down_blocks_", "mid_block_", "up_blocks_"]
+                    .iter()
+                    .any(|p| module.starts_with(p)),
+                "{key} -> {module}"
+            );
+        }
+    }
+    assert!(imagegen_engine::lora::read_lora_header(&bytes[..bytes.len() / 2], 2).is_err());
+    assert!(
+        imagegen_engine::lora::read_lora_header(b"\xff\xff\xff\xff\xff\xff\xff\x7f{", 2).is_err()
+    );
+}

@@ -282,6 +282,53 @@ fn tensor_of(st: &SafeTensors<'_>, key: &str, path: &Path) -> Result<Tensor> {
     Ok(Tensor::f_from_data_size(view.data(), &shape, kind)?.f_to_kind(Kind::Float)?)
 }
 
+/// What a LoRA file's header says before it meets a model: each key's component, module
+/// (kohya's SDXL UNet names mapped to diffusers', for `layers_per_block`) and part, or
+/// `None` for a key that is no LoRA tensor; and diffusers' adapter metadata, when the
+/// header carries it. [`Lora::load`] reads headers with the same functions.
+#[derive(Debug)]
+pub struct LoraHeader {
+    pub keys: Vec<(String, Option<(Component, String)>)>,
+    pub metadata: Option<serde_json::Value>,
+}
+
+/// Reads the header of a LoRA file's bytes (untrusted: a clear error, never a panic).
+pub fn read_lora_header(bytes: &[u8], layers_per_block: usize) -> Result<LoraHeader> {
+    let path = Path::new("<bytes>");
+    let st = SafeTensors::deserialize(bytes).map_err(|e| lora_error(path, e.to_string()))?;
+    let metadata = adapter_metadata(bytes, path)?;
+    let mut names: Vec<&str> = st.names();
+    names.sort_unstable();
+    let keys = names
+        .into_iter()
+        .map(|key| {
+            let layout = classify(key).map(|(component, module, kohya, _)| {
+                let module = match (kohya, component) {
+                    (true, Component::Unet) => {
+                        sgm_to_diffusers(&module, layers_per_block).unwrap_or(module)
+                    }
+                    _ => module,
+                };
+                (component, module)
+            });
+            (key.to_string(), layout)
+        })
+        .collect();
+    Ok(LoraHeader { keys, metadata })
+}
+
+/// diffusers' adapter metadata (`lora_adapter_metadata` in the header's `__metadata__`),
+/// when present and JSON.
+fn adapter_metadata(bytes: &[u8], path: &Path) -> Result<Option<serde_json::Value>> {
+    let (_, header) =
+        SafeTensors::read_metadata(bytes).map_err(|e| lora_error(path, e.to_string()))?;
+    Ok(header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("lora_adapter_metadata"))
+        .and_then(|text| serde_json::from_str(text).ok()))
+}
+
 /// The most common value (ties: the first seen), as diffusers picks a LoRA's `lora_alpha`.
 fn most_common(values: &[f64]) -> Option<f64> {
     let mut counts: Vec<(f64, usize)> = Vec::new();
@@ -315,13 +362,7 @@ impl Lora {
         // SAFETY: read-only mapping used only while loading.
         let map = unsafe { Mmap::map(&file) }.map_err(io)?;
         let st = SafeTensors::deserialize(&map).map_err(|e| lora_error(&path, e.to_string()))?;
-        let (_, header) =
-            SafeTensors::read_metadata(&map).map_err(|e| lora_error(&path, e.to_string()))?;
-        let metadata: Option<serde_json::Value> = header
-            .metadata()
-            .as_ref()
-            .and_then(|m| m.get("lora_adapter_metadata"))
-            .and_then(|text| serde_json::from_str(text).ok());
+        let metadata = adapter_metadata(&map, &path)?;
 
         // A component the model lacks (an SD model's text_encoder_2, a refiner's
         // text_encoder) has no index: its keys match nothing.

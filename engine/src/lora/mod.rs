@@ -29,5 +29,7 @@ mod fuse;
 mod sgm;
 
 pub use cache::{var_store_bytes, LoraCache};
-pub use file::{lora_file, Component, Lora, LoraModule, DIFFUSERS_LORA_FILE};
+pub use file::{
+    lora_file, read_lora_header, Component, Lora, LoraHeader, LoraModule, DIFFUSERS_LORA_FILE,
+};
 pub use fuse::{fuse_loras, FusedLoras};
