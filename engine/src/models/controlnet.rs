@@ -9,8 +9,9 @@ use std::path::Path;
 use serde::Deserialize;
 use tch::{nn, nn::Module, Device, Kind, Tensor};
 
+use super::embeddings::TimeEmbedding;
 use super::layers::conv2d;
-use super::unet::{DownPath, TimeEmbedding, UNetConfig};
+use super::unet::{DownPath, UNetConfig};
 use crate::error::{read_json, Error, Result};
 
 pub use super::unet::ControlResiduals;

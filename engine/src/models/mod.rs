@@ -7,6 +7,7 @@ pub mod clip;
 pub mod clip_vision;
 pub mod clipseg;
 pub mod controlnet;
+pub mod embeddings;
 pub mod layers;
 pub mod loading;
 pub mod resnet;
