@@ -48,6 +48,17 @@ impl std::fmt::Debug for LoadOptions {
 }
 
 impl LoadOptions {
+    /// The options of an SDXL refiner for this model: the same hub, device and dtype, and
+    /// no safety check of its own (the model's policy checks the refined images).
+    pub fn for_refiner(&self, refiner: impl Into<String>) -> Self {
+        LoadOptions {
+            model: refiner.into(),
+            safety: SafetyPolicy::Off,
+            safety_checker: None,
+            ..self.clone()
+        }
+    }
+
     /// CPU, float32, safety policy [`SafetyPolicy::Block`] with the model's own checker, and
     /// no hub.
     pub fn new(model: impl Into<String>) -> Self {

@@ -6,7 +6,7 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
-use common::{fixtures_dir, load_reference, u8_values};
+use common::{compare_u8, fixtures_dir, load_reference, u8_values};
 
 fn imagegen() -> Command {
     Command::new(env!("CARGO_BIN_EXE_imagegen"))
@@ -71,20 +71,12 @@ fn generate_writes_the_diffusers_image_with_metadata() {
     let decoded = image::load_from_memory(&bytes).unwrap().to_rgb8();
     assert_eq!(decoded.dimensions(), (64, 64));
 
-    let reference =
-        load_reference(&fixtures_dir().join("references/pipelines/tiny-sd1-euler.safetensors"));
-    let want_bytes = u8_values(&reference["images_u8"].get(0));
-    let close = decoded
-        .as_raw()
-        .iter()
-        .zip(&want_bytes)
-        .filter(|(a, b)| a.abs_diff(**b) <= 1)
-        .count();
-    assert!(
-        close as f64 >= 0.999 * want_bytes.len() as f64,
-        "{close}/{} values within 1/255",
-        want_bytes.len()
+    let close = close_to_reference(
+        &decoded,
+        "references/pipelines/tiny-sd1-euler.safetensors",
+        0,
     );
+    assert!(close >= 0.999, "{:.3}% within 1/255", close * 100.0);
 
     let metadata =
         imagegen_engine::image::output::read_metadata(&bytes).expect("imagegen text chunk");
@@ -773,13 +765,7 @@ fn mask_prompt_finds_the_mask_and_inpaints_only_there() {
 fn close_to_reference(decoded: &image::RgbImage, reference: &str, index: i64) -> f64 {
     let reference = load_reference(&fixtures_dir().join(reference));
     let want = u8_values(&reference["images_u8"].get(index));
-    let close = decoded
-        .as_raw()
-        .iter()
-        .zip(&want)
-        .filter(|(a, b)| a.abs_diff(**b) <= 1)
-        .count();
-    close as f64 / want.len() as f64
+    compare_u8(decoded.as_raw(), &want).0
 }
 
 /// An SDXL folder runs with the SD 1.5 flags alone: its family, size (the UNet's),

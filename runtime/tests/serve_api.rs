@@ -999,27 +999,14 @@ fn open_mode_and_startup_refusals() {
 #[test]
 fn openai_sdk_against_the_compatible_endpoints() {
     let server = Server::start("openai", Options::default());
-    let script = workspace_root().join("tests/serve_openai.py");
-    let dir = server.store.parent().unwrap().to_path_buf();
-    let image = dir.join("edit.png");
-    std::fs::write(&image, png(64, 64, true)).unwrap();
-    let mask = dir.join("mask.png");
-    std::fs::write(&mask, png(64, 64, true)).unwrap();
-    let output = std::process::Command::new(python())
-        .arg(&script)
+    let (image, mask) = edit_inputs(&server);
+    let mut python = std::process::Command::new(python());
+    python
+        .arg(workspace_root().join("tests/serve_openai.py"))
         .args([&format!("{}/v1", server.base), TOKEN_A])
         .arg(&image)
-        .arg(&mask)
-        .output()
-        .expect("running python");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "stdout:\n{stdout}\nstderr:\n{stderr}\nserver:\n{}",
-        server.log_text()
-    );
-    assert!(stdout.contains("openai ok"), "{stdout}");
+        .arg(&mask);
+    run_client(&server, &mut python, "openai ok");
 }
 
 /// The OpenAI Node SDK (`tests/clients/node`, installed by `scripts/setup.sh` from its lock
@@ -1028,33 +1015,19 @@ fn openai_sdk_against_the_compatible_endpoints() {
 #[test]
 fn openai_node_sdk_against_the_compatible_endpoints() {
     let server = Server::start("openai-node", Options::default());
-    let script = workspace_root().join("tests/clients/node/serve_openai.mjs");
     assert!(
         workspace_root()
             .join("tests/clients/node/node_modules/openai")
             .is_dir(),
         "the Node SDK is not installed: run scripts/setup.sh"
     );
-    let dir = server.store.parent().unwrap().to_path_buf();
-    let image = dir.join("edit.png");
-    std::fs::write(&image, png(64, 64, true)).unwrap();
-    let mask = dir.join("mask.png");
-    std::fs::write(&mask, png(64, 64, true)).unwrap();
-    let output = std::process::Command::new("node")
-        .arg(&script)
+    let (image, mask) = edit_inputs(&server);
+    let mut node = std::process::Command::new("node");
+    node.arg(workspace_root().join("tests/clients/node/serve_openai.mjs"))
         .args([&format!("{}/v1", server.base), TOKEN_A])
         .arg(&image)
-        .arg(&mask)
-        .output()
-        .expect("running node");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        output.status.success(),
-        "stdout:\n{stdout}\nstderr:\n{stderr}\nserver:\n{}",
-        server.log_text()
-    );
-    assert!(stdout.contains("openai-node ok"), "{stdout}");
+        .arg(&mask);
+    run_client(&server, &mut node, "openai-node ok");
 }
 
 /// Spring AI's `OpenAiImageModel` (`examples/spring-ai`, compiled by `scripts/setup.sh`)
@@ -1072,19 +1045,37 @@ fn spring_ai_image_model_against_the_compatible_endpoint() {
         classpath.trim()
     );
     let out = server.store.parent().unwrap().join("fox.png");
-    let output = std::process::Command::new("java")
-        .args([
-            "-cp",
-            &classpath,
-            "com.example.imagegen.ImagegenImageClient",
-        ])
-        .env("IMAGEGEN_URL", &server.base)
-        .env("IMAGEGEN_TOKEN", TOKEN_A)
-        .env("IMAGEGEN_MODEL", "dall-e-2")
-        .env("IMAGEGEN_SIZE", "64")
-        .env("IMAGEGEN_OUT", &out)
-        .output()
-        .expect("running java");
+    let mut java = std::process::Command::new("java");
+    java.args([
+        "-cp",
+        &classpath,
+        "com.example.imagegen.ImagegenImageClient",
+    ])
+    .env("IMAGEGEN_URL", &server.base)
+    .env("IMAGEGEN_TOKEN", TOKEN_A)
+    .env("IMAGEGEN_MODEL", "dall-e-2")
+    .env("IMAGEGEN_SIZE", "64")
+    .env("IMAGEGEN_OUT", &out);
+    run_client(&server, &mut java, "spring-ai ok");
+    let written = image::open(&out).unwrap().to_rgb8();
+    assert_eq!(written.dimensions(), (64, 64));
+}
+
+/// An RGBA image with a transparent hole and a mask, written beside the server's store,
+/// for the clients' edits.
+fn edit_inputs(server: &Server) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = server.store.parent().unwrap().to_path_buf();
+    let image = dir.join("edit.png");
+    std::fs::write(&image, png(64, 64, true)).unwrap();
+    let mask = dir.join("mask.png");
+    std::fs::write(&mask, png(64, 64, true)).unwrap();
+    (image, mask)
+}
+
+/// Runs a client program to its end: it must succeed and print `ok_line`; on failure the
+/// assertion shows its output and the server's log.
+fn run_client(server: &Server, client: &mut std::process::Command, ok_line: &str) {
+    let output = client.output().expect("starting the client");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
@@ -1092,9 +1083,7 @@ fn spring_ai_image_model_against_the_compatible_endpoint() {
         "stdout:\n{stdout}\nstderr:\n{stderr}\nserver:\n{}",
         server.log_text()
     );
-    assert!(stdout.contains("spring-ai ok"), "{stdout}");
-    let written = image::open(&out).unwrap().to_rgb8();
-    assert_eq!(written.dimensions(), (64, 64));
+    assert!(stdout.contains(ok_line), "{stdout}");
 }
 
 #[test]

@@ -11,7 +11,6 @@ use tch::{nn::VarStore, Kind, Tensor};
 
 use super::sgm::sgm_to_diffusers;
 use crate::error::{Error, Result};
-use crate::models::unet::PerBlock;
 use crate::stable_diffusion::StableDiffusion;
 
 /// The file a user names: a `.safetensors` file, or a folder holding diffusers'
@@ -378,11 +377,10 @@ impl Lora {
             .collect();
         let index_of = |c: Component| indexes.iter().find(|(k, _)| *k == c).map(|(_, i)| i);
         // kohya's SDXL block numbers count layers_per_block + 1 modules per block.
-        let layers_per_block = match &model.unet.model.config.layers_per_block {
-            PerBlock::One(n) => *n,
-            PerBlock::Each(v) => v.first().copied().unwrap_or_default(),
-        }
-        .max(0) as usize;
+        let layers_per_block = (model.unet.model.config.layers_per_block)
+            .first()
+            .unwrap_or_default()
+            .max(0) as usize;
 
         let mut unmatched = Vec::new();
         let mut pieces: BTreeMap<(Component, String), Pieces> = BTreeMap::new();

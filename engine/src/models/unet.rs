@@ -25,6 +25,16 @@ pub enum PerBlock<T> {
     Each(Vec<T>),
 }
 
+impl<T: Copy> PerBlock<T> {
+    /// The value, or the first block's (what diffusers reads where it wants one number).
+    pub fn first(&self) -> Option<T> {
+        match self {
+            PerBlock::One(v) => Some(*v),
+            PerBlock::Each(v) => v.first().copied(),
+        }
+    }
+}
+
 impl<T: Clone> PerBlock<T> {
     fn expand(&self, blocks: usize, key: &str, path: &Path) -> Result<Vec<T>> {
         match self {
@@ -388,10 +398,7 @@ impl UNetConfig {
     /// The width of the text the model attends to (checked to be one value for all
     /// blocks when the config is resolved).
     pub fn context_dim(&self) -> i64 {
-        match &self.cross_attention_dim {
-            PerBlock::One(d) => *d,
-            PerBlock::Each(v) => v.first().copied().unwrap_or_default(),
-        }
+        self.cross_attention_dim.first().unwrap_or_default()
     }
 
     /// Stable Diffusion 1.5's UNet.
@@ -599,11 +606,11 @@ pub struct UNet2DConditionModel {
 impl UNet2DConditionModel {
     /// The trained latent size (the first value when the config gives height and width).
     pub fn config_sample_size(&self) -> i64 {
-        match &self.config.sample_size {
-            Some(PerBlock::One(s)) => *s,
-            Some(PerBlock::Each(v)) => v.first().copied().unwrap_or(64),
-            None => 64,
-        }
+        self.config
+            .sample_size
+            .as_ref()
+            .and_then(PerBlock::first)
+            .unwrap_or(64)
     }
 
     /// `p` is the VarStore root; `path` names the config in errors.

@@ -59,15 +59,11 @@ pub fn text_to_image_refined(
     catch_torch(|| tch::no_grad(|| run(base, refiner, &r, fraction, progress, cancel)))
 }
 
-/// The loop indices where diffusers cuts the schedule at `fraction` of the noise: the base
-/// runs the timesteps at or above the cut-off, the refiner those below it.
-fn cut(scheduler: &dyn Scheduler, train_timesteps: usize, fraction: f64) -> (usize, usize) {
-    let train = train_timesteps as f64;
-    let cutoff = (train - fraction * train).round();
-    let timesteps = scheduler.timesteps();
-    let base_end = timesteps.iter().filter(|&&t| t >= cutoff).count();
-    let refiner_start = timesteps.len() - timesteps.iter().filter(|&&t| t < cutoff).count();
-    (base_end, refiner_start)
+/// diffusers' cut-off timestep at `fraction` of the noise: the base runs the timesteps at
+/// or above it (`denoising_end`), the refiner those below it (`denoising_start`).
+fn cutoff(model: &StableDiffusion, fraction: f64) -> f64 {
+    let train = model.scheduler_config.num_train_timesteps.unwrap_or(1000) as f64;
+    (train - fraction * train).round()
 }
 
 fn run(
@@ -80,11 +76,15 @@ fn run(
 ) -> Result<Vec<GeneratedImage>> {
     let mut base_scheduler = schedulers::build(r.scheduler, &base.scheduler_config, r.steps)?;
     let mut refiner_scheduler = schedulers::build(r.scheduler, &refiner.scheduler_config, r.steps)?;
-    let train = |m: &StableDiffusion| m.scheduler_config.num_train_timesteps.unwrap_or(1000);
-    let (base_end, _) = cut(base_scheduler.as_ref(), train(base), fraction);
-    let (_, refiner_start) = cut(refiner_scheduler.as_ref(), train(refiner), fraction);
-    let base_steps = base_end;
-    let refiner_steps = refiner_scheduler.timesteps().len() - refiner_start;
+    let base_cutoff = cutoff(base, fraction);
+    let base_steps = (base_scheduler.timesteps().iter())
+        .filter(|&&t| t >= base_cutoff)
+        .count();
+    let refiner_cutoff = cutoff(refiner, fraction);
+    let refiner_steps = (refiner_scheduler.timesteps().iter())
+        .filter(|&&t| t < refiner_cutoff)
+        .count();
+    let refiner_start = refiner_scheduler.timesteps().len() - refiner_steps;
 
     // One generator per image for both pipelines: the initial latents, the base's step
     // noise, then the refiner's (the refiner adds no noise to the latents it is handed).
@@ -122,7 +122,7 @@ fn run(
         base,
         base_scheduler.as_mut(),
         latents,
-        0..base_end,
+        0..base_steps,
         &noises,
         &|scheduler: &dyn Scheduler, latents: &Tensor, i, t| {
             text_to_image::guided_prediction(base, r, scheduler, latents, i, t, &base_cond)

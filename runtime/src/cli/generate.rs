@@ -319,13 +319,7 @@ pub fn generate(args: GenerateArgs) -> Result<(), String> {
     let model = StableDiffusion::load(&options).map_err(|e| e.to_string())?;
     let refiner = match &args.refiner {
         Some(spec) => {
-            let mut refiner_options = LoadOptions::new(spec);
-            refiner_options.hub = Some(hub.clone());
-            refiner_options.device = device;
-            refiner_options.dtype = dtype;
-            // The model's safety policy checks the final images.
-            refiner_options.safety = SafetyPolicy::Off;
-            Some(StableDiffusion::load(&refiner_options).map_err(|e| e.to_string())?)
+            Some(StableDiffusion::load(&options.for_refiner(spec)).map_err(|e| e.to_string())?)
         }
         None => None,
     };

@@ -33,9 +33,7 @@ use imagegen_engine::pipelines::generate::MaskPrompt;
 use imagegen_engine::pipelines::mask_prompt::{load_clipseg, MaskFinder, MaskOptions};
 use imagegen_engine::source::{resolve_component, Hub};
 use imagegen_engine::Strategy;
-use imagegen_engine::{
-    GenerationOutcome, Inputs, LoadOptions, Lora, LoraCache, SafetyPolicy, StableDiffusion,
-};
+use imagegen_engine::{GenerationOutcome, Inputs, LoadOptions, Lora, LoraCache, StableDiffusion};
 
 /// What the worker tells the server once the model is loaded (or failed to load).
 pub struct Loaded {
@@ -84,12 +82,7 @@ pub fn run(shared: Arc<Shared>, loaded: std::sync::mpsc::Sender<Result<Loaded, S
             .refiner
             .as_deref()
             .map(|spec| {
-                let mut refiner_options = options.clone();
-                refiner_options.model = spec.to_string();
-                // The model's safety policy checks the final images.
-                refiner_options.safety = SafetyPolicy::Off;
-                refiner_options.safety_checker = None;
-                StableDiffusion::load(&refiner_options)
+                StableDiffusion::load(&options.for_refiner(spec))
                     .map_err(|e| format!("the refiner {spec}: {e}"))
             })
             .transpose()?;
